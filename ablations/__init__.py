@@ -1,0 +1,1 @@
+"""Experiment grids: one module per grid, each defining `cells(**overrides) -> list[Cell]`."""

@@ -1,0 +1,1 @@
+"""bench: the harness around ddnet: CLI, grids, runner, collectors, store, report."""

@@ -1,0 +1,90 @@
+"""The run folder: atomic JSON files and an append-only, flushed JSONL of epochs.
+
+Layout of one run folder (the contract `bench report` reads):
+
+    config.json    the TrainConfig as a dict
+    env.json       the environment (bench.collectors.environment())
+    epochs.jsonl   one JSON object per finished epoch, appended and fsynced
+    summary.json   status and totals; written at start ('running') and at the end
+    ckpt.pt        latest resumable checkpoint (atomic replace)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def _clean(obj: Any) -> Any:
+    """JSON cannot hold NaN/inf portably: store them as strings."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically: a temporary file in the same folder, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_clean(obj), f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file."""
+    with open(path) as f:
+        return json.load(f)
+
+
+def append_jsonl(path: str | Path, row: dict[str, Any]) -> None:
+    """Append one row and flush it to disk before returning (a kill loses no finished epoch)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(_clean(row), sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read every complete row; a torn last line (killed mid-write) is ignored."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+def rewrite_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Atomically replace a JSONL file with `rows` (used to drop rows past a resumed checkpoint)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        for row in rows:
+            f.write(json.dumps(_clean(row), sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,130 @@
+"""DDNet's loss: MSE + 0.1 * (1 - MS-SSIM), and the quality metrics.
+
+MS-SSIM comes from `pytorch_msssim` with data_range and channel given
+explicitly and is always computed in fp32 outside autocast (its products of
+powers underflow in half precision). The standard setting (5 scales, 11x11
+Gaussian window) needs a side > 160 px; smaller images get a smaller window
+(still 5 scales, through `pytorch_msssim.ms_ssim`), and below 48 px fewer
+scales with the library's own single-scale SSIM and renormalised weights.
+`choose_msssim` says which setting a size gets, and runs record it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from pytorch_msssim import ms_ssim
+from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
+
+MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003
+MSSSIM_WEIGHT_IN_LOSS = 0.1
+
+
+@dataclass(frozen=True)
+class MSSSIMSetting:
+    """How MS-SSIM is computed for one image size."""
+
+    scales: int
+    win_size: int
+    weights: tuple[float, ...]
+    standard: bool
+    """True only for the paper's setting: 5 scales, 11x11 window."""
+
+    def describe(self) -> str:
+        kind = "standard" if self.standard else "reduced"
+        return f"{kind} MS-SSIM: {self.scales} scales, {self.win_size}x{self.win_size} window"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def choose_msssim(side: int) -> MSSSIMSetting:
+    """The MS-SSIM setting for a square-ish image whose smaller side is `side` px.
+
+    pytorch_msssim's `ms_ssim` asserts side > (win - 1) * 16 whatever the
+    number of scales, so the window shrinks first (odd sizes 11..3); below
+    that, scales are dropped (each scale halves the image, and the window
+    must fit in the coarsest one) and the first weights renormalised.
+    """
+    for win in (11, 9, 7, 5, 3):
+        if side > (win - 1) * 16:
+            return MSSSIMSetting(5, win, MSSSIM_WEIGHTS, standard=(win == 11))
+    win = 3
+    scales = 1 + int(math.floor(math.log2(side / win))) if side >= win else 0
+    scales = min(scales, 4)
+    if scales < 2:
+        raise ValueError(
+            f"image side {side} px is too small for MS-SSIM (needs at least 2 scales with a 3x3 window, "
+            f"i.e. a side of at least 6 px); use larger images (--image-size 64 or more)."
+        )
+    w = MSSSIM_WEIGHTS[:scales]
+    total = sum(w)
+    return MSSSIMSetting(scales, win, tuple(x / total for x in w), standard=False)
+
+
+def _ms_ssim_few_scales(x: torch.Tensor, y: torch.Tensor, s: MSSSIMSetting, data_range: float) -> torch.Tensor:
+    """Per-image MS-SSIM with fewer than 5 scales, built from pytorch_msssim's `_ssim` (B,)."""
+    win = _fspecial_gauss_1d(s.win_size, 1.5).to(x).repeat([x.shape[1], 1, 1, 1])
+    weights = x.new_tensor(s.weights)
+    mcs = []
+    for i in range(s.scales):
+        ssim_pc, cs = _ssim(x, y, win=win, data_range=data_range, size_average=False, K=(0.01, 0.03))
+        if i < s.scales - 1:
+            mcs.append(torch.relu(cs))
+            pad = [d % 2 for d in x.shape[2:]]
+            x = F.avg_pool2d(x, kernel_size=2, padding=pad)
+            y = F.avg_pool2d(y, kernel_size=2, padding=pad)
+    stack = torch.stack([*mcs, torch.relu(ssim_pc)], dim=0)  # (scales, B, C)
+    return torch.prod(stack ** weights.view(-1, 1, 1), dim=0).mean(1)
+
+
+def ms_ssim_per_image(
+    pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, setting: MSSSIMSetting | None = None
+) -> torch.Tensor:
+    """MS-SSIM of each image in a (B, 1, H, W) batch, in [0, 1], computed in fp32 outside autocast."""
+    setting = setting or choose_msssim(min(pred.shape[-2:]))
+    with torch.autocast(device_type=pred.device.type, enabled=False):
+        x, y = pred.float(), target.float()
+        if setting.scales == 5:
+            return ms_ssim(
+                x, y, data_range=data_range, size_average=False, win_size=setting.win_size,
+                weights=list(setting.weights),
+            )
+        return _ms_ssim_few_scales(x, y, setting, data_range)
+
+
+class DDNetLoss(torch.nn.Module):
+    """MSE + 0.1 * (1 - MS-SSIM), in fp32 whatever the caller's autocast state."""
+
+    def __init__(self, image_side: int, data_range: float = 1.0) -> None:
+        super().__init__()
+        self.setting = choose_msssim(image_side)
+        self.data_range = data_range
+        if not self.setting.standard:
+            warnings.warn(
+                f"{image_side} px images are too small for the standard MS-SSIM; using {self.setting.describe()}",
+                stacklevel=2,
+            )
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=pred.device.type, enabled=False):
+            x, y = pred.float(), target.float()
+            mse = F.mse_loss(x, y)
+            msssim = ms_ssim_per_image(x, y, self.data_range, self.setting).mean()
+            return mse + MSSSIM_WEIGHT_IN_LOSS * (1.0 - msssim)
+
+
+def psnr_per_image(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """PSNR in dB of each image of a batch (B,), against `data_range`."""
+    mse = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    return 10.0 * torch.log10(data_range**2 / mse.clamp_min(1e-12))
+
+
+def rmse_per_image(pred: torch.Tensor, target: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """RMSE of each image (B,), multiplied by `scale` (e.g. HU per normalised unit, per image)."""
+    rmse = (pred.float() - target.float()).pow(2).flatten(1).mean(1).sqrt()
+    return rmse * scale
