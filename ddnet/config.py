@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ddnet.errors import UserError
+
 Precision = Literal["fp32", "tf32", "amp-fp16", "amp-bf16"]
 LoaderKind = Literal["host", "device"]
 Graphs = Literal["off", "cuda-graph", "compile"]
@@ -32,7 +34,7 @@ SPARSITIES: tuple[str, ...] = ("none", "random", "structured", "topk")
 PATTERNS: tuple[str, ...] = ("unstructured", "2:4")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration that cannot run; the message names the reason and the fix."""
 
 
@@ -138,8 +140,8 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ helpers
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (nested dataclasses become dicts)."""
-        return dataclasses.asdict(self)
+        """Plain JSON-normal dict (nested dataclasses become dicts, tuples lists): equal to its JSON round trip."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:

@@ -4,8 +4,9 @@ MS-SSIM comes from `pytorch_msssim` with data_range and channel given
 explicitly and is always computed in fp32 outside autocast (its products of
 powers underflow in half precision). The standard setting (5 scales, 11x11
 Gaussian window) needs a side > 160 px; smaller images get a smaller window
-(still 5 scales, through `pytorch_msssim.ms_ssim`), and below 48 px fewer
-scales with the library's own single-scale SSIM and renormalised weights.
+(still 5 scales), and below 48 px fewer scales with renormalised weights.
+Each scale is pytorch_msssim's own `_ssim`; the window and weights are made
+on the device once, so the loss can be captured in a CUDA graph.
 `choose_msssim` says which setting a size gets, and runs record it.
 """
 
@@ -17,7 +18,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from pytorch_msssim import ms_ssim
 from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
 
 MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003
@@ -66,10 +66,31 @@ def choose_msssim(side: int) -> MSSSIMSetting:
     return MSSSIMSetting(scales, win, tuple(x / total for x in w), standard=False)
 
 
-def _ms_ssim_few_scales(x: torch.Tensor, y: torch.Tensor, s: MSSSIMSetting, data_range: float) -> torch.Tensor:
-    """Per-image MS-SSIM with fewer than 5 scales, built from pytorch_msssim's `_ssim` (B,)."""
-    win = _fspecial_gauss_1d(s.win_size, 1.5).to(x).repeat([x.shape[1], 1, 1, 1])
-    weights = x.new_tensor(s.weights)
+_WIN_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _window_and_weights(s: MSSSIMSetting, device: torch.device, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gaussian window and scale weights on `device`, made once and cached.
+
+    pytorch_msssim's `ms_ssim` builds both on the host at every call; that is a
+    host-to-device copy per step, which CUDA graph capture forbids. The first
+    call (eager warm-up) fills the cache, captured replays only read it.
+    """
+    key = (s.win_size, s.weights, str(device), channels)
+    if key not in _WIN_CACHE:
+        win = _fspecial_gauss_1d(s.win_size, 1.5).repeat([channels, 1, 1, 1]).to(device)
+        _WIN_CACHE[key] = (win, torch.tensor(s.weights, dtype=torch.float32, device=device))
+    return _WIN_CACHE[key]
+
+
+def _ms_ssim_scales(x: torch.Tensor, y: torch.Tensor, s: MSSSIMSetting, data_range: float) -> torch.Tensor:
+    """Per-image MS-SSIM (B,) over `s.scales` scales with pytorch_msssim's `_ssim` at each scale.
+
+    The same recursion as `pytorch_msssim.ms_ssim` (relu'd contrast terms at
+    the finer scales, SSIM at the coarsest, weighted product); equal to it for
+    5 scales (tested), and valid for fewer scales, which `ms_ssim` refuses.
+    """
+    win, weights = _window_and_weights(s, x.device, x.shape[1])
     mcs = []
     for i in range(s.scales):
         ssim_pc, cs = _ssim(x, y, win=win, data_range=data_range, size_average=False, K=(0.01, 0.03))
@@ -88,13 +109,7 @@ def ms_ssim_per_image(
     """MS-SSIM of each image in a (B, 1, H, W) batch, in [0, 1], computed in fp32 outside autocast."""
     setting = setting or choose_msssim(min(pred.shape[-2:]))
     with torch.autocast(device_type=pred.device.type, enabled=False):
-        x, y = pred.float(), target.float()
-        if setting.scales == 5:
-            return ms_ssim(
-                x, y, data_range=data_range, size_average=False, win_size=setting.win_size,
-                weights=list(setting.weights),
-            )
-        return _ms_ssim_few_scales(x, y, setting, data_range)
+        return _ms_ssim_scales(pred.float(), target.float(), setting, data_range)
 
 
 class DDNetLoss(torch.nn.Module):

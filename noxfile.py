@@ -1,0 +1,29 @@
+"""nox sessions: `nox -s tests`, `nox -s lint`, `nox -s gpu` (on a CUDA machine)."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+TORCH_CPU = "torch==2.13.0"  # the CPU build; a bare `torch` would pull the multi-GB CUDA wheels
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The CPU test suite (what CI runs)."""
+    session.install(TORCH_CPU)
+    session.install("-e", ".[dev]")
+    session.run("pytest", "-q", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff over the whole tree."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+
+
+@nox.session(venv_backend="none")
+def gpu(session: nox.Session) -> None:
+    """The GPU-marked tests, in the current environment (which must have a CUDA build of torch)."""
+    session.run("pytest", "-q", "-m", "gpu", *session.posargs)
