@@ -25,13 +25,22 @@ from bench.cmd_train import train_cmd  # noqa: E402
 
 app.command("train")(train_cmd)
 # [data]
+from bench.cmd_data import data_app  # noqa: E402
+
+app.add_typer(data_app, name="data")
 # [eval]
+from bench.cmd_eval import eval_cmd  # noqa: E402
+
+app.command("eval")(eval_cmd)
 # [grids/run]
 from bench.runner import grids_cmd, run_cmd  # noqa: E402
 
 app.command("grids")(grids_cmd)
 app.command("run")(run_cmd)
 # [report]
+from bench.report import report_cmd  # noqa: E402
+
+app.command("report")(report_cmd)
 # --- end of command registration ---
 
 

@@ -177,6 +177,8 @@ class TrainConfig:
                 target = target[p]
             if leaf not in target:
                 raise ConfigError(f"unknown config field '{k}'")
+            if dataclasses.is_dataclass(v):  # a whole sub-config, e.g. sparsity=SparsityConfig(...)
+                v = json.loads(json.dumps(dataclasses.asdict(v)))
             target[leaf] = v
         return TrainConfig.from_dict(d)
 
@@ -228,6 +230,8 @@ def check_static(cfg: TrainConfig) -> None:
         raise ConfigError("--pattern 2:4 applies to random and topk pruning; use --pattern unstructured.")
     if cfg.sparsity.pattern == "2:4" and cfg.sparsity.kind != "none" and cfg.sparsity.amount != 0.5:
         raise ConfigError("--pattern 2:4 prunes exactly half; use --amount 0.5.")
+    if cfg.sparsity.scope == "global" and cfg.sparsity.pattern == "2:4":
+        raise ConfigError("--pattern 2:4 fixes the zeros per group, so it cannot rank globally; use --scope layer.")
     if cfg.sparsity.scope == "global" and cfg.sparsity.kind != "topk":
         raise ConfigError("global scope ranks magnitudes, so it needs --sparsity topk.")
     if cfg.data.source == "synthetic" and cfg.data.image_size % 16:

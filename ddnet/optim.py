@@ -260,7 +260,7 @@ class StepParts:
 
 def eager_step(parts: StepParts, forward: nn.Module | None = None) -> StepFn:
     """One optimizer step, eagerly (or through a compiled `forward`). Returns the detached loss, no sync."""
-    fwd = forward or parts.model
+    fwd = parts.model if forward is None else forward
     opt, scaler, loss_fn, post = parts.optimizer, parts.precision.scaler, parts.loss_fn, parts.post_step
     autocast = parts.precision.autocast
     dev = parts.device.type

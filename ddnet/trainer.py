@@ -270,7 +270,7 @@ class Run:
             "sparsity_report": self.sparsity_report,
             "phase": phase,
             "switch_epoch": self.switch_epoch,
-            "auto": self.auto.__dict__ if self.auto is not None else None,
+            "auto": self.auto.state_dict() if self.auto is not None else None,
             "rng": rng_state(),
             "config": self.cfg.to_dict(),
             "normalisation": {"normalisation": self.cfg.data.normalisation,
@@ -301,7 +301,7 @@ class Run:
         self.sparsity_report = ck["sparsity_report"]
         self.switch_epoch = ck["switch_epoch"]
         if self.auto is not None and ck["auto"] is not None:
-            self.auto.__dict__.update(ck["auto"])
+            self.auto.load_state_dict(ck["auto"])
         set_rng_state(ck["rng"])
         self.start_epoch = ck["epoch"]
         rows = [r for r in read_jsonl(self.out / "epochs.jsonl") if r["epoch"] <= self.start_epoch]

@@ -1,0 +1,251 @@
+"""Readers for real slice pairs on disk, laid out as ``{root}/{split}/{HQ,LQ}/``.
+
+Each file holds one 2D slice; values are turned into Hounsfield units:
+
+- ``.tif`` / ``.tiff`` (the paper's format, e.g. 32-bit float): values are HU,
+  unless the ImageJ description carries a linear calibration (``cf=0``,
+  ``c0=``, ``c1=``), in which case HU = c0 + c1 * value (ImageJ stores signed
+  16-bit data this way, e.g. ``c0=-32768``). Uncalibrated integer TIFFs that
+  store HU + 1024 read 1024 too high: calibrate them, or use 'minmax'
+  normalisation, which ignores offsets.
+- ``.npy``: values are HU (any numeric dtype).
+- ``.dcm`` / ``.IMA`` (DICOM, via pydicom): HU = pixel * RescaleSlope + RescaleIntercept.
+- ``.png`` (Pillow): 16-bit grayscale is stored CT values, HU = value - 1024;
+  8-bit grayscale is taken as already-windowed display intensities and mapped
+  back linearly onto the configured HU window (0 -> low end, 255 -> high
+  end), so 'window' normalisation returns value / 255. Colour PNGs are refused.
+  Float ('F') images are HU.
+
+Pairing: an HQ and an LQ file with the same name (stem, the suffix may differ)
+form a pair. If the names differ but the counts agree, files are paired by
+sorted position with a warning. Every slice of a split must have one shape,
+with sides divisible by 16 (DDNet's four 2x poolings) and large enough for
+MS-SSIM. Every problem raises `DataError` with one line naming the file or
+folder and the fix.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ddnet.data.errors import DataError
+from ddnet.loss import choose_msssim
+
+SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".npy", ".dcm", ".ima", ".png")
+"""Recognised slice files (case-insensitive); other files in HQ/ and LQ/ are ignored."""
+LAYOUT_HINT = "{train,val,test}/{HQ,LQ}/ (`bench data synth --out DIR` writes that layout)"
+
+
+def _natural_key(name: str) -> list[object]:
+    """Sort 'slice2' before 'slice10'."""
+    return [int(p) if p.isdigit() else p.lower() for p in re.split(r"(\d+)", name)]
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Slice files of a folder in natural name order (hidden files and unknown suffixes skipped)."""
+    files = [
+        p for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in SUFFIXES
+    ]
+    return sorted(files, key=lambda p: _natural_key(p.name))
+
+
+# ----------------------------------------------------------------------------- single files
+def _as_2d(arr: np.ndarray, path: Path) -> np.ndarray:
+    """Drop singleton axes; anything but one 2D slice is an error."""
+    arr = np.squeeze(np.asarray(arr))
+    if arr.ndim != 2:
+        raise DataError(
+            f"{path} holds an array of shape {arr.shape}, not one 2D slice; save one slice per file."
+        )
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise DataError(f"{path} holds {arr.dtype} values, not real numbers; save the slice as numbers in HU.")
+    return arr
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        if len(tif.series) != 1:
+            raise DataError(f"{path} holds {len(tif.series)} images; save one slice per file.")
+        arr = _as_2d(tif.series[0].asarray(), path).astype(np.float64)
+        meta = tif.imagej_metadata or {}
+    if "c0" in meta or "c1" in meta:
+        cf = int(meta.get("cf", 0))
+        if cf != 0:
+            raise DataError(
+                f"{path} has ImageJ calibration function cf={cf}; only the straight line (cf=0, HU = c0 + c1*value) "
+                "is supported, re-save the slice in HU."
+            )
+        arr = float(meta.get("c0", 0.0)) + float(meta.get("c1", 1.0)) * arr
+    return arr
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    return _as_2d(np.load(path, allow_pickle=False), path).astype(np.float64)
+
+
+def _read_dicom(path: Path) -> np.ndarray:
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    if "PixelData" not in ds:
+        raise DataError(f"{path} is a DICOM file without pixel data; remove it from the folder.")
+    arr = _as_2d(ds.pixel_array, path).astype(np.float64)
+    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+    return arr * slope + intercept
+
+
+def _read_png(path: Path, hu_window: tuple[float, float]) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        mode = im.mode
+        arr = np.asarray(im)
+    if mode == "L":  # already-windowed display intensities
+        lo, hi = hu_window
+        return lo + _as_2d(arr, path).astype(np.float64) / 255.0 * (hi - lo)
+    if mode in ("I;16", "I;16B", "I;16L", "I"):  # stored CT values: HU + 1024
+        return _as_2d(arr, path).astype(np.float64) - 1024.0
+    if mode == "F":
+        return _as_2d(arr, path).astype(np.float64)
+    raise DataError(f"{path} is a {mode} PNG; save CT slices as 8- or 16-bit grayscale.")
+
+
+def read_image(path: Path | str, hu_window: tuple[float, float] = (-1024.0, 1024.0)) -> np.ndarray:
+    """One slice in HU, (H, W) float32. `hu_window` only matters for 8-bit PNGs (see the module docstring)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".tif", ".tiff"):
+            arr = _read_tiff(path)
+        elif suffix == ".npy":
+            arr = _read_npy(path)
+        elif suffix in (".dcm", ".ima"):
+            arr = _read_dicom(path)
+        elif suffix == ".png":
+            arr = _read_png(path, hu_window)
+        else:
+            raise DataError(f"{path} has an unknown suffix; use one of {', '.join(SUFFIXES)}.")
+    except DataError:
+        raise
+    except Exception as e:  # any decoder failure: corrupt, truncated or mislabelled file
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"cannot read {path} ({reason}); re-export the file or remove it.") from e
+    if not np.isfinite(arr).all():
+        raise DataError(f"{path} contains NaN or infinite values; fix or remove the slice.")
+    return arr.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- folders
+def _subdir(parent: Path, name: str) -> Path | None:
+    """Child folder named `name`, case-insensitively (HQ, hq, Hq all work)."""
+    exact = parent / name
+    if exact.is_dir():
+        return exact
+    for p in parent.iterdir():
+        if p.is_dir() and p.name.lower() == name.lower():
+            return p
+    return None
+
+
+def find_split(root: Path | str, split: str) -> tuple[Path, Path]:
+    """The (HQ, LQ) folders of a split, or DataError naming what is missing."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(
+            f"data folder {root} does not exist; pass --data synthetic or a folder holding {LAYOUT_HINT}."
+        )
+    split_dir = _subdir(root, split)
+    if split_dir is None:
+        raise DataError(f"{root / split} is missing; the data folder must hold {LAYOUT_HINT}.")
+    found = {}
+    for kind, what in (("HQ", "normal-dose (target)"), ("LQ", "low-dose (input)")):
+        sub = _subdir(split_dir, kind)
+        if sub is None:
+            raise DataError(f"{split_dir / kind} is missing; put the {what} slices of the {split} split there.")
+        found[kind] = sub
+    return found["HQ"], found["LQ"]
+
+
+def pair_files(hq_dir: Path, lq_dir: Path) -> list[tuple[Path, Path]]:
+    """(HQ, LQ) file pairs: by identical name, else by sorted position when the counts agree (with a warning)."""
+    hq, lq = list_images(hq_dir), list_images(lq_dir)
+    for folder, files in ((hq_dir, hq), (lq_dir, lq)):
+        if not files:
+            raise DataError(
+                f"no images in {folder} (looked for {', '.join(SUFFIXES)}); put the slices there."
+            )
+        seen: dict[str, Path] = {}
+        for p in files:
+            if p.stem in seen:
+                raise DataError(f"{p} and {seen[p.stem]} share the name {p.stem!r}; keep one of them.")
+            seen[p.stem] = p
+    hq_by = {p.stem: p for p in hq}
+    lq_by = {p.stem: p for p in lq}
+    if hq_by.keys() == lq_by.keys():
+        return [(hq_by[p.stem], lq_by[p.stem]) for p in hq]
+    if len(hq) == len(lq):
+        first = next(p for p in hq if p.stem not in lq_by)
+        warnings.warn(
+            f"file names in {hq_dir} and {lq_dir} differ (e.g. {first.name}); pairing {len(hq)} slices by "
+            "sorted position. Give each LQ file its HQ file's name to pair by name.",
+            stacklevel=2,
+        )
+        return list(zip(hq, lq, strict=True))
+    unpaired = [p for p in hq if p.stem not in lq_by] + [p for p in lq if p.stem not in hq_by]
+    other = lq_dir if unpaired[0].parent == hq_dir else hq_dir
+    raise DataError(
+        f"{unpaired[0]} has no partner of the same name in {other} ({len(hq)} HQ vs {len(lq)} LQ files); "
+        "give every HQ slice an LQ slice of the same name."
+    )
+
+
+def check_shape(h: int, w: int, where: Path | str) -> None:
+    """Sides divisible by 16 and large enough for MS-SSIM, else DataError naming `where`."""
+    if h % 16 or w % 16:
+        fix_h, fix_w = max(16, h // 16 * 16), max(16, w // 16 * 16)
+        raise DataError(
+            f"slices in {where} are {h}x{w}; DDNet needs sides divisible by 16 (crop or pad to e.g. {fix_h}x{fix_w})."
+        )
+    try:
+        choose_msssim(min(h, w))
+    except ValueError as e:
+        raise DataError(f"slices in {where} are {h}x{w}: {e}") from e
+
+
+def read_split(
+    root: Path | str, split: str, hu_window: tuple[float, float] = (-1024.0, 1024.0)
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """All pairs of one split: (lq_hu, hq_hu, names), the arrays (N, H, W) float32 in HU, names the HQ stems."""
+    hq_dir, lq_dir = find_split(root, split)
+    pairs = pair_files(hq_dir, lq_dir)
+    lq_all: np.ndarray | None = None
+    hq_all: np.ndarray | None = None
+    first = pairs[0][0]
+    for i, (hq_path, lq_path) in enumerate(pairs):
+        hq_img = read_image(hq_path, hu_window)
+        lq_img = read_image(lq_path, hu_window)
+        if hq_img.shape != lq_img.shape:
+            raise DataError(
+                f"{hq_path} is {hq_img.shape[0]}x{hq_img.shape[1]} but {lq_path} is "
+                f"{lq_img.shape[0]}x{lq_img.shape[1]}; each LQ slice must have its HQ slice's shape."
+            )
+        if hq_all is None or lq_all is None:
+            check_shape(*hq_img.shape, hq_dir)
+            hq_all = np.empty((len(pairs), *hq_img.shape), dtype=np.float32)
+            lq_all = np.empty_like(hq_all)
+        elif hq_img.shape != hq_all.shape[1:]:
+            raise DataError(
+                f"{hq_path} is {hq_img.shape[0]}x{hq_img.shape[1]} but {first} is "
+                f"{hq_all.shape[1]}x{hq_all.shape[2]}; all slices of a split must share one shape (crop or resample)."
+            )
+        hq_all[i], lq_all[i] = hq_img, lq_img
+    assert lq_all is not None and hq_all is not None  # pairs is never empty
+    return lq_all, hq_all, [hq.stem for hq, _ in pairs]

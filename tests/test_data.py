@@ -1,0 +1,400 @@
+"""The data layer: synthetic generator, readers, normalisation, `bench data synth`."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import ddnet.data.readers as readers
+from ddnet.config import DataConfig
+from ddnet.data import DataError, SliceDataset, SliceSet, load_split, normalise, split_seed
+from ddnet.data.synthetic import chest_phantom, generate, random_ellipses, shepp_logan, simulate_low_dose
+from ddnet.errors import UserError
+
+
+def psnr_window(lq: np.ndarray, hq: np.ndarray) -> np.ndarray:
+    """PSNR (dB) per slice in the default window normalisation (-1024..1024 HU -> [0, 1])."""
+    a = np.clip((lq + 1024) / 2048, 0, 1)
+    b = np.clip((hq + 1024) / 2048, 0, 1)
+    return 10 * np.log10(1.0 / ((a - b) ** 2).reshape(len(a), -1).mean(1))
+
+
+def frac(img: np.ndarray, lo: float, hi: float) -> float:
+    return float(((img > lo) & (img < hi)).mean())
+
+
+# ----------------------------------------------------------------------------- generator
+@pytest.mark.parametrize("mode", ["fast", "physics"])
+def test_generate_is_deterministic_per_seed_and_differs_across_seeds(mode):
+    a_lq, a_hq = generate(3, 32, seed=7, mode=mode)
+    b_lq, b_hq = generate(3, 32, seed=7, mode=mode)
+    c_lq, c_hq = generate(3, 32, seed=8, mode=mode)
+    assert a_lq.dtype == np.float32 and a_lq.shape == (3, 32, 32)
+    assert np.array_equal(a_lq, b_lq) and np.array_equal(a_hq, b_hq)
+    assert np.abs(a_hq - c_hq).mean() > 20.0  # other anatomy (HU)
+    assert np.abs(a_lq - c_lq).mean() > 20.0
+    # Slices within one call differ too.
+    assert np.abs(a_hq[0] - a_hq[1]).mean() > 20.0
+
+
+def test_generate_slices_do_not_depend_on_chunking():
+    lq, hq = generate(5, 32, seed=3)
+    lq2, hq2 = generate(3, 32, seed=3, first=2)
+    assert np.array_equal(lq[2:], lq2) and np.array_equal(hq[2:], hq2)
+
+
+def test_fast_mode_noise_band_and_dose_scaling():
+    lq, hq = generate(6, 64, seed=1, mode="fast", dose=0.25)
+    p = psnr_window(lq, hq)
+    # Measured ~41.7 dB (about 20 HU noise in a 2048 HU window); a noise-free or a wildly noisy
+    # generator falls outside.
+    assert 39.0 < p.min() and p.max() < 44.5, p
+    assert np.std(lq - hq) > 10.0  # HU
+    lq_full, hq_full = generate(6, 64, seed=1, mode="fast", dose=1.0)
+    assert np.array_equal(hq, hq_full)  # HQ does not depend on the dose
+    # Noise std scales like 1/sqrt(dose): quarter dose is twice as noisy as full dose.
+    ratio = np.std(lq - hq) / np.std(lq_full - hq_full)
+    assert ratio == pytest.approx(2.0, rel=0.05)
+
+
+def test_physics_mode_noise_band_and_lower_dose_is_worse():
+    p = {d: psnr_window(*generate(3, 64, seed=2, mode="physics", dose=d)).mean() for d in (0.1, 0.25, 0.5)}
+    assert 41.0 < p[0.25] < 47.5, p  # measured ~44.5 dB at 64 px
+    assert p[0.1] < p[0.25] - 2.0 and p[0.25] < p[0.5] - 1.5, p
+    lq, hq = generate(2, 64, seed=2, mode="physics", dose=0.25)
+    # Same geometry for LQ and HQ: they differ by zero-mean noise only.
+    assert abs(float((lq - hq).mean())) < 3.0
+    assert 8.0 < float((lq - hq).std()) < 40.0
+
+
+def test_chest_phantom_has_anatomy_in_expected_hu_ranges():
+    img = chest_phantom(128, np.random.default_rng([5, 0]))
+    assert img.shape == (128, 128) and img.dtype == np.float32
+    assert frac(img, -1001, -990) > 0.4  # air around the body
+    assert frac(img, -900, -780) > 0.05  # lungs near -850
+    assert frac(img, -130, -70) > 0.01  # subcutaneous fat
+    assert frac(img, -10, 90) > 0.08  # soft tissue, heart, vessels
+    assert img.max() > 700 and frac(img, 650, 1200) > 0.001  # bone
+    # One lung on each side of the midline.
+    lung_cols = np.nonzero((img > -900) & (img < -780))[1]
+    assert (lung_cols < 54).sum() > 100 and (lung_cols > 74).sum() > 100
+    # Spine at the bottom centre, below the body's middle.
+    rows, cols = np.nonzero(img > 700)
+    assert np.abs(cols - 64).min() < 3 and rows[np.abs(cols - 64) < 3].mean() > 64
+    # The generated HQ target keeps the anatomy (lungs, soft tissue, bone).
+    _, hq = generate(4, 128, seed=5, mode="fast")
+    assert frac(hq, -900, -780) > 0.05 and frac(hq, -10, 90) > 0.08 and hq.max() > 700
+
+
+def test_other_phantoms():
+    sl = shepp_logan(64)
+    assert sl.max() == pytest.approx(1000.0, abs=30) and sl.min() == pytest.approx(-1000.0)
+    assert frac(sl, 10, 30) > 0.3  # brain at 20 HU
+    ell = random_ellipses(64, np.random.default_rng(1))
+    assert ell[0, 0] == -1000.0 and ell[-1, -1] == -1000.0  # stays inside the field of view
+    assert not np.array_equal(ell, random_ellipses(64, np.random.default_rng(2)))
+    lq, hq = simulate_low_dose(sl, "fast", 0.25, np.random.default_rng(0))
+    assert lq.shape == sl.shape and 35 < psnr_window(lq[None], hq[None])[0] < 46
+
+
+def test_fast_generation_is_fast():
+    t0 = time.process_time()
+    lq, _ = generate(64, 128, seed=0, mode="fast")
+    # The brief's goal is well under a second; the bound leaves room for a loaded CI machine.
+    assert time.process_time() - t0 < 3.0
+    assert lq.shape == (64, 128, 128)
+
+
+def test_generator_rejects_bad_arguments():
+    with pytest.raises(DataError, match="dose"):
+        generate(1, 32, 0, dose=0.0)
+    with pytest.raises(DataError, match="mode"):
+        generate(1, 32, 0, mode="nope")  # type: ignore[arg-type]
+    with pytest.raises(DataError, match="phantom"):
+        generate(1, 32, 0, phantom="nope")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- load_split (synthetic)
+def test_load_split_synthetic_is_reproducible_and_splits_differ():
+    cfg = DataConfig(image_size=32, n_train=5, n_val=3)
+    a, b = load_split(cfg, "train"), load_split(cfg, "train")
+    val, test = load_split(cfg, "val"), load_split(cfg, "test")
+    assert isinstance(a, SliceSet) and len(a) == 5 and len(val) == 3 and len(test) == 3
+    assert a.lq.shape == (5, 1, 32, 32) and a.lq.dtype == torch.float32
+    assert torch.equal(a.lq, b.lq) and torch.equal(a.hq, b.hq)
+    assert not torch.equal(val.hq, test.hq[:3]) and not torch.equal(a.hq[:3], val.hq)
+    assert a.names[2] == "synth_000002" and a.source == "synthetic:fast:chest" and a.normalisation == "window"
+    assert torch.all(a.hu_scale == 2048.0)
+    assert 0.0 <= a.lq.min() and a.lq.max() <= 1.0
+    assert a.nbytes == 2 * 5 * 32 * 32 * 4
+    other_seed = load_split(DataConfig(image_size=32, n_train=5, n_val=3, data_seed=99), "train")
+    assert not torch.equal(other_seed.hq, a.hq)
+    assert split_seed(1, "train") != split_seed(1, "val")
+
+
+def test_minmax_normalisation_and_dataset_items():
+    s = load_split(DataConfig(image_size=32, n_train=3, n_val=1, normalisation="minmax"), "train")
+    for t in (s.lq, s.hq):
+        assert torch.allclose(t.amin(dim=(1, 2, 3)), torch.zeros(3), atol=1e-6)
+        assert torch.allclose(t.amax(dim=(1, 2, 3)), torch.ones(3), atol=1e-6)
+    lq_hu, hq_hu = generate(3, 32, split_seed(1234, "train"))
+    assert torch.allclose(s.hu_scale, torch.from_numpy(hq_hu.max((1, 2)) - hq_hu.min((1, 2))))
+    # RMSE in HU = normalised RMSE * hu_scale, against HU computed directly.
+    norm, scale = normalise(hq_hu[0] + 5.0, DataConfig(normalisation="minmax"))
+    assert scale == pytest.approx(float(s.hu_scale[0]), rel=1e-5)
+    lq, hq, i = SliceDataset(s)[2]
+    assert lq.shape == (1, 32, 32) and hq.shape == (1, 32, 32) and i == 2 and torch.equal(hq, s.hq[2])
+    assert len(SliceDataset(s)) == 3
+
+
+def test_window_normalisation_clips_and_scales():
+    img = np.array([[-2000.0, -1024.0], [0.0, 3000.0]], dtype=np.float32)
+    out, scale = normalise(img, DataConfig(hu_window=(-1024.0, 1024.0)))
+    assert scale == 2048.0 and out.dtype == np.float32
+    assert np.allclose(out, [[0.0, 0.0], [0.5, 1.0]])
+    with pytest.raises(DataError, match="hu_window"):
+        load_split(DataConfig(image_size=32, hu_window=(10.0, 10.0)), "train")
+
+
+# ----------------------------------------------------------------------------- readers
+def make_split(root: Path, split: str = "train", n: int = 2, size: int = 32, suffix: str = ".npy",
+               seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Write n random HU pairs as .npy under root/split/{HQ,LQ}/; return (lq, hq)."""
+    rng = np.random.default_rng(seed)
+    hq = rng.uniform(-1000, 1000, (n, size, size)).astype(np.float32)
+    lq = (hq + rng.normal(0, 20, hq.shape)).astype(np.float32)
+    for kind, arr in (("HQ", hq), ("LQ", lq)):
+        (root / split / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            np.save(root / split / kind / f"s{i}{suffix}", arr[i])
+    return lq, hq
+
+
+def write_dicom(path: Path, hu: np.ndarray, slope: float = 1.0, intercept: float = -1024.0) -> None:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CT"
+    ds.Rows, ds.Columns = hu.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.PixelData = np.round((hu - intercept) / slope).astype("<i2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_roundtrip_every_format(tmp_path):
+    rng = np.random.default_rng(0)
+    hu = np.round(rng.uniform(-1024, 2000, (32, 32))).astype(np.float32)
+    # TIFF with an ImageJ linear calibration (stored as unsigned 16-bit, HU = -1024 + value).
+    tifffile.imwrite(tmp_path / "cal.tif", (hu + 1024).astype(np.uint16), imagej=True,
+                     metadata={"cf": 0, "c0": -1024.0, "c1": 1.0, "vunit": "HU"})
+    assert np.array_equal(readers.read_image(tmp_path / "cal.tif"), hu)
+    tifffile.imwrite(tmp_path / "half.tiff", (hu + 1024).astype(np.uint16) * 2, imagej=True,
+                     metadata={"c0": -1024.0, "c1": 0.5})
+    assert np.array_equal(readers.read_image(tmp_path / "half.tiff"), hu)
+    tifffile.imwrite(tmp_path / "float.tif", hu + 0.25)  # uncalibrated: values are HU
+    assert np.array_equal(readers.read_image(tmp_path / "float.tif"), hu + 0.25)
+    np.save(tmp_path / "a.npy", hu.astype(np.int16))
+    assert np.array_equal(readers.read_image(tmp_path / "a.npy"), hu)
+    write_dicom(tmp_path / "a.dcm", hu)
+    assert np.array_equal(readers.read_image(tmp_path / "a.dcm"), hu)
+    write_dicom(tmp_path / "b.IMA", hu, slope=0.5, intercept=-1024.0)
+    assert np.array_equal(readers.read_image(tmp_path / "b.IMA"), hu)
+    Image.fromarray((hu + 1024).astype(np.uint16)).save(tmp_path / "a16.png")  # 16-bit: HU + 1024
+    assert np.array_equal(readers.read_image(tmp_path / "a16.png"), hu)
+    gray = rng.integers(0, 256, (32, 32)).astype(np.uint8)
+    Image.fromarray(gray).save(tmp_path / "a8.png")  # 8-bit: windowed intensities
+    assert np.allclose(readers.read_image(tmp_path / "a8.png", (-1000.0, 1000.0)), -1000 + gray / 255 * 2000, atol=1e-3)
+    Image.fromarray(np.stack([gray] * 3, -1)).save(tmp_path / "rgb.png")
+    with pytest.raises(DataError, match="rgb.png"):
+        readers.read_image(tmp_path / "rgb.png")
+
+
+def test_load_split_folder_mixed_formats_and_window_of_8bit_png(tmp_path):
+    rng = np.random.default_rng(1)
+    hq = np.round(rng.uniform(-1000, 1000, (3, 32, 32))).astype(np.float32)
+    lq = hq + 10.0
+    for kind, arr in (("HQ", hq), ("LQ", lq)):
+        d = tmp_path / "val" / kind
+        d.mkdir(parents=True)
+        tifffile.imwrite(d / "slice1.tif", arr[0])
+        np.save(d / "slice2.npy", arr[1])
+        write_dicom(d / "slice10.dcm", arr[2])
+    (tmp_path / "val" / "HQ" / "notes.txt").write_text("ignored")
+    s = load_split(DataConfig(source=str(tmp_path)), "val")
+    assert s.names == ["slice1", "slice2", "slice10"]  # natural order
+    assert s.source == str(tmp_path)
+    assert torch.allclose(s.hq[:, 0] * 2048 - 1024, torch.from_numpy(hq), atol=1e-3)
+    assert torch.allclose(s.lq[:, 0] * 2048 - 1024, torch.from_numpy(lq), atol=1e-3)
+    # 8-bit PNGs map back onto the window, so window normalisation returns value / 255.
+    gray = rng.integers(0, 256, (2, 32, 32)).astype(np.uint8)
+    for kind in ("HQ", "LQ"):
+        d = tmp_path / "test" / kind
+        d.mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(gray[i]).save(d / f"p{i}.png")
+    t = load_split(DataConfig(source=str(tmp_path), hu_window=(-500.0, 700.0)), "test")
+    assert torch.allclose(t.hq[:, 0], torch.from_numpy(gray / 255.0).float(), atol=1e-5)
+
+
+def test_positional_pairing_warns(tmp_path):
+    make_split(tmp_path, n=2)
+    for i in range(2):
+        (tmp_path / "train" / "LQ" / f"s{i}.npy").rename(tmp_path / "train" / "LQ" / f"low_{i}.npy")
+    with pytest.warns(UserWarning, match="sorted position"):
+        s = load_split(DataConfig(source=str(tmp_path)), "train")
+    assert len(s) == 2 and s.names == ["s0", "s1"]
+
+
+def error_message(root: Path, split: str = "train") -> str:
+    with pytest.raises(DataError) as e:
+        load_split(DataConfig(source=str(root)), split)  # type: ignore[arg-type]
+    msg = str(e.value)
+    assert "\n" not in msg  # one line
+    return msg
+
+
+def test_reader_errors_name_the_folder(tmp_path):
+    assert str(tmp_path / "nope") in error_message(tmp_path / "nope")
+    make_split(tmp_path, "train")
+    assert str(tmp_path / "val") in error_message(tmp_path, "val")
+    (tmp_path / "test" / "LQ").mkdir(parents=True)
+    assert str(tmp_path / "test" / "HQ") in error_message(tmp_path, "test")
+    (tmp_path / "test" / "LQ").rmdir()
+    (tmp_path / "test" / "HQ").mkdir()
+    assert str(tmp_path / "test" / "LQ") in error_message(tmp_path, "test")
+    (tmp_path / "test" / "LQ").mkdir()
+    assert "no images" in (m := error_message(tmp_path, "test")) and str(tmp_path / "test" / "HQ") in m
+    with pytest.raises(DataError, match="split"):
+        load_split(DataConfig(source=str(tmp_path)), "dev")  # type: ignore[arg-type]
+
+
+def test_reader_errors_name_the_file(tmp_path):
+    # Unpaired: counts differ, the first file without a partner is named.
+    make_split(tmp_path / "unpaired", n=3)
+    (tmp_path / "unpaired" / "train" / "LQ" / "s1.npy").unlink()
+    msg = error_message(tmp_path / "unpaired")
+    assert str(tmp_path / "unpaired" / "train" / "HQ" / "s1.npy") in msg and "partner" in msg
+    # Corrupt files of each format.
+    for suffix in (".npy", ".tif", ".dcm", ".IMA", ".png"):
+        root = tmp_path / f"corrupt{suffix}"
+        make_split(root, n=2)
+        for kind in ("HQ", "LQ"):
+            (root / "train" / kind / "s1.npy").unlink()
+            (root / "train" / kind / f"s1{suffix}").write_bytes(b"this is not an image" * 10)
+        msg = error_message(root)
+        assert str(root / "train" / "HQ" / f"s1{suffix}") in msg and "cannot read" in msg, msg
+    # Pair shape mismatch names both files.
+    make_split(tmp_path / "pair", n=2)
+    np.save(tmp_path / "pair" / "train" / "LQ" / "s1.npy", np.zeros((48, 48), np.float32))
+    msg = error_message(tmp_path / "pair")
+    assert str(tmp_path / "pair" / "train" / "HQ" / "s1.npy") in msg
+    assert str(tmp_path / "pair" / "train" / "LQ" / "s1.npy") in msg
+    # A shape differing across the split names the file and the first one.
+    np.save(tmp_path / "pair" / "train" / "HQ" / "s1.npy", np.zeros((48, 48), np.float32))
+    msg = error_message(tmp_path / "pair")
+    assert "s1.npy" in msg and "s0.npy" in msg and "one shape" in msg
+    # NaN values.
+    make_split(tmp_path / "nan", n=2)
+    np.save(tmp_path / "nan" / "train" / "LQ" / "s1.npy", np.full((32, 32), np.nan, np.float32))
+    assert str(tmp_path / "nan" / "train" / "LQ" / "s1.npy") in (m := error_message(tmp_path / "nan")) and "NaN" in m
+    # A stack instead of a slice.
+    make_split(tmp_path / "stack", n=2)
+    np.save(tmp_path / "stack" / "train" / "HQ" / "s0.npy", np.zeros((2, 32, 32), np.float32))
+    assert "s0.npy" in (m := error_message(tmp_path / "stack")) and "one slice per file" in m
+
+
+def test_reader_errors_on_sides(tmp_path, monkeypatch):
+    make_split(tmp_path, "train", size=40)
+    msg = error_message(tmp_path)
+    assert "divisible by 16" in msg and str(tmp_path / "train" / "HQ") in msg and "32x32" in msg
+    make_split(tmp_path, "val", size=32)
+
+    def too_small(side):
+        raise ValueError(f"image side {side} px is too small for MS-SSIM")
+
+    monkeypatch.setattr(readers, "choose_msssim", too_small)
+    msg = error_message(tmp_path, "val")
+    assert "too small" in msg and str(tmp_path / "val" / "HQ") in msg
+
+
+def test_synthetic_image_size_checked():
+    with pytest.raises(DataError, match="16"):
+        load_split(DataConfig(image_size=40), "train")
+    with pytest.raises(DataError, match="n-val"):
+        load_split(DataConfig(image_size=32, n_val=0), "val")
+
+
+# ----------------------------------------------------------------------------- bench data synth
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_bench_data_synth_writes_a_readable_dataset(tmp_path):
+    from bench.cli import app
+
+    out = tmp_path / "ds"
+    args = ["data", "synth", "--n", "8", "--size", "32", "--out", str(out), "--mode", "fast",
+            "--format", "npy", "--val-frac", "0.25", "--test-frac", "0.125", "--seed", "11"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "5/2/1 train/val/test" in result.output and "PSNR" in result.output
+    cfg = DataConfig(source=str(out))
+    counts = {split: len(load_split(cfg, split)) for split in ("train", "val", "test")}
+    assert counts == {"train": 5, "val": 2, "test": 1}
+    # The files hold exactly what the in-memory generator makes for the same seed and settings.
+    disk = load_split(cfg, "train")
+    mem = load_split(DataConfig(image_size=32, n_train=5, data_seed=11), "train")
+    assert torch.equal(disk.lq, mem.lq) and torch.equal(disk.hq, mem.hq) and disk.names == mem.names
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary folder left
+
+    # A second run into the same folder is refused and leaves every file untouched.
+    before = _digest(out)
+    again = CliRunner().invoke(app, [*args[:8], "--mode", "physics"])
+    assert again.exit_code != 0
+    assert isinstance(again.exception, UserError) and "not empty" in str(again.exception)
+    assert _digest(out) == before
+
+
+def test_bench_data_synth_physics_tif_and_cli_errors(tmp_path, capsys):
+    from bench.cli import app, main
+
+    out = tmp_path / "phys"
+    result = CliRunner().invoke(app, ["data", "synth", "--n", "3", "--size", "32", "--out", str(out),
+                                      "--val-frac", "0.34", "--test-frac", "0.34"])
+    assert result.exit_code == 0, result.output
+    assert len(list((out / "train" / "HQ").glob("*.tif"))) == 1
+    s = load_split(DataConfig(source=str(out)), "val")
+    mem = load_split(DataConfig(image_size=32, n_val=1, synth_mode="physics"), "val")
+    assert torch.equal(s.lq, mem.lq) and torch.equal(s.hq, mem.hq)
+    # Through the console entry point: one line, exit status 2, nothing written.
+    for bad, needle in ((["--size", "40"], "16"), (["--mode", "slow"], "--mode"), (["--n", "1"], "--n 1")):
+        with pytest.raises(SystemExit) as e:
+            main(["data", "synth", "--out", str(tmp_path / "bad"), *bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and needle in err and err.count("\n") == 1
+    assert not (tmp_path / "bad").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # names match: no positional-pairing warning
+        load_split(DataConfig(source=str(out)), "train")

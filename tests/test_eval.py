@@ -1,0 +1,199 @@
+"""`bench eval` (bench/cmd_eval.py): reproduces training's validation numbers, writes its files,
+reads the original DDNet weights, and refuses bad input with one line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.cli import main
+
+FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/ddnet-2d-dect/weights_50_1.pt"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    """`bench ARGS` in this process through the console entry point; (exit code, stdout, stderr)."""
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny run folder written by `bench train` (1 epoch, 64 px, base width 4).
+
+    lr 1e-2 so that one epoch already gives a non-zero validation MS-SSIM (with the
+    default lr a width-4 net still scores 0 %), which makes the comparison below bite.
+    """
+    out = tmp_path_factory.mktemp("train") / "run"
+    args = ["train", "--data", "synthetic", "--image-size", "64", "--n-train", "8", "--n-val", "4",
+            "--epochs", "1", "--batch-size", "4", "--base-width", "4", "--lr", "1e-2", "--device", "cpu",
+            "--num-workers", "0", "--quiet", "--out", str(out)]
+    try:
+        main(args)
+    except SystemExit as e:
+        assert not e.code, f"bench train failed with exit {e.code}"
+    assert (out / "ckpt.pt").is_file()
+    return out
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_eval_reproduces_the_validation_recorded_by_training(trained: Path, capsys) -> None:
+    epoch = json.loads((trained / "epochs.jsonl").read_text().splitlines()[-1])
+    summary = json.loads((trained / "summary.json").read_text())
+    code, out, err = run_cli(["eval", "--checkpoint", str(trained / "ckpt.pt"), "--device", "cpu"], capsys)
+    assert code == 0, err
+    folder = trained / "eval-val"  # default: beside the checkpoint
+    result = json.loads((folder / "eval.json").read_text())
+    # the same slices (regenerated from the checkpoint's data config), the same metric code
+    assert result["n_slices"] == 4
+    assert result["output_ms_ssim_pct_mean"] == pytest.approx(epoch["val_ms_ssim"], abs=1e-4)
+    assert result["output_ms_ssim_pct_std"] == pytest.approx(epoch["val_ms_ssim_std"], abs=1e-4)
+    assert result["output_psnr_db_mean"] == pytest.approx(epoch["val_psnr"], abs=1e-4)
+    assert result["output_rmse_hu_mean"] == pytest.approx(epoch["val_rmse_hu"], rel=1e-5)
+    assert epoch["val_ms_ssim"] > 1.0 or epoch["val_psnr"] != 0.0  # a comparison of real numbers
+    rows = _rows(folder / "slices.csv")
+    assert [r["name"] for r in rows] == [s["name"] for s in summary["val_slices"]]
+    for r, s in zip(rows, summary["val_slices"], strict=True):
+        assert float(r["output_ms_ssim_pct"]) == pytest.approx(s["ms_ssim"], abs=1e-4)
+        assert float(r["output_psnr_db"]) == pytest.approx(s["psnr"], abs=1e-4)
+    assert result["msssim_setting"] == summary["msssim_setting"]
+    ck = result["checkpoint"]
+    assert (ck["layout"], ck["format"], ck["epoch"]) == ("ours", "ddnet-bench-ckpt/1", 1)
+    assert result["normalisation"]["normalisation"] == "window"
+    assert result["normalisation"]["source"] == "checkpoint"
+    # the input scores do not depend on the network: LQ vs HQ of the same slices
+    assert 0.0 < result["input_ms_ssim_pct_mean"] <= 100.0
+    assert "MS-SSIM (%)" in out and "+/-" in out
+    assert (folder / "strip.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_exported_weights_give_the_same_numbers(trained: Path, tmp_path: Path, capsys) -> None:
+    """weights.pt holds no data config: eval finds config.json beside it and regenerates the same set."""
+    code, _, err = run_cli(["eval", "--checkpoint", str(trained / "weights.pt"), "--device", "cpu",
+                            "--out", str(tmp_path / "w")], capsys)
+    assert code == 0, err
+    epoch = json.loads((trained / "epochs.jsonl").read_text().splitlines()[-1])
+    result = json.loads((tmp_path / "w" / "eval.json").read_text())
+    assert result["checkpoint"]["format"] == "ddnet-bench-weights/1"
+    assert result["output_ms_ssim_pct_mean"] == pytest.approx(epoch["val_ms_ssim"], abs=1e-4)
+    assert result["output_psnr_db_mean"] == pytest.approx(epoch["val_psnr"], abs=1e-4)
+
+
+def test_an_earlier_evaluation_is_never_overwritten(trained: Path, tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "ev"
+    args = ["eval", "--checkpoint", str(trained / "ckpt.pt"), "--device", "cpu", "--out", str(folder),
+            "--split", "test", "--batch-size", "3"]
+    assert run_cli(args, capsys)[0] == 0
+    before = (folder / "eval.json").read_bytes()
+    code, _, err = run_cli(args, capsys)
+    assert code == 2
+    assert err.strip().startswith("error: ") and "already exists" in err and len(err.strip().splitlines()) == 1
+    assert (folder / "eval.json").read_bytes() == before
+    result = json.loads(before)
+    assert result["data"]["split"] == "test" and result["batch_size"] == 3
+
+
+def test_normalisation_override_is_recorded(trained: Path, tmp_path: Path, capsys) -> None:
+    code, _, err = run_cli(["eval", "--checkpoint", str(trained / "ckpt.pt"), "--device", "cpu",
+                            "--normalisation", "minmax", "--out", str(tmp_path / "m")], capsys)
+    assert code == 0, err
+    result = json.loads((tmp_path / "m" / "eval.json").read_text())
+    assert result["normalisation"] == {"normalisation": "minmax", "hu_window": None, "source": "--normalisation"}
+    assert result["data"]["config"]["normalisation"] == "minmax"
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_missing_checkpoint_gives_one_error_line_through_the_real_entry_point(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.cli", "eval", "--checkpoint", str(tmp_path / "nope.pt"),
+         "--data", "synthetic", "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "does not exist" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("kind", ["text", "pickled-list", "tensor-list"])
+def test_not_a_checkpoint_gives_one_error_line(tmp_path: Path, kind: str, capsys) -> None:
+    path = tmp_path / "file.pt"
+    if kind == "text":
+        path.write_text("epoch,loss\n1,0.5\n")
+    elif kind == "pickled-list":
+        path.write_bytes(pickle.dumps(["a", 1, 2.0]))
+    else:
+        torch.save([torch.zeros(3)], path)
+    code, out, err = run_cli(["eval", "--checkpoint", str(path), "--data", "synthetic",
+                              "--out", str(tmp_path / "o")], capsys)
+    assert code == 2
+    lines = (out + err).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_options_are_refused(trained: Path, tmp_path: Path, capsys) -> None:
+    for extra, words in [(["--split", "train"], "--split"), (["--normalisation", "zscore"], "--normalisation"),
+                         (["--image-size", "50"], "divisible by 16"), (["--batch-size", "0"], "--batch-size")]:
+        code, _, err = run_cli(["eval", "--checkpoint", str(trained / "ckpt.pt"), "--device", "cpu",
+                                "--out", str(tmp_path / "o"), *extra], capsys)
+        assert code == 2 and err.startswith("error: ") and words in err, (extra, err)
+
+
+# ---------------------------------------------------------------------------- the original weights
+@pytest.mark.skipif(not FIXTURE.exists(), reason=f"original DDNet weights fixture not found at {FIXTURE}")
+def test_eval_of_the_original_weights(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "orig"
+    code, out, err = run_cli(["eval", "--checkpoint", str(FIXTURE), "--data", "synthetic", "--image-size", "64",
+                              "--n-val", "3", "--device", "cpu", "--out", str(folder)], capsys)
+    assert code == 0, err
+    assert {p.name for p in folder.iterdir()} == {"slices.csv", "eval.json", "strip.png"}
+    result = json.loads((folder / "eval.json").read_text())
+    assert result["checkpoint"]["layout"] == "original"
+    assert result["checkpoint"]["format"] == "state-dict"
+    assert result["normalisation"]["normalisation"] == "minmax"
+    assert result["data"]["config"]["normalisation"] == "minmax"
+    assert result["checkpoint"]["params"] == 566_451
+    rows = _rows(folder / "slices.csv")
+    assert len(rows) == 3
+    assert set(rows[0]) == {"name", "input_ms_ssim_pct", "input_psnr_db", "input_rmse_hu",
+                            "output_ms_ssim_pct", "output_psnr_db", "output_rmse_hu"}
+    # a trained network, not noise: far above what an untrained DDNet scores here (0 %)
+    assert result["output_ms_ssim_pct_mean"] > 50.0
+    from PIL import Image
+
+    with Image.open(folder / "strip.png") as im:
+        assert im.width > 400 and im.height > 200
+    assert "original layout" in out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_eval_on_cuda_matches_cpu(trained: Path, tmp_path: Path, capsys) -> None:
+    results = {}
+    for dev in ("cpu", "cuda"):
+        code, _, err = run_cli(["eval", "--checkpoint", str(trained / "ckpt.pt"), "--device", dev,
+                                "--out", str(tmp_path / dev)], capsys)
+        assert code == 0, err
+        results[dev] = json.loads((tmp_path / dev / "eval.json").read_text())
+    assert results["cuda"]["device"] == "cuda"
+    for key in ("output_ms_ssim_pct_mean", "output_psnr_db_mean", "input_ms_ssim_pct_mean"):
+        assert results["cuda"][key] == pytest.approx(results["cpu"][key], abs=1e-2), key

@@ -1,0 +1,322 @@
+"""The trainer: run folder, learning, resume, toggles, loaders, DDP, refusals, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.store import read_json, read_jsonl
+from ddnet.config import DataConfig, ModelConfig, SparsityConfig, TrainConfig
+from ddnet.trainer import TrainingFailed, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ModelConfig(base_width=4, growth=4, bottleneck=8)
+
+
+def tiny_cfg(**changes) -> TrainConfig:
+    cfg = TrainConfig(
+        model=TINY,
+        data=DataConfig(image_size=32, n_train=8, n_val=4),
+        epochs=2, batch_size=4, lr=1e-3, device="cpu", num_workers=0,
+    )
+    return cfg.replace(**changes) if changes else cfg
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_run_folder_contract(tmp_path: Path) -> None:
+    summary = train(tiny_cfg(), tmp_path, progress=False)
+    for name in ("config.json", "env.json", "epochs.jsonl", "summary.json", "ckpt.pt", "weights.pt"):
+        assert (tmp_path / name).is_file(), name
+    rows = read_jsonl(tmp_path / "epochs.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for r in rows:
+        for key in ("phase", "time_s", "train_loss", "val_loss", "val_ms_ssim", "val_psnr", "val_rmse_hu", "lr",
+                    "images_per_s", "data_wait_s", "compute_s"):
+            assert key in r, key
+        assert 0 <= r["val_ms_ssim"] <= 100 and r["time_s"] > 0 and r["phase"] == "dense"
+    assert rows[0]["warmup"] is True and rows[1]["warmup"] is False
+    assert rows[1]["lr"] == pytest.approx(rows[0]["lr"] * 0.95)  # ExponentialLR once per epoch
+    on_disk = read_json(tmp_path / "summary.json")
+    assert on_disk["status"] == "ok" and on_disk == json.loads(json.dumps(summary))
+    assert on_disk["params"] == sum(p.numel() for p in
+                                    __import__("ddnet").DDNet(TINY).parameters())
+    assert on_disk["sparsity"]["overall"] == 0.0 and on_disk["sparsity"]["kind"] == "none"
+    assert on_disk["total_time_s"] >= sum(r["time_s"] for r in rows)
+    assert len(on_disk["val_slices"]) == 4
+    ms = [s["ms_ssim"] for s in on_disk["val_slices"]]
+    assert on_disk["final_val_ms_ssim"] == pytest.approx(sum(ms) / len(ms))
+    env = read_json(tmp_path / "env.json")
+    assert env["device"] == "cpu" and env["torch_version"] == torch.__version__
+    assert read_json(tmp_path / "config.json") == tiny_cfg().to_dict()
+
+
+def test_fp32_really_turns_tf32_off(tmp_path: Path) -> None:
+    train(tiny_cfg(epochs=1), tmp_path, progress=False)
+    flags = read_json(tmp_path / "summary.json")["precision_flags"]
+    if flags["tf32_api"] == "fp32_precision":
+        assert flags["cudnn.conv.fp32_precision"] == "ieee" and flags["cuda.matmul.fp32_precision"] == "ieee"
+    else:
+        assert flags["cudnn.allow_tf32"] is False
+
+
+def test_tiny_net_overfits(tmp_path: Path) -> None:
+    cfg = tiny_cfg(epochs=25, **{"data.n_train": 4, "batch_size": 4, "lr": 3e-3})
+    train(cfg, tmp_path, progress=False)
+    losses = [r["train_loss"] for r in read_jsonl(tmp_path / "epochs.jsonl")]
+    assert losses[-1] < losses[0] / 4, losses
+
+
+def test_kill_and_resume_reproduces_the_trajectory(tmp_path: Path) -> None:
+    cfg = tiny_cfg(epochs=5)
+    ref = tmp_path / "ref"
+    train(cfg, ref, progress=False)
+    ref_losses = [r["train_loss"] for r in read_jsonl(ref / "epochs.jsonl")]
+
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(cfg.to_dict()))
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "bench.cli", "train", "--config", str(cfg_file),
+                             "--out", str(out), "--quiet"], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while len(read_jsonl(out / "epochs.jsonl")) < 2:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert read_json(out / "summary.json")["status"] == "running"
+    assert len(read_jsonl(out / "epochs.jsonl")) < 5
+
+    refused = cli("train", "--config", str(cfg_file), "--out", str(out), "--quiet")
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+
+    done = cli("train", "--config", str(cfg_file), "--out", str(out), "--quiet", "--resume")
+    assert done.returncode == 0, done.stderr
+    rows = read_jsonl(out / "epochs.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]  # none lost, none duplicated
+    assert [r["train_loss"] for r in rows] == pytest.approx(ref_losses, rel=1e-5)
+
+    again = cli("train", "--config", str(cfg_file), "--out", str(out), "--quiet", "--resume")
+    assert again.returncode == 2 and "finished run" in again.stderr
+
+
+COMBOS = [(p, loader, g) for p in ("fp32", "amp-bf16") for loader in ("host", "device") for g in ("off", "compile")]
+
+
+@pytest.mark.parametrize(("precision", "loader", "graphs"), COMBOS)
+def test_cpu_combinations_train_and_loss_falls(tmp_path: Path, precision: str, loader: str, graphs: str) -> None:
+    if graphs == "compile" and not _compile_works():
+        pytest.skip("torch.compile has no working C++ toolchain here")
+    cfg = tiny_cfg(epochs=3, precision=precision, loader=loader, graphs=graphs, **{"data.n_train": 8})
+    train(cfg, tmp_path, progress=False)
+    losses = [r["train_loss"] for r in read_jsonl(tmp_path / "epochs.jsonl")]
+    assert losses[-1] < losses[0], losses
+    assert read_json(tmp_path / "config.json")["graphs"] == graphs
+
+
+def _compile_works() -> bool:
+    try:
+        torch.compile(lambda x: x * 2)(torch.ones(2))
+        return True
+    except Exception:
+        return False
+
+
+def test_device_and_host_loaders_agree(tmp_path: Path) -> None:
+    """On a CPU both loaders draw the same permutation: same batches, same fp32 loss trajectory."""
+    from ddnet.trainer import Run
+
+    runs = {}
+    for loader in ("host", "device"):
+        cfg = tiny_cfg(epochs=3, loader=loader, **{"data.n_train": 12})
+        train(cfg, tmp_path / loader, progress=False)
+        runs[loader] = [r["train_loss"] for r in read_jsonl(tmp_path / loader / "epochs.jsonl")]
+    assert runs["host"] == pytest.approx(runs["device"], rel=1e-6)
+
+    cfg = tiny_cfg(**{"data.n_train": 12})
+    seen = {}
+    for loader in ("host", "device"):
+        run = Run(cfg.replace(loader=loader), tmp_path / "x", False, False, __import__("ddnet.trainer").trainer.Dist())
+        seen[loader] = [run.loader.indices(e) for e in range(3)]
+    assert seen["host"] == seen["device"]
+    for order in seen["device"]:
+        assert len(order) == 12 and sorted(order) == list(range(12))  # none repeated, none dropped
+    assert seen["device"][0] != seen["device"][1]  # a new order each epoch
+
+
+def test_doll_batches_come_from_device_tensors(tmp_path: Path) -> None:
+    from ddnet.trainer import Dist, Run
+
+    run = Run(tiny_cfg(loader="device"), tmp_path, False, False, Dist())
+    lq, hq = next(iter(run.loader.epoch(0)))
+    assert lq.device == run.loader.lq.device and lq.shape == (4, 1, 32, 32)
+    # each batch row is one staged slice, paired with its own target
+    idx = run.loader.indices(0)[:4]
+    torch.testing.assert_close(lq, run.loader.lq[idx])
+    torch.testing.assert_close(hq, run.loader.hq[idx])
+
+
+def test_ddp_two_gloo_replicas(tmp_path: Path) -> None:
+    cfg = tiny_cfg(epochs=2, loader="device", nproc=2, **{"data.n_train": 8})
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(cfg.to_dict()))
+    res = cli("train", "--config", str(cfg_file), "--out", str(tmp_path / "ddp"), "--quiet", timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    s = read_json(tmp_path / "ddp" / "summary.json")
+    ranks = sorted(s["ddp_ranks"], key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert ranks[0]["read_files"] is True and ranks[1]["read_files"] is False  # rank 1 got data by broadcast
+    a, b = set(ranks[0]["epoch0_indices"]), set(ranks[1]["epoch0_indices"])
+    assert a.isdisjoint(b) and a | b == set(range(8))
+    assert ranks[0]["weights_checksum"] == ranks[1]["weights_checksum"]
+    assert ranks[0]["weights_abs_checksum"] == ranks[1]["weights_abs_checksum"]
+    assert len(read_jsonl(tmp_path / "ddp" / "epochs.jsonl")) == 2  # only rank 0 writes
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks refusals on a CPU-only machine")
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--graphs", "cuda-graph"], "cuda-graph needs a CUDA device"),
+        (["--precision", "amp-fp16"], "amp-fp16 needs a CUDA device"),
+        (["--precision", "tf32"], "tf32"),
+        (["--precision", "fp8"], "--precision 'fp8' is not one of"),
+        (["--image-size", "40"], "divisible by 16"),
+        (["--sparsity", "random", "--dense-epochs", "2", "--epochs", "2"], "no sparse epoch"),
+        (["--data", "/no/such/folder"], "/no/such/folder"),
+    ],
+)
+def test_refusals_are_one_line_and_exit_2(tmp_path: Path, args: list[str], needle: str) -> None:
+    out = tmp_path / "run"
+    res = cli("train", "--out", str(out), "--device", "cpu", "--epochs", "2", *args)
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (out / "epochs.jsonl").exists()
+
+
+def test_nan_loss_is_a_recorded_failure(tmp_path: Path) -> None:
+    with pytest.raises(TrainingFailed, match="nan"):
+        train(tiny_cfg(epochs=3, fail_at_epoch=2), tmp_path, progress=False)
+    s = read_json(tmp_path / "summary.json")
+    assert s["status"] == "failed" and "nan" in s["error"] and s["epochs_completed"] == 1
+    assert len(read_jsonl(tmp_path / "epochs.jsonl")) == 1  # the finished epoch is kept
+
+
+def test_cli_failed_run_exits_3(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(tiny_cfg(epochs=2, fail_at_epoch=1).to_dict()))
+    res = cli("train", "--config", str(cfg_file), "--out", str(tmp_path / "r"), "--quiet")
+    assert res.returncode == 3 and "training failed" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_hybrid_schedule_phases_and_masks_hold(tmp_path: Path) -> None:
+    cfg = tiny_cfg(epochs=4, sparsity=SparsityConfig(kind="topk", amount=0.5, dense_epochs=2))
+    summary = train(cfg, tmp_path, progress=False)
+    rows = read_jsonl(tmp_path / "epochs.jsonl")
+    assert [r["phase"] for r in rows] == ["dense", "dense", "sparse", "sparse"]
+    assert rows[1]["sparsity"] == 0.0 and rows[2]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert rows[2]["prune_time_s"] > 0 and rows[3]["prune_time_s"] == 0
+    assert summary["switch_epoch"] == 2 and summary["sparsity"]["kind"] == "masked"
+    assert summary["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-3)
+    # the exported weights keep every pruned zero after two sparse epochs of Adam
+    weights = torch.load(tmp_path / "weights.pt", weights_only=False)["model"]
+    conv = [v for k, v in weights.items() if k.endswith("conv.weight")]
+    zeros = sum(int((w == 0).sum()) for w in conv)
+    assert zeros / sum(w.numel() for w in conv) == pytest.approx(0.5, abs=1e-3)
+    # a dense model's lr schedule continues through the switch
+    assert rows[2]["lr"] == pytest.approx(rows[1]["lr"] * 0.95)
+
+
+def test_dense_epochs_zero_prunes_before_training(tmp_path: Path) -> None:
+    cfg = tiny_cfg(epochs=2, sparsity=SparsityConfig(kind="random", amount=0.5, dense_epochs=0))
+    summary = train(cfg, tmp_path, progress=False)
+    rows = read_jsonl(tmp_path / "epochs.jsonl")
+    assert [r["phase"] for r in rows] == ["sparse", "sparse"] and summary["switch_epoch"] == 0
+    assert rows[0]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_structured_run_shrinks_and_resumes(tmp_path: Path) -> None:
+    cfg = tiny_cfg(epochs=3, sparsity=SparsityConfig(kind="structured", amount=0.5, dense_epochs=1))
+    summary = train(cfg, tmp_path, progress=False)
+    assert summary["sparsity"]["kind"] == "structural"
+    assert summary["params"] < summary["sparsity"]["report"]["params_before"]
+    assert summary["flops_fwd_per_image"] < summary["flops_fwd_per_image_before_pruning"]
+    rows = read_jsonl(tmp_path / "epochs.jsonl")
+    assert rows[-1]["sparsity"] > 0 and rows[0]["sparsity"] == 0
+
+
+def test_auto_switch_on_a_run(tmp_path: Path) -> None:
+    cfg = tiny_cfg(epochs=8, sparsity=SparsityConfig(kind="random", amount=0.5, dense_epochs="auto",
+                                                      auto_patience=2))
+    summary = train(cfg, tmp_path, progress=False)
+    rows = read_jsonl(tmp_path / "epochs.jsonl")
+    k = summary["switch_epoch"]
+    assert k is not None and 1 <= k <= 7 and summary["switch_rule"]
+    assert [r["phase"] for r in rows] == ["dense"] * k + ["sparse"] * (8 - k)
+
+
+# ----------------------------------------------------------------- GPU only
+
+
+def _gpu_cfg(**changes) -> TrainConfig:
+    return tiny_cfg(device="cuda", **{"data.image_size": 64, "data.n_train": 40, **changes})
+
+
+def _losses_over_steps(cfg: TrainConfig, tmp_path: Path, steps: int = 5) -> list[float]:
+    from ddnet.trainer import Dist, Run
+
+    run = Run(cfg, tmp_path, False, False, Dist())
+    run._build_step()
+    batches = list(run.loader.epoch(0))[:steps]
+    return [float(run.step(lq, hq)) for lq, hq in batches]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("precision", "rel"), [("fp32", 1e-5), ("amp-bf16", 2e-2), ("amp-fp16", 1e-2)])
+def test_graphed_step_matches_eager(tmp_path: Path, precision: str, rel: float) -> None:
+    eager = _losses_over_steps(_gpu_cfg(precision=precision, loader="device"), tmp_path / "e")
+    graphed = _losses_over_steps(_gpu_cfg(precision=precision, loader="device", graphs="cuda-graph"),
+                                 tmp_path / "g")
+    assert graphed == pytest.approx(eager, rel=rel)
+
+
+@pytest.mark.gpu
+def test_device_loader_no_htod_after_staging(tmp_path: Path) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    from ddnet.trainer import Dist, Run
+
+    run = Run(_gpu_cfg(loader="device"), tmp_path, False, False, Dist())
+    run._build_step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for lq, hq in run.loader.epoch(1):
+            run.step(lq, hq)
+        torch.cuda.synchronize()
+    htod = [e for e in prof.events() if "HtoD" in e.name]
+    assert htod == [], [e.name for e in htod]
+
+
+@pytest.mark.gpu
+def test_graphs_compose_with_pruning_and_fp16(tmp_path: Path) -> None:
+    cfg = _gpu_cfg(epochs=3, precision="amp-fp16", graphs="cuda-graph", loader="device",
+                   sparsity=SparsityConfig(kind="topk", amount=0.5, dense_epochs=1))
+    summary = train(cfg, tmp_path, progress=False)
+    rows = read_jsonl(tmp_path / "epochs.jsonl")
+    assert rows[0]["capture_time_s"] > 0 and rows[1]["capture_time_s"] > 0  # recaptured after pruning
+    assert summary["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-3)
