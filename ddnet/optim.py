@@ -37,7 +37,10 @@ class PrecisionSetup:
         """The forward pass's context: autocast for the AMP modes, a no-op otherwise."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=device_type, dtype=self.autocast_dtype)
+        # cache_enabled=False: the CUDA-graph docs require it for capture (the cast cache would
+        # hold tensors from outside the graph's pool); DDNet uses each weight once per forward,
+        # so eager runs lose nothing by it either
+        return torch.autocast(device_type=device_type, dtype=self.autocast_dtype, cache_enabled=False)
 
 
 def _set_fp32_precision(mode: str) -> dict[str, Any]:

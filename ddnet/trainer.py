@@ -205,8 +205,14 @@ class Run:
             from ddnet.convert import load_model_weights
 
             loaded, _info = load_model_weights(self.cfg.init, device="cpu")
-            if dict(loaded.named_parameters()).keys() != dict(model.named_parameters()).keys():
-                raise UserError(f"--init {self.cfg.init} does not match the configured model widths")
+            want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            got = {k: tuple(v.shape) for k, v in loaded.state_dict().items()}
+            if want != got:
+                first = next(k for k in want if want[k] != got.get(k))
+                raise UserError(
+                    f"--init {self.cfg.init} does not match the configured model: {first} is {got.get(first)} "
+                    f"there but {want[first]} here; set --base-width to the checkpoint's width."
+                )
             model = loaded
         return model.to(self.device, memory_format=self.fmt)
 

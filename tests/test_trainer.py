@@ -320,3 +320,23 @@ def test_graphs_compose_with_pruning_and_fp16(tmp_path: Path) -> None:
     rows = read_jsonl(tmp_path / "epochs.jsonl")
     assert rows[0]["capture_time_s"] > 0 and rows[1]["capture_time_s"] > 0  # recaptured after pruning
     assert summary["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_init_starts_from_a_checkpoint(tmp_path: Path) -> None:
+    from ddnet.trainer import Dist, Run
+
+    train(tiny_cfg(epochs=1), tmp_path / "a", progress=False)
+    saved = torch.load(tmp_path / "a" / "weights.pt", weights_only=False)["model"]
+    run = Run(tiny_cfg(init=str(tmp_path / "a" / "weights.pt")), tmp_path / "b", False, False, Dist())
+    for k, v in run.model.state_dict().items():
+        torch.testing.assert_close(v, saved[k], msg=k)
+    fresh = Run(tiny_cfg(seed=1), tmp_path / "c", False, False, Dist())
+    assert not torch.equal(fresh.model.stem.conv.weight, run.model.stem.conv.weight)
+
+
+def test_init_with_other_widths_is_refused(tmp_path: Path) -> None:
+    train(tiny_cfg(epochs=1), tmp_path / "a", progress=False)
+    res = cli("train", "--out", str(tmp_path / "b"), "--device", "cpu", "--epochs", "1",
+              "--init", str(tmp_path / "a" / "weights.pt"), "--image-size", "32", "--n-train", "4",
+              "--batch-size", "4")
+    assert res.returncode == 2 and "does not match" in res.stderr and "Traceback" not in res.stderr
