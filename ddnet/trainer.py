@@ -349,7 +349,13 @@ class Run:
         rows: list[dict] = []
         if self.resume and (out / "ckpt.pt").exists():
             rows = self._restore()
-        elif cfg.sparsity.kind != "none" and cfg.sparsity.dense_epochs == 0:
+        elif self.resume and main:
+            # killed before the first checkpoint: any row written has no state to go with it
+            from bench.store import rewrite_jsonl
+
+            if (out / "epochs.jsonl").exists():
+                rewrite_jsonl(out / "epochs.jsonl", [])
+        if not rows and cfg.sparsity.kind != "none" and cfg.sparsity.dense_epochs == 0:
             self.switch_epoch = 0
         # --dense-epochs 0 prunes before the first step (the paper's Table 1 setting)
         pending_prune = self._prune() if self.switch_epoch == 0 and self.start_epoch == 0 else 0.0

@@ -1,0 +1,226 @@
+"""Experiment grids: a registry of the modules in `ablations/` and the `Cell` they return.
+
+A grid is a Python module (or any `.py` file) with this interface:
+
+    NAME: str                                   # registry key, e.g. 'table2'
+    DESCRIPTION: str                            # one line for `bench grids`
+    def cells(base: TrainConfig) -> list[Cell]  # the cells, derived from `base`
+    def defaults() -> TrainConfig               # optional: the grid's own base
+                                                # (else `paper_base()`)
+
+`base` carries the paper-scale defaults (or the grid's own `defaults()`) with
+the user's command-line overrides already applied; a grid changes only the
+factors it studies. Which cells this machine cannot run is decided later, at
+run time, by `ddnet.config.check_runnable` (see `bench.runner`), never by a
+hard-coded list in the grid.
+
+The registry is a plain dict built by scanning the `ablations` package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import pkgutil
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ddnet.config import ConfigError, DataConfig, TrainConfig, check_static
+from ddnet.errors import UserError
+
+_SLUG_OK = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+
+@dataclass
+class Cell:
+    """One configuration of a grid: a readable slug, a label and the factors it sets."""
+
+    name: str
+    """Readable slug, unique within the grid (e.g. 'fp32-host-off-topk-hybrid25'); names the folder."""
+    label: str
+    """Human-readable description for tables and plots."""
+    factors: dict[str, Any]
+    """What the grid varies (precision, loader, graphs, sparsity, dense_epochs, ...): JSON-able values."""
+    config: TrainConfig
+    """The full training configuration of this cell."""
+    skip_reason: str | None = None
+    """Set by the grid when the cell is known not to be runnable; the runner adds machine-specific reasons."""
+
+
+@dataclass
+class Grid:
+    """A loaded grid module."""
+
+    name: str
+    """Registry name (the module's NAME, or the file stem for a grid given by path)."""
+    description: str
+    """One line shown by `bench grids`."""
+    source: str
+    """Module name or file path it was loaded from."""
+    cells_fn: Callable[[TrainConfig], list[Cell]] = field(repr=False)
+    """The module's `cells(base)`."""
+    defaults_fn: Callable[[], TrainConfig] | None = field(default=None, repr=False)
+    """The module's optional `defaults()`; `paper_base()` when absent."""
+
+    def base(self) -> TrainConfig:
+        """The grid's base configuration before user overrides."""
+        return self.defaults_fn() if self.defaults_fn is not None else paper_base()
+
+    def cells(self, base: TrainConfig | None = None) -> list[Cell]:
+        """Expand the grid on `base` (default: `self.base()`) and validate the result."""
+        base = self.base() if base is None else base
+        cells = self.cells_fn(base)
+        validate_cells(self.name, cells)
+        return cells
+
+
+def paper_base() -> TrainConfig:
+    """The paper's training setup: 50 epochs, batch 32, 512x512 slices (synthetic here)."""
+    return TrainConfig(epochs=50, batch_size=32, data=DataConfig(source="synthetic", image_size=512))
+
+
+def slug(*parts: object) -> str:
+    """Join parts into a folder-safe lowercase slug: slug('amp-fp16', 'host', 'hybrid', 25) -> 'amp-fp16-host-hybrid-25'."""
+    text = "-".join(str(p) for p in parts if p is not None and str(p) != "")
+    text = re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-.")
+    return re.sub(r"-{2,}", "-", text)
+
+
+def standard_factors(cfg: TrainConfig) -> dict[str, Any]:
+    """The optimization toggles of a config as flat factors, so every grid's cells can be matched up."""
+    return {
+        "precision": cfg.precision,
+        "loader": cfg.loader,
+        "graphs": cfg.graphs,
+        "sparsity": cfg.sparsity.kind,
+        "dense_epochs": cfg.sparsity.dense_epochs if cfg.sparsity.kind != "none" else cfg.epochs,
+    }
+
+
+def toggles_slug(cfg: TrainConfig) -> str:
+    """'fp32-host-off-dense' or 'amp-fp16-device-cuda-graph-topk-hybrid25' for a config."""
+    if cfg.sparsity.kind == "none":
+        model = "dense"
+    else:
+        model = f"{cfg.sparsity.kind}-hybrid{cfg.sparsity.dense_epochs}"
+    return slug(cfg.precision, cfg.loader, cfg.graphs, model)
+
+
+def model_label(cfg: TrainConfig) -> str:
+    """'DDNet dense' or 'DDNet topk 50%, 25 dense + 25 sparse epochs'."""
+    sp = cfg.sparsity
+    if sp.kind == "none":
+        return "DDNet dense"
+    if sp.dense_epochs == "auto":
+        schedule = "auto switch"
+    else:
+        schedule = f"{sp.dense_epochs} dense + {cfg.epochs - sp.dense_epochs} sparse epochs"
+    return f"DDNet {sp.kind} {sp.amount:.0%}, {schedule}"
+
+
+def dense_model(base: TrainConfig) -> TrainConfig:
+    """`base` as a dense model (no pruning)."""
+    return base.replace(**{"sparsity.kind": "none", "sparsity.dense_epochs": 0, "sparsity.pattern": "unstructured"})
+
+
+def hybrid_model(base: TrainConfig, kind: str, dense_epochs: int | None = None) -> TrainConfig:
+    """`base` pruned with `kind` on the hybrid schedule: `dense_epochs` (default epochs // 2) dense, then sparse."""
+    de = base.epochs // 2 if dense_epochs is None else dense_epochs
+    return base.replace(**{"sparsity.kind": kind, "sparsity.dense_epochs": de})
+
+
+SPARSE_KINDS: tuple[str, ...] = ("random", "structured", "topk")
+"""The three sparsity types of the paper (Table 2)."""
+
+
+def validate_cells(grid: str, cells: list[Cell]) -> None:
+    """Refuse a grid with no cells, duplicate or unsafe names, or a config that fails `check_static`."""
+    if not isinstance(cells, list) or not cells:
+        raise UserError(f"grid '{grid}' returned no cells; its cells(base) must return a non-empty list of Cell.")
+    seen: set[str] = set()
+    for c in cells:
+        if not isinstance(c, Cell):
+            raise UserError(f"grid '{grid}' returned {type(c).__name__}, not a Cell; build cells with bench.grids.Cell.")
+        if not _SLUG_OK.match(c.name):
+            raise UserError(
+                f"grid '{grid}': cell name {c.name!r} is not a folder-safe slug; use bench.grids.slug(...)."
+            )
+        if c.name in seen:
+            raise UserError(f"grid '{grid}': cell name {c.name!r} is used twice; cell names must be unique.")
+        seen.add(c.name)
+        try:
+            check_static(c.config)
+        except ConfigError as e:
+            raise ConfigError(f"grid '{grid}', cell '{c.name}': {e}") from None
+
+
+# ------------------------------------------------------------------ loading
+
+
+def _grid_from_module(mod: ModuleType, fallback_name: str, source: str) -> Grid:
+    cells_fn = getattr(mod, "cells", None)
+    if not callable(cells_fn):
+        raise UserError(f"grid {source} defines no cells(base) function; add `def cells(base): ...`.")
+    defaults_fn = getattr(mod, "defaults", None)
+    return Grid(
+        name=str(getattr(mod, "NAME", fallback_name)),
+        description=str(getattr(mod, "DESCRIPTION", "")).strip(),
+        source=source,
+        cells_fn=cells_fn,
+        defaults_fn=defaults_fn if callable(defaults_fn) else None,
+    )
+
+
+def registry() -> dict[str, Grid]:
+    """Every grid shipped in `ablations/`, by name (modules whose name starts with '_' are helpers)."""
+    import ablations
+
+    grids: dict[str, Grid] = {}
+    for info in sorted(pkgutil.iter_modules(ablations.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        mod = importlib.import_module(f"ablations.{info.name}")
+        grid = _grid_from_module(mod, info.name, f"ablations.{info.name}")
+        grids[grid.name] = grid
+    return grids
+
+
+def load_grid_file(path: Path) -> Grid:
+    """Load a grid from a `.py` file with the grid interface."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"grid file {path} does not exist; give a grid name or a path to a .py grid file.")
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
+    mod_name = f"_bench_grid_{slug(path.stem).replace('-', '_').replace('.', '_')}_{digest}"
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    if spec is None or spec.loader is None:
+        raise UserError(f"cannot load grid file {path}; it must be a Python .py file.")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = mod  # dataclasses in the file need their module registered
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as e:  # a user's grid file: report its error in one line, not a traceback
+        sys.modules.pop(mod_name, None)
+        raise UserError(f"grid file {path} failed to import: {type(e).__name__}: {e}") from None
+    return _grid_from_module(mod, path.stem, str(path))
+
+
+def load_grid(name_or_path: str) -> Grid:
+    """A grid by registry name, or from a path to a `.py` file. Unknown names list the known ones."""
+    looks_like_path = name_or_path.endswith(".py") or "/" in name_or_path or "\\" in name_or_path
+    if looks_like_path:
+        return load_grid_file(Path(name_or_path))
+    grids = registry()
+    if name_or_path in grids:
+        return grids[name_or_path]
+    if Path(name_or_path).is_file():
+        return load_grid_file(Path(name_or_path))
+    raise UserError(
+        f"unknown grid '{name_or_path}'; known grids: {', '.join(grids)} (or give a path to a .py grid file)."
+    )

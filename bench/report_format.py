@@ -1,0 +1,88 @@
+"""Text formatting for `bench report`: numbers with units, and Markdown tables."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+
+def is_num(v: Any) -> bool:
+    """A finite int or float (bools excluded)."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def fmt_num(v: Any, digits: int = 2, suffix: str = "") -> str:
+    """'1.23' (+suffix) for a number, '—' for None/NaN."""
+    if not is_num(v):
+        return "—"
+    return f"{v:.{digits}f}{suffix}"
+
+
+def fmt_pm(mean: Any, std: Any, digits: int = 2) -> str:
+    """'97.22 ± 1.49', or the mean alone when there is no spread."""
+    if not is_num(mean):
+        return "—"
+    if not is_num(std):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def fmt_time(seconds: Any) -> str:
+    """Seconds as '850 ms', '12.3 s', '4.5 min' or '1.25 h'."""
+    if not is_num(seconds):
+        return "—"
+    s = float(seconds)
+    if s < 1.0:
+        return f"{s * 1e3:.0f} ms"
+    if s < 120.0:
+        return f"{s:.1f} s"
+    if s < 7200.0:
+        return f"{s / 60.0:.1f} min"
+    return f"{s / 3600.0:.2f} h"
+
+
+def fmt_bytes(n: Any) -> str:
+    """Bytes as '512 B', '1.5 MB', '7.00 GB' (decimal units, as the paper's GB)."""
+    if not is_num(n):
+        return "—"
+    n = float(n)
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_x(point: Any, lo: Any = None, hi: Any = None, verdict: str | None = None) -> str:
+    """'1.23x [1.10, 1.35]' with the verdict when the interval contains 1.0."""
+    if not is_num(point):
+        return "—"
+    s = f"{point:.2f}x"
+    if is_num(lo) and is_num(hi):
+        s += f" [{lo:.2f}, {hi:.2f}]"
+    if verdict == "no measurable change":
+        s += " no measurable change"
+    elif verdict and verdict.startswith("no interval"):
+        s += " (no CI)"
+    return s
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return fmt_num(v, 3)
+    text = str(v)
+    # A pipe would split the Markdown cell; newlines would end the row.
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def md_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A GitHub-flavoured Markdown table of `rows` (dicts) over `columns` (default: keys of the first row)."""
+    if not rows:
+        return "_(no rows)_\n"
+    cols = list(columns) if columns is not None else list(rows[0].keys())
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(r.get(c)) for c in cols) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,526 @@
+"""Reading run folders for `bench report`: runs, their settings, and cells of repeats.
+
+A run folder is any folder holding `summary.json` (the contract in
+bench/store.py). Nothing here trains or imports the trainer: only the JSON
+files are read. A run's setting (precision, loader, graphs, sparsity, schedule)
+comes from its `config.json` (the truth of what ran), falling back to the
+`cell.json` factors when the config is missing (a cell skipped before it
+started). Runs are grouped into cells by environment fingerprint, grid and
+cell name, so repeats of one cell become one row and machines are never mixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.stats import median
+from bench.store import read_json, read_jsonl
+from ddnet.errors import UserError
+
+UNKNOWN_ENV = "unknown"
+"""Fingerprint given to runs whose env.json is missing and cannot be attributed."""
+
+PAPER_MP = ("amp-fp16", "amp-bf16")
+"""Our precisions that are the paper's 'mixed precision'."""
+
+# Config fields that change what is measured but are not optimizations: two
+# cells compare only when all of these agree (same data, net, epochs, batch).
+_CONTEXT_FIELDS = ("batch_size", "epochs", "nproc", "lr", "gamma", "warmup_epochs")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a run varied: the optimization toggles and the sparsity schedule."""
+
+    precision: str = "fp32"
+    loader: str = "host"
+    graphs: str = "off"
+    channels_last: bool = False
+    sparsity: str = "none"
+    amount: float = 0.5
+    pattern: str = "unstructured"
+    dense_epochs: int | str = 0
+    """Dense epochs before pruning, or 'auto'; 0 for a dense model."""
+    batch_size: int = 32
+    epochs: int = 50
+
+    @property
+    def dense(self) -> bool:
+        """No pruning at all."""
+        return self.sparsity == "none"
+
+    @property
+    def arch_off(self) -> bool:
+        """None of the architecture-aware optimizations (fp32, host loader, eager, NCHW)."""
+        return self.precision == "fp32" and self.loader == "host" and self.graphs == "off" and not self.channels_last
+
+    @property
+    def hybrid(self) -> bool:
+        """Sparse after some dense epochs (Table 2's schedule), as opposed to pruned before training."""
+        return not self.dense and self.dense_epochs != 0
+
+    @property
+    def model_key(self) -> tuple[Any, ...]:
+        """Identifies the model being trained regardless of the architecture-aware toggles."""
+        if self.dense:
+            return ("none",)
+        return (self.sparsity, self.amount, self.pattern, self.dense_epochs)
+
+    def model_label(self) -> str:
+        """'dense', 'random 50% from epoch 1', 'topk 50% 2:4, 25 dense + 25 sparse', 'structured 50%, auto switch'."""
+        if self.dense:
+            return "dense"
+        pat = " 2:4" if self.pattern == "2:4" else ""
+        head = f"{self.sparsity} {self.amount:.0%}{pat}"
+        if self.dense_epochs == 0:
+            return f"{head}, pruned before training"
+        if self.dense_epochs == "auto":
+            return f"{head}, auto switch"
+        return f"{head}, {self.dense_epochs} dense + {self.epochs - int(self.dense_epochs)} sparse"
+
+    def opt_parts(self) -> list[str]:
+        """The architecture-aware optimizations switched on, in the paper's words where it has them."""
+        parts = []
+        if self.precision in PAPER_MP:
+            parts.append(f"MP ({self.precision})")
+        elif self.precision != "fp32":
+            parts.append(self.precision)
+        if self.loader == "device":
+            parts.append("DoLL")
+        if self.graphs == "cuda-graph":
+            parts.append("GCO (cuda-graph)")
+        elif self.graphs != "off":
+            parts.append(f"graphs {self.graphs}")
+        if self.channels_last:
+            parts.append("channels-last")
+        return parts
+
+    def opt_label(self) -> str:
+        """'none' or 'MP (amp-fp16) + DoLL + GCO (cuda-graph)'."""
+        parts = self.opt_parts()
+        return " + ".join(parts) if parts else "none"
+
+    def label(self) -> str:
+        """Model and optimizations in one line."""
+        return f"{self.model_label()}; {self.opt_label()}"
+
+
+def setting_from(config: dict[str, Any], factors: dict[str, Any] | None) -> Setting:
+    """The Setting of a run: from config.json when present, else from cell.json factors."""
+    if config:
+        sp = config.get("sparsity") or {}
+        kind = str(sp.get("kind", "none"))
+        de = sp.get("dense_epochs", 0)
+        return Setting(
+            precision=str(config.get("precision", "fp32")),
+            loader=str(config.get("loader", "host")),
+            graphs=str(config.get("graphs", "off")),
+            channels_last=bool(config.get("channels_last", False)),
+            sparsity=kind,
+            amount=float(sp.get("amount", 0.5)),
+            pattern=str(sp.get("pattern", "unstructured")),
+            dense_epochs=0 if kind == "none" else (de if de == "auto" else int(de)),
+            batch_size=int(config.get("batch_size", 32)),
+            epochs=int(config.get("epochs", 50)),
+        )
+    f = dict(factors or {})
+    kind = str(f.get("sparsity", "none"))
+    de = f.get("dense_epochs", 0)
+    return Setting(
+        precision=str(f.get("precision", "fp32")),
+        loader=str(f.get("loader", "host")),
+        graphs=str(f.get("graphs", "off")),
+        channels_last=bool(f.get("channels_last", False)),
+        sparsity=kind,
+        amount=float(f.get("amount", 0.5)),
+        pattern=str(f.get("pattern", "unstructured")),
+        dense_epochs=0 if kind == "none" else (de if de == "auto" else int(de)),
+        batch_size=int(f.get("batch_size", 32)),
+        epochs=int(f.get("epochs", 50)),
+    )
+
+
+def _context_of(config: dict[str, Any], setting: Setting) -> str:
+    """Hash of what must agree for two runs to be compared: data, net, epochs, batch, optimizer."""
+    if config:
+        blob = {k: config.get(k) for k in _CONTEXT_FIELDS}
+        blob["model"] = config.get("model")
+        data = dict(config.get("data") or {})
+        blob["data"] = data
+    else:
+        blob = {"batch_size": setting.batch_size, "epochs": setting.epochs}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+@dataclass
+class Run:
+    """One run folder as read from disk, with what the report derives from it."""
+
+    path: Path
+    rel: str
+    """Path relative to the results folder (for tables)."""
+    status: str
+    """'ok', 'running' (partial), 'failed', 'skipped', or 'unreadable'."""
+    error: str | None
+    reason: str | None
+    config: dict[str, Any]
+    env: dict[str, Any]
+    summary: dict[str, Any]
+    epochs: list[dict[str, Any]]
+    cell: dict[str, Any]
+    copies: dict[str, Any] | None
+    setting: Setting
+    context: str
+    fingerprint: str
+    grid: str
+    cell_name: str
+    repeat: int
+    label: str
+
+    @property
+    def ok(self) -> bool:
+        """Finished without error (only these enter the numbers)."""
+        return self.status == "ok"
+
+    # ------------------------------------------------------------ per-run measures
+    def phase_times(self) -> dict[str, list[float]]:
+        """Non-warm-up epoch times (time_s) per phase; empty for a phase that had only warm-up epochs.
+
+        A warm-up epoch is never used in place of a steady one: in a hybrid run
+        whose dense phase is a single (warm-up) epoch, that epoch's first-call
+        overheads would be compared with the baseline's steady epochs.
+        """
+        out: dict[str, list[float]] = {}
+        for row in self.epochs:
+            times = out.setdefault(str(row.get("phase", "dense")), [])
+            if not _is_warmup(row, self.config) and _num(row.get("time_s")):
+                times.append(float(row["time_s"]))
+        return out
+
+    def warmup_only_phases(self) -> list[str]:
+        """Phases without a single non-warm-up epoch (their steady time is unknown)."""
+        return [p for p, t in self.phase_times().items() if not t]
+
+    def phase_counts(self) -> dict[str, int]:
+        """Epochs run per phase (warm-up included): the weights of the training-time estimate."""
+        counts: dict[str, int] = {}
+        for row in self.epochs:
+            phase = str(row.get("phase", "dense"))
+            counts[phase] = counts.get(phase, 0) + 1
+        return counts
+
+    def steady_epoch_times(self) -> list[float]:
+        """All non-warm-up epoch times (empty if every epoch was a warm-up)."""
+        return [float(r["time_s"]) for r in self.epochs if not _is_warmup(r, self.config) and _num(r.get("time_s"))]
+
+    def epoch_time_p50(self) -> float | None:
+        """Median of the non-warm-up epochs' time_s."""
+        t = self.steady_epoch_times()
+        return float(median(t)) if t else None
+
+    def train_time_est_s(self) -> float | None:
+        """Robust training time: sum over phases of (epochs in phase) x (median non-warm-up epoch time)."""
+        times, counts = self.phase_times(), self.phase_counts()
+        if not times or any(not v for v in times.values()):
+            return None
+        return float(sum(counts[p] * float(median(times[p])) for p in times))
+
+    def total_time_s(self) -> float | None:
+        """summary total_time_s (epochs + capture + prune + staging), else summed from epochs.jsonl."""
+        v = self.summary.get("total_time_s")
+        if _num(v):
+            return float(v)
+        if not self.epochs:
+            return None
+        return float(sum(_epoch_cost(r) for r in self.epochs) + _f(self.summary.get("staging_time_s")))
+
+    def final_quality(self) -> tuple[float | None, float | None]:
+        """Final validation MS-SSIM mean and std over slices (percent)."""
+        m, s = self.summary.get("final_val_ms_ssim"), self.summary.get("final_val_ms_ssim_std")
+        if _num(m):
+            return float(m), (float(s) if _num(s) else None)
+        for row in reversed(self.epochs):
+            if _num(row.get("val_ms_ssim")):
+                s = row.get("val_ms_ssim_std")
+                return float(row["val_ms_ssim"]), (float(s) if _num(s) else None)
+        return None, None
+
+    def time_to_target(self, target_pct: float) -> tuple[int, float] | None:
+        """(first epoch with val_ms_ssim >= target, training time spent up to its end incl. staging), or None."""
+        spent = _f(self.summary.get("staging_time_s"))
+        for row in self.epochs:
+            spent += _epoch_cost(row)
+            v = row.get("val_ms_ssim")
+            if _num(v) and float(v) >= target_pct:
+                return int(row.get("epoch", 0)), spent
+        return None
+
+    def memory(self) -> dict[str, Any]:
+        """Whole-run memory peaks: summary 'memory', else the max of each mem_* field over epochs."""
+        mem = self.summary.get("memory")
+        if isinstance(mem, dict) and mem:
+            return dict(mem)
+        out: dict[str, Any] = {}
+        for row in self.epochs:
+            for k, v in row.items():
+                if k.startswith("mem_") and k.endswith("_gib") and _num(v):
+                    out[k] = max(float(v), out.get(k, float(v)))
+                elif k == "mem_source":
+                    out[k] = v
+        return out
+
+    def status_text(self) -> str:
+        """'ok', 'running (partial: 3/50 epochs)', 'failed: <error>', 'skipped: <reason>'."""
+        done = len(self.epochs)
+        total = self.setting.epochs
+        if self.status == "ok":
+            return "ok"
+        if self.status == "running":
+            return f"running (partial: {done}/{total} epochs)"
+        if self.status == "failed":
+            return f"failed after {done}/{total} epochs: {_one_line(self.error) or 'no error recorded'}"
+        if self.status == "skipped":
+            return f"skipped: {_one_line(self.reason or self.error) or 'no reason recorded'}"
+        return f"{self.status}: {_one_line(self.error)}".strip()
+
+
+def _one_line(text: str | None, limit: int = 240) -> str:
+    """First line of a message, shortened for a table cell (the full text stays in summary.json)."""
+    if not text:
+        return ""
+    line = str(text).strip().splitlines()[0] if str(text).strip() else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+def _f(v: Any) -> float:
+    return float(v) if _num(v) else 0.0
+
+
+def _epoch_cost(row: dict[str, Any]) -> float:
+    """Training time an epoch cost: its timed part plus graph capture and pruning done in it."""
+    return _f(row.get("time_s")) + _f(row.get("capture_time_s")) + _f(row.get("prune_time_s"))
+
+
+def _is_warmup(row: dict[str, Any], config: dict[str, Any]) -> bool:
+    if "warmup" in row:
+        return bool(row["warmup"])
+    return int(row.get("epoch", 0)) <= int(config.get("warmup_epochs", 1))
+
+
+def _read_optional(path: Path) -> tuple[Any, str | None]:
+    if not path.exists():
+        return None, None
+    try:
+        return read_json(path), None
+    except (OSError, json.JSONDecodeError) as exc:
+        return None, f"{path.name} unreadable: {exc}"
+
+
+def read_run(path: Path, root: Path) -> Run:
+    """Read one run folder; unreadable files make an 'unreadable' run, never an exception."""
+    problems: list[str] = []
+    summary, err = _read_optional(path / "summary.json")
+    if err:
+        problems.append(err)
+    config, err = _read_optional(path / "config.json")
+    if err:
+        problems.append(err)
+    if config is None:
+        config, _ = _read_optional(path / "config.request.json")
+    env, err = _read_optional(path / "env.json")
+    if err:
+        problems.append(err)
+    cell, err = _read_optional(path / "cell.json")
+    if err:
+        problems.append(err)
+    summary = summary if isinstance(summary, dict) else {}
+    config = config if isinstance(config, dict) else {}
+    env = env if isinstance(env, dict) else {}
+    cell = cell if isinstance(cell, dict) else {}
+    try:
+        epochs = [r for r in read_jsonl(path / "epochs.jsonl") if isinstance(r, dict)]
+    except OSError as exc:
+        epochs = []
+        problems.append(f"epochs.jsonl unreadable: {exc}")
+    copies = summary.get("copies") if isinstance(summary.get("copies"), dict) else None
+    if copies is None:
+        c, _ = _read_optional(path / "copies.json")
+        copies = c if isinstance(c, dict) and c else None
+    status = str(summary.get("status", "unreadable")) if summary else "unreadable"
+    error = summary.get("error")
+    if problems and status != "failed":
+        status, error = "unreadable", "; ".join(problems)
+    setting = setting_from(config, cell.get("factors"))
+    try:
+        rel = str(path.relative_to(root))
+    except ValueError:
+        rel = str(path)
+    if cell.get("cell"):
+        cell_name = str(cell["cell"])
+    else:
+        # A folder from plain `bench train`: the setting names the cell, so seeds of one setting are repeats.
+        cell_name = f"{setting.label()} [{_context_of(config, setting)}]"
+    return Run(
+        path=path,
+        rel=rel if rel != "." else path.name,
+        status=status,
+        error=str(error) if error else None,
+        reason=str(summary.get("reason")) if summary.get("reason") else None,
+        config=config,
+        env=env,
+        summary=summary,
+        epochs=epochs,
+        cell=cell,
+        copies=copies,
+        setting=setting,
+        context=_context_of(config, setting),
+        fingerprint=str(env.get("fingerprint") or ""),
+        grid=str(cell.get("grid") or ""),
+        cell_name=cell_name,
+        repeat=int(cell.get("repeat", 0) or 0),
+        label=str(cell.get("label") or setting.label()),
+    )
+
+
+def find_run_dirs(results_dir: Path) -> list[Path]:
+    """Every folder under `results_dir` (itself included) that holds a summary.json, sorted."""
+    return sorted({p.parent for p in results_dir.rglob("summary.json") if p.is_file()})
+
+
+def load_runs(results_dir: str | Path) -> list[Run]:
+    """Read every run folder under `results_dir`; UserError if there is none (naming the fix)."""
+    root = Path(results_dir)
+    if not root.exists():
+        raise UserError(
+            f"results folder {root} does not exist; run `bench run --grid smoke --out {root}` first "
+            "or pass the folder that holds your run folders."
+        )
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder; pass the folder that holds your run folders.")
+    dirs = find_run_dirs(root)
+    if not dirs:
+        raise UserError(
+            f"no run folders (folders with summary.json) under {root}; run `bench run --grid smoke --out {root}` "
+            "first or pass the folder that holds your run folders."
+        )
+    runs = [read_run(d, root) for d in dirs]
+    _attribute_missing_env(runs)
+    return runs
+
+
+def _attribute_missing_env(runs: list[Run]) -> None:
+    """A run without env.json (skipped before it started) belongs to its grid's machine when that is unambiguous."""
+    by_grid: dict[str, set[str]] = {}
+    for r in runs:
+        if r.fingerprint:
+            by_grid.setdefault(r.grid, set()).add(r.fingerprint)
+    every = {fp for fps in by_grid.values() for fp in fps}
+    for r in runs:
+        if r.fingerprint:
+            continue
+        fps = by_grid.get(r.grid) or every
+        r.fingerprint = next(iter(fps)) if len(fps) == 1 else UNKNOWN_ENV
+
+
+@dataclass
+class Cell:
+    """All repeats of one cell on one machine: the unit of a table row."""
+
+    fingerprint: str
+    grid: str
+    name: str
+    label: str
+    setting: Setting
+    context: str
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def ok_runs(self) -> list[Run]:
+        """Finished runs, sorted by repeat."""
+        return sorted((r for r in self.runs if r.ok), key=lambda r: (r.repeat, r.rel))
+
+    @property
+    def has_numbers(self) -> bool:
+        """At least one finished run."""
+        return bool(self.ok_runs)
+
+    def status_text(self) -> str:
+        """'ok (3 repeats)' or what is missing: partial, failed, skipped runs with their messages."""
+        ok = self.ok_runs
+        others = [r for r in self.runs if not r.ok]
+        if not others:
+            return f"ok ({len(ok)} repeat{'s' if len(ok) != 1 else ''})"
+        msgs = sorted({r.status_text() for r in others})
+        head = f"{len(ok)}/{len(self.runs)} ok; " if ok else ""
+        return head + "; ".join(msgs)
+
+    # -------------------------------------------------------------- cell measures
+    def values(self, fn: Any) -> list[float]:
+        """fn(run) over finished runs, Nones dropped."""
+        out = []
+        for r in self.ok_runs:
+            v = fn(r)
+            if v is not None:
+                out.append(float(v))
+        return out
+
+    def med(self, fn: Any) -> float | None:
+        """Median over finished repeats of fn(run)."""
+        v = self.values(fn)
+        return float(median(v)) if v else None
+
+    def epoch_time_p50(self) -> float | None:
+        """Median over repeats of each run's median non-warm-up epoch time."""
+        return self.med(lambda r: r.epoch_time_p50())
+
+    def train_time_est_s(self) -> float | None:
+        """Median over repeats of the phase-weighted training-time estimate."""
+        return self.med(lambda r: r.train_time_est_s())
+
+    def total_time_s(self) -> float | None:
+        """Median over repeats of total_time_s."""
+        return self.med(lambda r: r.total_time_s())
+
+    def quality(self) -> tuple[float | None, float | None]:
+        """Median over repeats of the final MS-SSIM and of its std over slices (percent)."""
+        return self.med(lambda r: r.final_quality()[0]), self.med(lambda r: r.final_quality()[1])
+
+    def phase_p50(self, phase: str) -> float | None:
+        """Median over repeats of the median non-warm-up epoch time of one phase."""
+        return self.med(lambda r: median(r.phase_times()[phase]) if r.phase_times().get(phase) else None)
+
+    def pooled_phase_times(self) -> tuple[list[list[float]], list[float]]:
+        """Non-warm-up epoch times pooled over repeats, per phase, with each phase's epoch count as weight."""
+        phases: dict[str, list[float]] = {}
+        counts: dict[str, list[int]] = {}
+        for r in self.ok_runs:
+            for p, t in r.phase_times().items():
+                phases.setdefault(p, []).extend(t)
+            for p, c in r.phase_counts().items():
+                counts.setdefault(p, []).append(c)
+        keys = sorted(phases)
+        return [phases[k] for k in keys], [float(median(counts[k])) for k in keys]
+
+
+def group_cells(runs: Iterable[Run]) -> list[Cell]:
+    """Group runs into cells by (fingerprint, grid, cell name); order: grid, then first appearance."""
+    cells: dict[tuple[str, str, str], Cell] = {}
+    for r in runs:
+        key = (r.fingerprint, r.grid, r.cell_name)
+        if key not in cells:
+            cells[key] = Cell(r.fingerprint, r.grid, r.cell_name, r.label, r.setting, r.context)
+        c = cells[key]
+        c.runs.append(r)
+        # A finished run's config is the best description of the cell (a skipped one may lack it).
+        if r.ok and r.config and not any(x.ok for x in c.runs[:-1]):
+            c.setting, c.context, c.label = r.setting, r.context, r.label
+    return sorted(cells.values(), key=lambda c: (c.fingerprint, c.grid, c.name))

@@ -1,0 +1,225 @@
+"""Grids in ablations/: expansion, counts, names, static validity, and `bench grids` / `bench run --dry-run`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bench.cli import app
+from bench.grids import Cell, load_grid, paper_base, registry, slug
+from bench.runner import Overrides, plan_grid
+from ddnet.config import TrainConfig, check_static
+
+EXPECTED_COUNTS = {
+    "table1": 2, "table2": 4, "fig4c": 11, "fig8a": 16, "fig8b": 16, "fig9": 2, "full": 32, "smoke": 32,
+}
+
+TINY_GRID = '''
+from bench.grids import Cell, standard_factors
+from ddnet.config import DataConfig, ModelConfig, TrainConfig
+
+NAME = "tiny"
+DESCRIPTION = "two tiny cells"
+
+
+def defaults():
+    return TrainConfig(model=ModelConfig(base_width=4, growth=4, bottleneck=8),
+                       data=DataConfig(image_size=32, n_train=8, n_val=2), epochs=2, batch_size=4,
+                       num_workers=0, device="cpu")
+
+
+def cells(base):
+    other = base.replace(**{"sparsity.kind": "random", "sparsity.dense_epochs": 1})
+    return [Cell("dense", "dense", standard_factors(base), base),
+            Cell("random", "random", standard_factors(other), other)]
+'''
+
+
+@pytest.fixture(scope="module")
+def grids():
+    return registry()
+
+
+def test_registry_holds_every_module_in_ablations(grids):
+    modules = {p.stem for p in (Path(__file__).parent.parent / "ablations").glob("*.py") if not p.stem.startswith("_")}
+    assert set(grids) == modules
+    assert set(EXPECTED_COUNTS) <= set(grids)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_COUNTS))
+def test_grid_expands_to_expected_count_with_unique_names(grids, name):
+    cells = grids[name].cells()
+    assert len(cells) == EXPECTED_COUNTS[name]
+    names = [c.name for c in cells]
+    assert len(set(names)) == len(names)
+    for c in cells:
+        assert isinstance(c, Cell) and isinstance(c.config, TrainConfig)
+        assert re.fullmatch(r"[a-z0-9][a-z0-9._-]*", c.name)
+        assert c.label and c.factors
+        check_static(c.config)  # raises on an invalid shipped config
+
+
+def test_every_grid_also_expands_on_small_overrides(grids):
+    # what CI does with the paper grids: a few epochs on small images must stay valid
+    for name, grid in grids.items():
+        planned = plan_grid(grid, Overrides(epochs=2, image_size=64, n_train=8))
+        assert planned, name
+        for p in planned:
+            check_static(p.config)
+            assert p.config.epochs == 2 and p.config.data.image_size == 64
+
+
+def test_paper_grids_keep_paper_defaults_and_vary_only_their_factors(grids):
+    base = paper_base()
+    assert (base.epochs, base.batch_size, base.data.image_size, base.data.source) == (50, 32, 512, "synthetic")
+    table1 = grids["table1"].cells()
+    assert {c.config.batch_size for c in table1} == {1}
+    assert [(c.config.sparsity.kind, c.config.sparsity.dense_epochs) for c in table1] == [("none", 0), ("random", 0)]
+    assert table1[1].config.sparsity.amount == 0.5
+
+    table2 = grids["table2"].cells()
+    assert [c.config.sparsity.kind for c in table2] == ["none", "random", "structured", "topk"]
+    assert all(c.config.sparsity.dense_epochs == 25 for c in table2[1:])
+    assert all(c.config.batch_size == 32 and c.config.epochs == 50 for c in table2)
+
+
+def test_fig4c_splits_scale_with_epochs(grids):
+    g = grids["fig4c"]
+    cells = g.cells()
+    assert [c.factors["dense_epochs"] for c in cells] == list(range(0, 51, 5))
+    assert [c.config.sparsity.kind for c in cells] == ["random"] * 10 + ["none"]
+    small = g.cells(paper_base().replace(epochs=6))
+    assert [c.factors["dense_epochs"] for c in small] == [0, 1, 2, 3, 4, 5, 6]
+    assert small[-1].config.sparsity.kind == "none"
+    odd = g.cells(paper_base().replace(epochs=25))  # step 2, and the all-dense end point is kept
+    assert [c.factors["dense_epochs"] for c in odd][-2:] == [24, 25]
+
+
+def test_fig8_variants_toggle_one_or_more_optimizations(grids):
+    a = grids["fig8a"].cells()
+    assert {c.factors["variant"] for c in a} == {"baseline", "MP", "DoLL", "GCO"}
+    mp = [c for c in a if c.factors["variant"] == "MP"]
+    assert len(mp) == 4 and all(c.config.precision == "amp-fp16" and c.config.loader == "host" for c in mp)
+    gco = [c for c in a if c.factors["variant"] == "GCO"]
+    assert all(c.config.graphs == "cuda-graph" and c.config.precision == "fp32" for c in gco)
+    assert {c.config.sparsity.kind for c in a} == {"none", "random", "structured", "topk"}
+    b = grids["fig8b"].cells()
+    all3 = [c for c in b if c.factors["variant"] == "MP+DoLL+GCO"]
+    assert len(all3) == 4
+    assert all((c.config.precision, c.config.loader, c.config.graphs) == ("amp-fp16", "device", "cuda-graph")
+               for c in all3)
+
+
+def test_fig9_profiles_both_loaders(grids):
+    cells = grids["fig9"].cells()
+    assert [c.config.loader for c in cells] == ["host", "device"]
+    assert all(c.config.profile_steps > 0 and c.config.sparsity.kind == "none" for c in cells)
+
+
+def test_full_and_smoke_are_factorials(grids):
+    full = grids["full"].cells()
+    combos = {(c.config.precision, c.config.loader, c.config.graphs, c.config.sparsity.kind) for c in full}
+    assert len(combos) == 32
+    assert {c.config.precision for c in full} == {"fp32", "amp-fp16"}
+    assert all(c.config.sparsity.dense_epochs == 25 for c in full if c.config.sparsity.kind != "none")
+    smoke = grids["smoke"].cells()
+    assert {c.config.precision for c in smoke} == {"fp32", "amp-bf16"}
+    cfg = smoke[0].config
+    assert (cfg.data.image_size, cfg.data.n_train, cfg.epochs, cfg.batch_size, cfg.num_workers) == (64, 16, 2, 4, 0)
+    assert (cfg.model.base_width, cfg.model.growth, cfg.model.bottleneck) == (4, 4, 8)
+    assert all(c.config.sparsity.dense_epochs == 2 for c in smoke if c.config.sparsity.kind != "none")
+
+
+def test_slug():
+    assert slug("amp-fp16", "Host", None, "MP+DoLL", 25) == "amp-fp16-host-mp-doll-25"
+
+
+def test_overrides_beat_fixed_settings_but_not_factors(grids):
+    planned = plan_grid(grids["table1"], Overrides(batch_size=4, epochs=3, image_size=64))
+    assert {p.config.batch_size for p in planned} == {4}  # table1 fixes batch 1; the user's option wins
+    assert {p.config.epochs for p in planned} == {3}
+    assert planned[1].config.sparsity.dense_epochs == 0
+
+    def cells(base: TrainConfig) -> list[Cell]:  # a grid that studies the batch size itself
+        return [Cell(f"b{b}", f"batch {b}", {"batch_size": b}, base.replace(batch_size=b)) for b in (1, 8)]
+
+    from bench.grids import Grid
+
+    batch_grid = Grid(name="batch", description="", source="test", cells_fn=cells)
+    planned = plan_grid(batch_grid, Overrides(batch_size=4, epochs=2))
+    assert [p.config.batch_size for p in planned] == [1, 8]
+    assert [p.config.epochs for p in planned] == [2, 2]
+
+
+def test_load_grid_from_path_and_unknown_name(tmp_path):
+    path = tmp_path / "tiny.py"
+    path.write_text(TINY_GRID)
+    g = load_grid(str(path))
+    assert g.name == "tiny" and len(g.cells()) == 2
+    assert g.cells()[0].config.data.image_size == 32
+    from ddnet.errors import UserError
+
+    with pytest.raises(UserError, match="known grids: .*smoke"):
+        load_grid("no-such-grid")
+    broken = tmp_path / "broken.py"
+    broken.write_text("def cells(base):\n    return [\n")
+    with pytest.raises(UserError, match="failed to import"):
+        load_grid(str(broken))
+
+
+def test_duplicate_cell_names_are_refused(tmp_path):
+    path = tmp_path / "dup.py"
+    path.write_text(TINY_GRID.replace('Cell("random", "random"', 'Cell("dense", "random"'))
+    from ddnet.errors import UserError
+
+    with pytest.raises(UserError, match="used twice"):
+        load_grid(str(path)).cells()
+
+
+def test_cli_grids_lists_every_grid_with_counts():
+    result = CliRunner().invoke(app, ["grids"])
+    assert result.exit_code == 0, result.output
+    for name, n in EXPECTED_COUNTS.items():
+        assert re.search(rf"\b{name}\b\s*[│|]\s*{n}\b", result.output), name
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_COUNTS))
+def test_cli_dry_run_lists_every_cell_and_writes_nothing(tmp_path, name):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", "--grid", name, "--dry-run", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = re.findall(r"^[│|]\s*(\d+)\s*[│|]", result.output, flags=re.M)
+    assert len(rows) == EXPECTED_COUNTS[name]
+    assert f"{EXPECTED_COUNTS[name]} cells" in result.output
+    assert not out.exists()
+
+
+def test_cli_dry_run_marks_cuda_cells_skipped_without_cuda(tmp_path):
+    import torch
+
+    result = CliRunner().invoke(app, ["run", "--grid", "smoke", "--dry-run", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0
+    n_skip = len(re.findall(r"skip: needs CUDA", result.output))
+    assert n_skip == (0 if torch.cuda.is_available() else 16)
+
+
+def test_cli_dry_run_with_repeats_and_path(tmp_path):
+    path = tmp_path / "tiny.py"
+    path.write_text(TINY_GRID)
+    result = CliRunner().invoke(app, ["run", "--grid", str(path), "--dry-run", "--repeats", "3",
+                                      "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert len(re.findall(r"-r[012]-[0-9a-f]{8}", result.output)) == 6
+
+
+def test_cli_unknown_grid_is_one_line_listing_known_ones():
+    result = CliRunner().invoke(app, ["run", "--grid", "tabel9", "--dry-run"])
+    assert result.exit_code == 2
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1
+    assert lines[0].startswith("error: unknown grid 'tabel9'")
+    for name in EXPECTED_COUNTS:
+        assert name in lines[0]
