@@ -146,13 +146,23 @@ def _init_group(rank: int, world: int, cuda: bool) -> None:
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
 
 
+def _leave_group() -> None:
+    """Leave the process group together: a rank that tears gloo down while rank 0 still writes the
+    run folder can abort at exit ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def _worker(rank: int, cfg_dict: dict, out: str, resume: bool, progress: bool, port: int) -> None:
     from ddnet.config import resolve_device
     from ddnet.trainer import Dist, train
 
     cfg = TrainConfig.from_dict(cfg_dict)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import torch.distributed as dist
 
     _init_group(rank, cfg.nproc, resolve_device(cfg.device) == "cuda")
     try:
@@ -161,7 +171,7 @@ def _worker(rank: int, cfg_dict: dict, out: str, resume: bool, progress: bool, p
         if rank == 0:
             _print_summary(summary, Path(out))
     finally:
-        dist.destroy_process_group()
+        _leave_group()
 
 
 def _spawn(cfg: TrainConfig, out: Path, resume: bool, progress: bool) -> None:
@@ -177,6 +187,8 @@ def _spawn(cfg: TrainConfig, out: Path, resume: bool, progress: bool) -> None:
         if "UserError" in first or "ConfigError" in first or "DataError" in first:
             raise UserError(first.split(":", 1)[-1].strip()) from None
         raise TrainingFailed(first) from None
+    except mp.ProcessExitedException as e:  # a replica died from a signal (OOM killer, abort)
+        raise TrainingFailed(str(e).strip().splitlines()[-1]) from None
 
 
 def _torchrun_worker(cfg: TrainConfig, out: Path, resume: bool, progress: bool) -> None:
@@ -186,7 +198,6 @@ def _torchrun_worker(cfg: TrainConfig, out: Path, resume: bool, progress: bool) 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if world != cfg.nproc:
         cfg = cfg.replace(nproc=world)
-    import torch.distributed as dist
 
     _init_group(rank, world, resolve_device(cfg.device) == "cuda")
     try:
@@ -194,4 +205,4 @@ def _torchrun_worker(cfg: TrainConfig, out: Path, resume: bool, progress: bool) 
         if rank == 0:
             _print_summary(summary, out)
     finally:
-        dist.destroy_process_group()
+        _leave_group()

@@ -643,7 +643,6 @@ def precision_flags() -> dict[str, Any]:
     b = torch.backends
     getters: dict[str, Callable[[], Any]] = {
         "flag_float32_matmul_precision": torch.get_float32_matmul_precision,
-        "flag_cuda_matmul_allow_tf32": lambda: b.cuda.matmul.allow_tf32,
         "flag_cuda_matmul_allow_fp16_reduced_precision_reduction": lambda: (
             b.cuda.matmul.allow_fp16_reduced_precision_reduction
         ),
@@ -651,14 +650,17 @@ def precision_flags() -> dict[str, Any]:
             b.cuda.matmul.allow_bf16_reduced_precision_reduction
         ),
         "flag_cudnn_enabled": lambda: b.cudnn.enabled,
-        "flag_cudnn_allow_tf32": lambda: b.cudnn.allow_tf32,
         "flag_cudnn_benchmark": lambda: b.cudnn.benchmark,
         "flag_cudnn_deterministic": lambda: b.cudnn.deterministic,
         "flag_deterministic_algorithms": torch.are_deterministic_algorithms_enabled,
         "flag_deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled,
     }
-    # The fp32_precision API (torch >= 2.9) supersedes allow_tf32; read it where it exists.
-    if hasattr(b, "fp32_precision"):
+    # The fp32_precision API (torch >= 2.9) supersedes allow_tf32. Where it exists only it is read:
+    # once it has been set, the legacy getters raise ("a mix of the legacy and new APIs").
+    if not hasattr(b, "fp32_precision"):
+        getters["flag_cuda_matmul_allow_tf32"] = lambda: b.cuda.matmul.allow_tf32
+        getters["flag_cudnn_allow_tf32"] = lambda: b.cudnn.allow_tf32
+    else:
         getters.update(
             {
                 "flag_fp32_precision": lambda: b.fp32_precision,

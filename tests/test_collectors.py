@@ -274,11 +274,16 @@ def test_environment_fields_and_fingerprint() -> None:
     assert env["git_commit"] == head
     assert isinstance(env["git_dirty"], bool)
     assert env["flag_float32_matmul_precision"] == torch.get_float32_matmul_precision()
-    assert env["flag_cudnn_allow_tf32"] == torch.backends.cudnn.allow_tf32
+    if hasattr(torch.backends, "fp32_precision"):  # new API only: legacy getters may raise once it is set
+        assert env["flag_cudnn_conv_fp32_precision"] == torch.backends.cudnn.conv.fp32_precision
+        assert env["flag_cuda_matmul_fp32_precision"] == torch.backends.cuda.matmul.fp32_precision
+        assert "flag_cudnn_allow_tf32" not in env
+    else:
+        assert env["flag_cudnn_allow_tf32"] == torch.backends.cudnn.allow_tf32
+        assert isinstance(env["flag_cuda_matmul_allow_tf32"], bool)
     assert env["flag_cudnn_benchmark"] == torch.backends.cudnn.benchmark
     assert env["flag_cudnn_deterministic"] == torch.backends.cudnn.deterministic
     assert env["flag_deterministic_algorithms"] == torch.are_deterministic_algorithms_enabled()
-    assert isinstance(env["flag_cuda_matmul_allow_tf32"], bool)
     assert env["precision"] == "fp32"
     assert env["cpu_count_logical"] >= 1 and env["cpu_model"]
     assert env["numpy_version"] == np.__version__

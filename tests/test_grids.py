@@ -128,7 +128,7 @@ def test_full_and_smoke_are_factorials(grids):
     smoke = grids["smoke"].cells()
     assert {c.config.precision for c in smoke} == {"fp32", "amp-bf16"}
     cfg = smoke[0].config
-    assert (cfg.data.image_size, cfg.data.n_train, cfg.epochs, cfg.batch_size, cfg.num_workers) == (64, 16, 2, 4, 0)
+    assert (cfg.data.image_size, cfg.data.n_train, cfg.epochs, cfg.batch_size, cfg.num_workers) == (64, 16, 4, 4, 0)
     assert (cfg.model.base_width, cfg.model.growth, cfg.model.bottleneck) == (4, 4, 8)
     assert all(c.config.sparsity.dense_epochs == 2 for c in smoke if c.config.sparsity.kind != "none")
 

@@ -336,7 +336,8 @@ def cells(base):
 
 
 def cell_dirs(out: Path) -> list[Path]:
-    return sorted(p for p in out.iterdir() if p.is_dir())
+    """Cell folders (they hold cell.json); a report written into the same folder is not a cell."""
+    return sorted(p for p in out.iterdir() if p.is_dir() and (p / "cell.json").exists())
 
 
 def assert_complete(d: Path, epochs: int) -> None:

@@ -414,19 +414,20 @@ def test_sparsify_none_and_random_reports() -> None:
     assert rep["flops_fwd_theoretical_after"] == pytest.approx(0.5 * rep["flops_fwd_before"], rel=1e-3)
 
 
+def _precision_flags() -> tuple:
+    """TF32 settings through the API this torch has (legacy getters raise once the new API was set)."""
+    b = torch.backends
+    if hasattr(b, "fp32_precision"):
+        return (b.fp32_precision, b.cuda.matmul.fp32_precision, b.cudnn.fp32_precision,
+                b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision, torch.get_float32_matmul_precision())
+    return (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+
+
 def test_pruning_never_touches_precision_flags() -> None:
-    flags = (
-        torch.backends.cuda.matmul.allow_tf32,
-        torch.backends.cudnn.allow_tf32,
-        torch.get_float32_matmul_precision(),
-    )
+    flags = _precision_flags()
     for kind, pattern in (("random", "unstructured"), ("topk", "2:4"), ("structured", "unstructured")):
         sparsify_(tiny(), SparsityConfig(kind=kind, pattern=pattern), seed=0, image_size=S)
-    assert flags == (
-        torch.backends.cuda.matmul.allow_tf32,
-        torch.backends.cudnn.allow_tf32,
-        torch.get_float32_matmul_precision(),
-    )
+    assert flags == _precision_flags()
 
 
 # ----------------------------------------------------------------------------- schedule
