@@ -113,22 +113,12 @@ class Setting:
 def setting_from(config: dict[str, Any], factors: dict[str, Any] | None) -> Setting:
     """The Setting of a run: from config.json when present, else from cell.json factors."""
     if config:
+        # flatten config.json's nested sparsity into the factors' flat shape
         sp = config.get("sparsity") or {}
-        kind = str(sp.get("kind", "none"))
-        de = sp.get("dense_epochs", 0)
-        return Setting(
-            precision=str(config.get("precision", "fp32")),
-            loader=str(config.get("loader", "host")),
-            graphs=str(config.get("graphs", "off")),
-            channels_last=bool(config.get("channels_last", False)),
-            sparsity=kind,
-            amount=float(sp.get("amount", 0.5)),
-            pattern=str(sp.get("pattern", "unstructured")),
-            dense_epochs=0 if kind == "none" else (de if de == "auto" else int(de)),
-            batch_size=int(config.get("batch_size", 32)),
-            epochs=int(config.get("epochs", 50)),
-        )
-    f = dict(factors or {})
+        f = {**config, "sparsity": sp.get("kind", "none"), "amount": sp.get("amount", 0.5),
+             "pattern": sp.get("pattern", "unstructured"), "dense_epochs": sp.get("dense_epochs", 0)}
+    else:
+        f = dict(factors or {})
     kind = str(f.get("sparsity", "none"))
     de = f.get("dense_epochs", 0)
     return Setting(
