@@ -169,8 +169,10 @@ class Run:
     def _pick_device(self) -> torch.device:
         name = resolve_device(self.cfg.device)
         if name == "cuda":
-            torch.cuda.set_device(self.dist.rank)
-            return torch.device("cuda", self.dist.rank)
+            # one GPU per replica on this node: under torchrun LOCAL_RANK, else the rank (one node)
+            index = int(os.environ.get("LOCAL_RANK", self.dist.rank))
+            torch.cuda.set_device(index)
+            return torch.device("cuda", index)
         return torch.device("cpu")
 
     def _load_data(self) -> None:
@@ -403,10 +405,11 @@ class Run:
                 live(epoch + 1, row)
                 if main:
                     rows.append(row)
-        if cfg.profile_steps > 0:
-            self.copies = self._profile_copies()
-        else:
-            self.copies = None
+        self.copies = self._profile_copies() if cfg.profile_steps > 0 else None
+        if self.copies is not None and main:
+            from bench.store import write_json
+
+            write_json(out / "copies.json", self.copies)
         return self._summary(rows, per_slice)
 
     def _measured_sparsity(self) -> float:

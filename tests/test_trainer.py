@@ -309,7 +309,11 @@ def test_device_loader_no_htod_after_staging(tmp_path: Path) -> None:
             run.step(lq, hq)
         torch.cuda.synchronize()
     htod = [e for e in prof.events() if "HtoD" in e.name]
-    assert htod == [], [e.name for e in htod]
+    # no per-step copy: at most one small copy per epoch (should the permutation be staged via the
+    # host), far below one batch, whatever the number of steps
+    batch_bytes = lq.numel() * lq.element_size()
+    assert len(htod) <= 1, [e.name for e in htod]
+    assert sum(getattr(e, "bytes", 0) or 0 for e in htod) < batch_bytes
 
 
 @pytest.mark.gpu
@@ -340,3 +344,29 @@ def test_init_with_other_widths_is_refused(tmp_path: Path) -> None:
               "--init", str(tmp_path / "a" / "weights.pt"), "--image-size", "32", "--n-train", "4",
               "--batch-size", "4")
     assert res.returncode == 2 and "does not match" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_profiled_copy_window_is_outside_the_timed_epochs(tmp_path: Path) -> None:
+    cfg = tiny_cfg(epochs=1, loader="device", profile_steps=2)
+    summary = train(cfg, tmp_path, progress=False)
+    copies = read_json(tmp_path / "copies.json")
+    assert copies == summary["copies"] and copies["copies_device"] == "cpu" and copies["copies_steps"] == 2
+    assert copies["copies_total_bytes"] > 0
+    assert json.loads((tmp_path / "trace.json").read_text())  # the Chrome trace parses
+    # the window must not change what training produced: exported weights equal the last checkpoint's
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"]
+    weights = torch.load(tmp_path / "weights.pt", weights_only=False)["model"]
+    for k in ckpt:
+        torch.testing.assert_close(weights[k], ckpt[k], msg=k)
+    assert len(read_jsonl(tmp_path / "epochs.jsonl")) == 1
+
+
+def test_channels_last_trains_like_contiguous(tmp_path: Path) -> None:
+    losses = {}
+    for cl in (False, True):
+        train(tiny_cfg(epochs=2, channels_last=cl), tmp_path / str(cl), progress=False)
+        losses[cl] = [r["train_loss"] for r in read_jsonl(tmp_path / str(cl) / "epochs.jsonl")]
+    # channels_last kernels accumulate in another order: the first epoch agrees closely, then the
+    # tiny net's high learning rate lets the rounding differences grow (measured ~1 % by epoch 2)
+    assert losses[True][0] == pytest.approx(losses[False][0], rel=1e-3)
+    assert losses[True][1] < losses[True][0] and losses[True][1] == pytest.approx(losses[False][1], rel=5e-2)
