@@ -157,21 +157,25 @@ def _leave_group() -> None:
         dist.destroy_process_group()
 
 
-def _worker(rank: int, cfg_dict: dict, out: str, resume: bool, progress: bool, port: int) -> None:
+def _replica(cfg: TrainConfig, out: Path, resume: bool, progress: bool, rank: int, world: int) -> None:
+    """One DDP replica: join the group, train, leave together. Only rank 0 prints and writes."""
     from ddnet.config import resolve_device
     from ddnet.trainer import Dist, train
 
-    cfg = TrainConfig.from_dict(cfg_dict)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-
-    _init_group(rank, cfg.nproc, resolve_device(cfg.device) == "cuda")
+    _init_group(rank, world, resolve_device(cfg.device) == "cuda")
     try:
-        summary = train(cfg, Path(out), resume=resume, progress=progress and rank == 0,
-                        dist=Dist(rank, cfg.nproc))
+        summary = train(cfg, out, resume=resume, progress=progress and rank == 0, dist=Dist(rank, world))
         if rank == 0:
-            _print_summary(summary, Path(out))
+            _print_summary(summary, out)
     finally:
         _leave_group()
+
+
+def _worker(rank: int, cfg_dict: dict, out: str, resume: bool, progress: bool, port: int) -> None:
+    """Entry point of a replica started by `--nproc N` (torch.multiprocessing spawn)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cfg = TrainConfig.from_dict(cfg_dict)
+    _replica(cfg, Path(out), resume, progress, rank, cfg.nproc)
 
 
 def _spawn(cfg: TrainConfig, out: Path, resume: bool, progress: bool) -> None:
@@ -192,17 +196,6 @@ def _spawn(cfg: TrainConfig, out: Path, resume: bool, progress: bool) -> None:
 
 
 def _torchrun_worker(cfg: TrainConfig, out: Path, resume: bool, progress: bool) -> None:
-    from ddnet.config import resolve_device
-    from ddnet.trainer import Dist, train
-
+    """A replica started by torchrun: rank and world size come from its environment."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if world != cfg.nproc:
-        cfg = cfg.replace(nproc=world)
-
-    _init_group(rank, world, resolve_device(cfg.device) == "cuda")
-    try:
-        summary = train(cfg, out, resume=resume, progress=progress and rank == 0, dist=Dist(rank, world))
-        if rank == 0:
-            _print_summary(summary, out)
-    finally:
-        _leave_group()
+    _replica(cfg.replace(nproc=world), out, resume, progress, rank, world)

@@ -365,7 +365,7 @@ class Run:
         self.capture_time_total += pending_capture
         per_slice = None
         prev_loss = rows[-1]["train_loss"] if rows else None
-        bar = _progress(self.progress and main, cfg.epochs, self.start_epoch)
+        bar = _Progress(self.progress and main, cfg.epochs, self.start_epoch)
         with ExitStack() as stack:
             stack.enter_context(self.memory)
             live = stack.enter_context(bar)
@@ -518,10 +518,6 @@ class _Progress:
     def __exit__(self, *exc) -> None:
         if self.enabled:
             self.bar.__exit__(*exc)
-
-
-def _progress(enabled: bool, total: int, done: int) -> _Progress:
-    return _Progress(enabled, total, done)
 
 
 # ----------------------------------------------------------------- entry points
