@@ -161,7 +161,6 @@ class Run:
             self.auto = AutoSwitch(patience=cfg.sparsity.auto_patience, max_epoch=cfg.epochs - 1)
         self.flops_dense = self._flops()
         self.params_dense = sum(p.numel() for p in self.model.parameters())
-        self.capture_time_total = 0.0
         self.ddp_model: nn.Module = self.model
         self.step = None
 
@@ -362,7 +361,6 @@ class Run:
         # --dense-epochs 0 prunes before the first step (the paper's Table 1 setting)
         pending_prune = self._prune() if self.switch_epoch == 0 and self.start_epoch == 0 else 0.0
         pending_capture = self._build_step()
-        self.capture_time_total += pending_capture
         per_slice = None
         prev_loss = rows[-1]["train_loss"] if rows else None
         bar = _Progress(self.progress and main, cfg.epochs, self.start_epoch)
@@ -399,7 +397,6 @@ class Run:
                         self.switch_epoch = epoch + 1
                         pending_prune = self._prune()
                         pending_capture = self._build_step()
-                        self.capture_time_total += pending_capture
                 if main and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs):
                     self._checkpoint(epoch + 1, self._phase(epoch + 1))
                 live(epoch + 1, row)
