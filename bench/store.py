@@ -30,6 +30,13 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+def _umask_mode() -> int:
+    """The mode a plain open() would give a new file (mkstemp makes 0600, unreadable to a group)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically: a temporary file in the same folder, fsync, rename."""
     path = Path(path)
@@ -41,6 +48,7 @@ def write_json(path: str | Path, obj: Any) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -87,4 +95,5 @@ def rewrite_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
             f.write(json.dumps(_clean(row), sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
+    os.chmod(tmp, _umask_mode())
     os.replace(tmp, path)

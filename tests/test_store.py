@@ -1,0 +1,37 @@
+"""The run-folder store: atomic JSON, flushed JSONL, torn last lines, permissions."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from bench.store import append_jsonl, read_json, read_jsonl, rewrite_jsonl, write_json
+
+
+def test_json_round_trip_and_non_finite(tmp_path: Path) -> None:
+    write_json(tmp_path / "a.json", {"x": 1.5, "bad": float("nan"), "t": (1, 2)})
+    assert read_json(tmp_path / "a.json") == {"x": 1.5, "bad": "nan", "t": [1, 2]}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temporary left behind
+
+
+def test_files_follow_the_umask_not_mkstemp(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {})
+        rewrite_jsonl(tmp_path / "b.jsonl", [{"epoch": 1}])
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.jsonl").stat().st_mode & 0o777 == 0o644
+
+
+def test_jsonl_ignores_a_torn_last_line(tmp_path: Path) -> None:
+    p = tmp_path / "e.jsonl"
+    append_jsonl(p, {"epoch": 1})
+    append_jsonl(p, {"epoch": 2})
+    with open(p, "a") as f:
+        f.write('{"epoch": 3, "train_lo')  # killed mid-write
+    assert read_jsonl(p) == [{"epoch": 1}, {"epoch": 2}]
+    rewrite_jsonl(p, read_jsonl(p)[:1])
+    assert read_jsonl(p) == [{"epoch": 1}]
+    assert read_jsonl(tmp_path / "missing.jsonl") == []
