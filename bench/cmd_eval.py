@@ -115,7 +115,7 @@ def score_slices(
     Returns ({'input_ms_ssim_pct': (N,), ..., 'output_rmse_hu': (N,)} as float64 on the CPU,
     the outputs (N, 1, H, W) on the CPU, the MS-SSIM setting as a dict).
     """
-    from ddnet.loss import choose_msssim, ms_ssim_per_image, psnr_per_image, rmse_per_image
+    from ddnet.loss import choose_msssim, slice_metrics
 
     setting = choose_msssim(int(min(lq.shape[-2:])))
     model.eval()
@@ -127,13 +127,10 @@ def score_slices(
         scale = hu_scale[i : i + batch_size].to(device)
         out = model(x).float()
         for which, pred in (("input", x.float()), ("output", out)):
-            cols[f"{which}_ms_ssim_pct"].append(ms_ssim_per_image(pred, y, 1.0, setting))
-            cols[f"{which}_psnr_db"].append(psnr_per_image(pred, y, 1.0))
-            cols[f"{which}_rmse_hu"].append(rmse_per_image(pred, y, scale))
+            for k, v in slice_metrics(pred, y, scale, setting).items():
+                cols[f"{which}_{k}"].append(v)
         outs.append(out.cpu())
     per_slice = {k: torch.cat(v).double().cpu() for k, v in cols.items()}
-    for which in ("input", "output"):
-        per_slice[f"{which}_ms_ssim_pct"] *= 100.0
     return per_slice, torch.cat(outs), setting.to_dict()
 
 

@@ -143,3 +143,17 @@ def rmse_per_image(pred: torch.Tensor, target: torch.Tensor, scale: torch.Tensor
     """RMSE of each image (B,), multiplied by `scale` (e.g. HU per normalised unit, per image)."""
     rmse = (pred.float() - target.float()).pow(2).flatten(1).mean(1).sqrt()
     return rmse * scale
+
+
+def slice_metrics(pred: torch.Tensor, target: torch.Tensor, hu_scale: torch.Tensor,
+                  setting: MSSSIMSetting) -> dict[str, torch.Tensor]:
+    """Per-image quality of a batch (each (B,)): MS-SSIM in percent, PSNR in dB, RMSE in HU.
+
+    The one definition that training validation and `bench eval` share, so that a checkpoint
+    evaluated on its own validation set reproduces the numbers training recorded.
+    """
+    return {
+        "ms_ssim_pct": ms_ssim_per_image(pred, target, 1.0, setting) * 100.0,
+        "psnr_db": psnr_per_image(pred, target, 1.0),
+        "rmse_hu": rmse_per_image(pred, target, hu_scale),
+    }

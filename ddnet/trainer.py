@@ -26,7 +26,7 @@ from torch import nn
 
 from ddnet.config import TrainConfig, check_runnable, resolve_device
 from ddnet.errors import UserError
-from ddnet.loss import DDNetLoss, ms_ssim_per_image, psnr_per_image, rmse_per_image
+from ddnet.loss import DDNetLoss, slice_metrics
 from ddnet.model import DDNet
 from ddnet.optim import (
     DeviceLoader,
@@ -102,7 +102,7 @@ def validate(model: nn.Module, lq: torch.Tensor, hq: torch.Tensor, hu_scale: tor
     """Validation under eval() and no_grad(): loss and per-slice MS-SSIM (%), PSNR (dB), RMSE (HU)."""
     was_training = model.training
     model.eval()
-    losses, msssim, psnr, rmse = [], [], [], []
+    losses, cols = [], {"ms_ssim_pct": [], "psnr_db": [], "rmse_hu": []}
     for i in range(0, lq.shape[0], batch_size):
         x = lq[i : i + batch_size].to(device)
         y = hq[i : i + batch_size].to(device)
@@ -110,12 +110,10 @@ def validate(model: nn.Module, lq: torch.Tensor, hq: torch.Tensor, hu_scale: tor
             out = model(x)
         out = out.float()
         losses.append(loss_fn(out, y) * x.shape[0])
-        msssim.append(ms_ssim_per_image(out, y, 1.0, loss_fn.setting))
-        psnr.append(psnr_per_image(out, y, 1.0))
-        rmse.append(rmse_per_image(out, y, hu_scale[i : i + batch_size].to(device)))
+        for k, v in slice_metrics(out, y, hu_scale[i : i + batch_size].to(device), loss_fn.setting).items():
+            cols[k].append(v)
     model.train(was_training)
-    m = torch.cat(msssim).double().cpu() * 100.0
-    p, r = torch.cat(psnr).double().cpu(), torch.cat(rmse).double().cpu()
+    m, p, r = (torch.cat(cols[k]).double().cpu() for k in ("ms_ssim_pct", "psnr_db", "rmse_hu"))
     return {
         "val_loss": float(torch.stack(losses).sum().item() / lq.shape[0]),
         "val_ms_ssim": float(m.mean()),
