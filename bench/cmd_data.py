@@ -26,7 +26,7 @@ import typer
 
 from ddnet.data import split_seed
 from ddnet.data.readers import check_shape
-from ddnet.data.synthetic import MODES, PHANTOMS, generate
+from ddnet.data.synthetic import MODES, PHANTOMS, generate, generation_pool, pool_workers
 from ddnet.errors import UserError
 
 data_app = typer.Typer(
@@ -35,7 +35,7 @@ data_app = typer.Typer(
 )
 
 FORMATS = ("tif", "npy")
-CHUNK = 8  # slices generated per call: bounds memory at 512 px and keeps the bar moving
+CHUNK = 8  # slices per worker and call: bounds memory at 512 px and keeps the bar moving
 PSNR_WINDOW_HU = (-1024.0, 1024.0)
 
 
@@ -119,7 +119,9 @@ def synth_cmd(
     try:
         columns = (TextColumn("synthesising {task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeRemainingColumn())
-        with Progress(*columns, console=Console(stderr=True)) as bar:
+        workers = pool_workers(n, size, mode)
+        chunk = CHUNK * workers
+        with Progress(*columns, console=Console(stderr=True)) as bar, generation_pool(workers) as pool:
             task = bar.add_task(f"{mode} {phantom} {size}x{size}", total=n)
             for split, count in counts.items():
                 if count == 0:
@@ -127,9 +129,10 @@ def synth_cmd(
                 for kind in ("HQ", "LQ"):
                     (tmp / split / kind).mkdir(parents=True)
                 s_seed = split_seed(seed, split)
-                for first in range(0, count, CHUNK):
-                    k = min(CHUNK, count - first)
-                    lq, hq = generate(k, size, s_seed, mode, dose, phantom, first=first)  # type: ignore[arg-type]
+                for first in range(0, count, chunk):
+                    k = min(chunk, count - first)
+                    lq, hq = generate(k, size, s_seed, mode, dose, phantom, first=first,  # type: ignore[arg-type]
+                                      pool=pool)
                     for j in range(k):
                         name = f"synth_{first + j:06d}"
                         _write(tmp / split / "HQ" / name, hq[j], fmt)

@@ -6,7 +6,8 @@ low-dose input and the network output against the high-dose target per slice:
 MS-SSIM (percent), PSNR (dB, data range 1.0) and RMSE (HU). The metrics are the
 trainer's own (`ddnet.loss`, same MS-SSIM setting for the image side), so a
 checkpoint evaluated on its validation set reproduces the val_ms_ssim that
-training recorded for that epoch.
+training recorded for that epoch. The network and the metrics run in true
+fp32 (TF32 off), and `eval.json` records the flags.
 
 Writes into --out (default `eval-<split>/` beside the checkpoint; never over an
 earlier evaluation): `slices.csv` (one row per slice), `eval.json` (means, stds,
@@ -27,6 +28,7 @@ import typer
 
 from ddnet.config import DataConfig, resolve_device
 from ddnet.errors import UserError
+from ddnet.precision import set_fp32_precision
 
 SPLITS = ("val", "test")
 NORMALISATIONS = ("auto", "window", "minmax")
@@ -192,6 +194,9 @@ def run_eval(
         raise UserError("--batch-size must be at least 1.")
     checkpoint = Path(checkpoint)
     dev = _pick_device(device)
+    # the network runs in true fp32 (cuDNN would use TF32 for convolutions by default), whatever
+    # flags an earlier caller in this process left: evaluation is the reference arithmetic
+    flags = set_fp32_precision("ieee")
     model, info = load_model_weights(checkpoint, device=dev)
     data_cfg, norm_source = resolve_data_config(info, data, normalisation, image_size, n_val, synth_mode)
     slices = load_split(data_cfg, split)
@@ -219,6 +224,7 @@ def run_eval(
                  "config": dataclasses.asdict(data_cfg)},
         "msssim_setting": setting,
         "device": dev.type,
+        "precision_flags": flags,
         "batch_size": batch_size,
         "time_s": elapsed,
     }

@@ -143,6 +143,9 @@ def _init_group(rank: int, world: int, cuda: bool) -> None:
     if not cuda:
         # replicas share the cores: without this each would start one thread per core
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    else:
+        # before the first collective: NCCL's object broadcasts run on the current device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
 
 

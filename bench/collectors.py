@@ -63,7 +63,8 @@ class TimeCollector:
 
     Warm-up: the first `warmup_epochs` epochs that *this collector* sees are
     marked `warmup=True`, whatever their number: a resumed run starts a fresh
-    process that pays autotuning and compilation again.
+    process that pays autotuning and compilation again. `mark_warmup_next`
+    marks one more (the epoch after a recompile).
     """
 
     def __init__(self, device: torch.device, warmup_epochs: int = 1) -> None:
@@ -71,6 +72,7 @@ class TimeCollector:
         self.warmup_epochs = int(warmup_epochs)
         self._cuda = self.device.type == "cuda"
         self._epochs_seen = 0
+        self._extra_warmup = 0
         self._in_epoch = False
         self.last_step_times_ms: list[float] = []
         """Raw per-step times of the last finished epoch, in milliseconds."""
@@ -87,11 +89,17 @@ class TimeCollector:
         if self._cuda:
             torch.cuda.synchronize(self.device)
 
+    def mark_warmup_next(self) -> None:
+        """Mark the next epoch warm-up too (e.g. torch.compile recompiles after the hybrid switch)."""
+        self._extra_warmup += 1
+
     def epoch_begin(self, epoch: int) -> None:
         """Sync the device (earlier work must not leak into this epoch) and start the epoch clock."""
         self._sync()
         self._epoch = epoch
         self._epochs_seen += 1
+        self._this_warmup = self._epochs_seen <= self.warmup_epochs or self._extra_warmup > 0
+        self._extra_warmup = max(0, self._extra_warmup - 1)
         self._in_epoch = True
         self._waits_s: list[float] = []
         self._host_steps_s: list[float] = []
@@ -146,7 +154,7 @@ class TimeCollector:
             "data_wait_s": float(sum(self._waits_s)),
             "compute_s": float(sum(steps_ms)) / 1e3,
             **_spread_ms("step_time_ms", steps_ms),
-            "warmup": self._epochs_seen <= self.warmup_epochs,
+            "warmup": self._this_warmup,
             "timer": "cuda-events" if self._cuda else "perf_counter",
         }
         return row
@@ -250,6 +258,9 @@ class MemoryCollector:
       PID namespace hides our host PID).
     - `mem_allocator_peak_allocated_gib` / `mem_allocator_peak_reserved_gib`:
       torch's caching allocator (tensors alive / memory held from the driver).
+      Under CUDA graphs the allocated peak includes the capture's peak
+      (`note_graph_peak`; `mem_allocator_peak_allocated_source` says so),
+      because replays hold the activations without allocating them.
     - `mem_rss_peak_gib`: the process's peak resident set (host memory), exact
       from VmHWM where Linux lets us reset it per epoch, else sampled.
 
@@ -273,6 +284,7 @@ class MemoryCollector:
         self._ask_processes = False  # per-process NVML queries; off for good once the driver refuses
         self._hwm_resettable = False
         self._alloc_run_peak = {"allocated": 0, "reserved": 0}
+        self._graph_peak = 0  # allocator peak of the current CUDA graph's capture (0: no graph)
 
     # -- lifecycle ---------------------------------------------------------
     def __enter__(self) -> MemoryCollector:
@@ -349,6 +361,22 @@ class MemoryCollector:
         self.nvml_process_status = "ok"
         return int(sum(used))
 
+    # -- CUDA graphs --------------------------------------------------------
+    def fold_run_peak(self) -> None:
+        """Keep the allocator's run peak so far (call before something resets the peak statistics)."""
+        self._fold_allocator_run_peak()
+
+    def note_graph_peak(self, peak_allocated_bytes: int) -> None:
+        """The allocator peak of a CUDA-graph capture, folded into every later allocated peak.
+
+        A graph's activations are allocated in its private pool at capture and
+        reused by every replay without an allocator call, so the per-epoch
+        `max_memory_allocated` of a graphed run misses them; the capture peak
+        is what a replay really holds. A recapture replaces it.
+        """
+        self._graph_peak = int(peak_allocated_bytes)
+        self._alloc_run_peak["allocated"] = max(self._alloc_run_peak["allocated"], self._graph_peak)
+
     # -- epochs ------------------------------------------------------------
     def epoch_begin(self) -> None:
         """Start per-epoch peaks: reset the torch peak stats (CUDA) and the RSS high-water mark."""
@@ -368,8 +396,11 @@ class MemoryCollector:
         row: dict[str, Any] = {}
         if self._cuda:
             torch.cuda.synchronize(self.device)  # frees of finished kernels are then accounted
-            row["mem_allocator_peak_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / GIB
+            allocated = torch.cuda.max_memory_allocated(self.device)
+            row["mem_allocator_peak_allocated_gib"] = max(allocated, self._graph_peak) / GIB
             row["mem_allocator_peak_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / GIB
+            row["mem_allocator_peak_allocated_source"] = (
+                "max(epoch, CUDA-graph capture)" if self._graph_peak else "epoch")
             self._fold_allocator_run_peak()
         if "nvml_device" in peaks:
             row["mem_nvml_device_used_peak_gib"] = peaks["nvml_device"] / GIB
@@ -392,6 +423,8 @@ class MemoryCollector:
             self._fold_allocator_run_peak()
             out["mem_allocator_peak_allocated_gib"] = self._alloc_run_peak["allocated"] / GIB
             out["mem_allocator_peak_reserved_gib"] = self._alloc_run_peak["reserved"] / GIB
+            out["mem_allocator_peak_allocated_source"] = (
+                "max(epochs, CUDA-graph captures)" if self._graph_peak else "epochs")
         if "nvml_device" in peaks:
             out["mem_nvml_device_used_peak_gib"] = peaks["nvml_device"] / GIB
         if "nvml_process" in peaks:
@@ -700,6 +733,9 @@ def git_state(repo: Path | None = None) -> dict[str, Any]:
     top = _git(repo, "rev-parse", "--show-toplevel")
     # An installed (non-editable) copy may sit inside some unrelated repository: only trust our own.
     if top is None or Path(top.strip()).resolve() != repo.resolve():
+        # a copy of the tree without .git (a GPU box, a cluster's scratch): the caller may say which commit
+        state["git_commit"] = os.environ.get("DDNET_BENCH_GIT_COMMIT") or None
+        state["git_commit_source"] = "DDNET_BENCH_GIT_COMMIT" if state["git_commit"] else None
         return state
     commit = _git(repo, "rev-parse", "HEAD")
     # --no-optional-locks: never take index.lock (a concurrent commit must not fail because of us).

@@ -25,6 +25,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -373,8 +374,13 @@ def run_cell(
     display: _Display,
     command: Sequence[str] = TRAIN_COMMAND,
     retry_failed: bool = False,
+    timeout_s: float | None = None,
 ) -> CellResult:
-    """Run (or skip, or reuse) one planned cell; never overwrites a finished result."""
+    """Run (or skip, or reuse) one planned cell; never overwrites a finished result.
+
+    `timeout_s`: stop the cell's process after this many seconds and record it as failed
+    (resumable later with --retry-failed, from its last checkpoint).
+    """
     cell_dir = out / p.folder
     s = _summary(cell_dir)
     status = s.get("status") if s else None
@@ -419,6 +425,8 @@ def run_cell(
             argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             preexec_fn=_die_with_parent_hook(),
         )
+        started = time.monotonic()
+        timed_out = False
         try:
             seen = -1
             while True:
@@ -431,7 +439,10 @@ def run_cell(
                     proc.wait(timeout=POLL_S)  # returns as soon as the cell ends
                     break
                 except subprocess.TimeoutExpired:
-                    continue
+                    if timeout_s is not None and time.monotonic() - started > timeout_s:
+                        timed_out = True
+                        _stop_child(proc)
+                        break
         except (KeyboardInterrupt, _Interrupted):
             _stop_child(proc)
             raise
@@ -447,6 +458,8 @@ def run_cell(
     if s.get("status") != "failed":
         # the process died without recording its failure (crash, kill, user error): record it here
         why = _exit_text(rc) if rc != 0 else f"exited 0 but summary.json status is {s.get('status')!r}"
+        if timed_out:
+            why = f"was stopped after the --cell-timeout of {timeout_s:g} s"
         line = _error_line(tail)
         s = {
             **s,
@@ -597,6 +610,7 @@ def run_grid(
     retry_failed: bool = False,
     command: Sequence[str] = TRAIN_COMMAND,
     console: Console | None = None,
+    cell_timeout_s: float | None = None,
 ) -> list[CellResult]:
     """Run every cell of `grid` into `out`, sequentially, one fresh process per cell; returns one result per cell.
 
@@ -617,7 +631,7 @@ def run_grid(
                 for i, folder in enumerate(order, start=1):
                     p = by_folder[folder]
                     display.start(i, p)
-                    r = run_cell(p, out, grid.name, version, display, command, retry_failed)
+                    r = run_cell(p, out, grid.name, version, display, command, retry_failed, cell_timeout_s)
                     display.finish(r)
                     results.append(r)
             except _Interrupted as e:
@@ -715,6 +729,9 @@ def run_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the cells and run nothing."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue a grid already in --out (default)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run failed cells again (from their checkpoint)."),
+    cell_timeout: float | None = typer.Option(None, "--cell-timeout", min=1,
+                                              help="Stop a cell after this many seconds and record it as failed "
+                                                   "(default: no limit)."),
 ) -> None:
     """Run every cell of a grid, each in its own process, into one folder per cell; re-run to resume."""
     console = _console()
@@ -736,7 +753,8 @@ def run_cmd(
             print_plan(console, g, planned, order, out_dir)
             return
         try:
-            results = run_grid(g, out_dir, overrides, repeats, resume, retry_failed, console=console)
+            results = run_grid(g, out_dir, overrides, repeats, resume, retry_failed, console=console,
+                               cell_timeout_s=cell_timeout)
         except KeyboardInterrupt:
             console.print(f"interrupted; run the same command again to resume the grid in {out_dir}.",
                           markup=False, highlight=False)

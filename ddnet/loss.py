@@ -1,8 +1,9 @@
 """DDNet's loss: MSE + 0.1 * (1 - MS-SSIM), and the quality metrics.
 
 MS-SSIM comes from `pytorch_msssim` with data_range and channel given
-explicitly and is always computed in fp32 outside autocast (its products of
-powers underflow in half precision). The standard setting (5 scales, 11x11
+explicitly and is always computed in true fp32 outside autocast (its products
+of powers underflow in half precision) with TF32 off, also in the tf32 runs,
+so every precision's quality is measured with the same arithmetic. The standard setting (5 scales, 11x11
 Gaussian window) needs a side > 160 px; smaller images get a smaller window
 (still 5 scales), and below 48 px fewer scales with renormalised weights.
 Each scale is pytorch_msssim's own `_ssim`; the window and weights are made
@@ -19,6 +20,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
+
+from ddnet.precision import true_fp32
 
 MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003
 MSSSIM_WEIGHT_IN_LOSS = 0.1
@@ -100,20 +103,33 @@ def _ms_ssim_scales(x: torch.Tensor, y: torch.Tensor, s: MSSSIMSetting, data_ran
             x = F.avg_pool2d(x, kernel_size=2, padding=pad)
             y = F.avg_pool2d(y, kernel_size=2, padding=pad)
     stack = torch.stack([*mcs, torch.relu(ssim_pc)], dim=0)  # (scales, B, C)
-    return torch.prod(stack ** weights.view(-1, 1, 1), dim=0).mean(1)
+    return _product(stack ** weights.view(-1, 1, 1)).mean(1)
+
+
+def _product(terms: torch.Tensor) -> torch.Tensor:
+    """Product over dim 0 as a chain of multiplies: the value of `torch.prod(terms, 0)`, without its sync.
+
+    note: `torch.prod`'s backward counts the zeros of its input with a host
+    read (`aten::item`), which CUDA-graph capture refuses; a chain of `mul`s
+    has the same value and gradient and never leaves the device.
+    """
+    out = terms[0]
+    for t in terms[1:]:
+        out = out * t
+    return out
 
 
 def ms_ssim_per_image(
     pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, setting: MSSSIMSetting | None = None
 ) -> torch.Tensor:
-    """MS-SSIM of each image in a (B, 1, H, W) batch, in [0, 1], computed in fp32 outside autocast."""
+    """MS-SSIM of each image in a (B, 1, H, W) batch, in [0, 1], in true fp32 (no TF32) outside autocast."""
     setting = setting or choose_msssim(min(pred.shape[-2:]))
-    with torch.autocast(device_type=pred.device.type, enabled=False):
+    with torch.autocast(device_type=pred.device.type, enabled=False), true_fp32():
         return _ms_ssim_scales(pred.float(), target.float(), setting, data_range)
 
 
 class DDNetLoss(torch.nn.Module):
-    """MSE + 0.1 * (1 - MS-SSIM), in fp32 whatever the caller's autocast state."""
+    """MSE + 0.1 * (1 - MS-SSIM), in true fp32 whatever the caller's autocast state or TF32 flags."""
 
     def __init__(self, image_side: int, data_range: float = 1.0) -> None:
         super().__init__()
@@ -126,7 +142,7 @@ class DDNetLoss(torch.nn.Module):
             )
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=pred.device.type, enabled=False):
+        with torch.autocast(device_type=pred.device.type, enabled=False), true_fp32():
             x, y = pred.float(), target.float()
             mse = F.mse_loss(x, y)
             msssim = ms_ssim_per_image(x, y, self.data_range, self.setting).mean()
@@ -152,8 +168,9 @@ def slice_metrics(pred: torch.Tensor, target: torch.Tensor, hu_scale: torch.Tens
     The one definition that training validation and `bench eval` share, so that a checkpoint
     evaluated on its own validation set reproduces the numbers training recorded.
     """
-    return {
-        "ms_ssim_pct": ms_ssim_per_image(pred, target, 1.0, setting) * 100.0,
-        "psnr_db": psnr_per_image(pred, target, 1.0),
-        "rmse_hu": rmse_per_image(pred, target, hu_scale),
-    }
+    with true_fp32():
+        return {
+            "ms_ssim_pct": ms_ssim_per_image(pred, target, 1.0, setting) * 100.0,
+            "psnr_db": psnr_per_image(pred, target, 1.0),
+            "rmse_hu": rmse_per_image(pred, target, hu_scale),
+        }

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ddnet.config import TrainConfig
+from ddnet.precision import set_fp32_precision
 
 # ----------------------------------------------------------------- precision
 
@@ -43,42 +44,16 @@ class PrecisionSetup:
         return torch.autocast(device_type=device_type, dtype=self.autocast_dtype, cache_enabled=False)
 
 
-def _set_fp32_precision(mode: str) -> dict[str, Any]:
-    """Set how fp32 matmuls and convolutions run: 'ieee' (true fp32) or 'tf32'.
-
-    cuDNN lets convolutions use TF32 by default, so fp32 must switch it off
-    explicitly. Only one of PyTorch's two APIs is used: the `fp32_precision`
-    settings where they exist (mixing them with the legacy `allow_tf32` flags
-    raises in recent PyTorch), the legacy flags on older versions.
-    """
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):
-        torch.backends.cuda.matmul.fp32_precision = mode
-        conv.fp32_precision = mode
-        return {
-            "tf32_api": "fp32_precision",
-            "cuda.matmul.fp32_precision": torch.backends.cuda.matmul.fp32_precision,
-            "cudnn.conv.fp32_precision": conv.fp32_precision,
-        }
-    allow = mode == "tf32"
-    torch.backends.cuda.matmul.allow_tf32 = allow
-    torch.backends.cudnn.allow_tf32 = allow
-    return {
-        "tf32_api": "allow_tf32",
-        "cuda.matmul.allow_tf32": allow,
-        "cudnn.allow_tf32": allow,
-    }
-
-
 def setup_precision(cfg: TrainConfig, device: torch.device) -> PrecisionSetup:
     """Apply the precision toggle process-wide and return what the step needs.
 
     fp32: TF32 off for matmuls and convs. tf32: TF32 on. amp-fp16: autocast to
     fp16 with a GradScaler. amp-bf16: autocast to bf16, no scaler (bf16 has
-    fp32's exponent range). In the AMP modes the ops left in fp32 (the loss,
-    MS-SSIM) run in true fp32, so TF32 does not confound the comparison.
+    fp32's exponent range). The loss and the quality metrics run in true fp32
+    in every mode (`ddnet.precision.true_fp32`), tf32 included, so TF32 never
+    confounds the quality comparison.
     """
-    flags = _set_fp32_precision("tf32" if cfg.precision == "tf32" else "ieee")
+    flags = set_fp32_precision("tf32" if cfg.precision == "tf32" else "ieee")
     dtype = {"amp-fp16": torch.float16, "amp-bf16": torch.bfloat16}.get(cfg.precision)
     # note: a disabled GradScaler is a no-op: scale() returns the loss, step() just steps
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "amp-fp16")
@@ -129,14 +104,34 @@ class DeviceLoader:
     def __init__(self, lq: torch.Tensor, hq: torch.Tensor, cfg: TrainConfig, rank: int = 0, world: int = 1):
         self.lq, self.hq = lq, hq  # (N, 1, H, W) on the device
         self.cfg, self.rank, self.world = cfg, rank, world
+        self._out: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return self.lq.shape[0] // self.cfg.batch_size
 
+    def bind(self, buffers: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
+        """Gather every batch straight into `buffers` (a graphed step's static inputs); None unbinds.
+
+        Each batch then *is* those buffers, overwritten by the next gather: fine for a
+        consumer that uses a batch before asking for the next one on the same stream.
+        """
+        self._out = buffers
+        return True
+
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         perm = epoch_permutation(self.lq.shape[0], self.cfg.seed, epoch, self.lq.device)
+        gather = self._gather_new if self._out is None else self._gather_into
         for idx in shard_batches(perm, self.cfg.batch_size, self.rank, self.world):
-            yield self.lq.index_select(0, idx), self.hq.index_select(0, idx)
+            yield gather(idx)
+
+    def _gather_new(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lq.index_select(0, idx), self.hq.index_select(0, idx)
+
+    def _gather_into(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out_lq, out_hq = self._out
+        torch.index_select(self.lq, 0, idx, out=out_lq)
+        torch.index_select(self.hq, 0, idx, out=out_hq)
+        return out_lq, out_hq
 
     def indices(self, epoch: int) -> list[int]:
         """The sample indices this rank sees in `epoch` (for tests and records; syncs)."""
@@ -184,6 +179,10 @@ class HostLoader:
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+    def bind(self, buffers: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
+        """Host batches arrive in fresh pinned tensors: the step copies them itself (returns False)."""
+        return False
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.epoch = epoch
@@ -282,78 +281,127 @@ def eager_step(parts: StepParts, forward: nn.Module | None = None) -> StepFn:
     return step
 
 
+def graph_body(parts: StepParts, lq: torch.Tensor, hq: torch.Tensor, with_tail: bool) -> torch.Tensor:
+    """What `GraphedStep` captures: forward, loss, scaled backward and, `with_tail`, the optimizer
+    step and mask re-application. Grads are overwritten, not accumulated (they are None at capture).
+
+    It must never read a device value on the host (`aten::item`): capture refuses any sync.
+    `tests/test_optim.py` profiles it on a CPU with capturable Adam to keep it so.
+    """
+    with parts.precision.autocast(parts.device.type):
+        out = parts.model(lq)  # (B, 1, H, W)
+    loss = parts.loss_fn(out, hq)  # fp32, outside autocast
+    parts.precision.scaler.scale(loss).backward()
+    if with_tail:
+        parts.optimizer.step()
+        parts.post_step()
+    return loss.detach()
+
+
 class GraphedStep:
     """The whole train step captured once with torch.cuda.graph and replayed.
 
-    Static input buffers are filled with `copy_`; warm-up runs on a side
-    stream (as the CUDA-graph docs require) and its effect on weights, BN
-    statistics and optimizer state is undone before training, so the
-    trajectory equals the eager one. Adam runs with `capturable=True` and a
-    tensor learning rate that ExponentialLR updates in place. fp32/tf32/bf16:
-    forward, loss, backward, optimizer step and mask re-application are all in
-    the graph. amp-fp16: forward and the scaled backward are captured; the
-    GradScaler's unscale/inf-check/step/update run eagerly after each replay
+    Static input buffers are filled with `copy_` (or, when the DoLL loader is
+    bound to `static_inputs`, gathered straight into by the loader: no extra
+    device-to-device copy per step). Warm-up runs on a side stream (as
+    the CUDA-graph docs require) and its effect on weights, BN statistics and
+    optimizer state is undone before training, so the trajectory equals the
+    eager one. Adam runs with `capturable=True` and a tensor learning rate that
+    ExponentialLR updates in place. fp32/tf32/bf16: forward, loss, backward,
+    optimizer step and mask re-application are all in the graph. amp-fp16:
+    forward and the scaled backward are captured; the GradScaler's
+    unscale/inf-check/step/update run eagerly after each replay
     (GradScaler.step reads `found_inf` on the host, which cannot be captured).
+
+    `capture_peak_allocated_bytes` is the allocator's peak over warm-up and
+    capture: the activations live in the graph's private pool from capture on,
+    and replays allocate nothing, so the per-epoch allocator peaks of a graphed
+    run would leave them out; the trainer folds this figure into them.
     """
 
     def __init__(self, parts: StepParts, sample_lq: torch.Tensor, sample_hq: torch.Tensor,
                  warmup_steps: int = 3) -> None:
-        self.parts = parts
-        p = parts
+        self.parts = p = parts
         self.static_lq = torch.empty_like(sample_lq)
         self.static_hq = torch.empty_like(sample_hq)
         self.static_lq.copy_(sample_lq)
         self.static_hq.copy_(sample_hq)
         fp16 = p.precision.scaler.is_enabled()
-        self.eager_tail = fp16
+        # decided once: the eager GradScaler tail after each replay (amp-fp16), or nothing
+        self._tail = self._scaler_tail if fp16 else _nothing
+        self._fill = self._copy_inputs
         snapshot = _snapshot(p.model, p.optimizer)
         scaler_state = p.precision.scaler.state_dict() if fp16 else None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmup_steps):
                 p.optimizer.zero_grad(set_to_none=True)
-                self._body(capture_tail=not fp16)
-                if fp16:
-                    self._tail()
+                graph_body(p, self.static_lq, self.static_hq, with_tail=not fp16)
+                self._tail()
         torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        # the warm-up's activations sit cached on the side stream; give them back before the capture
+        # takes as much again from its private pool (at 512 px, batch 32, fp32 both would not fit)
+        torch.cuda.empty_cache()
         self.graph = torch.cuda.CUDAGraph()
         # grads to None before capture: backward then allocates .grad from the graph's private
         # pool and every replay overwrites (not accumulates) them, as the CUDA-graph docs prescribe
         p.optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(self.graph):
-            self.static_loss = self._body(capture_tail=not fp16)
+        # thread_local: CUDA calls of other threads (the host loader's pin-memory thread, the
+        # memory sampler) must not invalidate the capture; they never touch the captured stream
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.static_loss = graph_body(p, self.static_lq, self.static_hq, with_tail=not fp16)
         torch.cuda.synchronize()
+        self.capture_peak_allocated_bytes = int(torch.cuda.max_memory_allocated())
         _restore(p.model, p.optimizer, snapshot)
         if fp16:
             p.precision.scaler.load_state_dict(scaler_state)  # warm-up moved the scale; undo it
         self.capture_time_s = time.perf_counter() - t0
 
-    def _body(self, capture_tail: bool) -> torch.Tensor:
-        p = self.parts
-        with p.precision.autocast("cuda"):
-            out = p.model(self.static_lq)
-        loss = p.loss_fn(out, self.static_hq)
-        p.precision.scaler.scale(loss).backward()
-        if capture_tail:
-            p.optimizer.step()
-            p.post_step()
-        return loss.detach()
-
-    def _tail(self) -> None:
+    def _scaler_tail(self) -> None:
         p = self.parts
         p.precision.scaler.step(p.optimizer)
         p.precision.scaler.update()
         p.post_step()
 
-    def __call__(self, lq: torch.Tensor, hq: torch.Tensor) -> torch.Tensor:
+    def _copy_inputs(self, lq: torch.Tensor, hq: torch.Tensor) -> None:
         self.static_lq.copy_(lq)
         self.static_hq.copy_(hq)
+
+    @property
+    def static_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The buffers every replay reads its batch from: (low-dose, target)."""
+        return self.static_lq, self.static_hq
+
+    def skip_input_copy(self) -> None:
+        """The loader now gathers each batch straight into `static_inputs`: stop copying them in."""
+        self._fill = _skip_copy
+
+    def __call__(self, lq: torch.Tensor, hq: torch.Tensor) -> torch.Tensor:
+        self._fill(lq, hq)
         self.graph.replay()
-        if self.eager_tail:
-            self._tail()
+        self._tail()
         return self.static_loss.clone()
+
+    def release(self) -> None:
+        """Free the graph and its private memory pool (before a recapture, e.g. after pruning)."""
+        self.parts.optimizer.zero_grad(set_to_none=True)  # the grads live in the graph's pool
+        self.graph.reset()
+        del self.graph, self.static_loss, self.static_lq, self.static_hq
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def _nothing() -> None:
+    return None
+
+
+def _skip_copy(lq: torch.Tensor, hq: torch.Tensor) -> None:
+    return None
 
 
 def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -381,14 +429,23 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, snap: dict) -> 
 
 
 def build_step(cfg: TrainConfig, parts: StepParts, sample: tuple[torch.Tensor, torch.Tensor]) -> tuple[StepFn, dict]:
-    """The train step for `cfg.graphs`, and a record of what building it cost (capture/compile time)."""
+    """The train step for `cfg.graphs`, and a record of what building it cost.
+
+    The record holds `capture_time_s` (CUDA-graph warm-up and capture), `warmup_next_epoch`
+    (torch.compile compiles lazily, so the next epoch pays it and must be marked warm-up)
+    and, for a graph, `capture_peak_allocated_bytes`.
+    The model is put in train mode first: a step captured or compiled from an eval-mode
+    model (e.g. one just loaded by `--init`) would use BatchNorm's running statistics forever.
+    """
+    parts.model.train()
     if cfg.graphs == "cuda-graph":
         g = GraphedStep(parts, *sample)
-        return g, {"capture_time_s": g.capture_time_s}
+        return g, {"capture_time_s": g.capture_time_s, "warmup_next_epoch": False,
+                   "capture_peak_allocated_bytes": g.capture_peak_allocated_bytes}
     if cfg.graphs == "compile":
-        # compilation happens lazily on the first call and is counted in the first epoch
-        return eager_step(parts, torch.compile(parts.model)), {"capture_time_s": 0.0}
-    return eager_step(parts), {"capture_time_s": 0.0}
+        # compilation happens lazily on the first call and is counted in the next epoch (marked warm-up)
+        return eager_step(parts, torch.compile(parts.model)), {"capture_time_s": 0.0, "warmup_next_epoch": True}
+    return eager_step(parts), {"capture_time_s": 0.0, "warmup_next_epoch": False}
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:

@@ -30,6 +30,7 @@ from ddnet.loss import DDNetLoss, slice_metrics
 from ddnet.model import DDNet
 from ddnet.optim import (
     DeviceLoader,
+    GraphedStep,
     HostLoader,
     StepParts,
     build_step,
@@ -240,8 +241,20 @@ class Run:
             self.ddp_model = DDP(model, device_ids=ids)
         parts = StepParts(self.ddp_model, self.loss_fn, self.optimizer, self.precision, self.device,
                           self._post_step())
+        old, self.step = self.step, None
+        self.loader.bind(None)
+        if isinstance(old, GraphedStep):
+            old.release()  # free the old graph's pool before capturing the new one
         sample = next(iter(self.loader.epoch(0)))
+        self.memory.fold_run_peak()  # a capture resets the allocator's peak statistics
         self.step, info = build_step(self.cfg, parts, sample)
+        # DoLL gathers each batch straight into the graph's static inputs: no DtoD copy per step
+        if isinstance(self.step, GraphedStep) and self.loader.bind(self.step.static_inputs):
+            self.step.skip_input_copy()
+        if "capture_peak_allocated_bytes" in info:
+            self.memory.note_graph_peak(info["capture_peak_allocated_bytes"])
+        if info["warmup_next_epoch"]:
+            self.timer.mark_warmup_next()
         return float(info["capture_time_s"])
 
     def _prune(self) -> float:
@@ -548,8 +561,19 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
     dist = dist or Dist()
     out = Path(out_dir)
     check_runnable(cfg)
+    refusal = None
     if dist.main:
-        prepare_out_dir(out, cfg, resume)
+        try:
+            prepare_out_dir(out, cfg, resume)
+        except UserError as e:
+            refusal = str(e)
+    if dist.world > 1:
+        # rank 0 alone judges the folder; every rank must learn its verdict, or the others would
+        # wait forever in the first collective while rank 0 has already left
+        refusal = _from_main(refusal)
+    if refusal is not None:
+        raise UserError(refusal)
+    if dist.main:
         out.mkdir(parents=True, exist_ok=True)
     run = Run(cfg, out, resume, progress, dist)  # data/model errors surface here, before any file
     if dist.main:
@@ -582,6 +606,15 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
                     out / "weights.pt")
         write_json(out / "summary.json", summary)
     return summary
+
+
+def _from_main(value: Any) -> Any:
+    """Rank 0's `value`, on every rank (a pickled broadcast over the process group)."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _ddp_records(run: Run) -> dict[str, Any]:

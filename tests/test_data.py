@@ -398,3 +398,15 @@ def test_bench_data_synth_physics_tif_and_cli_errors(tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # names match: no positional-pairing warning
         load_split(DataConfig(source=str(out)), "train")
+
+
+def test_generation_in_worker_processes_gives_the_same_slices() -> None:
+    from ddnet.data.synthetic import generate, generation_pool
+
+    serial = generate(12, 64, seed=7)
+    with generation_pool(2) as pool:
+        parallel = generate(12, 64, seed=7, pool=pool)
+        offset = generate(5, 64, seed=7, first=3, pool=pool)
+    for a, b in zip(serial, parallel, strict=True):
+        assert np.array_equal(a, b)
+    assert np.array_equal(offset[0], serial[0][3:8]) and np.array_equal(offset[1], serial[1][3:8])

@@ -185,15 +185,36 @@ def test_eval_of_the_original_weights(tmp_path: Path, capsys) -> None:
     assert "original layout" in out
 
 
+def _set_tf32_everywhere() -> None:
+    """What an earlier caller in the process might have left: TF32 on (new API where it exists)."""
+    from ddnet.precision import set_fp32_precision
+
+    set_fp32_precision("tf32")
+
+
+def test_eval_runs_and_records_true_fp32(trained: Path, tmp_path: Path, capsys) -> None:
+    _set_tf32_everywhere()
+    code, _, err = run_cli(["eval", "--checkpoint", str(trained / "ckpt.pt"), "--device", "cpu",
+                            "--out", str(tmp_path / "e")], capsys)
+    assert code == 0, err
+    flags = json.loads((tmp_path / "e" / "eval.json").read_text())["precision_flags"]
+    if flags["tf32_api"] == "fp32_precision":
+        assert flags["cudnn.conv.fp32_precision"] == "ieee" and flags["cuda.matmul.fp32_precision"] == "ieee"
+    else:
+        assert flags["cudnn.allow_tf32"] is False and flags["cuda.matmul.allow_tf32"] is False
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_eval_on_cuda_matches_cpu(trained: Path, tmp_path: Path, capsys) -> None:
     results = {}
     for dev in ("cpu", "cuda"):
+        _set_tf32_everywhere()  # eval must switch TF32 off itself, not rely on an earlier test's flags
         code, _, err = run_cli(["eval", "--checkpoint", str(trained / "ckpt.pt"), "--device", dev,
                                 "--out", str(tmp_path / dev)], capsys)
         assert code == 0, err
         results[dev] = json.loads((tmp_path / dev / "eval.json").read_text())
     assert results["cuda"]["device"] == "cuda"
+    assert results["cuda"]["precision_flags"] == results["cpu"]["precision_flags"]
     for key in ("output_ms_ssim_pct_mean", "output_psnr_db_mean", "input_ms_ssim_pct_mean"):
         assert results["cuda"][key] == pytest.approx(results["cpu"][key], abs=1e-2), key

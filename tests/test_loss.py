@@ -79,3 +79,29 @@ def test_psnr_and_rmse() -> None:
     x = y + 0.1
     assert psnr_per_image(x, y).item() == pytest.approx(20.0, rel=1e-5)
     assert rmse_per_image(x, y, 2048.0).item() == pytest.approx(204.8, rel=1e-5)
+
+
+def test_loss_and_metrics_run_in_true_fp32_whatever_the_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--precision tf32 sets TF32 process-wide; the loss and metrics must still convolve in IEEE fp32."""
+    from ddnet.loss import slice_metrics
+    from ddnet.precision import get_fp32_modes, set_fp32_precision
+
+    seen = []
+    real_conv2d = F.conv2d
+
+    def spy(*args, **kwargs):
+        seen.append(get_fp32_modes())
+        return real_conv2d(*args, **kwargs)
+
+    monkeypatch.setattr(F, "conv2d", spy)  # pytorch_msssim's Gaussian filter calls F.conv2d
+    set_fp32_precision("tf32")
+    try:
+        before = get_fp32_modes()
+        x, y = _pair(64, 0.1)
+        DDNetLoss(64)(x, y)
+        slice_metrics(x, y, torch.ones(2), choose_msssim(64))
+        assert get_fp32_modes() == before  # restored afterwards
+    finally:
+        set_fp32_precision("ieee")
+    ieee = get_fp32_modes()
+    assert seen and all(m == ieee for m in seen), seen

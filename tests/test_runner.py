@@ -198,6 +198,22 @@ def test_failed_and_crashed_cells_are_recorded_and_the_grid_goes_on(tmp_path, fa
     assert [r["epoch"] for r in read_jsonl(out / results[2].folder / "epochs.jsonl")] == [1, 2]
 
 
+def test_a_cell_past_its_timeout_is_stopped_recorded_and_resumable(tmp_path, fake, monkeypatch):
+    cmd, launched = fake
+    monkeypatch.setenv("FAKE_EPOCH_S", "0.4")
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    results = run_grid(make_grid(2), out, Overrides(epochs=50), command=cmd, console=quiet(), cell_timeout_s=1.5)
+    assert time.monotonic() - t0 < 60  # 2 x 50 epochs x 0.4 s would take 40 s; each stops after ~1.5 s
+    assert [r.status for r in results] == ["failed", "failed"]
+    s = read_json(out / results[0].folder / "summary.json")
+    assert "--cell-timeout of 1.5 s" in s["error"] and 1 <= s["epochs_completed"] < 50
+    monkeypatch.setenv("FAKE_EPOCH_S", "0")
+    retried = run_grid(make_grid(2), out, Overrides(epochs=50), command=cmd, console=quiet(), retry_failed=True)
+    assert [r.status for r in retried] == ["ok", "ok"] and launched()[-1]["resume"] is True
+    assert [r["epoch"] for r in read_jsonl(out / results[0].folder / "epochs.jsonl")] == list(range(1, 51))
+
+
 def test_cells_this_machine_cannot_run_are_recorded_as_skipped(tmp_path, fake, monkeypatch):
     import bench.runner as runner
 

@@ -21,7 +21,7 @@ import torch
 from ddnet.config import DataConfig
 from ddnet.data.errors import DataError
 from ddnet.data.readers import check_shape, read_split
-from ddnet.data.synthetic import generate
+from ddnet.data.synthetic import generate, generation_pool, pool_workers
 
 __all__ = ["DataError", "SliceDataset", "SliceSet", "load_split", "normalise", "split_seed"]
 
@@ -132,7 +132,9 @@ def _synthetic(cfg: DataConfig, split: str) -> tuple[np.ndarray, np.ndarray, lis
     if n < 1:
         flag = "--n-train" if split == "train" else "--n-val"
         raise DataError(f"the synthetic {split} split would be empty; set {flag} to at least 1.")
-    lq, hq = generate(n, size, split_seed(cfg.data_seed, split), cfg.synth_mode, cfg.dose, cfg.phantom)
+    with generation_pool(pool_workers(n, size, cfg.synth_mode)) as pool:  # every core: 512 px slices are slow
+        lq, hq = generate(n, size, split_seed(cfg.data_seed, split), cfg.synth_mode, cfg.dose, cfg.phantom,
+                          pool=pool)
     return lq, hq, [f"synth_{i:06d}" for i in range(n)], f"synthetic:{cfg.synth_mode}:{cfg.phantom}"
 
 

@@ -1,0 +1,238 @@
+"""The optimizations of `ddnet.optim`: capture safety of the graphed step, train mode at build,
+DoLL's gather into bound buffers, the compile warm-up flag, and their GPU behaviour."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.optim.adam as adam_mod
+import torch.optim.optimizer as optimizer_mod
+from torch.profiler import ProfilerActivity, profile
+
+from ddnet.config import DataConfig, ModelConfig, TrainConfig
+from ddnet.loss import DDNetLoss, _product
+from ddnet.model import DDNet
+from ddnet.optim import DeviceLoader, StepParts, build_step, graph_body, make_optimizer, setup_precision
+from ddnet.sparsity import topk_prune_
+
+TINY = ModelConfig(base_width=4, growth=4, bottleneck=8)
+SYNC_OPS = ("aten::item", "aten::_local_scalar_dense")
+CPU = torch.device("cpu")
+
+
+def _cfg(**changes) -> TrainConfig:
+    cfg = TrainConfig(model=TINY, data=DataConfig(image_size=64, n_train=8, n_val=4), batch_size=2,
+                      lr=1e-3, device="cpu", num_workers=0)
+    return cfg.replace(**changes) if changes else cfg
+
+
+@pytest.fixture
+def capturable_adam_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let `Adam(capturable=True)` run on a CPU: its capturable code path is what a CUDA graph holds."""
+    original = optimizer_mod._get_capturable_supported_devices
+
+    def with_cpu(supports_xla: bool = True) -> list[str]:
+        return [*original(supports_xla), "cpu"]
+
+    monkeypatch.setattr(optimizer_mod, "_get_capturable_supported_devices", with_cpu)
+    if hasattr(adam_mod, "_get_capturable_supported_devices"):
+        monkeypatch.setattr(adam_mod, "_get_capturable_supported_devices", with_cpu)
+
+
+def _host_syncs(fn) -> list[str]:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in prof.events() if e.name in SYNC_OPS]
+
+
+def _graph_parts(precision: str, masked: bool) -> tuple[StepParts, torch.Tensor, torch.Tensor]:
+    cfg = _cfg(precision=precision, graphs="cuda-graph")  # the optimizer a graph gets: capturable Adam
+    torch.manual_seed(0)
+    model = DDNet(cfg.model)
+    masks = topk_prune_(model, 0.5) if masked else None
+
+    def post() -> None:
+        if masks is not None:
+            masks.apply_(model)
+
+    parts = StepParts(model, DDNetLoss(64), make_optimizer(model, cfg, CPU), setup_precision(cfg, CPU), CPU, post)
+    lq, hq = torch.rand(2, 1, 64, 64), torch.rand(2, 1, 64, 64)
+    return parts, lq, hq
+
+
+# ------------------------------------------------------------------- capture safety
+
+
+def test_product_equals_torch_prod_in_value_and_gradient() -> None:
+    base = torch.rand(5, 3, 1, dtype=torch.float64) + 0.05
+    a = base.clone().requires_grad_(True)
+    b = base.clone().requires_grad_(True)
+    torch.prod(a, dim=0).sum().backward()
+    _product(b).sum().backward()
+    torch.testing.assert_close(_product(base), torch.prod(base, dim=0))
+    torch.testing.assert_close(b.grad, a.grad)
+
+
+def test_the_sync_detector_sees_torch_prod() -> None:
+    # the check below is only worth something if it can fail: torch.prod's backward reads on the host
+    x = torch.rand(4, 3, requires_grad=True)
+    assert _host_syncs(lambda: torch.prod(x, dim=0).sum().backward())
+
+
+@pytest.mark.parametrize(("precision", "masked"), [("fp32", False), ("amp-bf16", False), ("fp32", True)])
+def test_captured_step_body_never_syncs_with_the_host(capturable_adam_on_cpu, precision: str,
+                                                      masked: bool) -> None:
+    parts, lq, hq = _graph_parts(precision, masked)
+    parts.optimizer.zero_grad(set_to_none=True)
+    graph_body(parts, lq, hq, with_tail=True)  # warm-up: lazily made state (window cache, Adam state)
+    parts.optimizer.zero_grad(set_to_none=True)
+    syncs = _host_syncs(lambda: graph_body(parts, lq, hq, with_tail=True))
+    assert syncs == [], f"host syncs inside the captured step: {syncs}"
+
+
+def test_captured_step_body_trains(capturable_adam_on_cpu) -> None:
+    parts, lq, hq = _graph_parts("fp32", masked=True)
+    losses = []
+    for _ in range(6):
+        parts.optimizer.zero_grad(set_to_none=True)
+        losses.append(float(graph_body(parts, lq, hq, with_tail=True)))
+    assert losses[-1] < losses[0]
+    w = parts.model.stem.conv.weight
+    assert 0.45 < float((w == 0).float().mean()) < 0.55  # the masks were re-applied every step
+
+
+# ------------------------------------------------------------------- build time
+
+
+@pytest.mark.parametrize("graphs", ["off", "compile"])
+def test_build_step_puts_the_model_in_train_mode(graphs: str) -> None:
+    cfg = _cfg(graphs=graphs)
+    model = DDNet(cfg.model).eval()  # e.g. just loaded by --init
+    parts = StepParts(model, DDNetLoss(64), make_optimizer(model, cfg, CPU), setup_precision(cfg, CPU), CPU,
+                      lambda: None)
+    _, info = build_step(cfg, parts, (torch.rand(2, 1, 64, 64), torch.rand(2, 1, 64, 64)))
+    assert all(m.training for m in model.modules())
+    assert info["warmup_next_epoch"] is (graphs == "compile")
+
+
+def test_init_model_trains_in_train_mode(tmp_path: Path) -> None:
+    from ddnet.trainer import Dist, Run, train
+
+    train(_cfg(epochs=1), tmp_path / "a", progress=False)
+    run = Run(_cfg(init=str(tmp_path / "a" / "weights.pt")), tmp_path / "b", False, False, Dist())
+    assert not run.model.training  # the loader hands the weights over in eval mode
+    run._build_step()
+    assert all(m.training for m in run.model.modules())
+
+
+def test_device_loader_gathers_into_bound_buffers() -> None:
+    cfg = _cfg(batch_size=4)
+    lq = torch.rand(12, 1, 16, 16).contiguous(memory_format=torch.channels_last)
+    hq = torch.rand(12, 1, 16, 16).contiguous(memory_format=torch.channels_last)
+    loader = DeviceLoader(lq, hq, cfg)
+    fresh = [(a.clone(), b.clone()) for a, b in loader.epoch(3)]
+    buf = (torch.empty_like(lq[:4]), torch.empty_like(hq[:4]))
+    ptrs = (buf[0].data_ptr(), buf[1].data_ptr())
+    assert loader.bind(buf) is True
+    for (a, b), (fa, fb) in zip(loader.epoch(3), fresh, strict=True):
+        assert a is buf[0] and b is buf[1]  # the very buffers: no copy after the gather
+        assert (a.data_ptr(), b.data_ptr()) == ptrs
+        assert torch.equal(a, fa) and torch.equal(b, fb)
+    loader.bind(None)
+    assert next(loader.epoch(3))[0] is not buf[0]
+
+
+# ----------------------------------------------------------------------------- GPU
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _gpu_cfg(**changes) -> TrainConfig:
+    cfg = TrainConfig(model=TINY, data=DataConfig(image_size=64, n_train=40, n_val=4), batch_size=4,
+                      epochs=2, lr=1e-3, device="cuda", num_workers=0)
+    return cfg.replace(**changes)
+
+
+def _gpu_run(tmp_path: Path, **changes):
+    from ddnet.trainer import Dist, Run
+
+    run = Run(_gpu_cfg(**changes), tmp_path, False, False, Dist())
+    run._build_step()
+    return run
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_doll_feeds_a_graph_without_a_device_copy(tmp_path: Path) -> None:
+    from bench.collectors import profile_copies
+
+    run = _gpu_run(tmp_path, loader="device", graphs="cuda-graph")
+    batches = run.loader.epoch(1)
+    lq, _ = next(batches)
+    assert lq is run.step.static_inputs[0]  # gathered straight into the graph's input buffer
+
+    def steps(k: int) -> None:
+        for _ in range(k):
+            run.step(*next(batches))
+
+    copies = profile_copies(steps, n_steps=4, out_dir=None, device=run.device)
+    batch_bytes = lq.numel() * lq.element_size()
+    assert copies["copies_DtoD_bytes"] < batch_bytes, copies  # a batch copy would be >= one batch
+    assert copies["copies_HtoD_bytes"] < batch_bytes, copies
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_graph_memory_peak_counts_the_activations(tmp_path: Path) -> None:
+    from ddnet.trainer import train
+
+    peaks = {}
+    for graphs in ("off", "cuda-graph"):
+        summary = train(_gpu_cfg(loader="device", graphs=graphs, **{"model.base_width": 16, "model.growth": 16,
+                                                                     "model.bottleneck": 64}),
+                        tmp_path / graphs, progress=False)
+        peaks[graphs] = summary["memory"]
+    assert peaks["cuda-graph"]["mem_allocator_peak_allocated_source"].startswith("max(")
+    # the graph holds the same activations as eager (and some warm-up extras): never far below it
+    ratio = peaks["cuda-graph"]["mem_allocator_peak_allocated_gib"] / peaks["off"]["mem_allocator_peak_allocated_gib"]
+    assert ratio > 0.8, peaks
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_recapture_frees_the_old_graph_pool(tmp_path: Path) -> None:
+    run = _gpu_run(tmp_path, loader="device", graphs="cuda-graph",
+                   **{"model.base_width": 16, "model.growth": 16, "model.bottleneck": 64})
+    torch.cuda.synchronize()
+    first = torch.cuda.memory_reserved()
+    for _ in range(3):
+        run._build_step()
+    torch.cuda.synchronize()
+    # without release() every capture would keep its pool: reserved would grow by one pool each time
+    assert torch.cuda.memory_reserved() <= first * 1.25 + 64 * 2**20
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_init_then_graph_captures_batchnorm_in_train_mode(tmp_path: Path) -> None:
+    from ddnet.trainer import train
+
+    train(_gpu_cfg(epochs=1), tmp_path / "a", progress=False)
+    run = _gpu_run(tmp_path / "b", loader="device", graphs="cuda-graph", init=str(tmp_path / "a" / "weights.pt"))
+    bn = run.model.stem.bn
+    before = bn.running_mean.clone()
+    run.step(*next(run.loader.epoch(1)))
+    torch.cuda.synchronize()
+    assert not torch.equal(bn.running_mean, before)  # train-mode BN updates its running statistics
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_graph_captures_beside_host_loader_workers(tmp_path: Path) -> None:
+    from ddnet.trainer import train
+
+    # pinned-memory thread and workers alive during capture: thread-local capture mode keeps them out
+    summary = train(_gpu_cfg(loader="host", graphs="cuda-graph", num_workers=2), tmp_path, progress=False)
+    assert summary["status"] == "ok" and summary["epochs_completed"] == 2
