@@ -729,7 +729,8 @@ def _git(repo: Path, *args: str) -> str | None:
 def git_state(repo: Path | None = None) -> dict[str, Any]:
     """Commit and dirty flag of the checkout this package lives in; None values if it is not one."""
     repo = Path(repo) if repo is not None else Path(__file__).resolve().parents[1]
-    state: dict[str, Any] = {"git_commit": None, "git_dirty": None, "git_dirty_files": None}
+    state: dict[str, Any] = {"git_commit": None, "git_dirty": None, "git_dirty_files": None,
+                             "git_commit_source": None}
     top = _git(repo, "rev-parse", "--show-toplevel")
     # An installed (non-editable) copy may sit inside some unrelated repository: only trust our own.
     if top is None or Path(top.strip()).resolve() != repo.resolve():
@@ -743,6 +744,7 @@ def git_state(repo: Path | None = None) -> dict[str, Any]:
     if commit is None:
         return state
     state["git_commit"] = commit.strip()
+    state["git_commit_source"] = "git"
     if status is not None:
         # Untracked, non-ignored files count: new code that the commit does not hold.
         lines = [ln[3:] for ln in status.splitlines() if ln.strip()]

@@ -306,9 +306,15 @@ def test_environment_reads_flags_without_setting_them() -> None:
         torch.set_float32_matmul_precision(old)
 
 
-def test_git_state_outside_a_checkout(tmp_path: Path) -> None:
+def test_git_state_outside_a_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DDNET_BENCH_GIT_COMMIT", raising=False)
     s = collectors.git_state(tmp_path)
-    assert s == {"git_commit": None, "git_dirty": None, "git_dirty_files": None}
+    assert s == {"git_commit": None, "git_dirty": None, "git_dirty_files": None, "git_commit_source": None}
+    # a copy of the tree without .git (a GPU box, a cluster's scratch) can be told its commit
+    monkeypatch.setenv("DDNET_BENCH_GIT_COMMIT", "abc123")
+    s = collectors.git_state(tmp_path)
+    assert s["git_commit"] == "abc123" and s["git_commit_source"] == "DDNET_BENCH_GIT_COMMIT"
+    assert s["git_dirty"] is None
 
 
 def test_fingerprint_changes_with_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:

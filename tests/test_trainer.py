@@ -312,7 +312,13 @@ def test_graphed_step_matches_eager(tmp_path: Path, precision: str, rel: float, 
                                tmp_path / "e")
     graphed = _losses_over_steps(_gpu_cfg(precision=precision, loader="device", graphs="cuda-graph",
                                           channels_last=channels_last), tmp_path / "g")
-    assert graphed == pytest.approx(eager, rel=rel)
+    # the loss before any update and after the first one: the same arithmetic, so equal to rounding
+    assert graphed[:2] == pytest.approx(eager[:2], rel=rel)
+    # later steps drift apart: Adam's first updates are about lr * sign(grad), so a rounding difference
+    # in a near-zero gradient (cuDNN's backward is not deterministic) flips a whole lr step. Seen on an
+    # H200 (tiny net, lr 1e-3): 0.04 % at step 3, up to 2.7 % (fp32) and 6.5 % (bf16) at step 5
+    assert graphed == pytest.approx(eager, rel=0.1)
+    assert graphed[-1] < graphed[0] and eager[-1] < eager[0]
 
 
 @pytest.mark.gpu
