@@ -1,6 +1,8 @@
 """`bench train`: one training run into one folder.
 
-Every option maps onto a field of `ddnet.config.TrainConfig`. `--config
+Every option is generated from a field of `ddnet.config.TrainConfig` (flag,
+type, help from the field's docstring, choices from its `Literal`, default and
+unit): a new toggle is a new field there and appears here by itself. `--config
 FILE.json` loads a whole config (what `bench run` writes per cell); options
 given explicitly on the command line override it. `--nproc N` starts N
 replicas (DistributedDataParallel; NCCL on GPUs, gloo on CPUs); under
@@ -9,28 +11,61 @@ replicas (DistributedDataParallel; NCCL on GPUs, gloo on CPUs); under
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import socket
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import typer
 
-from ddnet.config import ConfigError, TrainConfig, check_static
+from bench.training import train
+from ddnet.config import ConfigError, ConfigField, TrainConfig, check_runnable, config_fields, resolve_device
 from ddnet.errors import UserError
+from ddnet.trainer import Dist, TrainingFailed
 
 EXIT_FAILED = 3  # training itself failed (NaN loss, OOM, crash); the folder records why
 
 
-def _dense_epochs(value: str | None) -> int | str | None:
-    if value is None or value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"--dense-epochs {value!r} must be an integer or 'auto'.") from None
+def _option(field: ConfigField) -> tuple[inspect.Parameter, Any]:
+    """A typer option for one config field: its flag, type, help with choices, unit and default."""
+    name = field.flag.lstrip("-").replace("-", "_")
+    help_text = field.doc
+    if field.choices and typing.get_origin(field.type) is typing.Literal:
+        help_text += f" One of: {', '.join(field.choices)}."
+    elif field.choices:  # int or 'auto'
+        help_text += f" An integer or {', '.join(field.choices)}."
+    default = "none" if field.default is None else field.default
+    unit = f" {field.unit}" if field.unit else ""
+    help_text += f"  \\[default: {default}{unit}]"  # escaped: typer's rich help would read [..] as markup
+    if field.type is bool:
+        decl = (f"{field.flag}/--no-{field.flag[2:]}",)
+        typ: Any = bool | None
+    else:
+        decl = (field.flag,)
+        typ = {int: int, float: float}.get(field.type, str) | None
+    opt = typer.Option(None, *decl, help=help_text, show_default=False)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=typ), typ
+
+
+def _convert(field: ConfigField, value: Any) -> Any:
+    """Command-line text to the field's value where typer cannot do it (int or 'auto')."""
+    if field.choices and value not in field.choices and int in typing.get_args(field.type):
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{field.flag} {value!r} must be an integer or one of "
+                              f"{', '.join(field.choices)}.") from None
+    return value
+
+
+FIELDS = config_fields()
 
 
 def build_config(config: Path | None, overrides: dict[str, Any]) -> TrainConfig:
@@ -45,67 +80,48 @@ def build_config(config: Path | None, overrides: dict[str, Any]) -> TrainConfig:
         except json.JSONDecodeError as e:
             raise UserError(f"--config {config} is not valid JSON ({e.msg} at line {e.lineno}).") from None
     given = {k: v for k, v in overrides.items() if v is not None}
-    if given:
-        cfg = cfg.replace(**given)
-    check_static(cfg)
-    return cfg
+    return cfg.replace(**given) if given else cfg
 
 
-def train_cmd(
-    out: Path = typer.Option(..., "--out", help="Run folder to write (config.json, env.json, epochs.jsonl, ...)."),
-    config: Path | None = typer.Option(None, "--config", help="JSON TrainConfig to start from."),
-    precision: str | None = typer.Option(None, help="fp32 | tf32 | amp-fp16 | amp-bf16  [default: fp32]"),
-    loader: str | None = typer.Option(None, help="host (DataLoader) | device (DoLL)  [default: host]"),
-    graphs: str | None = typer.Option(None, help="off | cuda-graph | compile  [default: off]"),
-    channels_last: bool | None = typer.Option(None, "--channels-last/--no-channels-last",
-                                              help="channels_last memory format."),
-    sparsity: str | None = typer.Option(None, help="none | random | structured | topk  [default: none]"),
-    amount: float | None = typer.Option(None, help="Fraction pruned  [default: 0.5]"),
-    pattern: str | None = typer.Option(None, help="unstructured | 2:4  [default: unstructured]"),
-    scope: str | None = typer.Option(None, help="topk: layer | global  [default: layer]"),
-    dense_epochs: str | None = typer.Option(None, help="Dense epochs before pruning, or 'auto'  [default: 0]"),
-    epochs: int | None = typer.Option(None, help="Total epochs  [default: 50]"),
-    batch_size: int | None = typer.Option(None, help="Global batch size  [default: 32]"),
-    lr: float | None = typer.Option(None, help="Adam learning rate  [default: 1e-4]"),
-    data: str | None = typer.Option(None, help="'synthetic' or a folder with {train,val,test}/{HQ,LQ}/"),
-    image_size: int | None = typer.Option(None, help="Synthetic slice side, divisible by 16  [default: 128]"),
-    n_train: int | None = typer.Option(None, help="Synthetic training slices  [default: 64]"),
-    n_val: int | None = typer.Option(None, help="Synthetic validation slices  [default: 16]"),
-    synth_mode: str | None = typer.Option(None, help="Synthetic low-dose model: fast | physics  [default: fast]"),
-    normalisation: str | None = typer.Option(None, help="window | minmax  [default: window]"),
-    base_width: int | None = typer.Option(None, help="DDNet base width  [default: 16, the paper's]"),
-    device: str | None = typer.Option(None, help="auto | cpu | cuda  [default: auto]"),
-    seed: int | None = typer.Option(None, help="Seed of weights, shuffling and pruning  [default: 0]"),
-    nproc: int | None = typer.Option(None, help="Replicas (DDP)  [default: 1]"),
-    num_workers: int | None = typer.Option(None, help="DataLoader workers (host loader)  [default: 2]"),
-    profile_steps: int | None = typer.Option(None, help="Steps of the profiled data-movement window  [default: 0]"),
-    init: str | None = typer.Option(None, "--init", help="Start from this checkpoint (ours or the original layout)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an unfinished run in --out from its checkpoint."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
-) -> None:
+def train_cmd(**options: Any) -> None:
     """Train DDNet once and write the run folder."""
-    overrides = {
-        "precision": precision, "loader": loader, "graphs": graphs, "channels_last": channels_last,
-        "sparsity.kind": sparsity, "sparsity.amount": amount, "sparsity.pattern": pattern,
-        "sparsity.scope": scope, "sparsity.dense_epochs": _dense_epochs(dense_epochs),
-        "epochs": epochs, "batch_size": batch_size, "lr": lr, "data.source": data,
-        "data.image_size": image_size, "data.n_train": n_train, "data.n_val": n_val,
-        "data.synth_mode": synth_mode, "data.normalisation": normalisation, "model.base_width": base_width,
-        "device": device, "seed": seed, "nproc": nproc, "num_workers": num_workers,
-        "profile_steps": profile_steps, "init": init,
-    }
-    cfg = build_config(config, overrides)
+    by_name = {f.flag.lstrip("-").replace("-", "_"): f for f in FIELDS}
+    overrides = {by_name[k].path: _convert(by_name[k], v) for k, v in options.items()
+                 if k in by_name and v is not None}
+    cfg = build_config(options["config"], overrides)
     if cfg.init is not None and not Path(cfg.init).is_file():
         raise UserError(f"--init {cfg.init} does not exist; pass a checkpoint file (ckpt.pt, weights.pt or "
                         "an original DDNet state dict).")
-    run_training(cfg, out, resume=resume, progress=not quiet)
+    run_training(cfg, options["out"], resume=options["resume"], progress=not options["quiet"])
+
+
+def _signature() -> tuple[inspect.Signature, dict[str, Any]]:
+    """train_cmd's parameters: the run folder and run options, then one option per config field."""
+    kw = inspect.Parameter.KEYWORD_ONLY
+    params = [
+        inspect.Parameter("out", kw, annotation=Path, default=typer.Option(
+            ..., "--out", help="Run folder to write (config.json, env.json, epochs.jsonl, summary.json, ...).")),
+        inspect.Parameter("config", kw, annotation=Path | None, default=typer.Option(
+            None, "--config", help="JSON TrainConfig to start from; options given here override it.")),
+    ]
+    annotations: dict[str, Any] = {"out": Path, "config": Path | None}
+    for field in FIELDS:
+        param, typ = _option(field)
+        params.append(param)
+        annotations[param.name] = typ
+    for name, flag_, text in (("resume", "--resume", "Continue an unfinished run in --out from its checkpoint."),
+                              ("quiet", "--quiet", "No progress bar.")):
+        params.append(inspect.Parameter(name, kw, annotation=bool, default=typer.Option(False, flag_, help=text)))
+        annotations[name] = bool
+    annotations["return"] = None
+    return inspect.Signature(params), annotations
+
+
+train_cmd.__signature__, train_cmd.__annotations__ = _signature()  # type: ignore[attr-defined]
 
 
 def run_training(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True) -> None:
     """Run in this process, under torchrun, or spawn `cfg.nproc` replicas; exit 3 if training failed."""
-    from ddnet.config import check_runnable
-    from ddnet.trainer import Dist, TrainingFailed, train
-
     check_runnable(cfg)  # refuse before spawning anything
     try:
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
@@ -137,9 +153,6 @@ def _free_port() -> int:
 
 
 def _init_group(rank: int, world: int, cuda: bool) -> None:
-    import torch
-    import torch.distributed as dist
-
     if not cuda:
         # replicas share the cores: without this each would start one thread per core
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -152,8 +165,6 @@ def _init_group(rank: int, world: int, cuda: bool) -> None:
 def _leave_group() -> None:
     """Leave the process group together: a rank that tears gloo down while rank 0 still writes the
     run folder can abort at exit ("terminate called without an active exception")."""
-    import torch.distributed as dist
-
     try:
         dist.barrier()
     finally:
@@ -162,9 +173,6 @@ def _leave_group() -> None:
 
 def _replica(cfg: TrainConfig, out: Path, resume: bool, progress: bool, rank: int, world: int) -> None:
     """One DDP replica: join the group, train, leave together. Only rank 0 prints and writes."""
-    from ddnet.config import resolve_device
-    from ddnet.trainer import Dist, train
-
     _init_group(rank, world, resolve_device(cfg.device) == "cuda")
     try:
         summary = train(cfg, out, resume=resume, progress=progress and rank == 0, dist=Dist(rank, world))
@@ -182,10 +190,6 @@ def _worker(rank: int, cfg_dict: dict, out: str, resume: bool, progress: bool, p
 
 
 def _spawn(cfg: TrainConfig, out: Path, resume: bool, progress: bool) -> None:
-    import torch.multiprocessing as mp
-
-    from ddnet.trainer import TrainingFailed
-
     try:
         mp.start_processes(_worker, args=(cfg.to_dict(), str(out), resume, progress, _free_port()),
                            nprocs=cfg.nproc, start_method="spawn")

@@ -1,16 +1,30 @@
-"""One typed configuration for a training run.
+"""One typed configuration for a training run: every toggle is declared here, once.
 
-Every toggle of DESIGN.md is a field here; the CLI's options map onto these
-fields one to one and a grid in ablations/ is a function that returns a list
-of `TrainConfig`. Impossible combinations are refused by `check_runnable`
-with one line that names the reason and the fix, before any training starts.
+Every toggle of DESIGN.md is a field of `TrainConfig` (or of its model, data
+and sparsity parts); the choices of a `Literal` field are derived from the
+`Literal` itself (`choices`), the command line's options, help texts and
+defaults are generated from these fields (`ddnet.config_fields`, used by
+`bench train`), a grid in ablations/ is a function that returns
+`TrainConfig`s, and the report reads its settings back with
+`TrainConfig.from_dict(..., lenient=True)`.
+
+Any `TrainConfig` that exists is valid: `__post_init__` checks types, ranges
+and combinations and raises `ConfigError` with one line that names the fix.
+What depends on the machine (a CUDA device, enough GPUs) is checked once, at
+process entry, by `check_runnable`.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
+import inspect
 import json
+import math
+import textwrap
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,73 +41,115 @@ Normalisation = Literal["window", "minmax"]
 SynthMode = Literal["physics", "fast"]
 Phantom = Literal["chest", "shepp-logan", "ellipses"]
 
-PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "amp-fp16", "amp-bf16")
-LOADERS: tuple[str, ...] = ("host", "device")
-GRAPHS: tuple[str, ...] = ("off", "cuda-graph", "compile")
-SPARSITIES: tuple[str, ...] = ("none", "random", "structured", "topk")
-PATTERNS: tuple[str, ...] = ("unstructured", "2:4")
+
+def choices(literal: Any) -> tuple[str, ...]:
+    """The values a `Literal[...]` type allows, in declaration order."""
+    return tuple(typing.get_args(literal))
 
 
 class ConfigError(UserError):
     """A configuration that cannot run; the message names the reason and the fix."""
 
 
+def flag(name: str | None = None, unit: str = "", cli: bool = True) -> dict[str, Any]:
+    """Field metadata: the command-line flag (default: --field-name), the unit shown in help, exposed or not."""
+    return {"flag": name, "unit": unit, "cli": cli}
+
+
 @dataclass
 class ModelConfig:
     """Widths of DDNet. The defaults are the paper's network (566,451 parameters)."""
 
-    base_width: int = 16
+    base_width: int = field(default=16, metadata=flag(unit="channels"))
     """Channels of the stem, of every transition output and of each decoder stage."""
-    growth: int = 16
+    growth: int = field(default=16, metadata=flag(unit="channels"))
     """Channels each dense layer adds (its 5x5 conv output)."""
-    bottleneck: int = 64
+    bottleneck: int = field(default=64, metadata=flag(unit="channels"))
     """Output channels of the 1x1 bottleneck conv inside each dense layer."""
-    layers_per_block: int = 4
+    layers_per_block: int = field(default=4, metadata=flag(unit="layers"))
     """Composite layers per dense block (the paper's 'five layers' counts the input)."""
+
+    def __post_init__(self) -> None:
+        _check_types(self, "model.")
+        for name in ("base_width", "growth", "bottleneck", "layers_per_block"):
+            _at_least(self, name, 1)
 
 
 @dataclass
 class DataConfig:
     """Where the slices come from and how they are normalised."""
 
-    source: str = "synthetic"
-    """'synthetic' to generate phantoms on the fly, or a folder holding {train,val,test}/{HQ,LQ}/."""
-    image_size: int = 128
+    source: str = field(default="synthetic", metadata=flag("--data"))
+    """'synthetic' to generate phantoms, or a folder holding {train,val,test}/{HQ,LQ}/."""
+    image_size: int = field(default=128, metadata=flag(unit="px"))
     """Side of the (square) synthetic slices; must be divisible by 16. Ignored for real data."""
-    n_train: int = 64
+    n_train: int = field(default=64, metadata=flag(unit="slices"))
     """Synthetic training slices."""
-    n_val: int = 16
+    n_val: int = field(default=16, metadata=flag(unit="slices"))
     """Synthetic validation slices."""
     synth_mode: SynthMode = "fast"
     """'physics': projection, Poisson + electronic noise, FBP; 'fast': image-domain correlated noise."""
-    dose: float = 0.25
+    dose: float = field(default=0.25, metadata=flag(unit="fraction of full dose"))
     """Dose fraction of the simulated low-dose scan (0.25 = quarter dose)."""
     phantom: Phantom = "chest"
     """Kind of synthetic phantom."""
     normalisation: Normalisation = "window"
     """'window': fixed HU window to [0, 1]; 'minmax': per-image min-max to [0, 1] (the paper's choice)."""
-    hu_window: tuple[float, float] = (-1024.0, 1024.0)
+    hu_window: tuple[float, float] = field(default=(-1024.0, 1024.0), metadata=flag(cli=False))
     """HU range mapped to [0, 1] when normalisation is 'window' (values outside are clipped)."""
     data_seed: int = 1234
     """Seed of the synthetic generator (independent of the training seed)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.hu_window, list):
+            self.hu_window = tuple(self.hu_window)
+        _check_types(self, "data.")
+        if not self.source:
+            raise ConfigError("--data is empty; use --data synthetic or a data folder.")
+        for name in ("image_size", "n_train", "n_val"):
+            _at_least(self, name, 1)
+        if self.source == "synthetic" and self.image_size % 16:
+            raise ConfigError(f"--image-size {self.image_size} must be divisible by 16 (four 2x poolings).")
+        if not 0.0 < self.dose <= 1.0:
+            raise ConfigError(f"--dose {self.dose} must be in (0, 1] (0.25 = quarter dose).")
+        lo, hi = self.hu_window
+        if not lo < hi:
+            raise ConfigError(f"hu_window {self.hu_window} must be (low, high) with low < high.")
+        _at_least(self, "data_seed", 0)
 
 
 @dataclass
 class SparsityConfig:
     """Pruning and the hybrid dense-then-sparse schedule."""
 
-    kind: SparsityKind = "none"
+    kind: SparsityKind = field(default="none", metadata=flag("--sparsity"))
     """none, random (unstructured), structured (channels removed for real), topk (magnitude)."""
-    amount: float = 0.5
+    amount: float = field(default=0.5, metadata=flag(unit="fraction"))
     """Fraction pruned: of each layer's weights (random, topk) or of prunable channels (structured)."""
     pattern: Pattern = "unstructured"
     """'2:4': in every 4 consecutive weights along the input-channel dimension exactly 2 are zero."""
     scope: Scope = "layer"
     """topk only: 'layer' prunes `amount` of each layer, 'global' ranks all layers together."""
-    dense_epochs: int | Literal["auto"] = 0
+    dense_epochs: int | Literal["auto"] = field(default=0, metadata=flag(unit="epochs"))
     """Dense epochs before pruning (0 prunes before training, the paper's Table 1); 'auto' uses the loss."""
-    auto_patience: int = 3
+    auto_patience: int = field(default=3, metadata=flag(unit="epochs"))
     """'auto': epochs the loss change must stay within one order of magnitude before switching."""
+
+    def __post_init__(self) -> None:
+        _check_types(self, "sparsity.")
+        if not 0.0 <= self.amount < 1.0:
+            raise ConfigError(f"--amount {self.amount} must be in [0, 1).")
+        if self.dense_epochs != "auto":
+            _at_least(self, "dense_epochs", 0)
+        _at_least(self, "auto_patience", 1)
+        if self.pattern == "2:4" and self.kind == "structured":
+            raise ConfigError("--pattern 2:4 applies to random and topk pruning; use --pattern unstructured.")
+        if self.pattern == "2:4" and self.kind != "none" and self.amount != 0.5:
+            raise ConfigError("--pattern 2:4 prunes exactly half; use --amount 0.5.")
+        if self.scope == "global" and self.pattern == "2:4":
+            raise ConfigError("--pattern 2:4 fixes the zeros per group, so it cannot rank globally; use --scope layer.")
+        if self.scope == "global" and self.kind != "topk":
+            raise ConfigError("global scope ranks magnitudes, so it needs --sparsity topk.")
 
 
 @dataclass
@@ -103,13 +159,13 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
-    epochs: int = 50
+    epochs: int = field(default=50, metadata=flag(unit="epochs"))
     """Total epochs (dense + sparse)."""
-    batch_size: int = 32
+    batch_size: int = field(default=32, metadata=flag(unit="slices"))
     """Global batch size (split across replicas under DDP)."""
     lr: float = 1e-4
     """Adam learning rate."""
-    gamma: float = 0.95
+    gamma: float = field(default=0.95, metadata=flag(unit="per epoch"))
     """ExponentialLR decay, stepped once per epoch."""
     seed: int = 0
     """Seed of weights, shuffling and pruning."""
@@ -123,20 +179,40 @@ class TrainConfig:
     """off: eager; cuda-graph: whole step captured with torch.cuda.graph; compile: torch.compile."""
     channels_last: bool = False
     """Use the channels_last memory format for model and inputs."""
-    num_workers: int = 2
+    num_workers: int = field(default=2, metadata=flag(unit="processes"))
     """DataLoader workers for the host loader."""
-    nproc: int = 1
+    nproc: int = field(default=1, metadata=flag(unit="processes"))
     """Replicas (DistributedDataParallel); 1 trains in this process."""
-    warmup_epochs: int = 1
+    warmup_epochs: int = field(default=1, metadata=flag(unit="epochs"))
     """Epochs marked as warm-up in the timing records (still trained and logged)."""
-    profile_steps: int = 0
+    profile_steps: int = field(default=0, metadata=flag(unit="steps"))
     """Steps of the dedicated profiled window for data-movement figures (0: no profiling)."""
-    checkpoint_every: int = 1
+    checkpoint_every: int = field(default=1, metadata=flag(unit="epochs"))
     """Write a resumable checkpoint every N epochs (and always at the end)."""
-    init: str | None = None
+    init: str | None = field(default=None, metadata=flag("--init"))
     """Checkpoint to start from (ours or the original implementation's layout)."""
-    fail_at_epoch: int | None = None
-    """Testing aid: inject a NaN loss at this epoch (to exercise failure handling)."""
+
+    def __post_init__(self) -> None:
+        for name, typ in (("model", ModelConfig), ("data", DataConfig), ("sparsity", SparsityConfig)):
+            if not isinstance(getattr(self, name), typ):
+                raise ConfigError(f"'{name}' must be a {typ.__name__} (a JSON object in a config file), "
+                                  f"got {type(getattr(self, name)).__name__}.")
+        _check_types(self, "")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise ConfigError(f"--lr {self.lr} must be a positive finite number, e.g. --lr 1e-4.")
+        if not math.isfinite(self.gamma) or not 0.0 < self.gamma <= 1.0:
+            raise ConfigError(f"--gamma {self.gamma} must be in (0, 1], e.g. --gamma 0.95.")
+        for name, least in (("epochs", 1), ("batch_size", 1), ("nproc", 1), ("num_workers", 0), ("seed", 0),
+                            ("warmup_epochs", 0), ("profile_steps", 0), ("checkpoint_every", 1)):
+            _at_least(self, name, least)
+        de = self.sparsity.dense_epochs
+        if de != "auto" and self.sparsity.kind != "none" and de >= self.epochs:
+            raise ConfigError(
+                f"--dense-epochs {de} leaves no sparse epoch out of --epochs {self.epochs}; "
+                f"use --dense-epochs below {self.epochs} or --sparsity none."
+            )
+        if self.batch_size % self.nproc:
+            raise ConfigError(f"--batch-size {self.batch_size} must be divisible by --nproc {self.nproc}.")
 
     # ------------------------------------------------------------------ helpers
     def to_dict(self) -> dict[str, Any]:
@@ -144,23 +220,22 @@ class TrainConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Inverse of `to_dict`; unknown keys are an error so typos do not pass silently."""
+    def from_dict(cls, d: dict[str, Any], lenient: bool = False) -> TrainConfig:
+        """Inverse of `to_dict`. Unknown keys are an error (typos must not pass silently) unless
+        `lenient`, which drops them (run folders written by older versions, for the report)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a JSON object of TrainConfig fields, got {type(d).__name__}.")
         d = dict(d)
-        sub = {
-            "model": ModelConfig,
-            "data": DataConfig,
-            "sparsity": SparsityConfig,
-        }
         kwargs: dict[str, Any] = {}
-        for name, typ in sub.items():
+        for name, typ in (("model", ModelConfig), ("data", DataConfig), ("sparsity", SparsityConfig)):
             if name in d:
-                part = dict(d.pop(name))
-                if name == "data" and "hu_window" in part:
-                    part["hu_window"] = tuple(part["hu_window"])
-                kwargs[name] = _build(typ, part)
+                part = d.pop(name)
+                if not isinstance(part, dict):
+                    raise ConfigError(f"'{name}' must be a JSON object of {typ.__name__} fields, "
+                                      f"got {type(part).__name__}.")
+                kwargs[name] = _build(typ, part, lenient)
         kwargs.update(d)
-        return _build(cls, kwargs)
+        return _build(cls, kwargs, lenient)
 
     def key(self) -> str:
         """Short stable hash of everything that defines the run."""
@@ -168,7 +243,7 @@ class TrainConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
     def replace(self, **changes: Any) -> TrainConfig:
-        """Copy with top-level fields changed; use dotted names for nested ones ('data.image_size')."""
+        """Copy with fields changed; dotted names for nested ones ('data.image_size'). Validated as a whole."""
         d = self.to_dict()
         for k, v in changes.items():
             target = d
@@ -183,70 +258,87 @@ class TrainConfig:
         return TrainConfig.from_dict(d)
 
 
-def _build(typ: type, kwargs: dict[str, Any]) -> Any:
+# ---------------------------------------------------------------------- validation
+
+
+def cli_flag(f: dataclasses.Field) -> str:
+    """The command-line flag of a field: its metadata's, else --field-name."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _check_types(obj: Any, prefix: str) -> None:
+    """Each field holds a value of its declared type (a config file can hold anything)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            continue
+        value = getattr(obj, f.name)
+        ok, want = _matches(value, typ)
+        if ok:
+            continue
+        if typing.get_origin(typ) is Literal:
+            raise ConfigError(f"{cli_flag(f)} {value!r} is not one of {', '.join(typing.get_args(typ))}.")
+        raise ConfigError(f"{cli_flag(f)} must be {want}, got {value!r} ('{prefix}{f.name}' in a config file).")
+
+
+def _matches(value: Any, typ: Any) -> tuple[bool, str]:
+    """(value fits typ, what typ is in words) for the types our configs use."""
+    origin = typing.get_origin(typ)
+    if origin is Literal:
+        opts = typing.get_args(typ)
+        return value in opts and isinstance(value, str), "one of " + ", ".join(map(str, opts))
+    if origin in (typing.Union, types.UnionType):
+        parts = [_matches(value, t) for t in typing.get_args(typ)]
+        return any(ok for ok, _ in parts), " or ".join(w for _, w in parts)
+    if typ is type(None):
+        return value is None, "null"
+    if typ is bool:
+        return isinstance(value, bool), "true or false"
+    if typ is int:
+        return isinstance(value, int) and not isinstance(value, bool), "an integer"
+    if typ is float:
+        return isinstance(value, int | float) and not isinstance(value, bool), "a number"
+    if typ is str:
+        return isinstance(value, str), "a string"
+    if origin is tuple:
+        return (isinstance(value, tuple) and len(value) == len(typing.get_args(typ))
+                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)), "a pair of numbers"
+    return True, str(typ)
+
+
+def _at_least(obj: Any, name: str, least: int) -> None:
+    value = getattr(obj, name)
+    if value < least:
+        f = next(f for f in dataclasses.fields(obj) if f.name == name)
+        raise ConfigError(f"{cli_flag(f)} {value} must be at least {least}.")
+
+
+def _build(typ: type, kwargs: dict[str, Any], lenient: bool = False) -> Any:
     names = {f.name for f in dataclasses.fields(typ)}
     unknown = set(kwargs) - names
-    if unknown:
-        raise ConfigError(f"unknown {typ.__name__} field(s): {', '.join(sorted(unknown))}")
-    return typ(**kwargs)
+    if unknown and not lenient:
+        raise ConfigError(f"unknown {typ.__name__} field(s): {', '.join(sorted(unknown))}; "
+                          "check the spelling in the config file.")
+    return typ(**{k: v for k, v in kwargs.items() if k in names})
+
+
+# ---------------------------------------------------------------------- the machine
 
 
 def resolve_device(name: str) -> str:
     """'auto' -> 'cuda' when a CUDA device is visible, else 'cpu'."""
-    import torch
+    import torch  # noqa: PLC0415 - the config itself must stay importable without torch (fast CLI help)
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
 
 
-def check_static(cfg: TrainConfig) -> None:
-    """Checks that need no hardware: value ranges and choices. Raises ConfigError."""
-    def choice(value: Any, options: tuple[str, ...], flag: str) -> None:
-        if value not in options:
-            raise ConfigError(f"{flag} {value!r} is not one of {', '.join(options)}.")
-
-    choice(cfg.precision, PRECISIONS, "--precision")
-    choice(cfg.loader, LOADERS, "--loader")
-    choice(cfg.graphs, GRAPHS, "--graphs")
-    choice(cfg.sparsity.kind, SPARSITIES, "--sparsity")
-    choice(cfg.sparsity.pattern, PATTERNS, "--pattern")
-    if cfg.epochs < 1:
-        raise ConfigError("--epochs must be at least 1.")
-    if cfg.batch_size < 1:
-        raise ConfigError("--batch-size must be at least 1.")
-    if not 0.0 <= cfg.sparsity.amount < 1.0:
-        raise ConfigError(f"--amount {cfg.sparsity.amount} must be in [0, 1).")
-    de = cfg.sparsity.dense_epochs
-    if de != "auto":
-        if not isinstance(de, int) or de < 0:
-            raise ConfigError(f"--dense-epochs {de!r} must be a non-negative integer or 'auto'.")
-        if cfg.sparsity.kind != "none" and de >= cfg.epochs:
-            raise ConfigError(
-                f"--dense-epochs {de} leaves no sparse epoch out of --epochs {cfg.epochs}; "
-                f"use --dense-epochs below {cfg.epochs} or --sparsity none."
-            )
-    if cfg.sparsity.pattern == "2:4" and cfg.sparsity.kind in ("structured",):
-        raise ConfigError("--pattern 2:4 applies to random and topk pruning; use --pattern unstructured.")
-    if cfg.sparsity.pattern == "2:4" and cfg.sparsity.kind != "none" and cfg.sparsity.amount != 0.5:
-        raise ConfigError("--pattern 2:4 prunes exactly half; use --amount 0.5.")
-    if cfg.sparsity.scope == "global" and cfg.sparsity.pattern == "2:4":
-        raise ConfigError("--pattern 2:4 fixes the zeros per group, so it cannot rank globally; use --scope layer.")
-    if cfg.sparsity.scope == "global" and cfg.sparsity.kind != "topk":
-        raise ConfigError("global scope ranks magnitudes, so it needs --sparsity topk.")
-    if cfg.data.source == "synthetic" and cfg.data.image_size % 16:
-        raise ConfigError(f"--image-size {cfg.data.image_size} must be divisible by 16 (four 2x poolings).")
-    if cfg.nproc < 1:
-        raise ConfigError("--nproc must be at least 1.")
-    if cfg.batch_size % cfg.nproc:
-        raise ConfigError(f"--batch-size {cfg.batch_size} must be divisible by --nproc {cfg.nproc}.")
-
-
 def check_runnable(cfg: TrainConfig) -> None:
-    """Refuse combinations this machine cannot run, naming the fix. Raises ConfigError."""
-    import torch
+    """Refuse what this machine cannot run (the config itself is valid by construction), naming the fix."""
+    import torch  # noqa: PLC0415 - see resolve_device
 
-    check_static(cfg)
     device = resolve_device(cfg.device)
     cuda = device == "cuda"
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -269,3 +361,74 @@ def check_runnable(cfg: TrainConfig) -> None:
             f"--nproc {cfg.nproc} needs {cfg.nproc} GPUs but {torch.cuda.device_count()} are visible; "
             "lower --nproc."
         )
+
+
+def check_static(cfg: TrainConfig) -> None:
+    """Kept for callers that validated explicitly: a TrainConfig is validated when it is made."""
+    if not isinstance(cfg, TrainConfig):
+        raise ConfigError(f"expected a TrainConfig, got {type(cfg).__name__}.")
+
+
+# ---------------------------------------------------------------------- reflection (CLI, docs)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a config dataclass (the source is the documentation)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+@dataclass(frozen=True)
+class ConfigField:
+    """One field of `TrainConfig` as the command line sees it."""
+
+    path: str
+    """Dotted path in the config ('epochs', 'data.image_size')."""
+    flag: str
+    """Command-line flag ('--epochs', '--image-size')."""
+    type: Any
+    """Declared type."""
+    default: Any
+    doc: str
+    unit: str
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        """The allowed values of a Literal field (or of the Literal part of a union), else ()."""
+        typ = self.type
+        if typing.get_origin(typ) is Literal:
+            return choices(typ)
+        if typing.get_origin(typ) in (typing.Union, types.UnionType):
+            return tuple(v for t in typing.get_args(typ) if typing.get_origin(t) is Literal for v in choices(t))
+        return ()
+
+
+def config_fields() -> list[ConfigField]:
+    """Every command-line-exposed field of TrainConfig and its parts, in declaration order."""
+    out: list[ConfigField] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints, docs = typing.get_type_hints(cls), field_docs(cls)
+        for f in dataclasses.fields(cls):
+            typ = hints[f.name]
+            if dataclasses.is_dataclass(typ):
+                walk(typ, f"{prefix}{f.name}.")
+                continue
+            if not f.metadata.get("cli", True):
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            out.append(ConfigField(prefix + f.name, cli_flag(f), typ, default, docs.get(f.name, ""),
+                                   f.metadata.get("unit", "")))
+
+    walk(TrainConfig, "")
+    flags = [c.flag for c in out]
+    dup = {f for f in flags if flags.count(f) > 1}
+    if dup:  # a programming error, caught by the tests
+        raise RuntimeError(f"config fields share command-line flags: {sorted(dup)}")
+    return out

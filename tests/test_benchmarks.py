@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from bench.training import build_run
 from ddnet.config import DataConfig, ModelConfig, TrainConfig
 from ddnet.data import SliceDataset, load_split
-from ddnet.optim import DeviceLoader, HostLoader
+from ddnet.loaders import DeviceLoader, HostLoader
 
 CFG = TrainConfig(model=ModelConfig(base_width=4, growth=4, bottleneck=8),
                   data=DataConfig(image_size=64, n_train=64, n_val=4), batch_size=8, num_workers=0,
@@ -37,9 +38,7 @@ def test_bench_host_loader_epoch(benchmark) -> None:
 
 
 def test_bench_train_step(benchmark, tmp_path) -> None:
-    from ddnet.trainer import Dist, Run
-
-    run = Run(CFG, tmp_path, False, False, Dist())
+    run = build_run(CFG, tmp_path)
     run._build_step()
     lq, hq = next(iter(run.loader.epoch(0)))
     loss = benchmark(run.step, lq, hq)

@@ -11,10 +11,12 @@ import torch.optim.adam as adam_mod
 import torch.optim.optimizer as optimizer_mod
 from torch.profiler import ProfilerActivity, profile
 
+from bench.training import build_run, train
 from ddnet.config import DataConfig, ModelConfig, TrainConfig
+from ddnet.loaders import DeviceLoader
 from ddnet.loss import DDNetLoss, _product
 from ddnet.model import DDNet
-from ddnet.optim import DeviceLoader, StepParts, build_step, graph_body, make_optimizer, setup_precision
+from ddnet.optim import StepParts, build_step, graph_body, make_optimizer, setup_precision
 from ddnet.sparsity import topk_prune_
 
 TINY = ModelConfig(base_width=4, growth=4, bottleneck=8)
@@ -118,10 +120,9 @@ def test_build_step_puts_the_model_in_train_mode(graphs: str) -> None:
 
 
 def test_init_model_trains_in_train_mode(tmp_path: Path) -> None:
-    from ddnet.trainer import Dist, Run, train
 
     train(_cfg(epochs=1), tmp_path / "a", progress=False)
-    run = Run(_cfg(init=str(tmp_path / "a" / "weights.pt")), tmp_path / "b", False, False, Dist())
+    run = build_run(_cfg(init=str(tmp_path / "a" / "weights.pt")), tmp_path / "b")
     assert not run.model.training  # the loader hands the weights over in eval mode
     run._build_step()
     assert all(m.training for m in run.model.modules())
@@ -156,9 +157,7 @@ def _gpu_cfg(**changes) -> TrainConfig:
 
 
 def _gpu_run(tmp_path: Path, **changes):
-    from ddnet.trainer import Dist, Run
-
-    run = Run(_gpu_cfg(**changes), tmp_path, False, False, Dist())
+    run = build_run(_gpu_cfg(**changes), tmp_path)
     run._build_step()
     return run
 
@@ -192,8 +191,6 @@ def test_doll_feeds_a_graph_without_a_device_copy(tmp_path: Path) -> None:
 @pytest.mark.gpu
 @needs_cuda
 def test_graph_memory_peak_counts_the_activations(tmp_path: Path) -> None:
-    from ddnet.trainer import train
-
     peaks = {}
     for graphs in ("off", "cuda-graph"):
         summary = train(_gpu_cfg(loader="device", graphs=graphs, **{"model.base_width": 16, "model.growth": 16,
@@ -223,8 +220,6 @@ def test_recapture_frees_the_old_graph_pool(tmp_path: Path) -> None:
 @pytest.mark.gpu
 @needs_cuda
 def test_init_then_graph_captures_batchnorm_in_train_mode(tmp_path: Path) -> None:
-    from ddnet.trainer import train
-
     train(_gpu_cfg(epochs=1), tmp_path / "a", progress=False)
     run = _gpu_run(tmp_path / "b", loader="device", graphs="cuda-graph", init=str(tmp_path / "a" / "weights.pt"))
     bn = run.model.stem.bn
@@ -237,8 +232,6 @@ def test_init_then_graph_captures_batchnorm_in_train_mode(tmp_path: Path) -> Non
 @pytest.mark.gpu
 @needs_cuda
 def test_graph_captures_beside_host_loader_workers(tmp_path: Path) -> None:
-    from ddnet.trainer import train
-
     # pinned-memory thread and workers alive during capture: thread-local capture mode keeps them out
     summary = train(_gpu_cfg(loader="host", graphs="cuda-graph", num_workers=2), tmp_path, progress=False)
     assert summary["status"] == "ok" and summary["epochs_completed"] == 2

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from bench.store import read_json, read_jsonl
+from bench.training import build_run, train
 from ddnet.config import DataConfig, ModelConfig, SparsityConfig, TrainConfig
-from ddnet.trainer import TrainingFailed, train
+from ddnet.trainer import INJECT_NAN_ENV, INJECT_ONLY_ENV, TrainingFailed
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(base_width=4, growth=4, bottleneck=8)
@@ -138,8 +139,6 @@ def _compile_works() -> bool:
 
 def test_device_and_host_loaders_agree(tmp_path: Path) -> None:
     """On a CPU both loaders draw the same permutation: same batches, same fp32 loss trajectory."""
-    from ddnet.trainer import Run
-
     runs = {}
     for loader in ("host", "device"):
         cfg = tiny_cfg(epochs=3, loader=loader, **{"data.n_train": 12})
@@ -150,7 +149,7 @@ def test_device_and_host_loaders_agree(tmp_path: Path) -> None:
     cfg = tiny_cfg(**{"data.n_train": 12})
     seen = {}
     for loader in ("host", "device"):
-        run = Run(cfg.replace(loader=loader), tmp_path / "x", False, False, __import__("ddnet.trainer").trainer.Dist())
+        run = build_run(cfg.replace(loader=loader), tmp_path / "x")
         seen[loader] = [run.loader.indices(e) for e in range(3)]
     assert seen["host"] == seen["device"]
     for order in seen["device"]:
@@ -159,9 +158,7 @@ def test_device_and_host_loaders_agree(tmp_path: Path) -> None:
 
 
 def test_doll_batches_come_from_device_tensors(tmp_path: Path) -> None:
-    from ddnet.trainer import Dist, Run
-
-    run = Run(tiny_cfg(loader="device"), tmp_path, False, False, Dist())
+    run = build_run(tiny_cfg(loader="device"), tmp_path)
     lq, hq = next(iter(run.loader.epoch(0)))
     assert lq.device == run.loader.lq.device and lq.shape == (4, 1, 32, 32)
     # each batch row is one staged slice, paired with its own target
@@ -226,19 +223,25 @@ def test_refusals_are_one_line_and_exit_2(tmp_path: Path, args: list[str], needl
     assert not (out / "epochs.jsonl").exists()
 
 
-def test_nan_loss_is_a_recorded_failure(tmp_path: Path) -> None:
+def test_nan_loss_is_a_recorded_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(INJECT_NAN_ENV, "2")  # a test-only fault, not part of the config or its hash
     with pytest.raises(TrainingFailed, match="nan"):
-        train(tiny_cfg(epochs=3, fail_at_epoch=2), tmp_path, progress=False)
+        train(tiny_cfg(epochs=3), tmp_path, progress=False)
     s = read_json(tmp_path / "summary.json")
     assert s["status"] == "failed" and "nan" in s["error"] and s["epochs_completed"] == 1
     assert len(read_jsonl(tmp_path / "epochs.jsonl")) == 1  # the finished epoch is kept
 
 
-def test_cli_failed_run_exits_3(tmp_path: Path) -> None:
+def test_cli_failed_run_exits_3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg_file = tmp_path / "cfg.json"
-    cfg_file.write_text(json.dumps(tiny_cfg(epochs=2, fail_at_epoch=1).to_dict()))
+    cfg_file.write_text(json.dumps(tiny_cfg(epochs=2).to_dict()))
+    monkeypatch.setenv(INJECT_NAN_ENV, "1")
+    monkeypatch.setenv(INJECT_ONLY_ENV, str(tmp_path / "r"))
     res = cli("train", "--config", str(cfg_file), "--out", str(tmp_path / "r"), "--quiet")
     assert res.returncode == 3 and "training failed" in res.stderr and "Traceback" not in res.stderr
+    # the fault is aimed at one folder: another run in the same environment trains normally
+    res = cli("train", "--config", str(cfg_file), "--out", str(tmp_path / "other"), "--quiet")
+    assert res.returncode == 0, res.stderr
 
 
 def test_hybrid_schedule_phases_and_masks_hold(tmp_path: Path) -> None:
@@ -295,9 +298,7 @@ def _gpu_cfg(**changes) -> TrainConfig:
 
 
 def _losses_over_steps(cfg: TrainConfig, tmp_path: Path, steps: int = 5) -> list[float]:
-    from ddnet.trainer import Dist, Run
-
-    run = Run(cfg, tmp_path, False, False, Dist())
+    run = build_run(cfg, tmp_path)
     run._build_step()
     # one batch at a time: DoLL bound to a graph gathers every batch into the same static buffers
     return [float(run.step(lq, hq)) for lq, hq in itertools.islice(run.loader.epoch(0), steps)]
@@ -325,10 +326,8 @@ def test_graphed_step_matches_eager(tmp_path: Path, precision: str, rel: float, 
 def test_device_loader_no_htod_after_staging(tmp_path: Path) -> None:
     from bench.collectors import profile_copies
     from ddnet import loss
-    from ddnet.trainer import Dist, Run
-
     loss._WIN_CACHE.clear()  # pass alone too: nothing warmed by an earlier test
-    run = Run(_gpu_cfg(loader="device"), tmp_path, False, False, Dist())
+    run = build_run(_gpu_cfg(loader="device"), tmp_path)
     run._build_step()
     n_steps = len(run.loader)
     batches = run.loader.epoch(1)
@@ -359,14 +358,12 @@ def test_graphs_compose_with_pruning_and_fp16(tmp_path: Path) -> None:
 
 
 def test_init_starts_from_a_checkpoint(tmp_path: Path) -> None:
-    from ddnet.trainer import Dist, Run
-
     train(tiny_cfg(epochs=1), tmp_path / "a", progress=False)
     saved = torch.load(tmp_path / "a" / "weights.pt", weights_only=False)["model"]
-    run = Run(tiny_cfg(init=str(tmp_path / "a" / "weights.pt")), tmp_path / "b", False, False, Dist())
+    run = build_run(tiny_cfg(init=str(tmp_path / "a" / "weights.pt")), tmp_path / "b")
     for k, v in run.model.state_dict().items():
         torch.testing.assert_close(v, saved[k], msg=k)
-    fresh = Run(tiny_cfg(seed=1), tmp_path / "c", False, False, Dist())
+    fresh = build_run(tiny_cfg(seed=1), tmp_path / "c")
     assert not torch.equal(fresh.model.stem.conv.weight, run.model.stem.conv.weight)
 
 
