@@ -22,7 +22,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import tifffile
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ddnet.data import split_seed
 from ddnet.data.readers import check_shape
@@ -68,8 +71,6 @@ def _psnr_db(lq: np.ndarray, hq: np.ndarray) -> np.ndarray:
 
 def _write(path: Path, hu: np.ndarray, fmt: str) -> None:
     if fmt == "tif":
-        import tifffile
-
         tifffile.imwrite(path.with_suffix(".tif"), hu.astype(np.float32), metadata=None)
     else:
         np.save(path.with_suffix(".npy"), hu.astype(np.float32))
@@ -96,9 +97,6 @@ def synth_cmd(
     test_frac: float = typer.Option(0.1, "--test-frac", help="Fraction of slices for testing."),
 ) -> None:
     """Write a seeded synthetic low-dose/normal-dose CT dataset in the layout --data DIR reads."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     if mode not in MODES:
         raise UserError(f"--mode {mode!r} is not one of {', '.join(MODES)}.")
     if phantom not in PHANTOMS:

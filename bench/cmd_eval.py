@@ -25,9 +25,15 @@ from typing import Any
 
 import torch
 import typer
+from rich.console import Console
+from rich.table import Table
 
+from bench.store import read_json, write_json
 from ddnet.config import DataConfig, resolve_device
+from ddnet.convert import load_model_weights
+from ddnet.data import load_split
 from ddnet.errors import UserError
+from ddnet.loss import choose_msssim, slice_metrics
 from ddnet.precision import set_fp32_precision
 
 SPLITS = ("val", "test")
@@ -43,8 +49,6 @@ def _train_data_config(info: dict[str, Any]) -> DataConfig | None:
     if cfg is None:
         beside = Path(info["path"]).parent / "config.json"
         if beside.is_file():
-            from bench.store import read_json
-
             try:
                 cfg = read_json(beside)
             except ValueError:
@@ -117,8 +121,6 @@ def score_slices(
     Returns ({'input_ms_ssim_pct': (N,), ..., 'output_rmse_hu': (N,)} as float64 on the CPU,
     the outputs (N, 1, H, W) on the CPU, the MS-SSIM setting as a dict).
     """
-    from ddnet.loss import choose_msssim, slice_metrics
-
     setting = choose_msssim(int(min(lq.shape[-2:])))
     model.eval()
     cols: dict[str, list[torch.Tensor]] = {f"{w}_{m}": [] for w in ("input", "output") for m, _ in METRICS}
@@ -184,10 +186,6 @@ def run_eval(
     Returns the eval.json content and the folder written. Bad input raises UserError
     before anything is written.
     """
-    from bench.store import write_json
-    from ddnet.convert import load_model_weights
-    from ddnet.data import load_split
-
     if split not in SPLITS:
         raise UserError(f"--split {split!r} is not one of {', '.join(SPLITS)}.")
     if batch_size < 1:
@@ -254,10 +252,10 @@ def write_strip(
     n: int = STRIP_SLICES,
 ) -> None:
     """PNG: one row per shown slice (evenly spaced), columns input, output, target, |output - target|."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - plotting backend: chosen before pyplot loads, only when a strip is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - see above
 
     total = lq.shape[0]
     rows = sorted({round(i * (total - 1) / max(n - 1, 1)) for i in range(min(n, total))})
@@ -287,9 +285,6 @@ def write_strip(
 
 def print_table(result: dict[str, Any], folder: Path) -> None:
     """Means +/- std of input and output vs target, as a small rich table."""
-    from rich.console import Console
-    from rich.table import Table
-
     ck = result["checkpoint"]
     title = (f"{Path(ck['path']).name} ({ck['layout']} layout, {ck['format']}"
              f"{', epoch ' + str(ck['epoch']) if ck['epoch'] is not None else ''}) on "

@@ -31,6 +31,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import ablations
 from ddnet.config import ConfigError, DataConfig, TrainConfig, check_static
 from ddnet.errors import UserError
 
@@ -179,8 +180,6 @@ def _grid_from_module(mod: ModuleType, fallback_name: str, source: str) -> Grid:
 
 def registry() -> dict[str, Grid]:
     """Every grid shipped in `ablations/`, by name (modules whose name starts with '_' are helpers)."""
-    import ablations
-
     grids: dict[str, Grid] = {}
     for info in sorted(pkgutil.iter_modules(ablations.__path__), key=lambda m: m.name):
         if info.name.startswith("_"):

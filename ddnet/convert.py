@@ -34,6 +34,7 @@ import torch
 from ddnet.config import ModelConfig
 from ddnet.errors import UserError
 from ddnet.model import DDNet
+from ddnet.sparsity import conform_to_state_dict_
 
 Layout = Literal["ours", "original"]
 
@@ -282,11 +283,7 @@ def _check_against(
 
 
 def _conform(model: DDNet, sd: Mapping[str, torch.Tensor]) -> bool:
-    """Rebuild structurally pruned (narrower) layers when ddnet.sparsity offers it; False if unavailable."""
-    try:
-        from ddnet.sparsity import conform_to_state_dict_
-    except ImportError:
-        return False
+    """Rebuild structurally pruned (narrower) layers to the shapes of `sd`; True when done."""
     conform_to_state_dict_(model, dict(sd))
     return True
 

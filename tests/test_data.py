@@ -15,9 +15,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import ddnet.data.readers as readers
-from ddnet.config import DataConfig
+from ddnet.config import ConfigError, DataConfig
 from ddnet.data import DataError, SliceDataset, SliceSet, load_split, normalise, split_seed
-from ddnet.data.synthetic import chest_phantom, generate, random_ellipses, shepp_logan, simulate_low_dose
+from ddnet.data.phantoms import chest_phantom, random_ellipses, shepp_logan
+from ddnet.data.synthetic import generate, simulate_low_dose
 from ddnet.errors import UserError
 
 
@@ -161,8 +162,8 @@ def test_window_normalisation_clips_and_scales():
     out, scale = normalise(img, DataConfig(hu_window=(-1024.0, 1024.0)))
     assert scale == 2048.0 and out.dtype == np.float32
     assert np.allclose(out, [[0.0, 0.0], [0.5, 1.0]])
-    with pytest.raises(DataError, match="hu_window"):
-        load_split(DataConfig(image_size=32, hu_window=(10.0, 10.0)), "train")
+    with pytest.raises(ConfigError, match="hu_window"):  # refused when the config is made, before any data
+        DataConfig(image_size=32, hu_window=(10.0, 10.0))
 
 
 # ----------------------------------------------------------------------------- readers
@@ -338,10 +339,11 @@ def test_reader_errors_on_sides(tmp_path, monkeypatch):
 
 
 def test_synthetic_image_size_checked():
-    with pytest.raises(DataError, match="16"):
-        load_split(DataConfig(image_size=40), "train")
-    with pytest.raises(DataError, match="n-val"):
-        load_split(DataConfig(image_size=32, n_val=0), "val")
+    # refused when the config is made: no DataConfig with these values can reach load_split
+    with pytest.raises(ConfigError, match="16"):
+        DataConfig(image_size=40)
+    with pytest.raises(ConfigError, match="n-val"):
+        DataConfig(image_size=32, n_val=0)
 
 
 # ----------------------------------------------------------------------------- bench data synth

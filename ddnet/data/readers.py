@@ -68,7 +68,7 @@ def _as_2d(arr: np.ndarray, path: Path) -> np.ndarray:
 
 
 def _read_tiff(path: Path) -> np.ndarray:
-    import tifffile
+    import tifffile  # noqa: PLC0415 - optional format reader, loaded only for .tif data
 
     with tifffile.TiffFile(path) as tif:
         if len(tif.series) != 1:
@@ -91,7 +91,7 @@ def _read_npy(path: Path) -> np.ndarray:
 
 
 def _read_dicom(path: Path) -> np.ndarray:
-    import pydicom
+    import pydicom  # noqa: PLC0415 - optional format reader, loaded only for DICOM data (slow import)
 
     ds = pydicom.dcmread(path)
     if "PixelData" not in ds:
@@ -103,7 +103,7 @@ def _read_dicom(path: Path) -> np.ndarray:
 
 
 def _read_png(path: Path, hu_window: tuple[float, float]) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image  # noqa: PLC0415 - optional format reader, loaded only for .png data
 
     with Image.open(path) as im:
         mode = im.mode
