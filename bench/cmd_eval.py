@@ -38,7 +38,9 @@ from ddnet.precision import set_fp32_precision
 
 SPLITS = ("val", "test")
 NORMALISATIONS = ("auto", "window", "minmax")
-METRICS = (("ms_ssim_pct", "MS-SSIM (%)"), ("psnr_db", "PSNR (dB)"), ("rmse_hu", "RMSE (HU)"))
+METRICS = (("ms_ssim_pct", "MS-SSIM (%)"), ("ms_ssim_paper_code_pct", "MS-SSIM, paper's code (%)"),
+           ("psnr_db", "PSNR (dB)"), ("rmse_hu", "RMSE (HU)"))
+"""Per-slice metrics (the paper code's MS-SSIM only for sides >= 32 px, where it is defined)."""
 STRIP_SLICES = 4
 
 
@@ -123,7 +125,7 @@ def score_slices(
     """
     setting = choose_msssim(int(min(lq.shape[-2:])))
     model.eval()
-    cols: dict[str, list[torch.Tensor]] = {f"{w}_{m}": [] for w in ("input", "output") for m, _ in METRICS}
+    cols: dict[str, list[torch.Tensor]] = {}
     outs = []
     for i in range(0, lq.shape[0], batch_size):
         x = lq[i : i + batch_size].to(device)
@@ -132,7 +134,7 @@ def score_slices(
         out = model(x).float()
         for which, pred in (("input", x.float()), ("output", out)):
             for k, v in slice_metrics(pred, y, scale, setting).items():
-                cols[f"{which}_{k}"].append(v)
+                cols.setdefault(f"{which}_{k}", []).append(v)
         outs.append(out.cpu())
     per_slice = {k: torch.cat(v).double().cpu() for k, v in cols.items()}
     return per_slice, torch.cat(outs), setting.to_dict()
@@ -145,7 +147,8 @@ def summarise(per_slice: dict[str, torch.Tensor]) -> dict[str, float]:
         out[f"{k}_mean"] = float(v.mean())
         out[f"{k}_std"] = float(v.std(unbiased=False)) if v.numel() > 1 else 0.0
     for m, _ in METRICS:
-        out[f"gain_{m}_mean"] = out[f"output_{m}_mean"] - out[f"input_{m}_mean"]
+        if f"output_{m}_mean" in out:
+            out[f"gain_{m}_mean"] = out[f"output_{m}_mean"] - out[f"input_{m}_mean"]
     return out
 
 
@@ -295,7 +298,7 @@ def print_table(result: dict[str, Any], folder: Path) -> None:
     table.add_column("input (LQ vs HQ)", justify="right")
     table.add_column("output (net vs HQ)", justify="right")
     table.add_column("gain", justify="right")
-    for key, label in METRICS:
+    for key, label in (m for m in METRICS if f"output_{m[0]}_mean" in result):
         cell = [f"{result[f'{w}_{key}_mean']:.3f} +/- {result[f'{w}_{key}_std']:.3f}" for w in ("input", "output")]
         table.add_row(label, *cell, f"{result[f'gain_{key}_mean']:+.3f}")
     console = Console()

@@ -139,6 +139,8 @@ def run_training(cfg: TrainConfig, out: Path, resume: bool = False, progress: bo
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
     ms = summary.get("final_val_ms_ssim")
     ms_txt = f"{ms:.2f} +/- {summary['final_val_ms_ssim_std']:.2f} %" if ms is not None else "n/a"
+    if summary.get("input_ms_ssim") is not None:  # a denoiser must beat its input
+        ms_txt += f" (input {summary['input_ms_ssim']:.2f} %)"
     typer.echo(
         f"done: {summary['epochs_completed']} epochs in {summary['total_time_s']:.1f} s, "
         f"val MS-SSIM {ms_txt}, sparsity {summary['sparsity']['overall']:.3f} ({summary['sparsity']['kind']}) "

@@ -43,7 +43,7 @@ from ddnet.loss import DDNetLoss
 from ddnet.model import DDNet
 from ddnet.optim import GraphedStep, StepParts, build_step, make_optimizer, setup_precision
 from ddnet.sparsity import AutoSwitch, Masks, conform_to_state_dict_, count_flops, measure_sparsity, sparsify_
-from ddnet.validation import validate
+from ddnet.validation import input_quality, validate
 
 INJECT_NAN_ENV = "DDNET_BENCH_INJECT_NAN_EPOCH"
 """Testing aid, never part of a config: make the train loss NaN at this epoch (exercises failure handling)."""
@@ -107,6 +107,7 @@ class Run:
         self.switch_epoch: int | None = None
         self.start_epoch = 0
         self.per_slice: tuple[list, list, list] | None = None
+        self.input: dict[str, float] = {}
         self.copies: dict[str, Any] | None = None
         self.auto = (AutoSwitch(patience=cfg.sparsity.auto_patience, max_epoch=cfg.epochs - 1)
                      if cfg.sparsity.kind != "none" and cfg.sparsity.dense_epochs == "auto" else None)
@@ -293,6 +294,9 @@ class Run:
         pending_prune = self._prune() if self.switch_epoch == 0 and self.start_epoch == 0 else 0.0
         pending_capture = self._build_step()
         prev_loss = rows[-1]["train_loss"] if rows else None
+        if main:  # the floor: the low-dose input scored against the target like the output is
+            self.input = input_quality(self.val.lq, self.val.hq, self.val.hu_scale, self.loss_fn.setting,
+                                       cfg.batch_size, self.device)
         with self.memory:
             for epoch in range(self.start_epoch, cfg.epochs):
                 phase = self._phase(epoch)
@@ -313,6 +317,7 @@ class Run:
                                    cfg.batch_size, self.precision.autocast, self.device)
                     self.per_slice = val.pop("_per_slice")
                     row.update(val, val_time_s=time.perf_counter() - v0)
+                    row.update(self.input)
                     row["sparsity"] = self._measured_sparsity()
                     sink.epoch(row)
                     rows.append(row)
@@ -380,6 +385,7 @@ class Run:
             "switch_rule": self.auto.rule if self.auto is not None else None,
             "final_val_ms_ssim": last.get("val_ms_ssim"), "final_val_ms_ssim_std": last.get("val_ms_ssim_std"),
             "final_val_psnr": last.get("val_psnr"), "final_val_rmse_hu": last.get("val_rmse_hu"),
+            "final_val_ms_ssim_paper_code": last.get("val_ms_ssim_paper_code"), **self.input,
             "msssim_setting": self.loss_fn.setting.to_dict(), "device": str(self.device),
             "precision_flags": self.precision.flags, "copies": self.copies, "memory": self.memory.summary(),
             "world_size": self.dist.world,

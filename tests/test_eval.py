@@ -78,6 +78,13 @@ def test_eval_reproduces_the_validation_recorded_by_training(trained: Path, caps
     assert (ck["layout"], ck["format"], ck["epoch"]) == ("ours", "ddnet-bench-ckpt/1", 1)
     assert result["normalisation"]["normalisation"] == "window"
     assert result["normalisation"]["source"] == "checkpoint"
+    # the paper code's MS-SSIM and the input floor: the same numbers in training's records and in eval
+    assert result["output_ms_ssim_paper_code_pct_mean"] == pytest.approx(epoch["val_ms_ssim_paper_code"], abs=1e-4)
+    for ours, theirs in (("input_ms_ssim_pct_mean", "input_ms_ssim"), ("input_psnr_db_mean", "input_psnr"),
+                         ("input_rmse_hu_mean", "input_rmse_hu"),
+                         ("input_ms_ssim_paper_code_pct_mean", "input_ms_ssim_paper_code")):
+        assert result[ours] == pytest.approx(epoch[theirs], rel=1e-5), ours
+        assert summary[theirs] == epoch[theirs]
     # the input scores do not depend on the network: LQ vs HQ of the same slices
     assert 0.0 < result["input_ms_ssim_pct_mean"] <= 100.0
     assert "MS-SSIM (%)" in out and "+/-" in out
@@ -175,7 +182,10 @@ def test_eval_of_the_original_weights(tmp_path: Path, capsys) -> None:
     rows = _rows(folder / "slices.csv")
     assert len(rows) == 3
     assert set(rows[0]) == {"name", "input_ms_ssim_pct", "input_psnr_db", "input_rmse_hu",
-                            "output_ms_ssim_pct", "output_psnr_db", "output_rmse_hu"}
+                            "output_ms_ssim_pct", "output_psnr_db", "output_rmse_hu",
+                            "input_ms_ssim_paper_code_pct", "output_ms_ssim_paper_code_pct"}
+    # the paper code's scale reads higher than the standard one on the same pairs (its bracket and (v+1)/2)
+    assert result["output_ms_ssim_paper_code_pct_mean"] > result["output_ms_ssim_pct_mean"]
     # a trained network, not noise: far above what an untrained DDNet scores here (0 %)
     assert result["output_ms_ssim_pct_mean"] > 50.0
     from PIL import Image
