@@ -67,6 +67,16 @@ def _convert(field: ConfigField, value: Any) -> Any:
 
 FIELDS = config_fields()
 
+PRESETS: dict[str, dict[str, Any]] = {
+    # The combination that measured fastest: results/gpu/h200-2026-11-26 (one NVIDIA H200, 512 px, batch 32,
+    # gpu_quick grid): amp-fp16 150.5 images/s, 1.51x [1.48, 1.54] the fp32 baseline's 99.8; the next were
+    # amp-fp16 + cuda-graph (1.49x) and amp-bf16 + DoLL + cuda-graph (1.47x, measured on a second H200).
+    # The fast-path toggles added since (cudnn_benchmark, fused Adam, channels_last, compile modes) have not
+    # been measured on a GPU yet; the `speed` grid will decide whether they join.
+    "fastest": {"precision": "amp-fp16"},
+}
+"""Named sets of options (`--preset NAME`), each resting on a committed measurement."""
+
 
 def build_config(config: Path | None, overrides: dict[str, Any]) -> TrainConfig:
     """TrainConfig from an optional JSON file plus the options that were given (None = not given)."""
@@ -88,6 +98,14 @@ def train_cmd(**options: Any) -> None:
     by_name = {f.flag.lstrip("-").replace("-", "_"): f for f in FIELDS}
     overrides = {by_name[k].path: _convert(by_name[k], v) for k, v in options.items()
                  if k in by_name and v is not None}
+    preset = options["preset"]
+    if preset is not None:
+        if preset not in PRESETS:
+            raise UserError(f"--preset {preset!r} is not one of {', '.join(PRESETS)}.")
+        overrides = {**PRESETS[preset], **overrides}  # options given explicitly beat the preset
+        if resolve_device(options.get("device") or "auto") != "cuda":
+            raise UserError(f"--preset {preset} was measured on a GPU and needs CUDA (it sets "
+                            f"{PRESETS[preset]}); drop --preset on a CPU.")
     cfg = build_config(options["config"], overrides)
     if cfg.init is not None and not Path(cfg.init).is_file():
         raise UserError(f"--init {cfg.init} does not exist; pass a checkpoint file (ckpt.pt, weights.pt or "
@@ -103,8 +121,11 @@ def _signature() -> tuple[inspect.Signature, dict[str, Any]]:
             ..., "--out", help="Run folder to write (config.json, env.json, epochs.jsonl, summary.json, ...).")),
         inspect.Parameter("config", kw, annotation=Path | None, default=typer.Option(
             None, "--config", help="JSON TrainConfig to start from; options given here override it.")),
+        inspect.Parameter("preset", kw, annotation=str | None, default=typer.Option(
+            None, "--preset", help=f"Named options resting on a measurement ({', '.join(PRESETS)}; see README); "
+                                   "options given explicitly override it.")),
     ]
-    annotations: dict[str, Any] = {"out": Path, "config": Path | None}
+    annotations: dict[str, Any] = {"out": Path, "config": Path | None, "preset": str | None}
     for field in FIELDS:
         param, typ = _option(field)
         params.append(param)

@@ -32,7 +32,10 @@ from ddnet.errors import UserError
 
 Precision = Literal["fp32", "tf32", "amp-fp16", "amp-bf16"]
 LoaderKind = Literal["host", "device"]
-Graphs = Literal["off", "cuda-graph", "compile"]
+Graphs = Literal["off", "cuda-graph", "compile", "compile-cuda-graph"]
+OptimizerImpl = Literal["default", "foreach", "fused"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+CompileScope = Literal["model", "step"]
 SparsityKind = Literal["none", "random", "structured", "topk"]
 Pattern = Literal["unstructured", "2:4"]
 Scope = Literal["layer", "global"]
@@ -176,9 +179,20 @@ class TrainConfig:
     loader: LoaderKind = "host"
     """host: torch DataLoader; device: DoLL, the whole set staged on the device once."""
     graphs: Graphs = "off"
-    """off: eager; cuda-graph: whole step captured with torch.cuda.graph; compile: torch.compile."""
+    """off: eager; cuda-graph: whole step captured with torch.cuda.graph; compile: torch.compile;
+    compile-cuda-graph: the compiled model inside our captured step."""
     channels_last: bool = False
     """Use the channels_last memory format for model and inputs."""
+    cudnn_benchmark: bool = False
+    """cuDNN autotuning: time the convolution algorithms once per shape and keep the fastest (shapes are fixed)."""
+    optimizer_impl: OptimizerImpl = "default"
+    """Adam's implementation: torch's default choice, the multi-tensor 'foreach' one, or the 'fused' kernel."""
+    compile_mode: CompileMode = "default"
+    """torch.compile mode for --graphs compile / compile-cuda-graph (reduce-overhead adds compile's own CUDA graphs)."""
+    compile_scope: CompileScope = "model"
+    """--graphs compile: compile the model's forward only, or the whole step (forward, loss, backward, Adam)."""
+    val_batch_size: int = field(default=0, metadata=flag(unit="slices"))
+    """Slices per validation forward pass (0: the training --batch-size)."""
     num_workers: int = field(default=2, metadata=flag(unit="processes"))
     """DataLoader workers for the host loader."""
     nproc: int = field(default=1, metadata=flag(unit="processes"))
@@ -203,7 +217,7 @@ class TrainConfig:
         if not math.isfinite(self.gamma) or not 0.0 < self.gamma <= 1.0:
             raise ConfigError(f"--gamma {self.gamma} must be in (0, 1], e.g. --gamma 0.95.")
         for name, least in (("epochs", 1), ("batch_size", 1), ("nproc", 1), ("num_workers", 0), ("seed", 0),
-                            ("warmup_epochs", 0), ("profile_steps", 0), ("checkpoint_every", 1)):
+                            ("warmup_epochs", 0), ("profile_steps", 0), ("checkpoint_every", 1), ("val_batch_size", 0)):
             _at_least(self, name, least)
         de = self.sparsity.dense_epochs
         if de != "auto" and self.sparsity.kind != "none" and de >= self.epochs:
@@ -211,6 +225,15 @@ class TrainConfig:
                 f"--dense-epochs {de} leaves no sparse epoch out of --epochs {self.epochs}; "
                 f"use --dense-epochs below {self.epochs} or --sparsity none."
             )
+        if self.compile_mode != "default" and self.graphs not in ("compile", "compile-cuda-graph"):
+            raise ConfigError(f"--compile-mode {self.compile_mode} applies to torch.compile; "
+                              "use --graphs compile (or compile-cuda-graph) or drop --compile-mode.")
+        if self.compile_scope == "step" and self.graphs != "compile":
+            raise ConfigError("--compile-scope step compiles the whole step with torch.compile; use --graphs compile.")
+        if self.graphs == "compile-cuda-graph" and self.compile_mode in ("reduce-overhead", "max-autotune"):
+            raise ConfigError(f"--compile-mode {self.compile_mode} brings torch.compile's own CUDA graphs, which cannot "
+                              "sit inside our captured step; use --graphs compile with it, or "
+                              "--compile-mode default / max-autotune-no-cudagraphs.")
         if self.batch_size % self.nproc:
             raise ConfigError(f"--batch-size {self.batch_size} must be divisible by --nproc {self.nproc}.")
 
@@ -343,16 +366,16 @@ def check_runnable(cfg: TrainConfig) -> None:
     cuda = device == "cuda"
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA device is visible; use --device cpu.")
-    if cfg.graphs == "cuda-graph" and not cuda:
-        raise ConfigError("--graphs cuda-graph needs a CUDA device; use --graphs off or compile on a CPU.")
+    if cfg.graphs in ("cuda-graph", "compile-cuda-graph") and not cuda:
+        raise ConfigError(f"--graphs {cfg.graphs} needs a CUDA device; use --graphs off or compile on a CPU.")
     if cfg.precision == "amp-fp16" and not cuda:
         raise ConfigError("--precision amp-fp16 needs a CUDA device (GradScaler); use amp-bf16 or fp32 on a CPU.")
     if cfg.precision == "tf32" and not cuda:
         raise ConfigError("--precision tf32 is a tensor-core format of CUDA GPUs; use fp32 on a CPU.")
-    if cfg.graphs == "cuda-graph" and cfg.nproc > 1:
+    if cfg.graphs in ("cuda-graph", "compile-cuda-graph") and cfg.nproc > 1:
         raise ConfigError(
-            "--graphs cuda-graph with --nproc > 1 is not supported (DDP's bucketed all-reduce "
-            "is not captured here); use --nproc 1 or --graphs compile."
+            f"--graphs {cfg.graphs} with --nproc > 1 is not supported (DDP's bucketed all-reduce "
+            "is not captured here); use --nproc 1 or --graphs off."
         )
     if cfg.graphs == "compile" and cfg.nproc > 1:
         raise ConfigError("--graphs compile with --nproc > 1 is not supported here; use --nproc 1 or --graphs off.")

@@ -13,6 +13,7 @@ on the device once, so the loss can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import asdict, dataclass
@@ -133,10 +134,13 @@ def ms_ssim_per_image(
 class DDNetLoss(torch.nn.Module):
     """MSE + 0.1 * (1 - MS-SSIM), in true fp32 whatever the caller's autocast state or TF32 flags."""
 
-    def __init__(self, image_side: int, data_range: float = 1.0) -> None:
+    def __init__(self, image_side: int, data_range: float = 1.0, guard_tf32: bool = True) -> None:
+        """`guard_tf32`: switch TF32 off around the loss (needed only while the process runs in TF32,
+        i.e. --precision tf32; the trainer decides it once, so compiled steps need not trace the guard)."""
         super().__init__()
         self.setting = choose_msssim(image_side)
         self.data_range = data_range
+        self._exact = true_fp32 if guard_tf32 else contextlib.nullcontext
         if not self.setting.standard:
             warnings.warn(
                 f"{image_side} px images are too small for the standard MS-SSIM; using {self.setting.describe()}",
@@ -144,10 +148,10 @@ class DDNetLoss(torch.nn.Module):
             )
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=pred.device.type, enabled=False), true_fp32():
+        with torch.autocast(device_type=pred.device.type, enabled=False), self._exact():
             x, y = pred.float(), target.float()
             mse = F.mse_loss(x, y)
-            msssim = ms_ssim_per_image(x, y, self.data_range, self.setting).mean()
+            msssim = _ms_ssim_scales(x, y, self.setting, self.data_range).mean()
             return mse + MSSSIM_WEIGHT_IN_LOSS * (1.0 - msssim)
 
 

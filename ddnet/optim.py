@@ -10,6 +10,7 @@ here, once, and the hot loop just calls `step(lq, hq)`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ def setup_precision(cfg: TrainConfig, device: torch.device) -> PrecisionSetup:
     confounds the quality comparison.
     """
     flags = set_fp32_precision("tf32" if cfg.precision == "tf32" else "ieee")
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # autotuning: a fast-path toggle, off in the baseline
     dtype = {"amp-fp16": torch.float16, "amp-bf16": torch.bfloat16}.get(cfg.precision)
     # note: a disabled GradScaler is a no-op: scale() returns the loss, step() just steps
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "amp-fp16")
@@ -259,18 +261,30 @@ def build_step(cfg: TrainConfig, parts: StepParts, sample: tuple[torch.Tensor, t
     model (e.g. one just loaded by `--init`) would use BatchNorm's running statistics forever.
     """
     parts.model.train()
-    if cfg.graphs == "cuda-graph":
+    mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+    if cfg.graphs in ("cuda-graph", "compile-cuda-graph"):
+        if cfg.graphs == "compile-cuda-graph":
+            # the compiled forward inside our captured step: its compilation happens in the capture's
+            # warm-up steps, so it is counted in capture_time_s and no epoch pays it
+            parts = dataclasses.replace(parts, model=torch.compile(parts.model, mode=mode))
         g = GraphedStep(parts, *sample)
         return g, {"capture_time_s": g.capture_time_s, "warmup_next_epoch": False,
                    "capture_peak_allocated_bytes": g.capture_peak_allocated_bytes}
     if cfg.graphs == "compile":
         # compilation happens lazily on the first call and is counted in the next epoch (marked warm-up)
-        return eager_step(parts, torch.compile(parts.model)), {"capture_time_s": 0.0, "warmup_next_epoch": True}
+        if cfg.compile_scope == "step":  # forward, loss, backward and Adam step (graph breaks at backward)
+            return torch.compile(eager_step(parts), mode=mode), {"capture_time_s": 0.0, "warmup_next_epoch": True}
+        return (eager_step(parts, torch.compile(parts.model, mode=mode)),
+                {"capture_time_s": 0.0, "warmup_next_epoch": True})
     return eager_step(parts), {"capture_time_s": 0.0, "warmup_next_epoch": False}
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """Adam(lr). Under CUDA graphs: capturable, with a device tensor lr the scheduler can still change."""
-    if cfg.graphs == "cuda-graph":
-        return torch.optim.Adam(model.parameters(), lr=torch.tensor(cfg.lr, device=device), capturable=True)
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    """Adam(lr) in the chosen implementation (`optimizer_impl`: torch's default, foreach or fused).
+
+    Under CUDA graphs: capturable, with a device tensor lr the scheduler can still change in place.
+    """
+    impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[cfg.optimizer_impl]
+    if cfg.graphs in ("cuda-graph", "compile-cuda-graph"):
+        return torch.optim.Adam(model.parameters(), lr=torch.tensor(cfg.lr, device=device), capturable=True, **impl)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, **impl)

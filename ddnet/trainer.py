@@ -98,7 +98,8 @@ class Run:
         self.staging: dict[str, Any] = {"staging_time_s": 0.0, "staging_bytes": 0}
         self._load_data()
         self.model = self._build_model()
-        self.loss_fn = DDNetLoss(self.image_side)
+        # TF32 guard around the loss only where the process runs in TF32 (decided once, not per step)
+        self.loss_fn = DDNetLoss(self.image_side, guard_tf32=cfg.precision == "tf32")
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=cfg.gamma)
         self.masks: Masks | None = None
@@ -296,7 +297,7 @@ class Run:
         prev_loss = rows[-1]["train_loss"] if rows else None
         if main:  # the floor: the low-dose input scored against the target like the output is
             self.input = input_quality(self.val.lq, self.val.hq, self.val.hu_scale, self.loss_fn.setting,
-                                       cfg.batch_size, self.device)
+                                       cfg.val_batch_size or cfg.batch_size, self.device)
         with self.memory:
             for epoch in range(self.start_epoch, cfg.epochs):
                 phase = self._phase(epoch)
@@ -314,7 +315,7 @@ class Run:
                 if main:
                     v0 = time.perf_counter()
                     val = validate(self.model, self.val.lq, self.val.hq, self.val.hu_scale, self.loss_fn,
-                                   cfg.batch_size, self.precision.autocast, self.device)
+                                   cfg.val_batch_size or cfg.batch_size, self.precision.autocast, self.device)
                     self.per_slice = val.pop("_per_slice")
                     row.update(val, val_time_s=time.perf_counter() - v0)
                     row.update(self.input)

@@ -6,9 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from ddnet import DDNet
 from ddnet.config import ModelConfig
-from ddnet.model import ConvUnit, count_layers
+from ddnet.model import ConvUnit, DDNet, count_layers
 
 
 def test_paper_counts() -> None:

@@ -53,7 +53,7 @@ def test_run_folder_contract(tmp_path: Path) -> None:
     on_disk = read_json(tmp_path / "summary.json")
     assert on_disk["status"] == "ok" and on_disk == json.loads(json.dumps(summary))
     assert on_disk["params"] == sum(p.numel() for p in
-                                    __import__("ddnet").DDNet(TINY).parameters())
+                                    __import__("ddnet.model").model.DDNet(TINY).parameters())
     assert on_disk["sparsity"]["overall"] == 0.0 and on_disk["sparsity"]["kind"] == "none"
     assert on_disk["total_time_s"] >= sum(r["time_s"] for r in rows)
     assert len(on_disk["val_slices"]) == 4
@@ -399,3 +399,15 @@ def test_channels_last_trains_like_contiguous(tmp_path: Path) -> None:
     # tiny net's high learning rate lets the rounding differences grow (measured ~1 % by epoch 2)
     assert losses[True][0] == pytest.approx(losses[False][0], rel=1e-3)
     assert losses[True][1] < losses[True][0] and losses[True][1] == pytest.approx(losses[False][1], rel=5e-2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_presets_rest_on_a_measurement_and_refuse_what_cannot_run(tmp_path: Path) -> None:
+    from bench.cmd_train import PRESETS
+
+    assert PRESETS["fastest"] == {"precision": "amp-fp16"}  # see README: the fastest cell measured on an H200
+    res = cli("train", "--preset", "fastest", "--out", str(tmp_path / "a"), "--device", "cpu")
+    assert res.returncode == 2 and "measured on a GPU" in res.stderr and res.stderr.count("error:") == 1
+    res = cli("train", "--preset", "quickest", "--out", str(tmp_path / "b"))
+    assert res.returncode == 2 and "--preset 'quickest' is not one of fastest" in res.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
