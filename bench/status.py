@@ -1,0 +1,252 @@
+"""`bench status`: where each cell of a grid stands, read from its folders (and Slurm job states if given).
+
+Reads only: `grid.json` (cell order, recorded Slurm jobs), and per cell folder `cell.json`,
+`config.json` / `config.request.json` (epochs asked), `epochs.jsonl` (epochs done, time used) and
+`summary.json` (outcome). A missing file is a state; a damaged one is reported as
+'unreadable: <why>', never a traceback.
+
+Statuses (one per cell):
+
+    pending     listed in grid.json, nothing started and no job recorded
+    submitted   a job is recorded, no summary yet, and its Slurm state was not asked for
+    queued      its job waits in the queue (a requeued cell shows the epochs it resumes from)
+    running     epochs under way ('epoch k/N'); without job states, any unfinished started cell
+    stopped     unfinished, and its job ended (failed, cancelled, gone): `bench run` resubmits it
+    finished    summary.json status 'ok'
+    failed      summary.json status 'failed' (its error's first line)
+    skipped     summary.json status 'skipped' (the reason)
+    unreadable  summary.json (or grid.json) cannot be read
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+from bench.slurm import latest_job_records
+from ddnet.errors import UserError
+
+STATUSES = ("pending", "submitted", "queued", "running", "stopped", "finished", "failed", "skipped",
+            "unreadable")
+_COLOURS = {"pending": "white", "submitted": "blue", "queued": "blue", "running": "cyan", "stopped": "yellow",
+            "finished": "green", "failed": "red", "skipped": "dim", "unreadable": "magenta"}
+_MISSING = object()
+
+
+def _why(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}" if not isinstance(e, json.JSONDecodeError) else f"invalid JSON ({e})"
+
+
+def _read_json(path: Path) -> tuple[Any, str | None]:
+    """(value, None), (_MISSING, None) when absent, or (None, 'why') when it cannot be read as JSON."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return _MISSING, None
+    except (OSError, UnicodeDecodeError) as e:
+        return None, _why(e)
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as e:
+        return None, _why(e)
+
+
+def _read_rows(path: Path) -> tuple[list[dict[str, Any]], str | None]:
+    """Every readable epoch row; a torn last line is normal (a kill mid-append), a bad inner line is noted."""
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except FileNotFoundError:
+        return [], None
+    except OSError as e:
+        return [], f"unreadable: epochs.jsonl: {_why(e)}"
+    rows, bad = [], []
+    for i, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i < len(lines):
+                bad.append(i)
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad.append(i)
+    note = f"unreadable: epochs.jsonl line(s) {', '.join(map(str, bad))}" if bad else None
+    return rows, note
+
+
+def _num(v: Any) -> float:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0.0
+
+
+def _time_used(rows: list[dict[str, Any]]) -> float:
+    """Training time so far as the trainer totals it: epoch time plus graph capture and pruning."""
+    return sum(_num(r.get("time_s")) + _num(r.get("capture_time_s")) + _num(r.get("prune_time_s"))
+               for r in rows)
+
+
+def _first_line(v: Any) -> str:
+    text = str(v).strip() if v not in (None, "") else ""
+    return text.splitlines()[0] if text else ""
+
+
+def _epochs_asked(folder: Path, notes: list[str]) -> int | None:
+    for name in ("config.json", "config.request.json"):
+        cfg, err = _read_json(folder / name)
+        if err:
+            notes.append(f"unreadable: {name}: {err}")
+            continue
+        if isinstance(cfg, dict) and isinstance(cfg.get("epochs"), int):
+            return cfg["epochs"]
+    return None
+
+
+def _cell_row(folder: Path, record: dict[str, Any] | None, states: dict[str, str] | None) -> dict[str, Any]:
+    notes: list[str] = []
+    cell, err = _read_json(folder / "cell.json")
+    if err:
+        notes.append(f"unreadable: cell.json: {err}")
+    label = str(cell.get("label") or "") if isinstance(cell, dict) else ""
+    epochs = _epochs_asked(folder, notes)
+    rows, note = _read_rows(folder / "epochs.jsonl")
+    if note:
+        notes.append(note)
+    summary, s_err = _read_json(folder / "summary.json")
+    job = str(record["job_id"]) if record else None
+    state = states.get(job, "unknown") if (job and states is not None) else None
+    done = len(rows)
+    of = f"{done}/{epochs if epochs is not None else '?'}"
+    time_used: float | None = _time_used(rows) if rows else None
+
+    if s_err or (summary is not _MISSING and not isinstance(summary, dict)):
+        status = "unreadable"
+        detail = f"unreadable: summary.json: {s_err or 'not a JSON object'}"
+    else:
+        s = summary if isinstance(summary, dict) else {}
+        kind = s.get("status")
+        if isinstance(s.get("total_time_s"), int | float) and not isinstance(s.get("total_time_s"), bool):
+            time_used = float(s["total_time_s"])
+        if kind == "ok":
+            status = "finished"
+            done = s["epochs_completed"] if isinstance(s.get("epochs_completed"), int) else done
+            ms = s.get("final_val_ms_ssim")
+            detail = f"final MS-SSIM {ms:.2f}%" if isinstance(ms, int | float) else ""
+        elif kind == "failed":
+            status, detail = "failed", _first_line(s.get("error")) or "failed (no error recorded)"
+        elif kind == "skipped":
+            status, detail = "skipped", _first_line(s.get("reason") or s.get("error"))
+        elif kind not in (None, "running"):
+            status, detail = "unreadable", f"unreadable: summary.json status {kind!r}"
+        elif state == "queued":
+            status = "queued"
+            detail = f"job {job} queued" + (f"; resumes after epoch {of}" if done else "")
+        elif state in ("failed", "cancelled", "finished") or (state == "unknown" and (done or kind)):
+            status = "stopped"
+            detail = f"job {job} {state} at epoch {of}; `bench run` resubmits it"
+        elif state == "unknown":
+            status, detail = "submitted", f"job {job}, not listed by Slurm"
+        elif kind == "running" or done or state == "running":
+            status = "running"
+            last = rows[-1].get("phase") if rows else None
+            detail = f"epoch {of}" + (f" ({last})" if isinstance(last, str) and last else "")
+        elif job is not None:
+            status, detail = "submitted", f"job {job}"
+        else:
+            status, detail = "pending", "not started"
+    if notes:
+        detail = "; ".join([d for d in (detail,) if d] + notes)
+    return {
+        "cell": folder.name, "label": label, "status": status, "detail": detail,
+        "epochs_done": done, "epochs": epochs, "time_used_s": time_used,
+        "job_id": job, "job_state": state,
+    }
+
+
+def recorded_jobs(results_dir: Path) -> dict[str, str]:
+    """{cell folder: latest Slurm job id} recorded in `results_dir/grid.json` ({} if none or unreadable)."""
+    grid, err = _read_json(Path(results_dir) / "grid.json")
+    if err or not isinstance(grid, dict):
+        return {}
+    return {f: str(r["job_id"]) for f, r in latest_job_records(grid).items()}
+
+
+def cell_status_rows(results_dir: Path, job_states: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """One flat row per cell of the grid in `results_dir` (grid.json's order first, then other cell folders).
+
+    `job_states`: {job id: queued | running | finished | failed | cancelled | unknown}, from
+    `bench.slurm.job_states(list(recorded_jobs(results_dir).values()))`; None: Slurm is not asked.
+    Row keys: cell, label, status, detail, epochs_done, epochs, time_used_s, job_id, job_state.
+    A damaged grid.json adds a first row with cell 'grid.json' and status 'unreadable'.
+    """
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise UserError(f"{results_dir} is not a folder; give the --out folder of a `bench run`.")
+    grid, grid_err = _read_json(results_dir / "grid.json")
+    order: list[str] = []
+    records: dict[str, dict[str, Any]] = {}
+    if not grid_err and grid is not _MISSING:
+        if isinstance(grid, dict):
+            order = [f for f in grid.get("order", []) if isinstance(f, str)] if isinstance(
+                grid.get("order"), list) else []
+            records = latest_job_records(grid)
+        else:
+            grid_err = "not a JSON object"
+    try:
+        found = sorted(d.name for d in results_dir.iterdir()
+                       if d.is_dir() and ((d / "cell.json").exists() or (d / "summary.json").exists()))
+    except OSError as e:
+        raise UserError(f"cannot list {results_dir}: {e}") from None
+    folders = list(dict.fromkeys(order + found))
+    rows = [_cell_row(results_dir / f, records.get(f), job_states) for f in folders]
+    if grid_err:
+        rows.insert(0, {"cell": "grid.json", "label": "", "status": "unreadable",
+                        "detail": f"unreadable: grid.json: {grid_err}", "epochs_done": 0, "epochs": None,
+                        "time_used_s": None, "job_id": None, "job_state": None})
+    return rows
+
+
+def status_totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """{'cells': n, 'by_status': {status: count}, 'time_used_s': total} (the grid.json row is not a cell)."""
+    cells = [r for r in rows if r["cell"] != "grid.json"]
+    counts: dict[str, int] = {}
+    for r in cells:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    by_status = {s: counts[s] for s in (*STATUSES, *sorted(set(counts) - set(STATUSES))) if s in counts}
+    return {"cells": len(cells), "by_status": by_status,
+            "time_used_s": sum(r["time_used_s"] or 0.0 for r in cells)}
+
+
+def format_duration(seconds: float | None) -> str:
+    """'-', '12.3 s', '4m05s' or '2h07m'."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    s = int(round(seconds))
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def status_table(rows: list[dict[str, Any]], title: str = "bench status") -> Table:
+    """The rows as a rich Table, with the totals (cells per status, time used) as its caption."""
+    totals = status_totals(rows)
+    counts = ", ".join(f"{n} {s}" for s, n in totals["by_status"].items()) or "no cells"
+    table = Table(title=title, caption=f"{totals['cells']} cells: {counts}; time used "
+                                       f"{format_duration(totals['time_used_s'])}")
+    for col, kw in (("cell", {"overflow": "fold"}), ("status", {}), ("epochs", {"justify": "right"}),
+                    ("time used", {"justify": "right"}), ("job", {}), ("detail", {"overflow": "fold"})):
+        table.add_column(col, **kw)
+    for r in rows:
+        colour = _COLOURS.get(r["status"], "white")
+        epochs = f"{r['epochs_done']}/{r['epochs'] if r['epochs'] is not None else '?'}"
+        job = r["job_id"] or "-"
+        if r["job_state"]:
+            job += f" ({r['job_state']})"
+        table.add_row(Text(r["cell"]), Text(r["status"], style=colour), epochs,
+                      format_duration(r["time_used_s"]), Text(job), Text(r["detail"] or ""))
+    return table

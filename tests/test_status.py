@@ -1,0 +1,144 @@
+"""bench.status: one row per cell from the run folders (and Slurm job states), robust to damaged files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from bench.slurm import record_jobs
+from bench.status import cell_status_rows, format_duration, recorded_jobs, status_table, status_totals
+from ddnet.errors import UserError
+
+ORDER = ["fin-1", "fail-2", "part-3", "skip-4", "dmg-5", "wait-6", "later-7"]
+
+
+def write(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+
+
+def epoch_rows(n: int, **extra) -> str:
+    rows = [{"epoch": e, "phase": "dense", "time_s": 10.0, **(extra if e == 1 else {})}
+            for e in range(1, n + 1)]
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+@pytest.fixture
+def grid_dir(tmp_path: Path) -> Path:
+    """A grid's out folder: finished, failed, partial, skipped, damaged, submitted and pending cells."""
+    out = tmp_path / "runs" / "smoke"
+    grid = {"grid": "smoke", "order": ORDER, "cells": [{"folder": f} for f in ORDER]}
+    write(out / "grid.json", record_jobs(grid, {"part-3": "77_2", "wait-6": "77_5"}))
+    for name in ORDER[:6]:
+        write(out / name / "cell.json", {"cell": name.split("-")[0], "label": f"label of {name}",
+                                         "folder": name})
+        write(out / name / "config.request.json", {"epochs": 5})
+    write(out / "fin-1" / "config.json", {"epochs": 3})
+    write(out / "fin-1" / "epochs.jsonl", epoch_rows(3))
+    write(out / "fin-1" / "summary.json", {"status": "ok", "epochs_completed": 3, "total_time_s": 31.5,
+                                           "final_val_ms_ssim": 93.456})
+    write(out / "fail-2" / "epochs.jsonl", epoch_rows(1))
+    write(out / "fail-2" / "summary.json", {"status": "failed", "epochs_completed": 1,
+                                            "error": "train loss became nan at epoch 2\nTraceback"})
+    # 2 of 5 epochs, a capture and a pruning time in the first row, and a torn last line (killed mid-append)
+    torn = '{"epoch": 3, "ti'
+    write(out / "part-3" / "epochs.jsonl", epoch_rows(2, capture_time_s=1.5, prune_time_s=0.5) + torn)
+    write(out / "part-3" / "summary.json", {"status": "running", "error": None})
+    write(out / "skip-4" / "summary.json", {"status": "skipped",
+                                            "reason": "needs CUDA (--graphs cuda-graph)"})
+    write(out / "dmg-5" / "summary.json", '{"status": "ok", "total_')
+    return out
+
+
+def by_cell(rows: list[dict]) -> dict[str, dict]:
+    return {r["cell"]: r for r in rows}
+
+
+def test_rows_from_folders_alone(grid_dir):
+    rows = cell_status_rows(grid_dir)
+    assert [r["cell"] for r in rows] == ORDER  # grid.json's order, absent folders included
+    r = by_cell(rows)
+    assert (r["fin-1"]["status"], r["fin-1"]["epochs_done"], r["fin-1"]["epochs"]) == ("finished", 3, 3)
+    assert r["fin-1"]["time_used_s"] == 31.5 and r["fin-1"]["detail"] == "final MS-SSIM 93.46%"
+    assert r["fin-1"]["label"] == "label of fin-1"
+    assert r["fail-2"]["status"] == "failed" and r["fail-2"]["detail"] == "train loss became nan at epoch 2"
+    assert r["fail-2"]["time_used_s"] == 10.0
+    part = r["part-3"]
+    assert (part["status"], part["detail"], part["epochs_done"]) == ("running", "epoch 2/5 (dense)", 2)
+    assert part["time_used_s"] == pytest.approx(22.0)  # 2 x 10 s + 1.5 s capture + 0.5 s pruning
+    assert part["job_id"] == "77_2" and part["job_state"] is None
+    assert r["skip-4"]["status"] == "skipped" and r["skip-4"]["detail"] == "needs CUDA (--graphs cuda-graph)"
+    assert r["dmg-5"]["status"] == "unreadable"
+    assert r["dmg-5"]["detail"].startswith("unreadable: summary.json:")
+    assert (r["wait-6"]["status"], r["wait-6"]["detail"]) == ("submitted", "job 77_5")
+    assert (r["later-7"]["status"], r["later-7"]["epochs"]) == ("pending", None)
+    assert recorded_jobs(grid_dir) == {"part-3": "77_2", "wait-6": "77_5"}
+
+
+@pytest.mark.parametrize("states, part, wait", [
+    ({"77_2": "running", "77_5": "queued"}, ("running", "epoch 2/5 (dense)"), ("queued", "job 77_5 queued")),
+    ({"77_2": "queued", "77_5": "running"}, ("queued", "job 77_2 queued; resumes after epoch 2/5"),
+     ("running", "epoch 0/5")),
+    ({"77_2": "cancelled", "77_5": "failed"},
+     ("stopped", "job 77_2 cancelled at epoch 2/5; `bench run` resubmits it"),
+     ("stopped", "job 77_5 failed at epoch 0/5; `bench run` resubmits it")),
+    ({}, ("stopped", "job 77_2 unknown at epoch 2/5; `bench run` resubmits it"),
+     ("submitted", "job 77_5, not listed by Slurm")),
+])
+def test_job_states_refine_unfinished_cells_only(grid_dir, states, part, wait):
+    r = by_cell(cell_status_rows(grid_dir, job_states=states))
+    assert (r["part-3"]["status"], r["part-3"]["detail"]) == part
+    assert (r["wait-6"]["status"], r["wait-6"]["detail"]) == wait
+    assert r["fin-1"]["status"] == "finished" and r["fail-2"]["status"] == "failed"  # the folder wins
+
+
+def test_damaged_files_are_reported_never_raised(grid_dir):
+    second = epoch_rows(2)[len(epoch_rows(1)):]
+    write(grid_dir / "part-3" / "epochs.jsonl", epoch_rows(1) + "garbage\n" + second)
+    write(grid_dir / "fin-1" / "cell.json", "{")
+    write(grid_dir / "skip-4" / "summary.json", "[1, 2]")
+    write(grid_dir / "fail-2" / "summary.json", {"status": "exploded"})
+    (grid_dir / "extra-9").mkdir()
+    write(grid_dir / "extra-9" / "summary.json", "")  # empty file: killed before the first write
+    r = by_cell(cell_status_rows(grid_dir))
+    assert r["part-3"]["epochs_done"] == 2 and "unreadable: epochs.jsonl line(s) 2" in r["part-3"]["detail"]
+    assert r["fin-1"]["status"] == "finished"
+    assert "unreadable: cell.json: invalid JSON" in r["fin-1"]["detail"]
+    assert r["skip-4"]["detail"] == "unreadable: summary.json: not a JSON object"
+    assert r["fail-2"]["detail"] == "unreadable: summary.json status 'exploded'"
+    assert r["extra-9"]["status"] == "unreadable"  # a folder outside grid.json's order is still listed, last
+    assert list(r)[-1] == "extra-9"
+
+
+def test_a_damaged_grid_json_is_one_unreadable_row_and_the_cells_still_show(grid_dir):
+    write(grid_dir / "grid.json", "not json")
+    rows = cell_status_rows(grid_dir)
+    assert rows[0]["cell"] == "grid.json"
+    assert rows[0]["detail"].startswith("unreadable: grid.json: invalid JSON")
+    assert [r["cell"] for r in rows[1:]] == sorted(ORDER[:6])  # found by their cell.json, sorted
+    assert status_totals(rows)["cells"] == 6
+    assert recorded_jobs(grid_dir) == {}
+
+
+def test_table_and_totals(grid_dir):
+    rows = cell_status_rows(grid_dir, job_states={"77_2": "running", "77_5": "queued"})
+    totals = status_totals(rows)
+    assert totals["by_status"] == {"queued": 1, "running": 1, "finished": 1, "failed": 1, "skipped": 1,
+                                   "unreadable": 1, "pending": 1}
+    assert totals["time_used_s"] == pytest.approx(31.5 + 10.0 + 22.0)
+    console = Console(record=True, width=220)
+    console.print(status_table(rows))
+    text = console.export_text()
+    for needle in ("fin-1", "2/5", "77_2 (running)", "train loss became nan at epoch 2", "1m04s",
+                   "7 cells: 1 pending, 1 queued, 1 running, 1 finished, 1 failed, 1 skipped, 1 unreadable"):
+        assert needle in text, needle
+
+
+def test_format_duration_and_missing_folder(tmp_path):
+    assert [format_duration(s) for s in (None, 4.25, 245, 7625)] == ["-", "4.2 s", "4m05s", "2h07m"]
+    with pytest.raises(UserError, match="is not a folder"):
+        cell_status_rows(tmp_path / "nope")
+    assert cell_status_rows(tmp_path) == []
