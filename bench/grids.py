@@ -32,7 +32,7 @@ from types import ModuleType
 from typing import Any
 
 import ablations
-from ddnet.config import ConfigError, DataConfig, TrainConfig, check_static
+from ddnet.config import ConfigError, DataConfig, TrainConfig, check_static, toggle_values
 from ddnet.errors import UserError
 
 _SLUG_OK = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
@@ -94,14 +94,11 @@ def slug(*parts: object) -> str:
 
 
 def standard_factors(cfg: TrainConfig) -> dict[str, Any]:
-    """The optimization toggles of a config as flat factors, so every grid's cells can be matched up."""
-    return {
-        "precision": cfg.precision,
-        "loader": cfg.loader,
-        "graphs": cfg.graphs,
-        "sparsity": cfg.sparsity.kind,
-        "dense_epochs": cfg.sparsity.dense_epochs if cfg.sparsity.kind != "none" else cfg.epochs,
-    }
+    """Every optimization toggle of a config (`ddnet.config.TOGGLES`) as flat factors, so every grid's
+    cells can be matched up; a dense model's dense_epochs reads as all its epochs."""
+    factors = toggle_values(cfg)
+    factors["dense_epochs"] = cfg.sparsity.dense_epochs if cfg.sparsity.kind != "none" else cfg.epochs
+    return factors
 
 
 def toggles_slug(cfg: TrainConfig) -> str:

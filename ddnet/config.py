@@ -281,6 +281,26 @@ class TrainConfig:
         return TrainConfig.from_dict(d)
 
 
+TOGGLES: tuple[str, ...] = (
+    "precision", "loader", "graphs", "channels_last", "cudnn_benchmark", "optimizer_impl", "compile_mode",
+    "compile_scope", "sparsity.kind", "sparsity.amount", "sparsity.pattern", "sparsity.dense_epochs",
+)
+"""The optimization toggles among the fields (dotted paths): what a grid varies and the report compares.
+Everything else (data, widths, epochs, batch, lr, ...) is the context two cells must share to be compared."""
+
+
+def toggle_values(cfg: TrainConfig) -> dict[str, Any]:
+    """{leaf name: value} of every toggle of `cfg` ('sparsity.kind' -> 'sparsity', others by their leaf)."""
+    d = cfg.to_dict()
+    out: dict[str, Any] = {}
+    for path in TOGGLES:
+        value: Any = d
+        for part in path.split("."):
+            value = value[part]
+        out["sparsity" if path == "sparsity.kind" else path.split(".")[-1]] = value
+    return out
+
+
 # ---------------------------------------------------------------------- validation
 
 
