@@ -212,6 +212,12 @@ def run_eval(
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     elapsed = time.perf_counter() - t0
+    bad = sorted(k for k, v in per_slice.items() if not bool(torch.isfinite(v).all()))
+    if bad:  # a NaN score is an error, not a result
+        if not any(folder.iterdir()):
+            folder.rmdir()
+        raise UserError(f"{checkpoint} scores non-finite {', '.join(bad)} on the {split} split (the network's output "
+                        "or the data is not finite); check the checkpoint and the data, nothing was written.")
 
     info_out = {k: v for k, v in info.items() if k != "train_config"}
     result: dict[str, Any] = {

@@ -11,6 +11,7 @@ replicas (DistributedDataParallel; NCCL on GPUs, gloo on CPUs); under
 
 from __future__ import annotations
 
+import datetime
 import inspect
 import json
 import os
@@ -30,6 +31,9 @@ from ddnet.config import ConfigError, ConfigField, TrainConfig, check_runnable, 
 from ddnet.errors import UserError
 from ddnet.trainer import Dist, TrainingFailed
 
+DIST_TIMEOUT_S = 600
+"""Longest any collective may wait for the other replicas (seconds); DIST_TIMEOUT_ENV overrides it."""
+DIST_TIMEOUT_ENV = "DDNET_BENCH_DIST_TIMEOUT_S"
 EXIT_FAILED = 3  # training itself failed (NaN loss, OOM, crash); the folder records why
 
 
@@ -155,6 +159,11 @@ def run_training(cfg: TrainConfig, out: Path, resume: bool = False, progress: bo
     except TrainingFailed as e:
         typer.echo(f"error: training failed: {e} (recorded in {out / 'summary.json'})", err=True)
         sys.exit(EXIT_FAILED)
+    except OSError as e:  # a full disk, a folder turned read-only: one line, never a traceback
+        where = e.filename or out
+        typer.echo(f"error: cannot write {where} ({e.strerror or e}); free some space or choose a writable "
+                   f"--out, then add --resume to continue.", err=True)
+        sys.exit(EXIT_FAILED)
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
@@ -182,7 +191,9 @@ def _init_group(rank: int, world: int, cuda: bool) -> None:
     else:
         # before the first collective: NCCL's object broadcasts run on the current device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    # a replica that dies or hangs must not leave the others waiting forever in a collective
+    timeout = datetime.timedelta(seconds=float(os.environ.get(DIST_TIMEOUT_ENV, DIST_TIMEOUT_S)))
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=timeout)
 
 
 def _leave_group() -> None:

@@ -71,12 +71,28 @@ class Grid:
 
     def base(self) -> TrainConfig:
         """The grid's base configuration before user overrides."""
-        return self.defaults_fn() if self.defaults_fn is not None else paper_base()
+        if self.defaults_fn is None:
+            return paper_base()
+        try:
+            base = self.defaults_fn()
+        except UserError as e:
+            raise UserError(f"grid {self.source}: defaults() made an invalid config: {e}") from None
+        except Exception as e:  # a user's grid file: its error in one line, not a traceback
+            raise UserError(f"grid {self.source}: defaults() raised {type(e).__name__}: {e}; fix the grid file.") from None
+        if not isinstance(base, TrainConfig):
+            raise UserError(f"grid {self.source}: defaults() returned {type(base).__name__}, not a TrainConfig; "
+                            "fix the grid file.")
+        return base
 
     def cells(self, base: TrainConfig | None = None) -> list[Cell]:
         """Expand the grid on `base` (default: `self.base()`) and validate the result."""
         base = self.base() if base is None else base
-        cells = self.cells_fn(base)
+        try:
+            cells = self.cells_fn(base)
+        except UserError as e:
+            raise UserError(f"grid {self.source}: cells() made an invalid config: {e}") from None
+        except Exception as e:  # a user's grid file: its error in one line, not a traceback
+            raise UserError(f"grid {self.source}: cells(base) raised {type(e).__name__}: {e}; fix the grid file.") from None
         validate_cells(self.name, cells)
         return cells
 

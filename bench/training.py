@@ -9,6 +9,8 @@ progress bar). `train(cfg, out_dir)` here wires the two together: it is what
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 from pathlib import Path
 from typing import Any
 
@@ -37,33 +39,115 @@ def standard_instruments(out_dir: str | Path) -> InstrumentsFactory:
     return make
 
 
+LOCK_NAME = ".bench-train.lock"
+RUN_FILES = frozenset({
+    "config.json", "env.json", "epochs.jsonl", "summary.json", "ckpt.pt", "weights.pt", "copies.json", "trace.json",
+    "train.log", "cell.json", "config.request.json",  # the last three: written by `bench run` before it starts us
+})
+"""What a run folder may hold; anything else (except hidden files and eval-* folders) is someone else's."""
+
+
+def _read_summary(path: Path) -> dict[str, Any] | None:
+    try:
+        s = read_json(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"status": "damaged"}
+    return s if isinstance(s, dict) else {"status": "damaged"}
+
+
 def prepare_out_dir(out_dir: Path, config: dict[str, Any], resume: bool) -> None:
-    """Refuse to overwrite a finished run or silently restart an unfinished one."""
-    summary = out_dir / "summary.json"
-    if summary.exists() and read_json(summary).get("status") == "ok":
+    """Refuse every folder this run must not write into, naming the fix (UserError); nothing is changed.
+
+    Refused: the current folder (an empty --out), a file, a folder holding files that are not a run,
+    a finished run, a failed or unfinished run without --resume, and, with --resume, a run of
+    another configuration or a damaged one.
+    """
+    if str(out_dir) in ("", "."):
+        raise UserError("--out is empty or the current folder; pass a new folder for the run, e.g. --out runs/first.")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file; pass a folder (new or empty) for the run.")
+    if not out_dir.exists():
+        return
+    names = {p.name for p in out_dir.iterdir()}
+    foreign = sorted(n for n in names if n not in RUN_FILES and not n.startswith((".", "eval-")))
+    if foreign and "config.json" not in names and "cell.json" not in names:
+        raise UserError(f"{out_dir} holds files that are not a bench run ({', '.join(foreign[:3])}); "
+                        "pass a new or empty --out folder.")
+    summary = _read_summary(out_dir / "summary.json") or {}
+    status = summary.get("status")
+    if status == "ok":
         raise UserError(f"{out_dir} already holds a finished run; choose a new --out folder.")
+    if status == "damaged" and not resume:
+        raise UserError(f"{out_dir}/summary.json is damaged; add --resume to continue the run from its checkpoint, "
+                        "or choose a new --out folder.")
+    if status == "failed" and not resume:
+        raise UserError(f"{out_dir} holds a failed run ({str(summary.get('error') or 'no error recorded')[:80]}); "
+                        "add --resume to try again from its last checkpoint, or choose a new --out folder.")
     has_epochs = (out_dir / "epochs.jsonl").exists() and (out_dir / "epochs.jsonl").stat().st_size > 0
     if has_epochs and not resume:
         raise UserError(f"{out_dir} already holds epochs of an unfinished run; add --resume to continue it.")
-    if resume and (out_dir / "config.json").exists():
-        if read_json(out_dir / "config.json") != config:
+    if (out_dir / "config.json").exists():
+        try:
+            old = read_json(out_dir / "config.json")
+        except (OSError, ValueError):
+            raise UserError(f"{out_dir}/config.json is damaged; choose a new --out folder.") from None
+        if old != config:
             raise UserError(f"{out_dir} holds a run of a different configuration; use a new --out folder.")
 
 
 class RunFolder:
-    """A run folder as the trainer's sink (`ddnet.hooks.RunSink`), with a progress bar over epochs."""
+    """A run folder as the trainer's sink (`ddnet.hooks.RunSink`), with a progress bar over epochs.
+
+    `open` claims the folder with an exclusive lock held until the process ends (a second
+    `bench train` into the same folder is refused at once, even a second later).
+    """
 
     def __init__(self, out_dir: str | Path, progress: bool = False) -> None:
         self.out = Path(out_dir)
         self.progress = progress
         self._bar: Progress | None = None
         self._task: Any = None
+        self._lock: Any = None
+        self._made = False
+        self._started = False
 
     def open(self, config: dict[str, Any], resume: bool) -> None:
         prepare_out_dir(self.out, config, resume)
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self._made = not self.out.exists()
+            self.out.mkdir(parents=True, exist_ok=True)
+            lock = open(self.out / LOCK_NAME, "w")  # noqa: SIM115 - held for the run's lifetime, closed in release()
+        except OSError as e:
+            raise UserError(f"cannot create {self.out} ({e.strerror}); pass a writable --out folder.") from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise UserError(f"another `bench train` is writing {self.out}; wait for it or choose another --out.") from None
+        self._lock = lock
+        prepare_out_dir(self.out, config, resume)  # again, now that no one else can change the folder
+
+    def release(self, keep: bool = True) -> None:
+        """Give the folder up; `keep=False` removes it when this run made it and wrote nothing but the lock."""
+        self._close()
+        if self._lock is None:
+            return
+        self._lock.close()
+        self._lock = None
+        if not keep and self._made:
+            (self.out / LOCK_NAME).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.out.rmdir()  # only if empty
+
+    @property
+    def started(self) -> bool:
+        """Records were written (config.json and the rest)."""
+        return self._started
 
     def start(self, config: dict[str, Any], env: dict[str, Any]) -> None:
+        self._started = True
         write_json(self.out / "config.json", config)
         write_json(self.out / "env.json", environment(env))
         write_json(self.out / "summary.json", {"status": "running", "error": None})
@@ -97,9 +181,10 @@ class RunFolder:
 
     def fail(self, error: str, traceback: str) -> None:
         self._close()
-        write_json(self.out / "summary.json", {
-            "status": "failed", "error": error, "epochs_completed": len(self.epochs()), "traceback": traceback,
-        })
+        with contextlib.suppress(OSError):  # a full disk must not hide the original failure behind this one
+            write_json(self.out / "summary.json", {
+                "status": "failed", "error": error, "epochs_completed": len(self.epochs()), "traceback": traceback,
+            })
 
     def _close(self) -> None:
         if self._bar is not None:
@@ -115,8 +200,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
     try:
         return train_model(cfg, out_dir, sink=sink, make_instruments=standard_instruments(out_dir), resume=resume,
                            dist=dist)
+    except UserError:
+        # refused before training started (bad data, a model that does not fit): leave no trace of the attempt
+        sink.release(keep=sink.started)
+        raise
     finally:
-        sink._close()
+        sink.release()
 
 
 def build_run(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, dist: Dist | None = None) -> Run:

@@ -228,7 +228,13 @@ class Run:
 
     def _restore(self, sink: RunSink | None) -> list[dict]:
         """Load ckpt.pt; drop epoch rows past it (rank 0, through the sink). Returns the kept rows."""
-        ck = torch.load(self.out / "ckpt.pt", map_location=self.device, weights_only=False)
+        path = self.out / "ckpt.pt"
+        try:
+            ck = torch.load(path, map_location=self.device, weights_only=False)
+            ck["config"], ck["epoch"]  # noqa: B018 - a checkpoint of another format fails here, not later
+        except Exception as e:
+            raise UserError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:80]}); "
+                            "delete it to restart the run from scratch, or use a new --out.") from None
         if ck.get("config") != self.cfg.to_dict():
             raise UserError(f"{self.out} holds a run of a different configuration; use a new --out folder.")
         if ck["sparsity_kind"] == "structural":
@@ -317,6 +323,10 @@ class Run:
                     val = validate(self.model, self.val.lq, self.val.hq, self.val.hu_scale, self.loss_fn,
                                    cfg.val_batch_size or cfg.batch_size, self.precision.autocast, self.device)
                     self.per_slice = val.pop("_per_slice")
+                    bad = {k: v for k, v in val.items() if isinstance(v, float) and not math.isfinite(v)}
+                    if bad:  # a NaN metric is a failed run, never an 'ok' one with "nan" in its records
+                        raise TrainingFailed(f"validation metric(s) {', '.join(bad)} became non-finite at epoch "
+                                             f"{epoch + 1} (the network's output is not finite)")
                     row.update(val, val_time_s=time.perf_counter() - v0)
                     row.update(self.input)
                     row["sparsity"] = self._measured_sparsity()

@@ -318,6 +318,13 @@ def test_reader_errors_name_the_file(tmp_path):
     make_split(tmp_path / "nan", n=2)
     np.save(tmp_path / "nan" / "train" / "LQ" / "s1.npy", np.full((32, 32), np.nan, np.float32))
     assert str(tmp_path / "nan" / "train" / "LQ" / "s1.npy") in (m := error_message(tmp_path / "nan")) and "NaN" in m
+    # A float64 value that is finite but overflows float32 (checked after the cast).
+    make_split(tmp_path / "huge", n=2)
+    big = np.zeros((32, 32), np.float64)
+    big[3, 4] = 1e300
+    np.save(tmp_path / "huge" / "train" / "HQ" / "s1.npy", big)
+    m = error_message(tmp_path / "huge")
+    assert str(tmp_path / "huge" / "train" / "HQ" / "s1.npy") in m and "float32's range" in m, m
     # A stack instead of a slice.
     make_split(tmp_path / "stack", n=2)
     np.save(tmp_path / "stack" / "train" / "HQ" / "s0.npy", np.zeros((2, 32, 32), np.float32))

@@ -224,3 +224,22 @@ def test_cli_unknown_grid_is_one_line_listing_known_ones():
     assert lines[0].startswith("error: unknown grid 'tabel9'")
     for name in EXPECTED_COUNTS:
         assert name in lines[0]
+
+
+@pytest.mark.parametrize(("body", "needle"), [
+    ("def cells(base):\n    raise RuntimeError('boom')\n", "cells(base) raised RuntimeError: boom"),
+    ("def cells(base):\n    return [base]\n", "returned TrainConfig, not a Cell"),
+    ("def cells(base):\n    return 'x'\n", "must return a non-empty list of Cell"),
+    ("def defaults():\n    return 3\n\ndef cells(base):\n    return []\n", "defaults() returned int, not a TrainConfig"),
+    ("def defaults():\n    raise KeyError('k')\n\ndef cells(base):\n    return []\n", "defaults() raised KeyError"),
+    ("def cells(base):\n    return [base.replace(epochs=0)]\n", "cells() made an invalid config: --epochs 0 must be at least 1"),
+])
+def test_a_broken_grid_file_is_one_line_naming_it(tmp_path, body, needle):
+    from ddnet.errors import UserError
+
+    path = tmp_path / "broken.py"
+    path.write_text(body)
+    with pytest.raises(UserError) as err:
+        load_grid(str(path)).cells()
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert "broken" in str(err.value) or str(path) in str(err.value)

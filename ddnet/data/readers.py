@@ -138,9 +138,13 @@ def read_image(path: Path | str, hu_window: tuple[float, float] = (-1024.0, 1024
     except Exception as e:  # any decoder failure: corrupt, truncated or mislabelled file
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"cannot read {path} ({reason}); re-export the file or remove it.") from e
-    if not np.isfinite(arr).all():
-        raise DataError(f"{path} contains NaN or infinite values; fix or remove the slice.")
-    return arr.astype(np.float32)
+    with np.errstate(over="ignore"):
+        out = arr.astype(np.float32)
+    # checked after the cast: a float64 value of 1e300 is finite but becomes inf in float32
+    if not np.isfinite(out).all():
+        what = "NaN or infinite values" if not np.isfinite(arr).all() else "values beyond float32's range"
+        raise DataError(f"{path} contains {what}; fix or remove the slice.")
+    return out
 
 
 # ----------------------------------------------------------------------------- folders

@@ -1,0 +1,190 @@
+"""The harness side of a run (bench/training.py): who owns a run folder, what it refuses, and faults."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import bench.training as training
+from bench.cli import main
+from bench.store import read_json, read_jsonl
+from bench.training import train
+from ddnet.config import DataConfig, ModelConfig, TrainConfig
+from ddnet.trainer import TrainingFailed
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_ARGS = ["--image-size", "32", "--n-train", "8", "--n-val", "4", "--batch-size", "4", "--base-width", "4",
+             "--growth", "4", "--bottleneck", "8", "--lr", "1e-3", "--device", "cpu", "--num-workers", "0", "--quiet"]
+
+
+def tiny_cfg(**changes) -> TrainConfig:
+    cfg = TrainConfig(model=ModelConfig(base_width=4, growth=4, bottleneck=8),
+                      data=DataConfig(image_size=32, n_train=8, n_val=4), epochs=2, batch_size=4, lr=1e-3,
+                      device="cpu", num_workers=0)
+    return cfg.replace(**changes) if changes else cfg
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    return code, capsys.readouterr().err
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_two_trainings_into_one_folder_the_second_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "bench.cli", "train", "--out", str(out), "--epochs", "6", *TINY_ARGS]
+    first = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    second = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    _, first_err = first.communicate(timeout=600)
+    assert first.returncode == 0, first_err
+    assert second.returncode == 2
+    assert "another `bench train` is writing" in second.stderr or "already holds a finished run" in second.stderr
+    rows = read_jsonl(out / "epochs.jsonl")
+    assert [r["epoch"] for r in rows] == list(range(1, 7))  # exactly one run's rows
+    assert read_json(out / "summary.json")["status"] == "ok"
+    assert not list(out.glob(".*.tmp"))  # no temporary file left behind
+
+
+def test_a_folder_that_is_not_a_run_is_refused_and_left_untouched(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": true}')
+    (out / "notes.txt").write_text("my notes")
+    before = digest(out)
+    code, err = run_cli(["train", "--out", str(out), "--epochs", "1", *TINY_ARGS], capsys)
+    assert code == 2 and "holds a run of a different configuration" in one_error_line(err)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "data.csv").write_text("1,2,3")
+    code, err = run_cli(["train", "--out", str(other), "--epochs", "1", *TINY_ARGS], capsys)
+    assert code == 2 and "not a bench run (data.csv)" in one_error_line(err)
+    assert digest(out) == before and digest(other) == {"data.csv": hashlib.sha256(b"1,2,3").hexdigest()}
+
+
+def test_an_empty_out_and_a_file_are_refused(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(["train", "--out", "", "--epochs", "1", *TINY_ARGS], capsys)
+    assert code == 2 and "--out is empty" in one_error_line(err)
+    (tmp_path / "f").write_text("x")
+    code, err = run_cli(["train", "--out", str(tmp_path / "f"), "--epochs", "1", *TINY_ARGS], capsys)
+    assert code == 2 and "is a file" in one_error_line(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_a_failed_run_is_not_silently_reused(tmp_path: Path, capsys, monkeypatch) -> None:
+    out = tmp_path / "r"
+    monkeypatch.setenv("DDNET_BENCH_INJECT_NAN_EPOCH", "2")
+    code, err = run_cli(["train", "--out", str(out), "--epochs", "3", *TINY_ARGS], capsys)
+    assert code == 3
+    monkeypatch.delenv("DDNET_BENCH_INJECT_NAN_EPOCH")
+    failed = digest(out)
+    code, err = run_cli(["train", "--out", str(out), "--epochs", "3", *TINY_ARGS], capsys)
+    line = one_error_line(err)
+    assert code == 2 and "holds a failed run" in line and "--resume" in line
+    assert digest(out) == failed  # the failure record is still there
+    code, err = run_cli(["train", "--out", str(out), "--epochs", "3", "--resume", *TINY_ARGS], capsys)
+    assert code == 0, err
+    assert [r["epoch"] for r in read_jsonl(out / "epochs.jsonl")] == [1, 2, 3]
+
+
+def test_a_bad_data_folder_leaves_no_folder_behind(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "new"
+    code, err = run_cli(["train", "--out", str(out), "--data", str(tmp_path / "missing"), "--epochs", "1",
+                         *TINY_ARGS], capsys)
+    assert code == 2 and str(tmp_path / "missing") in one_error_line(err)
+    assert not out.exists()
+
+
+def test_a_corrupt_checkpoint_names_the_file_and_the_fix(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "r"
+    train(tiny_cfg(epochs=3, checkpoint_every=1), out, progress=False)
+    summary = read_json(out / "summary.json")
+    (out / "summary.json").write_text(json.dumps({**summary, "status": "running"}))  # as if killed
+    (out / "ckpt.pt").write_bytes(b"not a checkpoint at all")
+    code, err = run_cli(["train", "--out", str(out), "--epochs", "3", "--resume", *TINY_ARGS], capsys)
+    line = one_error_line(err)
+    assert code == 2 and str(out / "ckpt.pt") in line and "delete it to restart" in line
+
+
+def test_resumed_after_its_last_epoch_the_summary_is_complete(tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    whole = train(tiny_cfg(epochs=2), out, progress=False)
+    # killed after the last epoch row and checkpoint, before the summary: resume writes it
+    (out / "summary.json").write_text(json.dumps({"status": "running", "error": None}))
+    (out / "weights.pt").unlink()
+    resumed = train(tiny_cfg(epochs=2), out, resume=True, progress=False)
+    assert resumed["status"] == "ok" and resumed["epochs_completed"] == 2
+    assert resumed["val_slices"] == whole["val_slices"] and len(resumed["val_slices"]) == 4
+    for key in ("final_val_ms_ssim", "input_ms_ssim", "final_val_ms_ssim_paper_code"):
+        assert resumed[key] == whole[key], key
+    assert (out / "weights.pt").is_file()
+
+
+def test_disk_full_mid_run_is_a_recorded_failure_with_no_temp_file(tmp_path: Path, monkeypatch) -> None:
+    real = training.append_jsonl
+
+    def full_at_epoch_2(path, row):
+        if row["epoch"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, row)
+
+    monkeypatch.setattr(training, "append_jsonl", full_at_epoch_2)
+    with pytest.raises(TrainingFailed, match="No space left"):
+        train(tiny_cfg(epochs=3), tmp_path / "r", progress=False)
+    s = read_json(tmp_path / "r" / "summary.json")
+    assert s["status"] == "failed" and "No space left" in s["error"] and s["epochs_completed"] == 1
+    assert not [p for p in (tmp_path / "r").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_disk_full_at_the_start_is_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    def full(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(training, "write_json", full)
+    code, err = run_cli(["train", "--out", str(tmp_path / "r"), "--epochs", "1", *TINY_ARGS], capsys)
+    assert code == 3 and "No space left on device" in one_error_line(err)
+
+
+def test_a_nan_validation_metric_is_a_failure_never_ok(tmp_path: Path, monkeypatch) -> None:
+    import ddnet.trainer as trainer
+
+    real = trainer.validate
+
+    def nan_metric(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out["val_ms_ssim"] = float("nan")
+        return out
+
+    monkeypatch.setattr(trainer, "validate", nan_metric)
+    with pytest.raises(TrainingFailed, match="val_ms_ssim"):
+        train(tiny_cfg(epochs=1), tmp_path / "r", progress=False)
+    assert read_json(tmp_path / "r" / "summary.json")["status"] == "failed"
+
+
+def test_instruments_are_the_harness_collectors(tmp_path: Path) -> None:
+    tools = training.standard_instruments(tmp_path)(torch.device("cpu"), tiny_cfg(warmup_epochs=2), True)
+    assert type(tools.timer).__name__ == "TimeCollector" and tools.timer.warmup_epochs == 2
+    assert type(tools.memory).__name__ == "MemoryCollector"
