@@ -26,8 +26,10 @@ import tifffile
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
 from ddnet.data import split_seed
+from ddnet.data.cache import cache_root, clear, list_entries
 from ddnet.data.readers import check_shape
 from ddnet.data.synthetic import MODES, PHANTOMS, generate, generation_pool, pool_workers
 from ddnet.errors import UserError
@@ -157,3 +159,35 @@ def synth_cmd(
         f"({mode}, {phantom}, dose {dose:g}, {fmt}) to {out}; LQ vs HQ PSNR {mean_psnr:.2f} dB mean "
         f"(window {PSNR_WINDOW_HU[0]:g}..{PSNR_WINDOW_HU[1]:g} HU)"
     )
+
+
+cache_app = typer.Typer(no_args_is_help=True,
+                        help="The synthetic-data cache: splits made once, read by every later run "
+                             "($DDNET_BENCH_CACHE sets the folder, 'off' disables it).")
+data_app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("list")
+def cache_list_cmd() -> None:
+    """Every cached synthetic split: key, settings, size, when made and last used."""
+    entries = list_entries()
+    table = Table(title=f"synthetic-data cache: {cache_root()}")
+    for col in ("key", "slices", "size px", "mode", "dose", "phantom", "seed", "MB", "created", "last used"):
+        table.add_column(col)
+    for e in entries:
+        st = e.get("settings") or {}
+        table.add_row(str(e["key"])[:12], str(st.get("n", "?")), str(st.get("size", "?")), str(st.get("mode", "?")),
+                      str(st.get("dose", "?")), str(st.get("phantom", "?")), str(st.get("seed", "?")),
+                      f"{e['bytes'] / 1e6:.1f}", str(e.get("created", ""))[:19], str(e.get("last_used", ""))[:19])
+    console = Console()
+    console.print(table)
+    console.print(f"{len(entries)} entries, {sum(e['bytes'] for e in entries) / 1e6:.1f} MB")
+
+
+@cache_app.command("clear")
+def cache_clear_cmd(
+    keys: list[str] = typer.Argument(None, help="Keys or key prefixes to remove (default: everything)."),
+) -> None:
+    """Remove cached splits (all, or the given keys); later runs make them again."""
+    freed = clear(keys or None)
+    typer.echo(f"freed {freed / 1e6:.1f} MB from {cache_root()}")

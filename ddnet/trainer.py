@@ -133,8 +133,10 @@ class Run:
         read_here = dist.main or cfg.loader == "host"
         train = load_split(cfg.data, "train") if read_here else None
         self.read_files = read_here
+        self.data_load: dict[str, Any] = dict(train.load) if train is not None else {"data_load_s": 0.0}
         if dist.main:
             self.val = load_split(cfg.data, "val")
+            self.data_load["data_load_s"] += self.val.load["data_load_s"]  # reading or generating, apart from training
         if train is not None and len(train) < cfg.batch_size:
             raise UserError(
                 f"the training set has {len(train)} slices, fewer than --batch-size {cfg.batch_size}; "
@@ -384,6 +386,7 @@ class Run:
         summary = {
             "status": "ok", "error": None, "epochs_completed": len(rows),
             "train_time_s": train_time, "capture_time_s": capture, "prune_time_s": prune, **self.staging,
+            **self.data_load,
             "total_time_s": train_time + capture + prune + self.staging["staging_time_s"],
             "params": sp["params"], "effective_params": sp["effective_params"],
             "flops_fwd_per_image_before_pruning": self.flops_dense, "flops_fwd_per_image": self._flops(),

@@ -188,3 +188,13 @@ def test_instruments_are_the_harness_collectors(tmp_path: Path) -> None:
     tools = training.standard_instruments(tmp_path)(torch.device("cpu"), tiny_cfg(warmup_epochs=2), True)
     assert type(tools.timer).__name__ == "TimeCollector" and tools.timer.warmup_epochs == 2
     assert type(tools.memory).__name__ == "MemoryCollector"
+
+
+def test_runs_share_generated_data_and_record_its_load_time(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("DDNET_BENCH_CACHE", str(tmp_path / "cache"))
+    first = train(tiny_cfg(epochs=1), tmp_path / "a", progress=False)
+    second = train(tiny_cfg(epochs=1, lr=2e-3), tmp_path / "b", progress=False)  # another cell, the same data
+    assert first["data_cache"] == "miss" and second["data_cache"] == "hit"
+    assert first["data_load_s"] > 0 and second["data_load_s"] > 0
+    assert first["total_time_s"] == pytest.approx(first["train_time_s"] + first["capture_time_s"]
+                                                  + first["prune_time_s"] + first["staging_time_s"])

@@ -10,8 +10,9 @@ and, per slice, the HU per normalised unit so that errors can be quoted in HU.
 
 from __future__ import annotations
 
+import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -19,9 +20,9 @@ import numpy as np
 import torch
 
 from ddnet.config import DataConfig
+from ddnet.data.cache import load_or_generate
 from ddnet.data.errors import DataError
 from ddnet.data.readers import check_shape, read_split
-from ddnet.data.synthetic import generate, generation_pool, pool_workers
 
 __all__ = ["DataError", "SliceDataset", "SliceSet", "load_split", "normalise", "split_seed"]
 
@@ -45,6 +46,9 @@ class SliceSet:
     """'window' or 'minmax'."""
     source: str
     """'synthetic:<mode>:<phantom>' or the data folder."""
+    load: dict = field(default_factory=dict)
+    """How the slices were obtained: `data_load_s` (reading or generating, before normalisation) and, for
+    synthetic data, `data_cache` ('hit', 'miss' or 'off': `ddnet.data.cache`)."""
 
     def __post_init__(self) -> None:
         if self.lq.shape != self.hq.shape or self.lq.ndim != 4 or self.lq.shape[1] != 1:
@@ -125,17 +129,17 @@ def split_seed(data_seed: int, split: str) -> int:
     return int(mixed[0])
 
 
-def _synthetic(cfg: DataConfig, split: str) -> tuple[np.ndarray, np.ndarray, list[str], str]:
+def _synthetic(cfg: DataConfig, split: str) -> tuple[np.ndarray, np.ndarray, list[str], str, dict]:
     size = cfg.image_size
     check_shape(size, size, f"--image-size {size}")
     n = cfg.n_train if split == "train" else cfg.n_val
     if n < 1:
         flag = "--n-train" if split == "train" else "--n-val"
         raise DataError(f"the synthetic {split} split would be empty; set {flag} to at least 1.")
-    with generation_pool(pool_workers(n, size, cfg.synth_mode)) as pool:  # every core: 512 px slices are slow
-        lq, hq = generate(n, size, split_seed(cfg.data_seed, split), cfg.synth_mode, cfg.dose, cfg.phantom,
-                          pool=pool)
-    return lq, hq, [f"synth_{i:06d}" for i in range(n)], f"synthetic:{cfg.synth_mode}:{cfg.phantom}"
+    # made once per data configuration on every core, then read from the cache by every later run
+    lq, hq, info = load_or_generate(n, size, split_seed(cfg.data_seed, split), cfg.synth_mode, cfg.dose, cfg.phantom)
+    return (lq, hq, [f"synth_{i:06d}" for i in range(n)], f"synthetic:{cfg.synth_mode}:{cfg.phantom}",
+            {"data_cache": info["cache"]})
 
 
 def load_split(cfg: DataConfig, split: Split) -> SliceSet:
@@ -151,11 +155,13 @@ def load_split(cfg: DataConfig, split: Split) -> SliceSet:
     _window(cfg)
     if cfg.normalisation not in ("window", "minmax"):
         raise DataError(f"normalisation {cfg.normalisation!r} is not one of window, minmax.")
+    t0 = time.perf_counter()
     if cfg.source == "synthetic":
-        lq, hq, names, source = _synthetic(cfg, split)
+        lq, hq, names, source, load = _synthetic(cfg, split)
     else:
         lq, hq, names = read_split(cfg.source, split, tuple(cfg.hu_window))
-        source = str(Path(cfg.source))
+        source, load = str(Path(cfg.source)), {}
+    load["data_load_s"] = time.perf_counter() - t0
     lq, hq, scale = _normalise_pairs(lq, hq, cfg)
     return SliceSet(
         lq=torch.from_numpy(lq).unsqueeze(1),
@@ -164,4 +170,5 @@ def load_split(cfg: DataConfig, split: Split) -> SliceSet:
         names=names,
         normalisation=cfg.normalisation,
         source=source,
+        load=load,
     )
