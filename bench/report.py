@@ -28,7 +28,7 @@ import typer
 
 from bench.paper import PAPER_JSON, load_paper
 from bench.report_format import md_table
-from bench.report_load import UNKNOWN_ENV, Cell, Run, group_cells, load_runs, setting_from
+from bench.report_load import UNKNOWN_ENV, CellRuns, RunRecord, group_cells, load_runs, setting_from
 from bench.report_tables import BUILDERS, TABLE_NEEDS, EnvView, Options, Table, table_filled_by
 from ddnet.errors import UserError
 
@@ -69,8 +69,8 @@ class Environment:
     fingerprint: str
     label: str
     """Short name used in tables and file names: env1, env2, ..."""
-    runs: list[Run]
-    cells: list[Cell]
+    runs: list[RunRecord]
+    cells: list[CellRuns]
     tables: list[Table] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     """Tables or plots that failed to render, with the error (shown in the report, never silently dropped)."""
@@ -141,7 +141,7 @@ def _prepare_out(out: Path, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _environments(runs: list[Run], cells: list[Cell]) -> list[Environment]:
+def _environments(runs: list[RunRecord], cells: list[CellRuns]) -> list[Environment]:
     fps = sorted({r.fingerprint for r in runs}, key=lambda f: (f == UNKNOWN_ENV, f))
     return [
         Environment(fp, f"env{i}", [r for r in runs if r.fingerprint == fp], [c for c in cells if c.fingerprint == fp])
@@ -310,7 +310,7 @@ def make_report(
     return Report(out, report_md, envs, not_run, files)
 
 
-def _render(results_dir: Path, runs: list[Run], envs: list[Environment], env_rows: list[dict[str, Any]],
+def _render(results_dir: Path, runs: list[RunRecord], envs: list[Environment], env_rows: list[dict[str, Any]],
             status: list[dict[str, Any]], not_run: dict[str, list[str]], paper: dict[str, Any], opts: Options) -> str:
     counts: dict[str, int] = {}
     for r in runs:

@@ -148,7 +148,7 @@ def _context_of(config: dict[str, Any], setting: Setting) -> str:
 
 
 @dataclass
-class Run:
+class RunRecord:
     """One run folder as read from disk, with what the report derives from it."""
 
     path: Path
@@ -315,7 +315,7 @@ def _read_optional(path: Path) -> tuple[Any, str | None]:
         return None, f"{path.name} unreadable: {exc}"
 
 
-def read_run(path: Path, root: Path) -> Run:
+def read_run(path: Path, root: Path) -> RunRecord:
     """Read one run folder; unreadable files make an 'unreadable' run, never an exception."""
     problems: list[str] = []
     summary, err = _read_optional(path / "summary.json")
@@ -359,7 +359,7 @@ def read_run(path: Path, root: Path) -> Run:
     else:
         # A folder from plain `bench train`: the setting names the cell, so seeds of one setting are repeats.
         cell_name = f"{setting.label()} [{_context_of(config, setting)}]"
-    return Run(
+    return RunRecord(
         path=path,
         rel=rel if rel != "." else path.name,
         status=status,
@@ -386,7 +386,7 @@ def find_run_dirs(results_dir: Path) -> list[Path]:
     return sorted({p.parent for p in results_dir.rglob("summary.json") if p.is_file()})
 
 
-def load_runs(results_dir: str | Path) -> list[Run]:
+def load_runs(results_dir: str | Path) -> list[RunRecord]:
     """Read every run folder under `results_dir`; UserError if there is none (naming the fix)."""
     root = Path(results_dir)
     if not root.exists():
@@ -407,7 +407,7 @@ def load_runs(results_dir: str | Path) -> list[Run]:
     return runs
 
 
-def _attribute_missing_env(runs: list[Run]) -> None:
+def _attribute_missing_env(runs: list[RunRecord]) -> None:
     """A run without env.json (skipped before it started) belongs to its grid's machine when that is unambiguous."""
     by_grid: dict[str, set[str]] = {}
     for r in runs:
@@ -422,7 +422,7 @@ def _attribute_missing_env(runs: list[Run]) -> None:
 
 
 @dataclass
-class Cell:
+class CellRuns:
     """All repeats of one cell on one machine: the unit of a table row."""
 
     fingerprint: str
@@ -431,10 +431,10 @@ class Cell:
     label: str
     setting: Setting
     context: str
-    runs: list[Run] = field(default_factory=list)
+    runs: list[RunRecord] = field(default_factory=list)
 
     @property
-    def ok_runs(self) -> list[Run]:
+    def ok_runs(self) -> list[RunRecord]:
         """Finished runs, sorted by repeat."""
         return sorted((r for r in self.runs if r.ok), key=lambda r: (r.repeat, r.rel))
 
@@ -501,13 +501,13 @@ class Cell:
         return [phases[k] for k in keys], [float(median(counts[k])) for k in keys]
 
 
-def group_cells(runs: Iterable[Run]) -> list[Cell]:
+def group_cells(runs: Iterable[RunRecord]) -> list[CellRuns]:
     """Group runs into cells by (fingerprint, grid, cell name); order: grid, then first appearance."""
-    cells: dict[tuple[str, str, str], Cell] = {}
+    cells: dict[tuple[str, str, str], CellRuns] = {}
     for r in runs:
         key = (r.fingerprint, r.grid, r.cell_name)
         if key not in cells:
-            cells[key] = Cell(r.fingerprint, r.grid, r.cell_name, r.label, r.setting, r.context)
+            cells[key] = CellRuns(r.fingerprint, r.grid, r.cell_name, r.label, r.setting, r.context)
         c = cells[key]
         c.runs.append(r)
         # A finished run's config is the best description of the cell (a skipped one may lack it).

@@ -26,7 +26,7 @@ from typing import Any
 
 from bench.paper import table1_row, table2_row
 from bench.report_format import fmt_bytes, fmt_num, fmt_pm, fmt_time, fmt_x, is_num
-from bench.report_load import PAPER_MP, Cell, Run, Setting
+from bench.report_load import PAPER_MP, CellRuns, RunRecord, Setting
 from bench.stats import NO_INTERVAL, Speedup, bootstrap_ratio_ci, classify_ratio, estimate_speedup, median
 
 
@@ -172,7 +172,7 @@ def _ratio(a: Any, b: Any) -> float | None:
 class EnvView:
     """The cells of one environment, with baseline lookup and cached speedups."""
 
-    def __init__(self, fingerprint: str, env_label: str, cells: list[Cell], opts: Options,
+    def __init__(self, fingerprint: str, env_label: str, cells: list[CellRuns], opts: Options,
                  paper: dict[str, Any]) -> None:
         self.fingerprint = fingerprint
         self.env_label = env_label
@@ -182,7 +182,7 @@ class EnvView:
         self._cache: dict[tuple[int, int, str], Speedup] = {}
 
     # ------------------------------------------------------------ lookups
-    def find(self, like: Cell, **changes: Any) -> Cell | None:
+    def find(self, like: CellRuns, **changes: Any) -> CellRuns | None:
         """The cell of the same grid and context whose setting is `like`'s with `changes`; prefer finished ones."""
         want = dataclasses.replace(like.setting, **changes)
         key = (want.precision, want.loader, want.graphs, want.channels_last, want.model_key)
@@ -195,17 +195,17 @@ class EnvView:
         hits.sort(key=lambda c: (not c.has_numbers, c.name))
         return hits[0] if hits else None
 
-    def baseline(self, cell: Cell) -> Cell | None:
+    def baseline(self, cell: CellRuns) -> CellRuns | None:
         """The dense fp32/host/eager cell of the same grid, context and machine."""
         return self.find(cell, precision="fp32", loader="host", graphs="off", channels_last=False,
                          sparsity="none", dense_epochs=0)
 
-    def model_baseline(self, cell: Cell) -> Cell | None:
+    def model_baseline(self, cell: CellRuns) -> CellRuns | None:
         """The same model (sparsity and schedule) with every architecture-aware optimization off."""
         return self.find(cell, precision="fp32", loader="host", graphs="off", channels_last=False)
 
     # ------------------------------------------------------------ measures
-    def speedup(self, base: Cell | None, arm: Cell) -> Speedup:
+    def speedup(self, base: CellRuns | None, arm: CellRuns) -> Speedup:
         """Training-time speedup of `arm` over `base` (robust estimate) with its bootstrap interval."""
         if base is None:
             return Speedup(None, None, None, NO_INTERVAL, "no baseline cell")
@@ -236,7 +236,7 @@ class EnvView:
         self._cache[key] = res
         return res
 
-    def speedup_total(self, base: Cell | None, arm: Cell) -> Speedup:
+    def speedup_total(self, base: CellRuns | None, arm: CellRuns) -> Speedup:
         """Speedup in total_time_s (one-off costs included); an interval only with >= 2 repeats per arm."""
         if base is None:
             return Speedup(None, None, None, NO_INTERVAL, "no baseline cell")
@@ -249,7 +249,7 @@ class EnvView:
             return Speedup(point, lo, hi, classify_ratio(lo, hi), f"repeats ({len(b)} vs {len(a)})")
         return Speedup(point, None, None, NO_INTERVAL, "one run in an arm")
 
-    def target_for(self, cell: Cell) -> tuple[float | None, str]:
+    def target_for(self, cell: CellRuns) -> tuple[float | None, str]:
         """Time-to-quality target for the cell's grid and context, and how it was set."""
         if self.opts.target_pct is not None:
             return self.opts.target_pct, f"--target {self.opts.target_pct:g}%"
@@ -260,13 +260,13 @@ class EnvView:
         t = q - self.opts.tolerance_pp
         return t, f"dense fp32 baseline {q:.2f}% - {self.opts.tolerance_pp:g} pp"
 
-    def ttq(self, cell: Cell, target: float) -> tuple[list[tuple[int, float]], int]:
+    def ttq(self, cell: CellRuns, target: float) -> tuple[list[tuple[int, float]], int]:
         """Per finished repeat that reached `target`: (epoch, seconds); and how many repeats there were."""
         hits = [r.time_to_target(target) for r in cell.ok_runs]
         return [h for h in hits if h is not None], len(hits)
 
     # ------------------------------------------------------------ row helpers
-    def head(self, cell: Cell) -> dict[str, Any]:
+    def head(self, cell: CellRuns) -> dict[str, Any]:
         """Columns every row starts with."""
         return {
             "env": self.env_label,
@@ -288,7 +288,7 @@ class EnvView:
             "batch_size": cell.setting.batch_size,
         }
 
-    def quality_cols(self, cell: Cell, base: Cell | None) -> dict[str, Any]:
+    def quality_cols(self, cell: CellRuns, base: CellRuns | None) -> dict[str, Any]:
         """MS-SSIM (median over repeats) and its drop from the dense baseline, in pp and relative %."""
         q, s = cell.quality()
         bq = base.quality()[0] if base is not None else None
@@ -301,7 +301,7 @@ class EnvView:
             "drop_rel_pct": 100.0 * drop / bq if drop is not None and bq else None,
         }
 
-    def time_cols(self, cell: Cell, base: Cell | None) -> dict[str, Any]:
+    def time_cols(self, cell: CellRuns, base: CellRuns | None) -> dict[str, Any]:
         """Epoch time, training-time estimate, total time, and both speedups over `base`."""
         row: dict[str, Any] = {
             "epoch_time_s_p50": cell.epoch_time_p50(),
@@ -348,11 +348,11 @@ def _drop_text(row: dict[str, Any]) -> str:
     return f"{_pp(row['drop_pp'])} ({round(float(rel), 2) + 0.0:+.2f}%)"
 
 
-def _cells(env: EnvView, pred: Callable[[Setting, int], bool]) -> list[Cell]:
+def _cells(env: EnvView, pred: Callable[[Setting, int], bool]) -> list[CellRuns]:
     return [c for c in env.cells if pred(c.setting, _profile_steps(c))]
 
 
-def _profile_steps(c: Cell) -> int:
+def _profile_steps(c: CellRuns) -> int:
     for r in c.runs:
         if r.config:
             return int(r.config.get("profile_steps", 0) or 0)
@@ -510,7 +510,7 @@ _COPY_KEY = re.compile(r"^copies_([A-Za-z0-9]+)_bytes$")
 _KIND_ORDER = ("HtoD", "DtoH", "DtoD", "Memset", "HtoH", "Other")
 
 
-def copies_rows(run: Run) -> list[dict[str, Any]]:
+def copies_rows(run: RunRecord) -> list[dict[str, Any]]:
     """One row per copy kind of a run's profiled window (from summary 'copies' or copies.json)."""
     cp = run.copies or {}
     # copies_<Kind>_bytes, where Kind is one word (HtoD, DtoD, Memset, HtoH, ...): not _share_bytes, not total.
@@ -573,7 +573,7 @@ def fig9a(env: EnvView) -> Table | None:
     return Table("fig9a", "Fig. 9(a) analogue: data movement per loader", csv, md, list(md[0].keys()), notes)
 
 
-def _per_epoch(cell: Cell) -> list[dict[str, Any]]:
+def _per_epoch(cell: CellRuns) -> list[dict[str, Any]]:
     """Per epoch: median over finished repeats of time_s and capture_time_s, with the warm-up flag."""
     by_epoch: dict[int, list[dict[str, Any]]] = {}
     for r in cell.ok_runs:
@@ -683,7 +683,7 @@ def fig4c(env: EnvView) -> Table | None:
                  list(md[0].keys()), notes)
 
 
-def _split(c: Cell) -> Any:
+def _split(c: CellRuns) -> Any:
     """Dense epochs actually run before pruning: the fixed setting, or the median switch_epoch of 'auto'."""
     if c.setting.dense_epochs != "auto":
         return int(c.setting.dense_epochs)
