@@ -18,8 +18,8 @@ import pytest
 
 from bench.cli import main
 from bench.paper import load_paper
-from bench.report import make_report
-from bench.report_tables import Options
+from bench.report.build import make_report
+from bench.report.options import Options
 from ddnet.config import DataConfig, ModelConfig, SparsityConfig, TrainConfig
 from ddnet.errors import UserError
 
