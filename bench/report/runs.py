@@ -1,23 +1,25 @@
-"""Reading run folders for `bench report`: runs, their settings, and cells of repeats.
+"""Reading run folders for `bench report`: one `RunRecord` per folder, with its per-run measures.
 
 A run folder is any folder holding `summary.json` (the contract in
 bench/store.py). Nothing here trains or imports the trainer: only the JSON
-files are read. A run's setting (precision, loader, graphs, sparsity, schedule)
-comes from its `config.json` (the truth of what ran), falling back to the
-`cell.json` factors when the config is missing (a cell skipped before it
-started). Runs are grouped into cells by environment fingerprint, grid and
-cell name, so repeats of one cell become one row and machines are never mixed.
+files are read. Unreadable files make an 'unreadable' run, never an exception.
+
+The phase rule lives here, once: an epoch's phase is its `phase` field
+('dense' when absent), and it is a warm-up epoch when its `warmup` flag says
+so, or, for rows without the flag, when its number is at most the config's
+`warmup_epochs` (default 1). Steady-state times never include a warm-up epoch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.report.format import is_num
+from bench.report.setting import Setting, setting_from
 from bench.stats import median
 from bench.store import read_json, read_jsonl
 from ddnet.errors import UserError
@@ -25,114 +27,30 @@ from ddnet.errors import UserError
 UNKNOWN_ENV = "unknown"
 """Fingerprint given to runs whose env.json is missing and cannot be attributed."""
 
-PAPER_MP = ("amp-fp16", "amp-bf16")
-"""Our precisions that are the paper's 'mixed precision'."""
-
 # Config fields that change what is measured but are not optimizations: two
 # cells compare only when all of these agree (same data, net, epochs, batch).
 _CONTEXT_FIELDS = ("batch_size", "epochs", "nproc", "lr", "gamma", "warmup_epochs")
 
 
-@dataclass(frozen=True)
-class Setting:
-    """What a run varied: the optimization toggles and the sparsity schedule."""
-
-    precision: str = "fp32"
-    loader: str = "host"
-    graphs: str = "off"
-    channels_last: bool = False
-    sparsity: str = "none"
-    amount: float = 0.5
-    pattern: str = "unstructured"
-    dense_epochs: int | str = 0
-    """Dense epochs before pruning, or 'auto'; 0 for a dense model."""
-    batch_size: int = 32
-    epochs: int = 50
-
-    @property
-    def dense(self) -> bool:
-        """No pruning at all."""
-        return self.sparsity == "none"
-
-    @property
-    def arch_off(self) -> bool:
-        """None of the architecture-aware optimizations (fp32, host loader, eager, NCHW)."""
-        return self.precision == "fp32" and self.loader == "host" and self.graphs == "off" and not self.channels_last
-
-    @property
-    def hybrid(self) -> bool:
-        """Sparse after some dense epochs (Table 2's schedule), as opposed to pruned before training."""
-        return not self.dense and self.dense_epochs != 0
-
-    @property
-    def model_key(self) -> tuple[Any, ...]:
-        """Identifies the model being trained regardless of the architecture-aware toggles."""
-        if self.dense:
-            return ("none",)
-        return (self.sparsity, self.amount, self.pattern, self.dense_epochs)
-
-    def model_label(self) -> str:
-        """'dense', 'random 50% from epoch 1', 'topk 50% 2:4, 25 dense + 25 sparse', 'structured 50%, auto switch'."""
-        if self.dense:
-            return "dense"
-        pat = " 2:4" if self.pattern == "2:4" else ""
-        head = f"{self.sparsity} {self.amount:.0%}{pat}"
-        if self.dense_epochs == 0:
-            return f"{head}, pruned before training"
-        if self.dense_epochs == "auto":
-            return f"{head}, auto switch"
-        return f"{head}, {self.dense_epochs} dense + {self.epochs - int(self.dense_epochs)} sparse"
-
-    def opt_parts(self) -> list[str]:
-        """The architecture-aware optimizations switched on, in the paper's words where it has them."""
-        parts = []
-        if self.precision in PAPER_MP:
-            parts.append(f"MP ({self.precision})")
-        elif self.precision != "fp32":
-            parts.append(self.precision)
-        if self.loader == "device":
-            parts.append("DoLL")
-        if self.graphs == "cuda-graph":
-            parts.append("GCO (cuda-graph)")
-        elif self.graphs != "off":
-            parts.append(f"graphs {self.graphs}")
-        if self.channels_last:
-            parts.append("channels-last")
-        return parts
-
-    def opt_label(self) -> str:
-        """'none' or 'MP (amp-fp16) + DoLL + GCO (cuda-graph)'."""
-        parts = self.opt_parts()
-        return " + ".join(parts) if parts else "none"
-
-    def label(self) -> str:
-        """Model and optimizations in one line."""
-        return f"{self.model_label()}; {self.opt_label()}"
+def epoch_phase(row: dict[str, Any]) -> str:
+    """The training phase an epochs.jsonl row belongs to: 'dense' or 'sparse' ('dense' when not recorded)."""
+    return str(row.get("phase", "dense"))
 
 
-def setting_from(config: dict[str, Any], factors: dict[str, Any] | None) -> Setting:
-    """The Setting of a run: from config.json when present, else from cell.json factors."""
-    if config:
-        # flatten config.json's nested sparsity into the factors' flat shape
-        sp = config.get("sparsity") or {}
-        f = {**config, "sparsity": sp.get("kind", "none"), "amount": sp.get("amount", 0.5),
-             "pattern": sp.get("pattern", "unstructured"), "dense_epochs": sp.get("dense_epochs", 0)}
-    else:
-        f = dict(factors or {})
-    kind = str(f.get("sparsity", "none"))
-    de = f.get("dense_epochs", 0)
-    return Setting(
-        precision=str(f.get("precision", "fp32")),
-        loader=str(f.get("loader", "host")),
-        graphs=str(f.get("graphs", "off")),
-        channels_last=bool(f.get("channels_last", False)),
-        sparsity=kind,
-        amount=float(f.get("amount", 0.5)),
-        pattern=str(f.get("pattern", "unstructured")),
-        dense_epochs=0 if kind == "none" else (de if de == "auto" else int(de)),
-        batch_size=int(f.get("batch_size", 32)),
-        epochs=int(f.get("epochs", 50)),
-    )
+def is_warmup(row: dict[str, Any], config: dict[str, Any]) -> bool:
+    """Whether an epochs.jsonl row is a warm-up epoch: its `warmup` flag, else epoch <= config warmup_epochs."""
+    if "warmup" in row:
+        return bool(row["warmup"])
+    return int(row.get("epoch", 0)) <= int(config.get("warmup_epochs", 1))
+
+
+def epoch_cost(row: dict[str, Any]) -> float:
+    """Training time an epoch cost: its timed part plus graph capture and pruning done in it."""
+    return _f(row.get("time_s")) + _f(row.get("capture_time_s")) + _f(row.get("prune_time_s"))
+
+
+def _f(v: Any) -> float:
+    return float(v) if is_num(v) else 0.0
 
 
 def _context_of(config: dict[str, Any], setting: Setting) -> str:
@@ -148,7 +66,7 @@ def _context_of(config: dict[str, Any], setting: Setting) -> str:
 
 
 @dataclass
-class Run:
+class RunRecord:
     """One run folder as read from disk, with what the report derives from it."""
 
     path: Path
@@ -187,8 +105,8 @@ class Run:
         """
         out: dict[str, list[float]] = {}
         for row in self.epochs:
-            times = out.setdefault(str(row.get("phase", "dense")), [])
-            if not _is_warmup(row, self.config) and _num(row.get("time_s")):
+            times = out.setdefault(epoch_phase(row), [])
+            if not is_warmup(row, self.config) and is_num(row.get("time_s")):
                 times.append(float(row["time_s"]))
         return out
 
@@ -200,13 +118,13 @@ class Run:
         """Epochs run per phase (warm-up included): the weights of the training-time estimate."""
         counts: dict[str, int] = {}
         for row in self.epochs:
-            phase = str(row.get("phase", "dense"))
+            phase = epoch_phase(row)
             counts[phase] = counts.get(phase, 0) + 1
         return counts
 
     def steady_epoch_times(self) -> list[float]:
         """All non-warm-up epoch times (empty if every epoch was a warm-up)."""
-        return [float(r["time_s"]) for r in self.epochs if not _is_warmup(r, self.config) and _num(r.get("time_s"))]
+        return [float(r["time_s"]) for r in self.epochs if not is_warmup(r, self.config) and is_num(r.get("time_s"))]
 
     def epoch_time_p50(self) -> float | None:
         """Median of the non-warm-up epochs' time_s."""
@@ -223,30 +141,30 @@ class Run:
     def total_time_s(self) -> float | None:
         """summary total_time_s (epochs + capture + prune + staging), else summed from epochs.jsonl."""
         v = self.summary.get("total_time_s")
-        if _num(v):
+        if is_num(v):
             return float(v)
         if not self.epochs:
             return None
-        return float(sum(_epoch_cost(r) for r in self.epochs) + _f(self.summary.get("staging_time_s")))
+        return float(sum(epoch_cost(r) for r in self.epochs) + _f(self.summary.get("staging_time_s")))
 
     def final_quality(self) -> tuple[float | None, float | None]:
         """Final validation MS-SSIM mean and std over slices (percent)."""
         m, s = self.summary.get("final_val_ms_ssim"), self.summary.get("final_val_ms_ssim_std")
-        if _num(m):
-            return float(m), (float(s) if _num(s) else None)
+        if is_num(m):
+            return float(m), (float(s) if is_num(s) else None)
         for row in reversed(self.epochs):
-            if _num(row.get("val_ms_ssim")):
+            if is_num(row.get("val_ms_ssim")):
                 s = row.get("val_ms_ssim_std")
-                return float(row["val_ms_ssim"]), (float(s) if _num(s) else None)
+                return float(row["val_ms_ssim"]), (float(s) if is_num(s) else None)
         return None, None
 
     def time_to_target(self, target_pct: float) -> tuple[int, float] | None:
         """(first epoch with val_ms_ssim >= target, training time spent up to its end incl. staging), or None."""
         spent = _f(self.summary.get("staging_time_s"))
         for row in self.epochs:
-            spent += _epoch_cost(row)
+            spent += epoch_cost(row)
             v = row.get("val_ms_ssim")
-            if _num(v) and float(v) >= target_pct:
+            if is_num(v) and float(v) >= target_pct:
                 return int(row.get("epoch", 0)), spent
         return None
 
@@ -258,7 +176,7 @@ class Run:
         out: dict[str, Any] = {}
         for row in self.epochs:
             for k, v in row.items():
-                if k.startswith("mem_") and k.endswith("_gib") and _num(v):
+                if k.startswith("mem_") and k.endswith("_gib") and is_num(v):
                     out[k] = max(float(v), out.get(k, float(v)))
                 elif k == "mem_source":
                     out[k] = v
@@ -287,25 +205,6 @@ def _one_line(text: str | None, limit: int = 240) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
-def _num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
-
-
-def _f(v: Any) -> float:
-    return float(v) if _num(v) else 0.0
-
-
-def _epoch_cost(row: dict[str, Any]) -> float:
-    """Training time an epoch cost: its timed part plus graph capture and pruning done in it."""
-    return _f(row.get("time_s")) + _f(row.get("capture_time_s")) + _f(row.get("prune_time_s"))
-
-
-def _is_warmup(row: dict[str, Any], config: dict[str, Any]) -> bool:
-    if "warmup" in row:
-        return bool(row["warmup"])
-    return int(row.get("epoch", 0)) <= int(config.get("warmup_epochs", 1))
-
-
 def _read_optional(path: Path) -> tuple[Any, str | None]:
     if not path.exists():
         return None, None
@@ -315,7 +214,7 @@ def _read_optional(path: Path) -> tuple[Any, str | None]:
         return None, f"{path.name} unreadable: {exc}"
 
 
-def read_run(path: Path, root: Path) -> Run:
+def read_run(path: Path, root: Path) -> RunRecord:
     """Read one run folder; unreadable files make an 'unreadable' run, never an exception."""
     problems: list[str] = []
     summary, err = _read_optional(path / "summary.json")
@@ -359,7 +258,7 @@ def read_run(path: Path, root: Path) -> Run:
     else:
         # A folder from plain `bench train`: the setting names the cell, so seeds of one setting are repeats.
         cell_name = f"{setting.label()} [{_context_of(config, setting)}]"
-    return Run(
+    return RunRecord(
         path=path,
         rel=rel if rel != "." else path.name,
         status=status,
@@ -386,7 +285,7 @@ def find_run_dirs(results_dir: Path) -> list[Path]:
     return sorted({p.parent for p in results_dir.rglob("summary.json") if p.is_file()})
 
 
-def load_runs(results_dir: str | Path) -> list[Run]:
+def load_runs(results_dir: str | Path) -> list[RunRecord]:
     """Read every run folder under `results_dir`; UserError if there is none (naming the fix)."""
     root = Path(results_dir)
     if not root.exists():
@@ -407,7 +306,7 @@ def load_runs(results_dir: str | Path) -> list[Run]:
     return runs
 
 
-def _attribute_missing_env(runs: list[Run]) -> None:
+def _attribute_missing_env(runs: list[RunRecord]) -> None:
     """A run without env.json (skipped before it started) belongs to its grid's machine when that is unambiguous."""
     by_grid: dict[str, set[str]] = {}
     for r in runs:
@@ -420,97 +319,3 @@ def _attribute_missing_env(runs: list[Run]) -> None:
         fps = by_grid.get(r.grid) or every
         r.fingerprint = next(iter(fps)) if len(fps) == 1 else UNKNOWN_ENV
 
-
-@dataclass
-class Cell:
-    """All repeats of one cell on one machine: the unit of a table row."""
-
-    fingerprint: str
-    grid: str
-    name: str
-    label: str
-    setting: Setting
-    context: str
-    runs: list[Run] = field(default_factory=list)
-
-    @property
-    def ok_runs(self) -> list[Run]:
-        """Finished runs, sorted by repeat."""
-        return sorted((r for r in self.runs if r.ok), key=lambda r: (r.repeat, r.rel))
-
-    @property
-    def has_numbers(self) -> bool:
-        """At least one finished run."""
-        return bool(self.ok_runs)
-
-    def status_text(self) -> str:
-        """'ok (3 repeats)' or what is missing: partial, failed, skipped runs with their messages."""
-        ok = self.ok_runs
-        others = [r for r in self.runs if not r.ok]
-        if not others:
-            return f"ok ({len(ok)} repeat{'s' if len(ok) != 1 else ''})"
-        msgs = sorted({r.status_text() for r in others})
-        head = f"{len(ok)}/{len(self.runs)} ok; " if ok else ""
-        return head + "; ".join(msgs)
-
-    # -------------------------------------------------------------- cell measures
-    def values(self, fn: Any) -> list[float]:
-        """fn(run) over finished runs, Nones dropped."""
-        out = []
-        for r in self.ok_runs:
-            v = fn(r)
-            if v is not None:
-                out.append(float(v))
-        return out
-
-    def med(self, fn: Any) -> float | None:
-        """Median over finished repeats of fn(run)."""
-        v = self.values(fn)
-        return float(median(v)) if v else None
-
-    def epoch_time_p50(self) -> float | None:
-        """Median over repeats of each run's median non-warm-up epoch time."""
-        return self.med(lambda r: r.epoch_time_p50())
-
-    def train_time_est_s(self) -> float | None:
-        """Median over repeats of the phase-weighted training-time estimate."""
-        return self.med(lambda r: r.train_time_est_s())
-
-    def total_time_s(self) -> float | None:
-        """Median over repeats of total_time_s."""
-        return self.med(lambda r: r.total_time_s())
-
-    def quality(self) -> tuple[float | None, float | None]:
-        """Median over repeats of the final MS-SSIM and of its std over slices (percent)."""
-        return self.med(lambda r: r.final_quality()[0]), self.med(lambda r: r.final_quality()[1])
-
-    def phase_p50(self, phase: str) -> float | None:
-        """Median over repeats of the median non-warm-up epoch time of one phase."""
-        return self.med(lambda r: median(r.phase_times()[phase]) if r.phase_times().get(phase) else None)
-
-    def pooled_phase_times(self) -> tuple[list[list[float]], list[float]]:
-        """Non-warm-up epoch times pooled over repeats, per phase, with each phase's epoch count as weight."""
-        phases: dict[str, list[float]] = {}
-        counts: dict[str, list[int]] = {}
-        for r in self.ok_runs:
-            for p, t in r.phase_times().items():
-                phases.setdefault(p, []).extend(t)
-            for p, c in r.phase_counts().items():
-                counts.setdefault(p, []).append(c)
-        keys = sorted(phases)
-        return [phases[k] for k in keys], [float(median(counts[k])) for k in keys]
-
-
-def group_cells(runs: Iterable[Run]) -> list[Cell]:
-    """Group runs into cells by (fingerprint, grid, cell name); order: grid, then first appearance."""
-    cells: dict[tuple[str, str, str], Cell] = {}
-    for r in runs:
-        key = (r.fingerprint, r.grid, r.cell_name)
-        if key not in cells:
-            cells[key] = Cell(r.fingerprint, r.grid, r.cell_name, r.label, r.setting, r.context)
-        c = cells[key]
-        c.runs.append(r)
-        # A finished run's config is the best description of the cell (a skipped one may lack it).
-        if r.ok and r.config and not any(x.ok for x in c.runs[:-1]):
-            c.setting, c.context, c.label = r.setting, r.context, r.label
-    return sorted(cells.values(), key=lambda c: (c.fingerprint, c.grid, c.name))

@@ -1,4 +1,9 @@
-"""Text formatting for `bench report`: numbers with units, and Markdown tables."""
+"""Text formatting for `bench report`: numbers with units, table-cell texts, and Markdown.
+
+Pure functions of plain values (no pandas, no plotting): every artifact
+formats its Markdown rows with these, so the same number reads the same way
+in every table.
+"""
 
 from __future__ import annotations
 
@@ -86,3 +91,43 @@ def md_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = Non
     for r in rows:
         lines.append("| " + " | ".join(_cell(r.get(c)) for c in cols) + " |")
     return "\n".join(lines) + "\n"
+
+
+def bullets(items: Sequence[str]) -> str:
+    """A Markdown list, one line per item, ending with a newline (a blank line follows in the join)."""
+    return "".join(f"- {x}\n" for x in items)
+
+
+# ---------------------------------------------------------------------- table-cell texts
+
+
+def fmt_speedup(row: dict[str, Any], prefix: str = "speedup") -> str:
+    """A row's `<prefix>_x` with its interval and verdict: 'baseline', 'n/a (<why>)' or '1.23x [1.10, 1.35]'."""
+    if row.get(f"{prefix}_verdict") == "baseline":
+        return "baseline"
+    method = str(row.get(f"{prefix}_ci_method") or "")
+    if not is_num(row.get(f"{prefix}_x")) and "warm-up" in method:
+        return f"n/a ({method})"
+    return fmt_x(row.get(f"{prefix}_x"), row.get(f"{prefix}_lo_x"), row.get(f"{prefix}_hi_x"),
+                 row.get(f"{prefix}_verdict"))
+
+
+def fmt_pp(v: Any) -> str:
+    """A difference in percentage points, signed: '+0.20 pp' ('—' for no number)."""
+    # round first so that -0.001 prints as +0.00, not -0.00
+    return f"{round(float(v), 2) + 0.0:+.2f} pp" if is_num(v) else "—"
+
+
+def fmt_drop(row: dict[str, Any]) -> str:
+    """A row's MS-SSIM drop from its baseline: '+0.20 pp (+0.22%)', the pp alone when there is no relative drop."""
+    if not is_num(row.get("drop_pp")):
+        return "—"
+    rel = row.get("drop_rel_pct")
+    if not is_num(rel):  # a baseline at MS-SSIM 0 has no relative drop
+        return fmt_pp(row["drop_pp"])
+    return f"{fmt_pp(row['drop_pp'])} ({round(float(rel), 2) + 0.0:+.2f}%)"
+
+
+def fmt_int(v: Any) -> str:
+    """'1,234' for a number, '—' for None/NaN."""
+    return f"{int(v):,}" if is_num(v) else "—"

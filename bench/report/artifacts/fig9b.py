@@ -1,0 +1,133 @@
+"""Fig. 9(b) of the paper: per-epoch time with and without graphs, capture time shown separately."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from bench.report.artifact import Artifact, Needs, Table, register
+from bench.report.cells import CellRuns
+from bench.report.envview import EnvView
+from bench.report.format import fmt_num, fmt_speedup, fmt_time, is_num
+from bench.report.plotting import figure, save, short
+from bench.report.runs import epoch_phase, is_warmup
+from bench.report.setting import Setting
+from bench.stats import median
+
+
+def needs(s: Setting, _p: int) -> bool:
+    """Cells with graphs on (cuda-graph or compile); their eager counterparts are looked up."""
+    return s.graphs != "off"
+
+
+def _per_epoch(cell: CellRuns) -> list[dict[str, Any]]:
+    """Per epoch: median over finished repeats of time_s and capture_time_s, with the warm-up flag and phase."""
+    # (row, config of its run): the warm-up rule falls back to the run's warmup_epochs
+    by_epoch: dict[int, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    for r in cell.ok_runs:
+        for row in r.epochs:
+            by_epoch.setdefault(int(row.get("epoch", 0)), []).append((row, r.config))
+    out = []
+    for e in sorted(by_epoch):
+        rows = [row for row, _ in by_epoch[e]]
+        t = [float(x["time_s"]) for x in rows if is_num(x.get("time_s"))]
+        cap = [float(x.get("capture_time_s") or 0.0) for x in rows]
+        first, config = by_epoch[e][0]
+        out.append({
+            "epoch": e,
+            "time_s": float(median(t)) if t else None,
+            "capture_time_s": float(median(cap)) if cap else 0.0,
+            "warmup": is_warmup(first, config),
+            "phase": epoch_phase(first),
+        })
+    return out
+
+
+def _mean(xs: Sequence[Any]) -> float | None:
+    v = [float(x) for x in xs if is_num(x)]
+    return sum(v) / len(v) if v else None
+
+
+def build(env: EnvView) -> Table | None:
+    """Fig. 9(b): per-epoch time with and without graphs, capture time shown separately."""
+    arms = env.select(needs)
+    if not arms:
+        return None
+    csv, md, epochs = [], [], []
+    for c in sorted(arms, key=lambda c: (c.grid, c.name)):
+        off = env.find(c, graphs="off")
+        pair = f"{c.name} vs {off.name if off else '(no eager counterpart)'}"
+        row = {**env.head(c), "pair": pair, "eager_cell": off.name if off else None,
+               "epoch_time_s_p50": c.epoch_time_p50(),
+               "eager_epoch_time_s_p50": off.epoch_time_p50() if off else None,
+               "epoch_time_s_mean": _mean([e["time_s"] for e in _per_epoch(c)]),
+               "eager_epoch_time_s_mean": _mean([e["time_s"] for e in _per_epoch(off)]) if off else None,
+               "capture_time_s": c.med(lambda r: r.summary.get("capture_time_s")
+                                       if is_num(r.summary.get("capture_time_s"))
+                                       else sum(float(x.get("capture_time_s") or 0) for x in r.epochs))}
+        row.update(env.speedup(off, c).to_dict("speedup"))
+        row.update(env.speedup_total(off, c).to_dict("speedup_total"))
+        csv.append(row)
+        md.append({
+            "grid": row["grid"], "graphs cell": c.name, "eager cell": row["eager_cell"] or "—",
+            "status": row["status"],
+            "epoch p50 eager / graphs": f"{fmt_time(row['eager_epoch_time_s_p50'])} / "
+                                        f"{fmt_time(row['epoch_time_s_p50'])}",
+            "epoch mean eager / graphs": f"{fmt_time(row['eager_epoch_time_s_mean'])} / "
+                                         f"{fmt_time(row['epoch_time_s_mean'])}",
+            "capture total": fmt_time(row["capture_time_s"]),
+            "speedup, epochs (95% CI)": fmt_speedup(row),
+            "speedup, total time": fmt_speedup(row, "speedup_total"),
+            "paper (GCO)": fmt_num(env.paper["fig8"]["speedup_x"]["gco"]["dense"], 2, "x")
+            if c.setting.graphs == "cuda-graph" else "—",
+        })
+        for arm_name, cell in (("graphs", c), ("eager", off)):
+            if cell is None:
+                continue
+            for e in _per_epoch(cell):
+                epochs.append({"env": env.env_label, "grid": c.grid or "-", "pair": pair, "arm": arm_name,
+                               "cell": cell.name, "graphs": cell.setting.graphs, **e})
+    notes = [
+        "Per-epoch times are medians over finished repeats; capture_time_s is graph capture/recapture spent in "
+        "that epoch, outside time_s (stacked on top in the plot).",
+        "Paper (Fig. 9b): the first five epochs with GCO are slower (tracing), the mean epoch is faster; 1.16x.",
+    ]
+    return Table("fig9b", "Fig. 9(b) analogue: per-epoch time with and without graphs", csv, md,
+                 list(md[0].keys()), notes, extra_csv={"fig9b_epochs": epochs}, plot_data={"epochs": epochs})
+
+
+def plot(table: Table, path: Path) -> Path | None:
+    """Per-epoch time, eager vs graphs, with capture time stacked on the graphs epochs."""
+    ep = [e for e in table.plot_data.get("epochs", []) if is_num(e.get("time_s"))]
+    if not ep:
+        return None
+    pairs = list(dict.fromkeys(e["pair"] for e in ep))
+    fig, axes = figure(6 * min(len(pairs), 3), 4.2, ncols=min(len(pairs), 3))
+    axes = np.atleast_1d(axes)
+    for ax, pair in zip(axes, pairs, strict=False):
+        sub = pd.DataFrame([e for e in ep if e["pair"] == pair])
+        sns.lineplot(data=sub, x="epoch", y="time_s", hue="arm", style="arm", markers=True, dashes=False, ax=ax)
+        g = sub[sub["arm"] == "graphs"]
+        if len(g) and float(g["capture_time_s"].sum()) > 0:
+            ax.bar(g["epoch"], g["capture_time_s"], bottom=g["time_s"], width=0.5, color="tab:red", alpha=0.6,
+                   label="graph capture (on top of time_s)")
+        ax.set_ylabel("epoch time (s)")
+        ax.set_title(short(pair, 60), fontsize=8)
+        ax.legend(fontsize=7)
+    fig.suptitle(table.title, fontsize=10)
+    return save(fig, path)
+
+
+register(Artifact(
+    key="fig9b",
+    title="Fig. 9(b) analogue",
+    build=build,
+    plot=plot,
+    needs=Needs("cells with graphs on (cuda-graph or compile) and their eager counterparts", needs),
+    fills=("fig8a", "full", "smoke"),
+))

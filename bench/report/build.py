@@ -1,0 +1,202 @@
+"""Making a report: read the run folders, build every registered artifact per environment, write the files.
+
+Writes, into a fresh report folder:
+
+    report.md                 everything below, embedded, with the environments in a header
+    tables/<key>.md, .csv     one per artifact (CSV: numeric, every environment, units in column names)
+    tables/epochs_raw.csv     every epoch of every run; status.csv, environments.csv
+    figures/<key>[-<env>].png seaborn plots, ours beside the paper's numbers
+
+Runs from different machines (env.json 'fingerprint') are never mixed in one
+ratio: each environment gets its own section. Artifacts whose cells were not
+run are listed with the grids that would fill them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bench.grids import registry
+from bench.paper import load_paper
+from bench.report.artifact import Table
+from bench.report.artifacts import ARTIFACTS
+from bench.report.cells import group_cells
+from bench.report.environments import Environment, environments
+from bench.report.envview import EnvView
+from bench.report.markdown import render, table_file
+from bench.report.options import DEFAULT_RESULTS, Options
+from bench.report.plotting import draw
+from bench.report.runs import load_runs
+from bench.report.setting import setting_from
+from ddnet.errors import UserError
+
+
+@dataclass
+class Report:
+    """What `make_report` produced."""
+
+    out: Path
+    report_md: Path
+    environments: list[Environment]
+    not_run: dict[str, list[str]]
+    """Table key -> grids that would fill it, for tables no environment filled."""
+    files: list[Path]
+
+    def table(self, key: str, env: str | None = None) -> Table | None:
+        """The table `key` of environment label `env` (default: the first environment that has it)."""
+        for e in self.environments:
+            if env is None or e.label == env:
+                for t in e.tables:
+                    if t.key == key:
+                        return t
+        return None
+
+
+def _prepare_out(out: Path, force: bool) -> None:
+    """Create an empty report folder; refuse to clobber one unless --force, and never delete non-reports."""
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"--out {out} is a file; choose a folder for the report.")
+        if any(out.iterdir()):
+            if not force:
+                raise UserError(f"report folder {out} already exists; pass --force to replace it or choose another --out.")
+            if not (out / "report.md").exists() or any(out.rglob("summary.json")):
+                raise UserError(
+                    f"{out} is not a report folder (no report.md, or it holds run folders); "
+                    "refusing to delete it even with --force: choose another --out."
+                )
+            shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(list(rows)).to_csv(path, index=False)
+    return path
+
+
+def _status_rows(envs: list[Environment]) -> list[dict[str, Any]]:
+    rows = []
+    for e in envs:
+        for r in sorted(e.runs, key=lambda r: (r.grid, r.cell_name, r.repeat, r.rel)):
+            rows.append({
+                "env": e.label, "grid": r.grid or "-", "cell": r.cell_name, "repeat": r.repeat, "status": r.status,
+                "epochs_done": len(r.epochs), "epochs": r.setting.epochs,
+                "message": r.status_text() if r.status != "ok" else "", "path": r.rel,
+            })
+    return rows
+
+_RAW_FIELDS = ("epoch", "phase", "warmup", "time_s", "capture_time_s", "prune_time_s", "val_time_s",
+               "images_per_s", "step_time_ms_p50", "step_time_ms_p90", "train_loss", "val_loss", "loss_change",
+               "val_ms_ssim", "val_ms_ssim_std", "val_psnr", "sparsity", "lr")
+
+
+def _raw_epoch_rows(envs: list[Environment]) -> list[dict[str, Any]]:
+    rows = []
+    for e in envs:
+        for r in sorted(e.runs, key=lambda r: (r.grid, r.cell_name, r.repeat, r.rel)):
+            for row in r.epochs:
+                rows.append({"env": e.label, "fingerprint": e.fingerprint, "grid": r.grid or "-",
+                             "cell": r.cell_name, "repeat": r.repeat, "run": r.rel, "status": r.status,
+                             **{k: row.get(k) for k in _RAW_FIELDS}})
+    return rows
+
+
+def grid_fills() -> dict[str, list[str]]:
+    """Artifact key -> names of the shipped grids whose cells would fill it (derived from the cells' settings)."""
+    needy = [a for a in ARTIFACTS.values() if a.needs is not None]
+    try:
+        reg = registry()
+        out: dict[str, list[str]] = {a.key: [] for a in needy}
+        for name, grid in reg.items():
+            cells = grid.cells()
+            items = [(setting_from(c.config.to_dict(), c.factors), int(c.config.profile_steps)) for c in cells]
+            for a in needy:
+                if a.needs is not None and a.needs.filled_by(items):
+                    out[a.key].append(name)
+        # The grid named after the table first, then the factorials, then the rest.
+        rank = lambda key, g: (not key.startswith(g), g != "full", g != "smoke", g)  # noqa: E731
+        return {k: sorted(v, key=lambda g, k=k: rank(k, g)) for k, v in out.items()}
+    except Exception:  # the registry is a convenience here; fall back to the grids each artifact names
+        return {a.key: list(a.fills) for a in needy}
+
+
+def make_report(
+    results_dir: str | Path = DEFAULT_RESULTS,
+    out: str | Path | None = None,
+    force: bool = False,
+    opts: Options | None = None,
+) -> Report:
+    """Read every run folder under `results_dir` and write the report into `out` (default results_dir/report)."""
+    opts = opts or Options()
+    if opts.tolerance_pp < 0:
+        raise UserError(f"--tolerance {opts.tolerance_pp} must be >= 0 percentage points.")
+    if opts.n_boot < 100:
+        raise UserError(f"--n-boot {opts.n_boot} is too few for a 95% interval; use at least 100.")
+    results_dir = Path(results_dir)
+    runs = load_runs(results_dir)
+    paper = load_paper()
+    out = Path(out) if out is not None else results_dir / "report"
+    _prepare_out(out, force)
+    tables_dir, figs_dir = out / "tables", out / "figures"
+    files: list[Path] = []
+
+    envs = environments(runs, group_cells(runs))
+    for e in envs:
+        view = EnvView(e.fingerprint, e.label, e.cells, opts, paper)
+        for art in ARTIFACTS.values():
+            # One table that cannot be rendered (odd data, a bug) must not cost the whole report: say so in it.
+            try:
+                t = art.build(view)
+            except Exception as exc:  # noqa: BLE001
+                e.problems.append(f"{art.title}: could not be rendered ({type(exc).__name__}: {exc})")
+                continue
+            if t is None:
+                continue
+            suffix = f"-{e.label}" if len(envs) > 1 else ""
+            try:
+                png = draw(art.plot, t, figs_dir / f"{art.key}{suffix}.png")
+            except Exception as exc:  # noqa: BLE001
+                e.problems.append(f"{t.title}: plot could not be drawn ({type(exc).__name__}: {exc})")
+                png = None
+            if png is not None:
+                t.plots.append(png)
+                files.append(png)
+            e.tables.append(t)
+        for msg in e.problems:
+            print(f"warning: {msg}", file=sys.stderr)
+
+    # CSV: one file per table across environments (the 'env' and 'fingerprint' columns tell them apart).
+    for key in ARTIFACTS:
+        per_env = [(e.label, t) for e in envs for t in e.tables if t.key == key]
+        if not per_env:
+            continue
+        files.append(_write_csv(tables_dir / f"{key}.csv", [r for _, t in per_env for r in t.csv_rows]))
+        for extra in {n for _, t in per_env for n in t.extra_csv}:
+            files.append(_write_csv(tables_dir / f"{extra}.csv", [r for _, t in per_env for r in t.extra_csv.get(extra, [])]))
+        (tables_dir / f"{key}.md").write_text(table_file(per_env, out, several_envs=len(envs) > 1))
+        files.append(tables_dir / f"{key}.md")
+
+    # Raw per-epoch values of every run: the medians above can always be re-derived from these.
+    files.append(_write_csv(tables_dir / "epochs_raw.csv", _raw_epoch_rows(envs)))
+    status = _status_rows(envs)
+    files.append(_write_csv(tables_dir / "status.csv", status))
+    env_rows = [e.describe() for e in envs]
+    files.append(_write_csv(tables_dir / "environments.csv", env_rows))
+
+    filled = {t.key for e in envs for t in e.tables}
+    unfilled = [a.key for a in ARTIFACTS.values() if a.needs is not None and a.key not in filled]
+    fills = grid_fills() if unfilled else {}
+    not_run = {k: fills.get(k, []) for k in unfilled}
+
+    report_md = out / "report.md"
+    report_md.write_text(render(results_dir, runs, envs, env_rows, status, not_run, paper, opts))
+    files.append(report_md)
+    return Report(out, report_md, envs, not_run, files)

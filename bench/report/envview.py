@@ -1,0 +1,233 @@
+"""One environment's cells as the artifacts see them: baseline lookup, speedups, and shared row columns.
+
+Every artifact's `build` takes an `EnvView`: the cells of one machine (ratios
+never mix env fingerprints), the report options and the paper's numbers.
+
+Speedups are ratios of robust training-time estimates: per phase (dense,
+sparse), the number of epochs times the median non-warm-up epoch time. For a
+cell without a sparse phase that is the ratio of median epoch times. The 95%
+interval comes from a seeded bootstrap over repeats (both arms with >= 2
+finished repeats) or over non-warm-up epochs within each phase.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from bench.paper import table1_row, table2_row
+from bench.report.cells import CellRuns
+from bench.report.format import is_num
+from bench.report.options import Options
+from bench.report.setting import PAPER_MP, Setting
+from bench.stats import NO_INTERVAL, Speedup, bootstrap_ratio_ci, classify_ratio, estimate_speedup, median
+
+CellPredicate = Callable[[Setting, int], bool]
+"""Does a cell with this setting (and --profile-steps) belong in an artifact?"""
+
+BASELINE = Speedup(1.0, None, None, "baseline", "baseline")
+"""What a baseline row shows against itself (not a bootstrap of a run against itself)."""
+
+
+def ratio(a: Any, b: Any) -> float | None:
+    """a / b for two numbers (b non-zero), else None."""
+    return float(a) / float(b) if is_num(a) and is_num(b) and b != 0 else None
+
+
+# ---------------------------------------------------------------------- paper lookups
+
+
+def opt_category(s: Setting) -> str | None:
+    """The paper's name for the optimizations a setting has on (Fig. 8), or None when it has no match."""
+    if s.channels_last or s.precision not in ("fp32", *PAPER_MP) or s.graphs not in ("off", "cuda-graph"):
+        return None
+    combo = (s.precision in PAPER_MP, s.loader == "device", s.graphs == "cuda-graph")
+    return {
+        (True, False, False): "mixed_precision",
+        (False, True, False): "doll",
+        (False, False, True): "gco",
+        (True, True, True): "all_three",
+    }.get(combo)
+
+
+def paper_vs_model(paper: dict[str, Any], s: Setting) -> float | None:
+    """Fig. 8: the paper's speedup of these optimizations over the same model without them."""
+    cat = opt_category(s)
+    if cat is None:
+        return None
+    return paper["fig8"]["speedup_x"][cat]["dense" if s.dense else "sparse"]
+
+
+def paper_vs_dense(paper: dict[str, Any], s: Setting) -> float | None:
+    """The paper's speedup of this setting over the dense fp32 baseline, where it quotes one."""
+    cat = opt_category(s)
+    if s.dense:
+        return 1.0 if s.arch_off else paper_vs_model(paper, s)
+    if s.arch_off and s.hybrid:
+        row = table2_row(paper, s.sparsity)
+        return row["speedup_x"] if row else None
+    if s.arch_off and s.dense_epochs == 0 and s.sparsity == "random":
+        dense, sparse = table1_row(paper, "none"), table1_row(paper, "random")
+        return dense["time_min"] / sparse["time_min"]
+    if cat == "all_three" and s.hybrid:
+        return paper["fig8"]["speedup_x"]["all_three_hybrid_vs_dense_baseline"]["sparse"]
+    return None
+
+
+# ---------------------------------------------------------------------- one environment
+
+
+class EnvView:
+    """The cells of one environment, with baseline lookup and cached speedups."""
+
+    def __init__(self, fingerprint: str, env_label: str, cells: list[CellRuns], opts: Options,
+                 paper: dict[str, Any]) -> None:
+        self.fingerprint = fingerprint
+        self.env_label = env_label
+        self.cells = cells
+        self.opts = opts
+        self.paper = paper
+        self._cache: dict[tuple[int, int, str], Speedup] = {}
+
+    # ------------------------------------------------------------ lookups
+    def select(self, pred: CellPredicate) -> list[CellRuns]:
+        """The cells an artifact's predicate accepts (by setting and profile steps), in loading order."""
+        return [c for c in self.cells if pred(c.setting, c.profile_steps)]
+
+    def find(self, like: CellRuns, **changes: Any) -> CellRuns | None:
+        """The cell of the same grid and context whose setting is `like`'s with `changes`; prefer finished ones."""
+        want = dataclasses.replace(like.setting, **changes)
+        key = (want.precision, want.loader, want.graphs, want.channels_last, want.model_key)
+        hits = [
+            c for c in self.cells
+            if c.grid == like.grid and c.context == like.context
+            and (c.setting.precision, c.setting.loader, c.setting.graphs, c.setting.channels_last,
+                 c.setting.model_key) == key
+        ]
+        hits.sort(key=lambda c: (not c.has_numbers, c.name))
+        return hits[0] if hits else None
+
+    def baseline(self, cell: CellRuns) -> CellRuns | None:
+        """The dense fp32/host/eager cell of the same grid, context and machine."""
+        return self.find(cell, precision="fp32", loader="host", graphs="off", channels_last=False,
+                         sparsity="none", dense_epochs=0)
+
+    def model_baseline(self, cell: CellRuns) -> CellRuns | None:
+        """The same model (sparsity and schedule) with every architecture-aware optimization off."""
+        return self.find(cell, precision="fp32", loader="host", graphs="off", channels_last=False)
+
+    # ------------------------------------------------------------ measures
+    def speedup(self, base: CellRuns | None, arm: CellRuns) -> Speedup:
+        """Training-time speedup of `arm` over `base` (robust estimate) with its bootstrap interval."""
+        if base is None:
+            return Speedup(None, None, None, NO_INTERVAL, "no baseline cell")
+        key = (id(base), id(arm), "est")
+        if key in self._cache:
+            return self._cache[key]
+        b, a = base.train_time_est_s(), arm.train_time_est_s()
+        point = ratio(b, a)
+        warm = sorted({p for c in (base, arm) for r in c.ok_runs for p in r.warmup_only_phases()})
+        if not base.ok_runs or not arm.ok_runs:
+            res = Speedup(None, None, None, NO_INTERVAL, "no finished run in one arm")
+        elif point is None and warm:
+            res = Speedup(None, None, None, NO_INTERVAL,
+                          f"phase {'/'.join(warm)} has only warm-up epochs: run more epochs")
+        elif point is None:
+            res = Speedup(None, None, None, NO_INTERVAL, "no finished run in one arm")
+        elif len(base.ok_runs) >= 2 and len(arm.ok_runs) >= 2:
+            bs = base.values(lambda r: r.train_time_est_s())
+            as_ = arm.values(lambda r: r.train_time_est_s())
+            res = estimate_speedup([bs], [1.0], [as_], [1.0], f"repeats ({len(bs)} vs {len(as_)})",
+                                   point_x=point, n_boot=self.opts.n_boot, seed=self.opts.seed)
+        else:
+            bst, bw = base.pooled_phase_times()
+            ast, aw = arm.pooled_phase_times()
+            nb, na = sum(map(len, bst)), sum(map(len, ast))
+            res = estimate_speedup(bst, bw, ast, aw, f"epochs ({nb} vs {na})", point_x=point,
+                                   n_boot=self.opts.n_boot, seed=self.opts.seed)
+        self._cache[key] = res
+        return res
+
+    def speedup_total(self, base: CellRuns | None, arm: CellRuns) -> Speedup:
+        """Speedup in total_time_s (one-off costs included); an interval only with >= 2 repeats per arm."""
+        if base is None:
+            return Speedup(None, None, None, NO_INTERVAL, "no baseline cell")
+        b, a = base.values(lambda r: r.total_time_s()), arm.values(lambda r: r.total_time_s())
+        if not b or not a:
+            return Speedup(None, None, None, NO_INTERVAL, "no finished run in one arm")
+        point = ratio(median(b), median(a))
+        if len(b) >= 2 and len(a) >= 2:
+            _, lo, hi = bootstrap_ratio_ci(a, b, n_boot=self.opts.n_boot, seed=self.opts.seed)
+            return Speedup(point, lo, hi, classify_ratio(lo, hi), f"repeats ({len(b)} vs {len(a)})")
+        return Speedup(point, None, None, NO_INTERVAL, "one run in an arm")
+
+    def target_for(self, cell: CellRuns) -> tuple[float | None, str]:
+        """Time-to-quality target for the cell's grid and context, and how it was set."""
+        if self.opts.target_pct is not None:
+            return self.opts.target_pct, f"--target {self.opts.target_pct:g}%"
+        base = self.baseline(cell)
+        q = base.quality()[0] if base is not None else None
+        if q is None:
+            return None, "no finished dense fp32 baseline to set a target"
+        t = q - self.opts.tolerance_pp
+        return t, f"dense fp32 baseline {q:.2f}% - {self.opts.tolerance_pp:g} pp"
+
+    def ttq(self, cell: CellRuns, target: float) -> tuple[list[tuple[int, float]], int]:
+        """Per finished repeat that reached `target`: (epoch, seconds); and how many repeats there were."""
+        hits = [r.time_to_target(target) for r in cell.ok_runs]
+        return [h for h in hits if h is not None], len(hits)
+
+    # ------------------------------------------------------------ row helpers
+    def head(self, cell: CellRuns) -> dict[str, Any]:
+        """Columns every row starts with."""
+        return {
+            "env": self.env_label,
+            "fingerprint": self.fingerprint,
+            "grid": cell.grid or "-",
+            "cell": cell.name,
+            "label": cell.label,
+            "status": cell.status_text(),
+            "repeats_ok": len(cell.ok_runs),
+            "precision": cell.setting.precision,
+            "loader": cell.setting.loader,
+            "graphs": cell.setting.graphs,
+            "channels_last": cell.setting.channels_last,
+            "sparsity": cell.setting.sparsity,
+            "amount": cell.setting.amount if not cell.setting.dense else 0.0,
+            "pattern": cell.setting.pattern if not cell.setting.dense else "",
+            "dense_epochs": cell.setting.dense_epochs if not cell.setting.dense else cell.setting.epochs,
+            "epochs": cell.setting.epochs,
+            "batch_size": cell.setting.batch_size,
+        }
+
+    def quality_cols(self, cell: CellRuns, base: CellRuns | None) -> dict[str, Any]:
+        """MS-SSIM (median over repeats) and its drop from the dense baseline, in pp and relative %."""
+        q, s = cell.quality()
+        bq = base.quality()[0] if base is not None else None
+        drop = bq - q if is_num(bq) and is_num(q) else None
+        return {
+            "ms_ssim_pct": q,
+            "ms_ssim_std_pct": s,
+            "baseline_ms_ssim_pct": bq,
+            "drop_pp": drop,
+            "drop_rel_pct": 100.0 * drop / bq if drop is not None and bq else None,
+        }
+
+    def time_cols(self, cell: CellRuns, base: CellRuns | None) -> dict[str, Any]:
+        """Epoch time, training-time estimate, total time, and both speedups over `base`."""
+        row: dict[str, Any] = {
+            "epoch_time_s_p50": cell.epoch_time_p50(),
+            "epoch_time_dense_s_p50": cell.phase_p50("dense"),
+            "epoch_time_sparse_s_p50": cell.phase_p50("sparse"),
+            "train_time_est_s": cell.train_time_est_s(),
+            "total_time_s": cell.total_time_s(),
+            "baseline_cell": base.name if base is not None else None,
+        }
+        if base is cell:
+            row.update(BASELINE.to_dict("speedup"))
+            row.update(BASELINE.to_dict("speedup_total"))
+        else:
+            row.update(self.speedup(base, cell).to_dict("speedup"))
+            row.update(self.speedup_total(base, cell).to_dict("speedup_total"))
+        return row

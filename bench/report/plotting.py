@@ -1,0 +1,122 @@
+"""Plot helpers shared by the artifacts: seaborn on the Agg backend (no display needed).
+
+Every plot puts the paper's number beside ours where the paper has one (black
+diamonds or dashed lines) and shows our spread (bootstrap 95% intervals for
+speedups, std over validation slices for MS-SSIM). Figures are created as
+`matplotlib.figure.Figure` with an Agg canvas, so no global pyplot state or
+interactive backend is touched.
+
+Importing this module loads pandas, matplotlib and seaborn: only the report
+command does so (through the artifacts), never the CLI at start-up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from bench.report.artifact import Table
+from bench.report.format import is_num
+
+PAPER_STYLE = {"marker": "D", "color": "black", "s": 36, "zorder": 5, "label": "paper"}
+
+
+def draw(plot: Callable[[Table, Path], Path | None] | None, table: Table, path: Path) -> Path | None:
+    """Draw `table` with its artifact's `plot` into `path` (PNG); None when there is no plot or nothing to draw."""
+    if plot is None:
+        return None
+    # Context managers, not set_theme: the style must not leak into the caller's matplotlib state.
+    with sns.axes_style("whitegrid"), sns.plotting_context("paper"):
+        return plot(table, path)
+
+
+def figure(width: float = 8.0, height: float = 4.5, ncols: int = 1) -> tuple[Figure, Any]:
+    """A constrained-layout Figure on an Agg canvas with `ncols` axes side by side."""
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)  # Agg: PNG without a display
+    axes = fig.subplots(1, ncols)
+    return fig, axes
+
+
+def save(fig: Figure, path: Path) -> Path:
+    """Write `fig` as a PNG at `path` (creating its folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def short(text: str, n: int = 28) -> str:
+    """`text` cut to `n` characters with an ellipsis (tick labels)."""
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def bars_with_ci(ax: Any, rows: list[dict[str, Any]], x: str, hue: str, y: str, lo: str | None = None,
+                 hi: str | None = None, paper: str | None = None) -> None:
+    """Grouped bars of `y` by `x` and `hue`, error bars from the `lo`/`hi` columns, paper values as diamonds."""
+    rows = [dict(r) for r in rows if is_num(r.get(y))]
+    if not rows:
+        ax.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=ax.transAxes)
+        return
+    # seaborn would average bars that share (x, hue), e.g. the same model in two grids: keep them apart.
+    keys = [(str(r[x]), str(r[hue])) for r in rows]
+    if len(set(keys)) < len(keys) and len({r.get("grid") for r in rows}) > 1 and hue != "grid":
+        for r in rows:
+            r[hue] = f"{r[hue]} [{r.get('grid')}]"
+    seen: dict[tuple[str, str], int] = {}
+    for r in rows:
+        key = (str(r[x]), str(r[hue]))
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] > 1:
+            r[hue] = f"{r[hue]} #{seen[key]}"
+    xs = list(dict.fromkeys(str(r[x]) for r in rows))
+    hs = list(dict.fromkeys(str(r[hue]) for r in rows))
+    df = pd.DataFrame([{x: str(r[x]), hue: str(r[hue]), y: float(r[y])} for r in rows])
+    sns.barplot(data=df, x=x, y=y, hue=hue, order=xs, hue_order=hs, errorbar=None, ax=ax)
+    lookup = {(str(r[x]), str(r[hue])): r for r in rows}
+    paper_pts: list[tuple[float, float]] = []
+    # seaborn draws one container per hue level (levels without data are dropped above), bars at x index +- dodge.
+    for h, container in zip(hs, ax.containers, strict=False):
+        for patch in container.patches:
+            cx = patch.get_x() + patch.get_width() / 2.0
+            xi = int(round(cx))
+            if not 0 <= xi < len(xs):
+                continue
+            r = lookup.get((xs[xi], h))
+            if r is None:
+                continue
+            v = float(r[y])
+            if lo and hi and is_num(r.get(lo)) and is_num(r.get(hi)):
+                ax.errorbar(cx, v, yerr=[[v - float(r[lo])], [float(r[hi]) - v]], fmt="none", ecolor="black",
+                            capsize=3, lw=1)
+            if paper and is_num(r.get(paper)):
+                paper_pts.append((cx, float(r[paper])))
+    if paper_pts:
+        ax.scatter([p[0] for p in paper_pts], [p[1] for p in paper_pts], **PAPER_STYLE)
+    ax.set_xticks(range(len(xs)), [short(s) for s in xs], rotation=20, ha="right")
+    ax.legend(fontsize=7, loc="best")
+
+
+def quality_bars(ax: Any, rows: list[dict[str, Any]], x: str) -> None:
+    """Final MS-SSIM bars by `x`, ours (± std over slices) beside the paper's (light grey)."""
+    labels = [short(str(r[x])) for r in rows]
+    pos = np.arange(len(rows))
+    ours = [float(r["ms_ssim_pct"]) for r in rows]
+    err = [float(r["ms_ssim_std_pct"]) if is_num(r.get("ms_ssim_std_pct")) else 0.0 for r in rows]
+    pal = sns.color_palette()
+    ax.bar(pos - 0.2, ours, 0.4, yerr=err, capsize=3, color=pal[0], label="ours (± std over slices)")
+    pv = [r.get("paper_ms_ssim_pct") for r in rows]
+    pe = [r.get("paper_ms_ssim_std_pct") for r in rows]
+    if any(is_num(v) for v in pv):
+        ax.bar(pos + 0.2, [v if is_num(v) else 0 for v in pv], 0.4,
+               yerr=[e if is_num(e) else 0 for e in pe], capsize=3, color="lightgrey", edgecolor="black",
+               label="paper")
+    ax.set_xticks(pos, labels, rotation=20, ha="right")
+    ax.set_ylabel("final validation MS-SSIM (%)")
+    ax.legend(fontsize=7)

@@ -1,0 +1,247 @@
+"""bench/report/artifacts/: each paper table and figure, recomputed from hand-made run folders (tests/report_fakes.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bench.grids import registry
+from bench.report.artifact import Artifact, register
+from bench.report.artifacts import ARTIFACTS
+from bench.report.build import make_report
+from bench.report.options import Options
+from bench.report.setting import Setting
+from tests.report_fakes import (
+    QUAL,
+    _cell_est,
+    _cfg,
+    _csv,
+    _epoch_p50,
+    _est,
+    _row,
+    _rows,
+    _times,
+    build_main,
+    write_run,
+)
+
+# ---------------------------------------------------------------------------------- the fabricated grid
+
+
+@pytest.fixture(scope="module")
+def main_report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    build_main(root)
+    rep = make_report(root, root / "report", opts=Options(n_boot=1000))
+    return root, rep
+
+
+def test_table1_numbers_match_the_folders(main_report):
+    root, rep = main_report
+    df = _csv(root, "table1")
+    dense, sparse = _row(df, "dense", "table1"), _row(df, "random-sparse", "table1")
+    assert dense["ms_ssim_pct"] == pytest.approx(97.0) and sparse["ms_ssim_pct"] == pytest.approx(42.0)
+    assert sparse["ms_ssim_std_pct"] == pytest.approx(1.5)
+    assert dense["paper_ms_ssim_pct"] == 97.22 and dense["paper_time_min"] == 235
+    assert sparse["paper_ms_ssim_pct"] == 42.39 and sparse["paper_time_min"] == 175
+    assert sparse["paper_speedup_x"] == pytest.approx(235 / 175)
+    dd, sd = root / "table1" / "dense-r0", root / "table1" / "random-sparse-r0"
+    assert sparse["epoch_time_s_p50"] == pytest.approx(_epoch_p50(sd))
+    assert sparse["speedup_x"] == pytest.approx(_epoch_p50(dd) / _epoch_p50(sd))
+    total = lambda d: sum(r["time_s"] for r in _rows(d))  # noqa: E731
+    assert sparse["speedup_total_x"] == pytest.approx(total(dd) / total(sd))
+    assert sparse["drop_pp"] == pytest.approx(55.0)
+    assert sparse["drop_rel_pct"] == pytest.approx(100 * 55.0 / 97.0)
+    # One run per arm: 5 vs 5 non-warm-up epochs are bootstrapped.
+    assert sparse["speedup_ci_method"] == "epochs (5 vs 5)"
+    assert sparse["speedup_lo_x"] <= sparse["speedup_x"] <= sparse["speedup_hi_x"]
+    # The 'full' grid at batch 4 has no cell pruned before training: it is not in Table 1.
+    assert set(df["grid"]) == {"table1"}
+
+
+def test_table2_speedups_and_drops_match_the_folders(main_report):
+    root, _ = main_report
+    df = _csv(root, "table2")
+    base = _cell_est(root, "full", "fp32-host-off-dense")
+    rnd = _row(df, "fp32-host-off-random-hybrid3")
+    assert rnd["speedup_x"] == pytest.approx(base / _cell_est(root, "full", "fp32-host-off-random-hybrid3"))
+    assert rnd["speedup_ci_method"] == "repeats (3 vs 3)"
+    assert rnd["speedup_lo_x"] <= rnd["speedup_x"] <= rnd["speedup_hi_x"]
+    assert rnd["speedup_verdict"] == "faster"
+    assert rnd["paper_speedup_x"] == 1.14 and rnd["paper_ms_ssim_pct"] == 97.30
+    assert rnd["ms_ssim_pct"] == pytest.approx(89.8)
+    assert rnd["drop_pp"] == pytest.approx(0.2)
+    assert rnd["drop_rel_pct"] == pytest.approx(100 * 0.2 / 90.0)
+    assert rnd["speedup_ours_over_paper"] == pytest.approx(rnd["speedup_x"] / 1.14)
+    # Per-phase medians of the hybrid schedule.
+    d0 = root / "full" / "fp32-host-off-random-hybrid3-r0"
+    sparse_p50 = float(np.median([
+        float(np.median([r["time_s"] for r in _rows(d) if r["phase"] == "sparse" and not r["warmup"]]))
+        for d in sorted((root / "full").glob("fp32-host-off-random-hybrid3-r*"))
+    ]))
+    assert rnd["epoch_time_sparse_s_p50"] == pytest.approx(sparse_p50)
+    assert d0.exists()
+    topk = _row(df, "fp32-host-off-topk-hybrid3")  # 1 repeat vs 3: epochs are bootstrapped
+    assert topk["speedup_x"] == pytest.approx(base / _est(root / "full" / "fp32-host-off-topk-hybrid3-r0"))
+    assert topk["speedup_ci_method"].startswith("epochs (")
+    assert topk["paper_accuracy_drop_pct"] == 0.02
+    st = _row(df, "fp32-host-off-structured-hybrid3")
+    assert st["paper_ms_ssim_pct"] == 97.75
+    assert _row(df, "fp32-host-off-random-auto")["switch_epoch"] == 2
+
+
+def test_fig8_speedups_verdicts_and_paper_columns(main_report):
+    root, _ = main_report
+    a = _csv(root, "fig8a")
+    base = _cell_est(root, "full", "fp32-host-off-dense")
+    amp = _row(a, "amp-bf16-host-off-dense")
+    assert amp["speedup_vs_model_x"] == pytest.approx(base / _cell_est(root, "full", "amp-bf16-host-off-dense"))
+    assert amp["speedup_vs_model_verdict"] == "faster" and amp["speedup_vs_model_lo_x"] > 1.0
+    assert amp["paper_vs_model_x"] == 1.49
+    assert amp["ours_over_paper_vs_model"] == pytest.approx(amp["speedup_vs_model_x"] / 1.49)
+    dev = _row(a, "fp32-device-off-dense")
+    assert dev["speedup_vs_model_x"] == pytest.approx(1.0)
+    assert dev["speedup_vs_model_lo_x"] <= 1.0 <= dev["speedup_vs_model_hi_x"]
+    assert dev["speedup_vs_model_verdict"] == "no measurable change"
+    assert dev["paper_vs_model_x"] == 1.21
+    gco = _row(a, "fp32-host-cuda-graph-dense")
+    assert gco["paper_vs_model_x"] == 1.16
+    b = _csv(root, "fig8b")
+    combo = _row(b, "amp-bf16-device-cuda-graph-random-hybrid3")
+    assert combo["model_baseline_cell"] == "fp32-host-off-random-hybrid3"
+    assert combo["dense_baseline_cell"] == "fp32-host-off-dense"
+    est = _est(root / "full" / "amp-bf16-device-cuda-graph-random-hybrid3-r0")
+    assert combo["speedup_vs_model_x"] == pytest.approx(_cell_est(root, "full", "fp32-host-off-random-hybrid3") / est)
+    assert combo["speedup_vs_dense_x"] == pytest.approx(base / est)
+    assert combo["paper_vs_model_x"] == 1.6 and combo["paper_vs_dense_x"] == 1.94
+    md = (root / "report" / "report.md").read_text()
+    assert "no measurable change" in md
+
+
+def test_fig9_copies_and_graph_epochs(main_report):
+    root, _ = main_report
+    df = _csv(root, "fig9a")
+    host = df[(df["cell"] == "host-profile") & (df["kind"] == "HtoD")].iloc[0]
+    assert host["share_time_pct"] == pytest.approx(100 * 60 / 93)
+    assert host["bytes"] == 7_000_000
+    assert host["paper_share_pct"] == 60 and host["paper_htod_gb"] == 7
+    dev = df[(df["cell"] == "device-profile") & (df["kind"] == "DtoD")].iloc[0]
+    assert dev["share_time_pct"] == pytest.approx(100 * 64 / 93) and dev["paper_share_pct"] == 64
+    assert set(df["measure"]) == {"CUDA memcpy/memset activities"}
+    b = _csv(root, "fig9b")
+    g = _row(b, "fp32-host-cuda-graph-dense")
+    assert g["eager_cell"] == "fp32-host-off-dense"
+    assert g["capture_time_s"] == pytest.approx(2.5)
+    ep = pd.read_csv(root / "report" / "tables" / "fig9b_epochs.csv")
+    g1 = ep[(ep["cell"] == "fp32-host-cuda-graph-dense") & (ep["epoch"] == 1)].iloc[0]
+    assert g1["capture_time_s"] == pytest.approx(2.5)
+    assert g1["time_s"] == pytest.approx(_rows(root / "full" / "fp32-host-cuda-graph-dense-r0")[0]["time_s"])
+    e1 = ep[(ep["cell"] == "fp32-host-off-dense") & (ep["epoch"] == 3)].iloc[0]
+    assert e1["time_s"] == pytest.approx(float(np.median(
+        [_rows(d)[2]["time_s"] for d in sorted((root / "full").glob("fp32-host-off-dense-r*"))])))
+
+
+def test_fig4_time_to_quality_memory_and_sparsity(main_report):
+    root, _ = main_report
+    c = _csv(root, "fig4c")
+    auto = _row(c, "fp32-host-off-random-auto")
+    assert auto["dense_epochs_run"] == 2 and auto["sparse_epochs_run"] == 4
+    assert _row(c, "fp32-host-off-random-hybrid3")["dense_epochs_run"] == 3
+    curves = pd.read_csv(root / "report" / "tables" / "fig4ab_curves.csv")
+    assert set(curves[curves["cell"] == "fp32-host-off-random-auto"]["switch_epoch"]) == {2}
+
+    t = _csv(root, "ttq")
+    target = 90.0 - 0.5  # baseline's final MS-SSIM minus the default tolerance
+    amp = _row(t, "amp-bf16-host-off-dense")
+    assert amp["target_ms_ssim_pct"] == pytest.approx(target)
+    # amp's curve is QUAL - 0.1: 89.9 >= 89.5 first at epoch 6.
+    assert amp["reached_epoch"] == 6
+    per_run = [sum(r["time_s"] + r["capture_time_s"] + r["prune_time_s"] for r in _rows(d))
+               for d in sorted((root / "full").glob("amp-bf16-host-off-dense-r*"))]
+    assert amp["ttq_s"] == pytest.approx(float(np.median(per_run)))
+    topk = _row(t, "fp32-host-off-topk-hybrid3")  # 89.0 never reaches 89.5
+    assert topk["repeats_reached"] == 0 and pd.isna(topk["ttq_s"])
+    md = (root / "report" / "report.md").read_text()
+    assert "never reached" in md
+    t1 = _row(t, "random-sparse", "table1")
+    assert t1["target_ms_ssim_pct"] == pytest.approx(96.5)  # its own grid's baseline (97.0) - 0.5
+
+    m = _csv(root, "memory")
+    assert _row(m, "amp-bf16-host-off-dense")["primary_measure"] == "host RSS (process)"
+    assert _row(m, "amp-bf16-host-off-dense")["fp32_over_this"] == pytest.approx(1.0 / 0.6)
+    assert _row(m, "amp-bf16-host-off-dense")["paper_gb"] == 27
+
+    s = _csv(root, "sparsity")
+    assert "simulated" in _row(s, "fp32-host-off-random-hybrid3")["note"]
+    st = _row(s, "fp32-host-off-structured-hybrid3")
+    assert st["sparsity_kind_measured"] == "structural"
+    assert st["params"] == 600 and st["params_dense_baseline"] == 1000
+    assert st["flops_fwd_per_image"] == 1.2e6 and st["flops_fwd_per_image_before_pruning"] == 2.0e6
+
+
+def test_target_option_sets_time_to_quality_target(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "g", "fp32-host-off-dense", _cfg(), _times(10.0, 1), QUAL)
+    rep = make_report(root, opts=Options(target_pct=80.0, n_boot=200))
+    row = pd.read_csv(rep.out / "tables" / "ttq.csv").iloc[0]
+    assert row["target_ms_ssim_pct"] == 80.0 and row["reached_epoch"] == 3
+    rows = _rows(root / "g" / "fp32-host-off-dense-r0")
+    assert row["ttq_s"] == pytest.approx(sum(r["time_s"] for r in rows[:3]))
+
+
+def test_fig9b_epoch_warmup_flags_follow_the_run_rule(tmp_path):
+    """Rows without a `warmup` flag are warm-ups up to the config's warmup_epochs, in fig9b as in the speedups."""
+    root = tmp_path / "runs"
+    for cell, graphs in (("fp32-host-off-dense", "off"), ("fp32-host-cuda-graph-dense", "cuda-graph")):
+        cfg = dataclasses.replace(_cfg(graphs=graphs), warmup_epochs=2)
+        d = write_run(root, "g", cell, cfg, _times(10.0, 1), QUAL)
+        rows = _rows(d)
+        for r in rows:
+            del r["warmup"]
+        (d / "epochs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rep = make_report(root, opts=Options(n_boot=200))
+    ep = pd.read_csv(rep.out / "tables" / "fig9b_epochs.csv")
+    for _, row in ep.iterrows():
+        assert bool(row["warmup"]) == (row["epoch"] <= 2), row.to_dict()
+    assert set(ep["phase"]) == {"dense"}
+
+
+# ---------------------------------------------------------------------------------- the registry
+
+
+def test_registry_holds_every_artifact_in_report_order():
+    assert list(ARTIFACTS) == ["table1", "table2", "fig8a", "fig8b", "fig9a", "fig9b", "fig4c", "fig4ab",
+                               "memory", "ttq", "sparsity"]
+    for key, a in ARTIFACTS.items():
+        assert a.key == key and a.title and callable(a.build)
+    assert {k for k, a in ARTIFACTS.items() if a.plot is None} == {"sparsity"}
+    assert {k for k, a in ARTIFACTS.items() if a.needs is None} == {"ttq", "sparsity"}
+    grids = set(registry())
+    for a in ARTIFACTS.values():
+        # The fallback names real grids, and every artifact that can be 'not run' names at least one.
+        assert set(a.fills) <= grids, a.key
+        assert bool(a.fills) == (a.needs is not None), a.key
+
+
+def test_register_refuses_a_second_artifact_with_the_same_key():
+    with pytest.raises(ValueError, match="registered twice"):
+        register(Artifact(key="table1", title="again", build=lambda env: None))
+    assert ARTIFACTS["table1"].title == "Table 1 analogue"
+
+
+def test_needs_are_decided_from_settings():
+    dense, sparse0 = Setting(), Setting(sparsity="random", dense_epochs=0)
+    t1 = ARTIFACTS["table1"].needs
+    assert not t1.filled_by([(dense, 0)]) and t1.filled_by([(dense, 0), (sparse0, 0)])
+    assert ARTIFACTS["table2"].needs.filled_by([(Setting(sparsity="topk", dense_epochs=3), 0)])
+    assert not ARTIFACTS["table2"].needs.filled_by([(sparse0, 0)])
+    assert ARTIFACTS["fig9a"].needs.filled_by([(dense, 5)]) and not ARTIFACTS["fig9a"].needs.filled_by([(dense, 0)])
+    assert ARTIFACTS["fig8a"].needs.filled_by([(Setting(precision="amp-bf16"), 0)])
+    assert not ARTIFACTS["fig8b"].needs.filled_by([(Setting(precision="amp-bf16"), 0)])
+    assert ARTIFACTS["fig8b"].needs.filled_by([(Setting(precision="amp-bf16", loader="device"), 0)])
+    assert ARTIFACTS["fig9b"].needs.filled_by([(Setting(graphs="compile"), 0)])
+    assert ARTIFACTS["memory"].needs.filled_by([(Setting(precision="tf32"), 0)])

@@ -1,0 +1,91 @@
+"""bench/report/runs.py and cells.py: reading run folders (finished, partial, failed, skipped), phases and warm-ups."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bench.report.build import make_report
+from bench.report.cells import group_cells
+from bench.report.options import Options
+from bench.report.runs import epoch_phase, is_warmup, load_runs, read_run
+from tests.report_fakes import FP_A, FP_B, QUAL, _cfg, _row, _rows, _times, write_run
+
+
+def test_partial_failed_and_skipped_runs_are_named(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "smoke", "fp32-host-off-dense", _cfg(), _times(10.0, 1), QUAL)
+    write_run(root, "smoke", "fp32-host-off-random-hybrid3", _cfg(kind="random", dense_epochs=3),
+              _times(10.0, 2)[:2], QUAL[:2], status="running")
+    write_run(root, "smoke", "amp-bf16-host-off-dense", _cfg(precision="amp-bf16"), _times(7.0, 3)[:2], QUAL[:2],
+              status="failed", error="non-finite loss (nan) at epoch 3")
+    write_run(root, "smoke", "fp32-host-cuda-graph-dense", _cfg(graphs="cuda-graph"), [], [], status="skipped",
+              reason="--graphs cuda-graph needs a CUDA device", write_env=False)
+    rep = make_report(root, opts=Options(n_boot=200))
+    md = rep.report_md.read_text()
+    assert rep.out == root / "report"
+    assert "running (partial: 2/6 epochs)" in md
+    assert "non-finite loss (nan) at epoch 3" in md
+    assert "skipped: --graphs cuda-graph needs a CUDA device" in md
+    status = pd.read_csv(rep.out / "tables" / "status.csv")
+    assert set(status["status"]) == {"ok", "running", "failed", "skipped"}
+    # The skipped cell has no env.json: it belongs to the grid's only machine.
+    assert set(status["env"]) == {"env1"}
+    t2 = pd.read_csv(rep.out / "tables" / "table2.csv")
+    part = _row(t2, "fp32-host-off-random-hybrid3")
+    assert part["status"].startswith("running (partial") and pd.isna(part["speedup_x"])
+    f8 = pd.read_csv(rep.out / "tables" / "fig8a.csv")
+    assert "non-finite loss" in _row(f8, "amp-bf16-host-off-dense")["status"]
+    assert pd.isna(_row(f8, "amp-bf16-host-off-dense")["speedup_vs_model_x"])
+    # Tables with no cell at all are listed as not run, with a grid that would fill them.
+    assert "## Not run" in md
+    assert "table1" in rep.not_run and "`bench run --grid table1`" in md
+    assert "fig9a" in rep.not_run and "`bench run --grid fig9`" in md
+
+
+def test_one_warmup_and_phase_rule():
+    """The row's `warmup` flag when it has one, else epoch <= the config's warmup_epochs (default 1)."""
+    assert is_warmup({"epoch": 5, "warmup": True}, {}) and not is_warmup({"epoch": 1, "warmup": False}, {})
+    assert is_warmup({"epoch": 1}, {}) and not is_warmup({"epoch": 2}, {})
+    assert is_warmup({"epoch": 2}, {"warmup_epochs": 2}) and not is_warmup({"epoch": 3}, {"warmup_epochs": 2})
+    assert epoch_phase({}) == "dense" and epoch_phase({"phase": "sparse"}) == "sparse"
+
+
+def _strip_warmup_flags(d):
+    rows = _rows(d)
+    for r in rows:
+        del r["warmup"]
+    (d / "epochs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_steady_times_skip_warmups_without_the_flag(tmp_path):
+    root = tmp_path / "runs"
+    times = [30.0, 20.0, 10.0, 11.0, 12.0, 10.5]
+    d = write_run(root, "g", "fp32-host-off-random-hybrid4", _cfg(kind="random", dense_epochs=4), times, QUAL)
+    (d / "config.json").write_text(json.dumps(dataclasses.replace(
+        _cfg(kind="random", dense_epochs=4), warmup_epochs=2).to_dict()))
+    _strip_warmup_flags(d)
+    run = read_run(d, root)
+    assert run.steady_epoch_times() == times[2:]
+    assert run.phase_times() == {"dense": [10.0, 11.0], "sparse": [12.0, 10.5]}
+    assert run.phase_counts() == {"dense": 4, "sparse": 2}
+    assert run.train_time_est_s() == pytest.approx(4 * 10.5 + 2 * 11.25)
+
+
+def test_repeats_group_into_one_cell_per_machine(tmp_path):
+    root = tmp_path / "runs"
+    for r in range(3):
+        write_run(root / "a", "g", "fp32-host-off-dense", _cfg(), _times(10.0, r), QUAL, repeat=r, fp=FP_A)
+    write_run(root / "b", "g", "fp32-host-off-dense", _cfg(), _times(5.0, 9), QUAL, fp=FP_B)
+    cells = group_cells(load_runs(root))
+    assert [(c.fingerprint, c.name, len(c.runs)) for c in cells] == [
+        (FP_A, "fp32-host-off-dense", 3), (FP_B, "fp32-host-off-dense", 1)]
+    a = cells[0]
+    assert [r.repeat for r in a.ok_runs] == [0, 1, 2]
+    per_run = [float(np.median(_times(10.0, r)[1:])) for r in range(3)]
+    assert a.epoch_time_p50() == pytest.approx(float(np.median(per_run)))
+    assert a.status_text() == "ok (3 repeats)"
