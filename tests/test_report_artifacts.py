@@ -36,7 +36,7 @@ from tests.report_fakes import (
 def main_report(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     build_main(root)
-    rep = make_report(root, root / "report", opts=Options(n_boot=1000))
+    rep = make_report(root, root / "report", opts=Options())
     return root, rep
 
 
@@ -186,7 +186,7 @@ def test_fig4_time_to_quality_memory_and_sparsity(main_report):
 def test_target_option_sets_time_to_quality_target(tmp_path):
     root = tmp_path / "runs"
     write_run(root, "g", "fp32-host-off-dense", _cfg(), _times(10.0, 1), QUAL)
-    rep = make_report(root, opts=Options(target_pct=80.0, n_boot=200))
+    rep = make_report(root, opts=Options(target_pct=80.0))
     row = pd.read_csv(rep.out / "tables" / "ttq.csv").iloc[0]
     assert row["target_ms_ssim_pct"] == 80.0 and row["reached_epoch"] == 3
     rows = _rows(root / "g" / "fp32-host-off-dense-r0")
@@ -203,7 +203,7 @@ def test_fig9b_epoch_warmup_flags_follow_the_run_rule(tmp_path):
         for r in rows:
             del r["warmup"]
         (d / "epochs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    rep = make_report(root, opts=Options(n_boot=200))
+    rep = make_report(root, opts=Options())
     ep = pd.read_csv(rep.out / "tables" / "fig9b_epochs.csv")
     for _, row in ep.iterrows():
         assert bool(row["warmup"]) == (row["epoch"] <= 2), row.to_dict()
@@ -234,14 +234,14 @@ def test_register_refuses_a_second_artifact_with_the_same_key():
 
 
 def test_needs_are_decided_from_settings():
-    dense, sparse0 = Setting(), Setting(sparsity="random", dense_epochs=0)
+    dense, sparse0 = Setting(), Setting().replace(sparsity="random", dense_epochs=0)
     t1 = ARTIFACTS["table1"].needs
     assert not t1.filled_by([(dense, 0)]) and t1.filled_by([(dense, 0), (sparse0, 0)])
-    assert ARTIFACTS["table2"].needs.filled_by([(Setting(sparsity="topk", dense_epochs=3), 0)])
+    assert ARTIFACTS["table2"].needs.filled_by([(Setting().replace(sparsity="topk", dense_epochs=3), 0)])
     assert not ARTIFACTS["table2"].needs.filled_by([(sparse0, 0)])
     assert ARTIFACTS["fig9a"].needs.filled_by([(dense, 5)]) and not ARTIFACTS["fig9a"].needs.filled_by([(dense, 0)])
-    assert ARTIFACTS["fig8a"].needs.filled_by([(Setting(precision="amp-bf16"), 0)])
-    assert not ARTIFACTS["fig8b"].needs.filled_by([(Setting(precision="amp-bf16"), 0)])
-    assert ARTIFACTS["fig8b"].needs.filled_by([(Setting(precision="amp-bf16", loader="device"), 0)])
-    assert ARTIFACTS["fig9b"].needs.filled_by([(Setting(graphs="compile"), 0)])
-    assert ARTIFACTS["memory"].needs.filled_by([(Setting(precision="tf32"), 0)])
+    assert ARTIFACTS["fig8a"].needs.filled_by([(Setting().replace(precision="amp-bf16"), 0)])
+    assert not ARTIFACTS["fig8b"].needs.filled_by([(Setting().replace(precision="amp-bf16"), 0)])
+    assert ARTIFACTS["fig8b"].needs.filled_by([(Setting().replace(precision="amp-bf16", loader="device"), 0)])
+    assert ARTIFACTS["fig9b"].needs.filled_by([(Setting().replace(graphs="compile"), 0)])
+    assert ARTIFACTS["memory"].needs.filled_by([(Setting().replace(precision="tf32"), 0)])

@@ -14,7 +14,7 @@ from tests.report_fakes import _csv, _rows, build_main
 def main_report(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     build_main(root)
-    rep = make_report(root, root / "report", opts=Options(n_boot=1000))
+    rep = make_report(root, root / "report", opts=Options())
     return root, rep
 
 
@@ -45,8 +45,10 @@ def test_report_markdown_header_plots_and_files(main_report):
 
 def test_same_inputs_give_the_same_intervals(main_report, tmp_path):
     root, _ = main_report
-    again = make_report(root, tmp_path / "again", opts=Options(n_boot=1000))
+    again = make_report(root, tmp_path / "again", opts=Options())
     a = _csv(root, "table2")
     b = pd.read_csv(again.out / "tables" / "table2.csv")
-    assert a["speedup_lo_x"].notna().sum() >= 3
+    # hybrid cells with one repeat have 2 steady dense-phase epochs: too few for a verdict (NaN) since the
+    # interval needs 3 samples per arm; the 3-repeat random hybrid has one
+    assert a["speedup_lo_x"].notna().sum() >= 1
     assert a["speedup_lo_x"].equals(b["speedup_lo_x"]) and a["speedup_hi_x"].equals(b["speedup_hi_x"])

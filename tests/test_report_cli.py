@@ -29,7 +29,7 @@ def test_importing_the_report_command_loads_nothing_heavy():
 def test_report_help_lists_every_option(capsys):
     code, out, _ = _cli(["report", "--help"], capsys)
     assert code == 0
-    for opt in ("RESULTS_DIR", "--out", "--force", "--tolerance", "--target", "--n-boot", "--seed"):
+    for opt in ("RESULTS_DIR", "--out", "--force", "--tolerance", "--target"):
         assert opt in out, opt
 
 
@@ -49,13 +49,13 @@ def test_empty_or_missing_folder_is_one_clear_line(tmp_path, capsys):
 def test_existing_report_is_not_overwritten_without_force(tmp_path, capsys):
     root = tmp_path / "runs"
     write_run(root, "g", "fp32-host-off-dense", _cfg(), _times(10.0, 1), QUAL)
-    code, out, _ = _cli(["report", str(root), "--n-boot", "200"], capsys)
+    code, out, _ = _cli(["report", str(root)], capsys)
     assert code == 0 and "report.md" in out
     marker = root / "report" / "report.md"
     before = marker.read_text()
-    code, _, err = _cli(["report", str(root), "--n-boot", "200"], capsys)
+    code, _, err = _cli(["report", str(root)], capsys)
     assert code == 2 and "--force" in err and marker.read_text() == before
-    code, _, _ = _cli(["report", str(root), "--force", "--n-boot", "200"], capsys)
+    code, _, _ = _cli(["report", str(root), "--force"], capsys)
     assert code == 0 and marker.exists()
     # --force never deletes a folder that is not a report.
     other = tmp_path / "precious"
@@ -88,7 +88,7 @@ def _total(d: Path) -> float:
 @pytest.mark.timeout(2700)
 def test_end_to_end_smoke_grid_report(smoke_runs, capsys):
     out = smoke_runs
-    code, stdout, err = _cli(["report", str(out), "--out", str(out / "report"), "--n-boot", "500"], capsys)
+    code, stdout, err = _cli(["report", str(out), "--out", str(out / "report")], capsys)
     assert code == 0, err
     assert "report.md" in stdout
     rdir = out / "report"

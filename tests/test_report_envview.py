@@ -16,7 +16,7 @@ def test_warmup_only_phase_and_zero_quality_baseline(tmp_path):
     write_run(root, "smoke", "fp32-host-off-dense", _cfg(epochs=2), [5.0, 0.8], [0.0, 0.0])
     write_run(root, "smoke", "fp32-host-off-random-hybrid1", _cfg(kind="random", dense_epochs=1, epochs=2),
               [1.3, 0.1], [0.0, 0.0], prune_s=0.05)
-    rep = make_report(root, opts=Options(n_boot=200))
+    rep = make_report(root, opts=Options())
     md = rep.report_md.read_text()
     assert "Rendering problems" not in md
     row = _row(pd.read_csv(rep.out / "tables" / "table2.csv"), "fp32-host-off-random-hybrid1")
@@ -36,7 +36,7 @@ def test_two_environments_are_never_mixed(tmp_path):
     # Grid 'solo': the baseline ran on A only, the arm on B only: no ratio may be formed.
     write_run(root / "a", "solo", "fp32-host-off-dense", _cfg(), _times(10.0, 3), QUAL, fp=FP_A)
     write_run(root / "b", "solo", "fp32-device-off-dense", _cfg(loader="device"), _times(5.0, 4), QUAL, fp=FP_B)
-    rep = make_report(root, opts=Options(n_boot=200))
+    rep = make_report(root, opts=Options())
     df = pd.read_csv(rep.out / "tables" / "fig8a.csv")
     amp = df[(df["cell"] == "amp-bf16-host-off-dense")].set_index("fingerprint")
     for fp in (FP_A, FP_B):

@@ -25,7 +25,7 @@ def test_partial_failed_and_skipped_runs_are_named(tmp_path):
               status="failed", error="non-finite loss (nan) at epoch 3")
     write_run(root, "smoke", "fp32-host-cuda-graph-dense", _cfg(graphs="cuda-graph"), [], [], status="skipped",
               reason="--graphs cuda-graph needs a CUDA device", write_env=False)
-    rep = make_report(root, opts=Options(n_boot=200))
+    rep = make_report(root, opts=Options())
     md = rep.report_md.read_text()
     assert rep.out == root / "report"
     assert "running (partial: 2/6 epochs)" in md

@@ -138,8 +138,6 @@ def make_report(
     opts = opts or Options()
     if opts.tolerance_pp < 0:
         raise UserError(f"--tolerance {opts.tolerance_pp} must be >= 0 percentage points.")
-    if opts.n_boot < 100:
-        raise UserError(f"--n-boot {opts.n_boot} is too few for a 95% interval; use at least 100.")
     results_dir = Path(results_dir)
     runs = load_runs(results_dir)
     paper = load_paper()

@@ -20,16 +20,13 @@ def report_cmd(
     force: bool = typer.Option(False, "--force", help="Replace an existing report folder."),
     tolerance: float = typer.Option(0.5, "--tolerance", help="Time to quality: target = dense baseline MS-SSIM minus this (pp)."),
     target: float | None = typer.Option(None, "--target", help="Time to quality: absolute MS-SSIM target in percent."),
-    n_boot: int = typer.Option(2000, "--n-boot", help="Bootstrap resamples per interval."),
-    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
 ) -> None:
     """Tables (Markdown, CSV) and plots of the paper's tables and figures, re-measured, beside its numbers."""
     # Deferred: make_report pulls in pandas, matplotlib and seaborn (about a second); `bench --help` and
     # every `bench run` cell process import this module and must not pay for them.
     from bench.report.build import make_report  # noqa: PLC0415
 
-    rep = make_report(results_dir, out, force, Options(tolerance_pp=tolerance, target_pct=target, n_boot=n_boot,
-                                                       seed=seed))
+    rep = make_report(results_dir, out, force, Options(tolerance_pp=tolerance, target_pct=target))
     n_tables = sum(len(e.tables) for e in rep.environments)
     n_plots = sum(len(t.plots) for e in rep.environments for t in e.tables)
     typer.echo(f"report: {rep.report_md} ({n_tables} tables, {n_plots} plots, {len(rep.environments)} environment(s))")

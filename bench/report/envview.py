@@ -6,13 +6,13 @@ never mix env fingerprints), the report options and the paper's numbers.
 Speedups are ratios of robust training-time estimates: per phase (dense,
 sparse), the number of epochs times the median non-warm-up epoch time. For a
 cell without a sparse phase that is the ratio of median epoch times. The 95%
-interval comes from a seeded bootstrap over repeats (both arms with >= 2
-finished repeats) or over non-warm-up epochs within each phase.
+interval is Welch's t-interval on log times (`bench.stats`), over repeats when
+both arms have at least 3 finished ones, else over the non-warm-up epochs
+within each phase; below 3 samples per arm it gives no verdict.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -20,8 +20,17 @@ from bench.paper import table1_row, table2_row
 from bench.report.cells import CellRuns
 from bench.report.format import is_num
 from bench.report.options import Options
-from bench.report.setting import PAPER_MP, Setting
-from bench.stats import NO_INTERVAL, Speedup, bootstrap_ratio_ci, classify_ratio, estimate_speedup, median
+from bench.report.setting import ARCH_BASELINE, ARCH_KEYS, PAPER_MP, Setting
+from bench.stats import (
+    MIN_SAMPLES_PER_ARM,
+    NO_INTERVAL,
+    NO_VERDICT,
+    Speedup,
+    classify_ratio,
+    estimate_speedup,
+    median,
+    ratio_ci,
+)
 
 CellPredicate = Callable[[Setting, int], bool]
 """Does a cell with this setting (and --profile-steps) belong in an artifact?"""
@@ -40,8 +49,8 @@ def ratio(a: Any, b: Any) -> float | None:
 
 def opt_category(s: Setting) -> str | None:
     """The paper's name for the optimizations a setting has on (Fig. 8), or None when it has no match."""
-    if s.channels_last or s.precision not in ("fp32", *PAPER_MP) or s.graphs not in ("off", "cuda-graph"):
-        return None
+    if s.extra_parts() or s.precision not in ("fp32", *PAPER_MP) or s.graphs not in ("off", "cuda-graph"):
+        return None  # tf32, compile, channels-last, fused Adam, ...: the paper has no number for them
     combo = (s.precision in PAPER_MP, s.loader == "device", s.graphs == "cuda-graph")
     return {
         (True, False, False): "mixed_precision",
@@ -97,25 +106,22 @@ class EnvView:
 
     def find(self, like: CellRuns, **changes: Any) -> CellRuns | None:
         """The cell of the same grid and context whose setting is `like`'s with `changes`; prefer finished ones."""
-        want = dataclasses.replace(like.setting, **changes)
-        key = (want.precision, want.loader, want.graphs, want.channels_last, want.model_key)
+        want = like.setting.replace(**changes)
+        key = (want.arch_key, want.model_key)
         hits = [
             c for c in self.cells
-            if c.grid == like.grid and c.context == like.context
-            and (c.setting.precision, c.setting.loader, c.setting.graphs, c.setting.channels_last,
-                 c.setting.model_key) == key
+            if c.grid == like.grid and c.context == like.context and (c.setting.arch_key, c.setting.model_key) == key
         ]
         hits.sort(key=lambda c: (not c.has_numbers, c.name))
         return hits[0] if hits else None
 
     def baseline(self, cell: CellRuns) -> CellRuns | None:
         """The dense fp32/host/eager cell of the same grid, context and machine."""
-        return self.find(cell, precision="fp32", loader="host", graphs="off", channels_last=False,
-                         sparsity="none", dense_epochs=0)
+        return self.find(cell, **ARCH_BASELINE, sparsity="none", dense_epochs=0)
 
     def model_baseline(self, cell: CellRuns) -> CellRuns | None:
         """The same model (sparsity and schedule) with every architecture-aware optimization off."""
-        return self.find(cell, precision="fp32", loader="host", graphs="off", channels_last=False)
+        return self.find(cell, **ARCH_BASELINE)
 
     # ------------------------------------------------------------ measures
     def speedup(self, base: CellRuns | None, arm: CellRuns) -> Speedup:
@@ -135,32 +141,32 @@ class EnvView:
                           f"phase {'/'.join(warm)} has only warm-up epochs: run more epochs")
         elif point is None:
             res = Speedup(None, None, None, NO_INTERVAL, "no finished run in one arm")
-        elif len(base.ok_runs) >= 2 and len(arm.ok_runs) >= 2:
+        elif len(base.ok_runs) >= MIN_SAMPLES_PER_ARM and len(arm.ok_runs) >= MIN_SAMPLES_PER_ARM:
             bs = base.values(lambda r: r.train_time_est_s())
             as_ = arm.values(lambda r: r.train_time_est_s())
             res = estimate_speedup([bs], [1.0], [as_], [1.0], f"repeats ({len(bs)} vs {len(as_)})",
-                                   point_x=point, n_boot=self.opts.n_boot, seed=self.opts.seed)
+                                   point_x=point)
         else:
             bst, bw = base.pooled_phase_times()
             ast, aw = arm.pooled_phase_times()
             nb, na = sum(map(len, bst)), sum(map(len, ast))
-            res = estimate_speedup(bst, bw, ast, aw, f"epochs ({nb} vs {na})", point_x=point,
-                                   n_boot=self.opts.n_boot, seed=self.opts.seed)
+            res = estimate_speedup(bst, bw, ast, aw, f"epochs ({nb} vs {na})", point_x=point)
         self._cache[key] = res
         return res
 
     def speedup_total(self, base: CellRuns | None, arm: CellRuns) -> Speedup:
-        """Speedup in total_time_s (one-off costs included); an interval only with >= 2 repeats per arm."""
+        """Speedup in total_time_s (one-off costs included); an interval only with enough repeats per arm."""
         if base is None:
             return Speedup(None, None, None, NO_INTERVAL, "no baseline cell")
         b, a = base.values(lambda r: r.total_time_s()), arm.values(lambda r: r.total_time_s())
         if not b or not a:
             return Speedup(None, None, None, NO_INTERVAL, "no finished run in one arm")
         point = ratio(median(b), median(a))
-        if len(b) >= 2 and len(a) >= 2:
-            _, lo, hi = bootstrap_ratio_ci(a, b, n_boot=self.opts.n_boot, seed=self.opts.seed)
+        if len(b) >= MIN_SAMPLES_PER_ARM and len(a) >= MIN_SAMPLES_PER_ARM:
+            _, lo, hi = ratio_ci(a, b)
             return Speedup(point, lo, hi, classify_ratio(lo, hi), f"repeats ({len(b)} vs {len(a)})")
-        return Speedup(point, None, None, NO_INTERVAL, "one run in an arm")
+        return Speedup(point, None, None, NO_VERDICT if len(b) > 1 and len(a) > 1 else NO_INTERVAL,
+                       f"repeats ({len(b)} vs {len(a)})")
 
     def target_for(self, cell: CellRuns) -> tuple[float | None, str]:
         """Time-to-quality target for the cell's grid and context, and how it was set."""
@@ -189,10 +195,7 @@ class EnvView:
             "label": cell.label,
             "status": cell.status_text(),
             "repeats_ok": len(cell.ok_runs),
-            "precision": cell.setting.precision,
-            "loader": cell.setting.loader,
-            "graphs": cell.setting.graphs,
-            "channels_last": cell.setting.channels_last,
+            **{k: getattr(cell.setting, k) for k in ARCH_KEYS},
             "sparsity": cell.setting.sparsity,
             "amount": cell.setting.amount if not cell.setting.dense else 0.0,
             "pattern": cell.setting.pattern if not cell.setting.dense else "",

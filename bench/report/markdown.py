@@ -21,11 +21,13 @@ def how_to_read(opts: Options) -> list[str]:
         "Speedup = training-time estimate of the baseline / the same of the cell. The estimate is, per phase "
         "(dense, sparse), the number of epochs times the median of that phase's non-warm-up epoch times "
         "(`time_s`); for a model without a sparse phase this is the ratio of median epoch times.",
-        "[lo, hi] is a seeded bootstrap 95% interval (`--n-boot`, `--seed`): over finished repeats when both arms "
-        "have at least two, otherwise over non-warm-up epochs within each phase. An interval containing 1.0 is "
-        "printed as 'no measurable change', not as a win; '(no CI)' means an arm had fewer than two samples.",
+        "[lo, hi] is a 95% interval for the ratio of medians: Welch's t-interval on log times (it keeps its "
+        "coverage with few samples, where a percentile bootstrap does not), over finished repeats when both arms "
+        "have at least three, otherwise over non-warm-up epochs within each phase. An interval containing 1.0 is "
+        "printed as 'no measurable change', not as a win; '(no CI)' means an arm had too few samples for a "
+        "verdict (fewer than three).",
         "'speedup, total time' uses total_time_s (epochs + graph capture + pruning + DoLL staging), the measure "
-        "the paper quotes; it has an interval only with two or more repeats per arm.",
+        "the paper quotes; it has an interval only with three or more repeats per arm.",
         "Baselines: the dense fp32/host-loader/eager cell of the same grid, data, net, epochs and batch size, "
         "on the same machine (env fingerprint). Fig. 8's 'vs same model' compares with the same sparsity and "
         "schedule with every architecture-aware optimization off.",

@@ -21,7 +21,4 @@ class Options:
     """Time to quality: target = dense fp32 baseline's final MS-SSIM minus this (percentage points)."""
     target_pct: float | None = None
     """Time to quality: an absolute MS-SSIM target (percent) instead of baseline minus tolerance."""
-    n_boot: int = 2000
-    """Bootstrap resamples per interval."""
-    seed: int = 0
-    """Bootstrap seed (the same folders and seed give the same intervals)."""
+

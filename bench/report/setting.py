@@ -1,35 +1,69 @@
-"""What a run varied, as the report compares it: precision, loader, graphs, sparsity and schedule.
+"""What a run varied, as the report compares it: the optimization toggles and the sparsity schedule.
 
-A run's `Setting` comes from its `config.json` (the truth of what ran),
-falling back to the `cell.json` factors when the config is missing (a cell
-skipped before it started). Settings, never grid names, decide which table a
-cell belongs in and which cell is its baseline.
+The toggles are not re-declared here: they are `ddnet.config.TOGGLES`, read from
+the run's `config.json` through `TrainConfig.from_dict(..., lenient=True)` (so
+folders written by older versions still report), with `TrainConfig`'s own
+defaults for whatever an old config lacks; the `cell.json` factors stand in when
+the config is missing (a cell skipped before it started). A new toggle in
+`TrainConfig` appears here, in the tables' columns and in the baseline lookup by
+itself. Settings, never grid names, decide which table a cell belongs in and
+which cell is its baseline.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
+
+from ddnet.config import TOGGLES, ConfigError, TrainConfig, toggle_values
 
 PAPER_MP = ("amp-fp16", "amp-bf16")
 """Our precisions that are the paper's 'mixed precision'."""
 
+DEFAULTS: dict[str, Any] = toggle_values(TrainConfig())
+"""Every toggle's value in the paper-faithful baseline (TrainConfig's defaults), by flat name."""
+SPARSITY_KEYS = ("sparsity", "amount", "pattern", "dense_epochs")
+ARCH_KEYS: tuple[str, ...] = tuple(k for k in DEFAULTS if k not in SPARSITY_KEYS)
+"""The architecture-aware toggles (precision, loader, graphs, channels_last, cudnn_benchmark, ...)."""
+ARCH_BASELINE: dict[str, Any] = {k: DEFAULTS[k] for k in ARCH_KEYS}
+"""Every architecture-aware optimization off: fp32, host loader, eager, ... (the paper's baseline)."""
+
+# how a toggle that is on reads in a label (precision, loader and graphs have the paper's words below)
+_PART_LABELS = {
+    "channels_last": lambda v: "channels-last" if v else None,
+    "cudnn_benchmark": lambda v: "cuDNN autotune" if v else None,
+    "optimizer_impl": lambda v: f"{v} Adam",
+    "compile_mode": lambda v: f"compile {v}",
+    "compile_scope": lambda v: "compiled whole step" if v == "step" else None,
+}
+
 
 @dataclass(frozen=True)
 class Setting:
-    """What a run varied: the optimization toggles and the sparsity schedule."""
+    """What a run varied: every toggle (by flat name, as attributes), plus the batch size and epochs."""
 
-    precision: str = "fp32"
-    loader: str = "host"
-    graphs: str = "off"
-    channels_last: bool = False
-    sparsity: str = "none"
-    amount: float = 0.5
-    pattern: str = "unstructured"
-    dense_epochs: int | str = 0
-    """Dense epochs before pruning, or 'auto'; 0 for a dense model."""
+    toggles: tuple[tuple[str, Any], ...] = tuple(DEFAULTS.items())
     batch_size: int = 32
     epochs: int = 50
+
+    def __getattr__(self, name: str) -> Any:
+        for key, value in object.__getattribute__(self, "toggles"):
+            if key == name:
+                return value
+        raise AttributeError(name)
+
+    def values(self) -> dict[str, Any]:
+        """{toggle: value} for every toggle."""
+        return dict(self.toggles)
+
+    def replace(self, **changes: Any) -> Setting:
+        """A copy with toggles (or batch_size / epochs) changed."""
+        extra = {k: changes.pop(k) for k in ("batch_size", "epochs") if k in changes}
+        unknown = set(changes) - set(DEFAULTS)
+        if unknown:
+            raise KeyError(f"not toggles: {sorted(unknown)}")
+        return dataclasses.replace(self, toggles=tuple({**self.values(), **changes}.items()), **extra)
 
     @property
     def dense(self) -> bool:
@@ -37,9 +71,15 @@ class Setting:
         return self.sparsity == "none"
 
     @property
+    def arch_key(self) -> tuple[Any, ...]:
+        """The architecture-aware toggles' values, in a fixed order."""
+        v = self.values()
+        return tuple(v[k] for k in ARCH_KEYS)
+
+    @property
     def arch_off(self) -> bool:
-        """None of the architecture-aware optimizations (fp32, host loader, eager, NCHW)."""
-        return self.precision == "fp32" and self.loader == "host" and self.graphs == "off" and not self.channels_last
+        """None of the architecture-aware optimizations: every such toggle at its baseline value."""
+        return all(getattr(self, k) == ARCH_BASELINE[k] for k in ARCH_KEYS)
 
     @property
     def hybrid(self) -> bool:
@@ -65,6 +105,17 @@ class Setting:
             return f"{head}, auto switch"
         return f"{head}, {self.dense_epochs} dense + {self.epochs - int(self.dense_epochs)} sparse"
 
+    def extra_parts(self) -> list[str]:
+        """The toggles beyond the paper's three (precision, loader, graphs) that are on."""
+        parts = []
+        for key in ARCH_KEYS:
+            if key in ("precision", "loader", "graphs") or getattr(self, key) == ARCH_BASELINE[key]:
+                continue
+            label = _PART_LABELS.get(key, lambda v, k=key: f"{k} {v}")(getattr(self, key))
+            if label:
+                parts.append(label)
+        return parts
+
     def opt_parts(self) -> list[str]:
         """The architecture-aware optimizations switched on, in the paper's words where it has them."""
         parts = []
@@ -78,9 +129,7 @@ class Setting:
             parts.append("GCO (cuda-graph)")
         elif self.graphs != "off":
             parts.append(f"graphs {self.graphs}")
-        if self.channels_last:
-            parts.append("channels-last")
-        return parts
+        return parts + self.extra_parts()
 
     def opt_label(self) -> str:
         """'none' or 'MP (amp-fp16) + DoLL + GCO (cuda-graph)'."""
@@ -92,26 +141,35 @@ class Setting:
         return f"{self.model_label()}; {self.opt_label()}"
 
 
+def _flat_from_raw(config: dict[str, Any]) -> dict[str, Any]:
+    """A config that no longer validates (hand-made, damaged): its toggles as written, defaults for the rest."""
+    out = dict(DEFAULTS)
+    for path in TOGGLES:
+        value: Any = config
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is not None:
+            out["sparsity" if path == "sparsity.kind" else path.split(".")[-1]] = value
+    return out
+
+
 def setting_from(config: dict[str, Any], factors: dict[str, Any] | None) -> Setting:
     """The Setting of a run: from config.json when present, else from cell.json factors."""
     if config:
-        # flatten config.json's nested sparsity into the factors' flat shape
-        sp = config.get("sparsity") or {}
-        f = {**config, "sparsity": sp.get("kind", "none"), "amount": sp.get("amount", 0.5),
-             "pattern": sp.get("pattern", "unstructured"), "dense_epochs": sp.get("dense_epochs", 0)}
+        try:
+            cfg = TrainConfig.from_dict(config, lenient=True)
+            values, batch, epochs = toggle_values(cfg), cfg.batch_size, cfg.epochs
+        except (ConfigError, TypeError, ValueError, KeyError):
+            values = _flat_from_raw(config)
+            batch, epochs = config.get("batch_size", 32), config.get("epochs", 50)
     else:
         f = dict(factors or {})
-    kind = str(f.get("sparsity", "none"))
-    de = f.get("dense_epochs", 0)
-    return Setting(
-        precision=str(f.get("precision", "fp32")),
-        loader=str(f.get("loader", "host")),
-        graphs=str(f.get("graphs", "off")),
-        channels_last=bool(f.get("channels_last", False)),
-        sparsity=kind,
-        amount=float(f.get("amount", 0.5)),
-        pattern=str(f.get("pattern", "unstructured")),
-        dense_epochs=0 if kind == "none" else (de if de == "auto" else int(de)),
-        batch_size=int(f.get("batch_size", 32)),
-        epochs=int(f.get("epochs", 50)),
-    )
+        values = {**DEFAULTS, **{k: v for k, v in f.items() if k in DEFAULTS}}
+        batch, epochs = f.get("batch_size", 32), f.get("epochs", 50)
+    if values["sparsity"] == "none":
+        values["dense_epochs"] = 0
+    elif values["dense_epochs"] != "auto":
+        values["dense_epochs"] = int(values["dense_epochs"])
+    values["amount"] = float(values["amount"])
+    values["channels_last"] = bool(values["channels_last"])
+    return Setting(tuple(values.items()), int(batch), int(epochs))

@@ -8,7 +8,7 @@ from bench.report.artifact import Artifact, Table, register
 from bench.report.envview import EnvView, paper_vs_dense, ratio
 from bench.report.format import fmt_num, fmt_speedup, fmt_time, is_num
 from bench.report.plotting import bars_with_ci, figure, save
-from bench.stats import NO_INTERVAL, bootstrap_ratio_ci, classify_ratio, median
+from bench.stats import MIN_SAMPLES_PER_ARM, NO_INTERVAL, NO_VERDICT, classify_ratio, median, ratio_ci
 
 
 def build(env: EnvView) -> Table | None:
@@ -31,12 +31,12 @@ def build(env: EnvView) -> Table | None:
         row["speedup_ttq_x"] = ratio(row["baseline_ttq_s"], row["ttq_s"])
         if base is c:
             row.update(speedup_ttq_lo_x=None, speedup_ttq_hi_x=None, speedup_ttq_verdict="baseline")
-        elif len(hits) >= 2 and len(bhits) >= 2:
-            _, lo, hi = bootstrap_ratio_ci([h[1] for h in hits], [h[1] for h in bhits],
-                                           n_boot=env.opts.n_boot, seed=env.opts.seed)
+        elif len(hits) >= MIN_SAMPLES_PER_ARM and len(bhits) >= MIN_SAMPLES_PER_ARM:
+            _, lo, hi = ratio_ci([h[1] for h in hits], [h[1] for h in bhits])
             row.update(speedup_ttq_lo_x=lo, speedup_ttq_hi_x=hi, speedup_ttq_verdict=classify_ratio(lo, hi))
         else:
-            row.update(speedup_ttq_lo_x=None, speedup_ttq_hi_x=None, speedup_ttq_verdict=NO_INTERVAL)
+            verdict = NO_VERDICT if len(hits) > 1 and len(bhits) > 1 else NO_INTERVAL
+            row.update(speedup_ttq_lo_x=None, speedup_ttq_hi_x=None, speedup_ttq_verdict=verdict)
         row["paper_speedup_x"] = paper_vs_dense(env.paper, c.setting)
         row["paper_reference_ttq_min"] = ref["time_to_target_min"] if c.setting.dense and c.setting.arch_off else None
         csv.append(row)
