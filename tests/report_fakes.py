@@ -51,7 +51,7 @@ def write_run(root: Path, grid: str, cell: str, cfg: TrainConfig, times: list[fl
               repeat: int = 0, fp: str = FP_A, status: str = "ok", error: str | None = None,
               reason: str | None = None, capture: list[float] | None = None, copies: dict | None = None,
               staging_s: float = 0.0, prune_s: float = 0.0, switch_epoch: int | None = None, rss_gib: float = 1.0,
-              write_env: bool = True, measured_kind: str | None = None) -> Path:
+              write_env: bool = True, measured_kind: str | None = None, extra_row: dict | None = None) -> Path:
     """One run folder by the contract: a row per epoch in `times`, the summary from the same numbers."""
     d = root / grid / f"{cell}-r{repeat}"
     d.mkdir(parents=True)
@@ -76,7 +76,7 @@ def write_run(root: Path, grid: str, cell: str, cfg: TrainConfig, times: list[fl
             "capture_time_s": capture[i] if capture else 0.0,
             "prune_time_s": prune_s if sparse and i == de else 0.0,
             "loss_change": None if prev is None else abs(loss - prev),
-            "mem_rss_peak_gib": rss_gib, "mem_source": "rss",
+            "mem_rss_peak_gib": rss_gib, "mem_source": "rss", **(extra_row or {}),
         })
         prev = loss
     (d / "epochs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -245,3 +245,30 @@ def test_needs_are_decided_from_settings():
     assert ARTIFACTS["fig8b"].needs.filled_by([(Setting().replace(precision="amp-bf16", loader="device"), 0)])
     assert ARTIFACTS["fig9b"].needs.filled_by([(Setting().replace(graphs="compile"), 0)])
     assert ARTIFACTS["memory"].needs.filled_by([(Setting().replace(precision="tf32"), 0)])
+
+
+def test_quality_stands_beside_the_input_and_the_paper_scale(tmp_path):
+    root = tmp_path / "runs"
+    floor = {"input_ms_ssim": 93.4, "input_ms_ssim_paper_code": 96.3, "val_ms_ssim_paper_code": 97.5,
+             "val_ms_ssim_paper_code_std": 0.4}
+    write_run(root, "table2", "dense", _cfg(), _times(10.0, 1), QUAL, extra_row=floor)
+    write_run(root, "table2", "random-hybrid3", _cfg(kind="random", dense_epochs=3), _times(9.0, 2),
+              [q - 0.5 for q in QUAL], extra_row=floor)
+    rep = make_report(root, opts=Options())
+    row = _row(pd.read_csv(rep.out / "tables" / "table2.csv"), "random-hybrid3")
+    assert row["ms_ssim_paper_code_pct"] == 97.5 and row["input_ms_ssim_pct"] == 93.4
+    assert row["input_ms_ssim_paper_code_pct"] == 96.3 and bool(row["beats_input"]) is False  # 89.5 < 93.4
+    md = (rep.out / "tables" / "table2.md").read_text()
+    assert "97.50 ± 0.40 (input 96.30)" in md  # the paper's scale beside the paper's number
+    assert "89.50 ± 1.50 (input 93.40)" in md  # the standard one beside it, with its own floor
+    assert "paper's code" in (rep.out / "report.md").read_text() or "paper's scale" in md
+
+
+def test_time_to_quality_can_target_beating_the_input(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "g", "fp32-host-off-dense", _cfg(), _times(10.0, 1), QUAL,
+              extra_row={"input_ms_ssim": 84.0})
+    rep = make_report(root, opts=Options(target_input=True))
+    row = pd.read_csv(rep.out / "tables" / "ttq.csv").iloc[0]
+    assert row["target_ms_ssim_pct"] == 84.0 and row["reached_epoch"] == 4  # QUAL: 50, 70, 80, 85, ...
+    assert "input" in row["target_rule"]

@@ -87,6 +87,10 @@ class CellRuns:
         """Median over repeats of the final MS-SSIM and of its std over slices (percent)."""
         return self.med(lambda r: r.final_quality()[0]), self.med(lambda r: r.final_quality()[1])
 
+    def metric(self, field: str) -> tuple[float | None, float | None]:
+        """Median over repeats of a final epoch-row quality field and of its std (see RunRecord.final_metric)."""
+        return self.med(lambda r: r.final_metric(field)[0]), self.med(lambda r: r.final_metric(field)[1])
+
     def phase_p50(self, phase: str) -> float | None:
         """Median over repeats of the median non-warm-up epoch time of one phase."""
         return self.med(lambda r: median(r.phase_times()[phase]) if r.phase_times().get(phase) else None)

@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from bench.report.options import DEFAULT_RESULTS, Options
+from ddnet.errors import UserError
 
 
 def report_cmd(
@@ -19,16 +20,29 @@ def report_cmd(
     out: Path | None = typer.Option(None, "--out", help="Report folder (default: RESULTS_DIR/report)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing report folder."),
     tolerance: float = typer.Option(0.5, "--tolerance", help="Time to quality: target = dense baseline MS-SSIM minus this (pp)."),
-    target: float | None = typer.Option(None, "--target", help="Time to quality: absolute MS-SSIM target in percent."),
+    target: str | None = typer.Option(None, "--target", help="Time to quality: an absolute MS-SSIM target in "
+                                      "percent, or 'input' (the first epoch that beats the low-dose input)."),
 ) -> None:
     """Tables (Markdown, CSV) and plots of the paper's tables and figures, re-measured, beside its numbers."""
     # Deferred: make_report pulls in pandas, matplotlib and seaborn (about a second); `bench --help` and
     # every `bench run` cell process import this module and must not pay for them.
     from bench.report.build import make_report  # noqa: PLC0415
 
-    rep = make_report(results_dir, out, force, Options(tolerance_pp=tolerance, target_pct=target))
+    rep = make_report(results_dir, out, force, Options(tolerance_pp=tolerance, **_target(target)))
     n_tables = sum(len(e.tables) for e in rep.environments)
     n_plots = sum(len(t.plots) for e in rep.environments for t in e.tables)
     typer.echo(f"report: {rep.report_md} ({n_tables} tables, {n_plots} plots, {len(rep.environments)} environment(s))")
     if rep.not_run:
         typer.echo(f"not run: {', '.join(rep.not_run)}")
+
+
+def _target(text: str | None) -> dict:
+    """--target: a number (percent) or 'input'."""
+    if text is None:
+        return {}
+    if text == "input":
+        return {"target_input": True}
+    try:
+        return {"target_pct": float(text)}
+    except ValueError:
+        raise UserError(f"--target {text!r} is neither a number (percent) nor 'input'.") from None

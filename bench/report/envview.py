@@ -173,6 +173,11 @@ class EnvView:
         if self.opts.target_pct is not None:
             return self.opts.target_pct, f"--target {self.opts.target_pct:g}%"
         base = self.baseline(cell)
+        if self.opts.target_input:
+            floor = (base or cell).metric("input_ms_ssim")[0]
+            if floor is None:
+                return None, "no recorded input MS-SSIM (runs older than the input_* fields)"
+            return floor, f"the low-dose input's MS-SSIM, {floor:.2f}% (--target input)"
         q = base.quality()[0] if base is not None else None
         if q is None:
             return None, "no finished dense fp32 baseline to set a target"
@@ -209,9 +214,16 @@ class EnvView:
         q, s = cell.quality()
         bq = base.quality()[0] if base is not None else None
         drop = bq - q if is_num(bq) and is_num(q) else None
+        pq, ps = cell.metric("val_ms_ssim_paper_code")
+        iq, iq_paper = cell.metric("input_ms_ssim")[0], cell.metric("input_ms_ssim_paper_code")[0]
         return {
             "ms_ssim_pct": q,
             "ms_ssim_std_pct": s,
+            "ms_ssim_paper_code_pct": pq,
+            "ms_ssim_paper_code_std_pct": ps,
+            "input_ms_ssim_pct": iq,
+            "input_ms_ssim_paper_code_pct": iq_paper,
+            "beats_input": (q > iq) if is_num(q) and is_num(iq) else None,
             "baseline_ms_ssim_pct": bq,
             "drop_pp": drop,
             "drop_rel_pct": 100.0 * drop / bq if drop is not None and bq else None,

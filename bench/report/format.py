@@ -33,6 +33,16 @@ def fmt_pm(mean: Any, std: Any, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def fmt_quality(row: dict[str, Any], scale: str = "") -> str:
+    """'96.10 ± 1.20 (input 93.40)': a quality beside the low-dose input's (the floor a denoiser must beat).
+
+    `scale` '' is the standard MS-SSIM (`ms_ssim_pct`), '_paper_code' the paper code's (`ms_ssim_paper_code_pct`).
+    """
+    text = fmt_pm(row.get(f"ms_ssim{scale}_pct"), row.get(f"ms_ssim{scale}_std_pct"))
+    floor = row.get(f"input_ms_ssim{scale}_pct")
+    return f"{text} (input {floor:.2f})" if text != "—" and is_num(floor) else text
+
+
 def fmt_time(seconds: Any) -> str:
     """Seconds as '850 ms', '12.3 s', '4.5 min' or '1.25 h'."""
     if not is_num(seconds):

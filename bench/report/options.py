@@ -21,4 +21,6 @@ class Options:
     """Time to quality: target = dense fp32 baseline's final MS-SSIM minus this (percentage points)."""
     target_pct: float | None = None
     """Time to quality: an absolute MS-SSIM target (percent) instead of baseline minus tolerance."""
+    target_input: bool = False
+    """Time to quality: the target is the low-dose input's own MS-SSIM ('beats the input')."""
 

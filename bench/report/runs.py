@@ -158,6 +158,15 @@ class RunRecord:
                 return float(row["val_ms_ssim"]), (float(s) if is_num(s) else None)
         return None, None
 
+    def final_metric(self, field: str) -> tuple[float | None, float | None]:
+        """The last epoch row's `field` and `field_std` (e.g. 'val_ms_ssim_paper_code', 'input_ms_ssim')."""
+        for row in reversed(self.epochs):
+            if is_num(row.get(field)):
+                s = row.get(f"{field}_std")
+                return float(row[field]), (float(s) if is_num(s) else None)
+        v = self.summary.get(field if field.startswith("input_") else f"final_{field}")
+        return (float(v), None) if is_num(v) else (None, None)
+
     def time_to_target(self, target_pct: float) -> tuple[int, float] | None:
         """(first epoch with val_ms_ssim >= target, training time spent up to its end incl. staging), or None."""
         spent = _f(self.summary.get("staging_time_s"))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from bench.report.artifact import Artifact, Needs, Table, register
 from bench.report.envview import CellPredicate, EnvView, paper_vs_dense, paper_vs_model, ratio
-from bench.report.format import fmt_num, fmt_pm, fmt_pp, fmt_speedup, is_num
+from bench.report.format import fmt_num, fmt_pp, fmt_quality, fmt_speedup, is_num
 from bench.report.plotting import bars_with_ci, figure, save
 from bench.report.setting import Setting
 
@@ -44,7 +44,9 @@ def _build(env: EnvView, key: str, pred: CellPredicate, title: str) -> Table | N
         row["ours_over_paper_vs_model"] = ratio(row["speedup_vs_model_x"], row["paper_vs_model_x"])
         row["ours_over_paper_vs_dense"] = ratio(row["speedup_vs_dense_x"], row["paper_vs_dense_x"])
         q = env.quality_cols(c, mbase)
-        row["ms_ssim_pct"], row["ms_ssim_std_pct"] = q["ms_ssim_pct"], q["ms_ssim_std_pct"]
+        row.update({k: q[k] for k in ("ms_ssim_pct", "ms_ssim_std_pct", "ms_ssim_paper_code_pct",
+                                       "ms_ssim_paper_code_std_pct", "input_ms_ssim_pct",
+                                       "input_ms_ssim_paper_code_pct", "beats_input")})
         row["drop_vs_model_pp"] = q["drop_pp"]
         csv.append(row)
         md.append({
@@ -55,7 +57,7 @@ def _build(env: EnvView, key: str, pred: CellPredicate, title: str) -> Table | N
             "ours/paper": fmt_num(row["ours_over_paper_vs_model"], 2),
             "vs dense fp32 (95% CI)": fmt_speedup(row, "speedup_vs_dense"),
             "paper vs dense": fmt_num(row["paper_vs_dense_x"], 2, "x"),
-            "MS-SSIM %": fmt_pm(row["ms_ssim_pct"], row["ms_ssim_std_pct"]),
+            "MS-SSIM %": fmt_quality(row),
             "MS-SSIM change vs same model": fmt_pp(-row["drop_vs_model_pp"] if is_num(row["drop_vs_model_pp"])
                                                 else None),
         })
