@@ -10,6 +10,7 @@ progress bar). `train(cfg, out_dir)` here wires the two together: it is what
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,12 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bench.collectors import MemoryCollector, TimeCollector, environment, profile_copies
+from bench.roofline import estimate_bytes_per_image, lookup_peak, measure_cpu_peak
 from bench.store import append_jsonl, read_json, read_jsonl, rewrite_jsonl, write_json
-from ddnet.config import TrainConfig
+from ddnet.config import ModelConfig, TrainConfig
 from ddnet.errors import UserError
 from ddnet.hooks import Instruments, InstrumentsFactory
+from ddnet.model import DDNet
 from ddnet.trainer import Dist, Run
 from ddnet.trainer import train as train_model
 
@@ -97,6 +100,39 @@ def prepare_out_dir(out_dir: Path, config: dict[str, Any], resume: bool) -> None
             raise UserError(f"{out_dir} holds a run of a different configuration; use a new --out folder.")
 
 
+def device_peak(device: str) -> dict[str, Any]:
+    """The device's peak FLOP/s and bandwidth for the report's distance-to-the-limit columns (env.json).
+
+    A GPU's come from `bench.roofline`'s table of datasheet figures (an unknown GPU gets none: the
+    report leaves the columns empty rather than guessing); a CPU's are measured now, in a quarter of
+    a second (a matmul and a copy), and labelled as measured.
+    """
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+        peak = lookup_peak(name)
+        return dataclasses.asdict(peak) if peak else {"name": name, "unknown": True}
+    return dataclasses.asdict(measure_cpu_peak(seconds=0.25))
+
+
+def roofline_inputs(config: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """What the report needs for achieved FLOP/s and bandwidth: FLOPs per image of a training step
+    (forward + backward, counted as 3x the counted forward) and the estimated bytes one moves."""
+    side = summary.get("image_side")
+    if not side:
+        return {}
+    amp = config.get("precision") in ("amp-fp16", "amp-bf16")
+    model = DDNet(ModelConfig(**config["model"]))
+    out: dict[str, Any] = {
+        "bytes_per_image_est": estimate_bytes_per_image(model, int(side), dtype_bytes=2 if amp else 4,
+                                                        batch_size=int(config.get("batch_size", 1))),
+        "bytes_per_image_note": "estimated for the dense net (activations x3 passes + Adam's parameter traffic)",
+    }
+    for key in ("flops_fwd_per_image_before_pruning", "flops_fwd_per_image"):
+        if summary.get(key):
+            out[key.replace("fwd", "fwd_bwd")] = 3 * summary[key]
+    return out
+
+
 class RunFolder:
     """A run folder as the trainer's sink (`ddnet.hooks.RunSink`), with a progress bar over epochs.
 
@@ -112,6 +148,7 @@ class RunFolder:
         self._lock: Any = None
         self._made = False
         self._started = False
+        self._config: dict[str, Any] = {}
 
     def open(self, config: dict[str, Any], resume: bool) -> None:
         prepare_out_dir(self.out, config, resume)
@@ -148,8 +185,9 @@ class RunFolder:
 
     def start(self, config: dict[str, Any], env: dict[str, Any]) -> None:
         self._started = True
+        self._config = config
         write_json(self.out / "config.json", config)
-        write_json(self.out / "env.json", environment(env))
+        write_json(self.out / "env.json", {**environment(env), "device_peak": device_peak(str(env.get("device", "cpu")))})
         write_json(self.out / "summary.json", {"status": "running", "error": None})
         if self.progress:
             self._bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -177,7 +215,7 @@ class RunFolder:
 
     def finish(self, summary: dict[str, Any]) -> None:
         self._close()
-        write_json(self.out / "summary.json", summary)
+        write_json(self.out / "summary.json", {**summary, **roofline_inputs(self._config, summary)})
 
     def fail(self, error: str, traceback: str) -> None:
         self._close()

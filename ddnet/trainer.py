@@ -400,7 +400,7 @@ class Run:
             "final_val_ms_ssim": last.get("val_ms_ssim"), "final_val_ms_ssim_std": last.get("val_ms_ssim_std"),
             "final_val_psnr": last.get("val_psnr"), "final_val_rmse_hu": last.get("val_rmse_hu"),
             "final_val_ms_ssim_paper_code": last.get("val_ms_ssim_paper_code"), **self.input,
-            "msssim_setting": self.loss_fn.setting.to_dict(), "device": str(self.device),
+            "msssim_setting": self.loss_fn.setting.to_dict(), "device": str(self.device), "image_side": self.image_side,
             "precision_flags": self.precision.flags, "copies": self.copies, "memory": self.memory.summary(),
             "world_size": self.dist.world,
         }

@@ -272,3 +272,39 @@ def test_time_to_quality_can_target_beating_the_input(tmp_path):
     row = pd.read_csv(rep.out / "tables" / "ttq.csv").iloc[0]
     assert row["target_ms_ssim_pct"] == 84.0 and row["reached_epoch"] == 4  # QUAL: 50, 70, 80, 85, ...
     assert "input" in row["target_rule"]
+
+
+def test_speed_ranks_cells_and_measures_the_distance_to_the_peaks(tmp_path):
+    root = tmp_path / "runs"
+    peak = {"name": "Test GPU", "flops_tflops": {"fp32": 20.0, "amp-bf16": 400.0}, "bandwidth_tbs": 2.0,
+            "source": "test datasheet", "measured": False}
+    for cell, cfg, center in (("base", _cfg(), 10.0), ("bf16", _cfg(precision="amp-bf16"), 5.0)):
+        d = write_run(root, "speed", cell, cfg, _times(center, 3), QUAL,
+                      extra_row={"images_per_s": 1000.0 / center})
+        env = json.loads((d / "env.json").read_text())
+        (d / "env.json").write_text(json.dumps({**env, "device_peak": peak}))
+        s = json.loads((d / "summary.json").read_text())
+        (d / "summary.json").write_text(json.dumps({**s, "flops_fwd_bwd_per_image_before_pruning": 1e11,
+                                                    "bytes_per_image_est": 4e9}))
+    rep = make_report(root, opts=Options())
+    df = pd.read_csv(rep.out / "tables" / "speed.csv")
+    assert list(df["cell"]) == ["bf16", "base"]  # ranked by images/s
+    base, bf16 = df.iloc[1], df.iloc[0]
+    assert base["images_per_s"] == pytest.approx(100.0) and bf16["images_per_s"] == pytest.approx(200.0)
+    # 1e11 FLOP x 100 images/s = 10 TFLOP/s = 50 % of the fp32 peak; bf16: 20 of 400 = 5 %
+    assert base["achieved_tflops"] == pytest.approx(10.0) and base["pct_of_peak_flops"] == pytest.approx(50.0)
+    assert bf16["pct_of_peak_flops"] == pytest.approx(5.0)
+    # 4 GB x 100 images/s = 0.4 TB/s = 20 % of 2 TB/s; the floor is 2e12 / 4e9 = 500 images/s
+    assert base["pct_of_peak_bandwidth"] == pytest.approx(20.0)
+    assert base["bandwidth_floor_images_per_s"] == pytest.approx(500.0)
+    md = (rep.out / "tables" / "speed.md").read_text()
+    assert "10 (50.0%)" in md and "test datasheet" in md
+
+
+def test_speed_leaves_the_peak_columns_empty_for_an_unknown_device(tmp_path):
+    root = tmp_path / "runs"
+    d = write_run(root, "speed", "base", _cfg(), _times(10.0, 3), QUAL, extra_row={"images_per_s": 100.0})
+    env = json.loads((d / "env.json").read_text())
+    (d / "env.json").write_text(json.dumps({**env, "device_peak": {"name": "Mystery GPU", "unknown": True}}))
+    row = pd.read_csv(make_report(root, opts=Options()).out / "tables" / "speed.csv").iloc[0]
+    assert row["images_per_s"] == pytest.approx(100.0) and pd.isna(row["pct_of_peak_flops"])

@@ -18,6 +18,7 @@ from bench.report.artifacts import (  # noqa: F401  (imported to register)
     fig4ab,
     memory,
     time_to_quality,  # ttq
+    speed,
     sparsity,
 )
 

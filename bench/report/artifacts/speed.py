@@ -1,0 +1,162 @@
+"""Speed and the distance to the hardware's limit: every cell ranked by images/s and by time to quality.
+
+Beyond the paper. Per cell: steady images/s, the training-time speedup over the
+dense fp32 baseline (with its interval), time to quality, and the roofline
+columns: achieved model FLOP/s (counted FLOPs of a training step per image,
+forward + backward = 3x the counted forward, times images/s) as a % of the
+device's peak for the precision used, and the estimated bytes a step moves per
+image as a % of the device's memory bandwidth. The peaks come from the run's
+env.json (`device_peak`: a datasheet figure for a known GPU, measured at start
+on a CPU); an unknown device leaves those columns empty.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bench.report.artifact import Artifact, Needs, Table, register
+from bench.report.cells import CellRuns
+from bench.report.envview import EnvView
+from bench.report.format import fmt_num, fmt_speedup, fmt_time, is_num
+from bench.report.plotting import figure, save
+from bench.report.runs import is_warmup
+from bench.report.setting import Setting
+from bench.roofline import DevicePeak, lookup_peak, roofline_row
+from bench.stats import median
+
+
+def needs(_s: Setting, _p: int) -> bool:
+    """Every cell with numbers has a speed."""
+    return True
+
+
+def _steady(cell: CellRuns) -> tuple[float | None, float | None]:
+    """(images/s, counted FLOPs per image of a training step), over the non-warm-up epochs, median of repeats."""
+    ips, flops = [], []
+    for r in cell.ok_runs:
+        dense_f = _flops(r.summary, "flops_fwd_bwd_per_image_before_pruning")
+        after_f = _flops(r.summary, "flops_fwd_bwd_per_image") or dense_f
+        images = seconds = work = 0.0
+        for row in r.epochs:
+            if is_warmup(row, r.config) or not is_num(row.get("images_per_s")) or not is_num(row.get("time_s")):
+                continue
+            n = row["images_per_s"] * row["time_s"]
+            images, seconds = images + n, seconds + row["time_s"]
+            f = after_f if row.get("phase") == "sparse" else dense_f
+            work += n * f if is_num(f) else float("nan")
+        if seconds > 0:
+            ips.append(images / seconds)
+            if work == work and images > 0:  # not NaN: every phase's FLOPs known
+                flops.append(work / images)
+    return (float(median(ips)) if ips else None, float(median(flops)) if flops else None)
+
+
+def _flops(summary: dict[str, Any], key: str) -> float | None:
+    """A training step's FLOPs per image; runs older than that record have the forward count (x3)."""
+    if is_num(summary.get(key)):
+        return float(summary[key])
+    fwd = summary.get(key.replace("fwd_bwd", "fwd"))
+    return 3.0 * fwd if is_num(fwd) else None
+
+
+def _peak(cell: CellRuns) -> DevicePeak | None:
+    """The run's recorded device peak, else (older runs) the datasheet table's entry for its GPU model."""
+    for r in cell.ok_runs:
+        p = r.env.get("device_peak")
+        if isinstance(p, dict) and not p.get("unknown") and "flops_tflops" in p:
+            return DevicePeak(**{k: p[k] for k in ("name", "flops_tflops", "bandwidth_tbs", "source", "measured")})
+        models = r.env.get("gpu_models") or []
+        if models and str(r.summary.get("device", "")).startswith("cuda"):
+            return lookup_peak(str(models[0]))
+    return None
+
+
+def _row(env: EnvView, c: CellRuns) -> dict[str, Any]:
+    base = env.baseline(c)
+    ips, flops = _steady(c)
+    row: dict[str, Any] = {**env.head(c), "optimizations": c.setting.opt_label(), "images_per_s": ips,
+                           "flops_fwd_bwd_per_image": flops}
+    row.update(env.time_cols(c, base))
+    target, how = env.target_for(c)
+    hits, _ = env.ttq(c, target) if target is not None else ([], 0)
+    bhits = env.ttq(base, target)[0] if base is not None and target is not None else []
+    row["ttq_s"] = float(median([h[1] for h in hits])) if hits else None
+    row["ttq_target_pct"], row["ttq_rule"] = target, how
+    row["speedup_ttq_x"] = (float(median([h[1] for h in bhits])) / row["ttq_s"]
+                            if bhits and is_num(row["ttq_s"]) and row["ttq_s"] > 0 else None)
+    peak = _peak(c)
+    bytes_est = c.med(lambda r: r.summary.get("bytes_per_image_est"))
+    if is_num(ips) and is_num(flops):
+        row.update(roofline_row(flops, bytes_est, ips, c.setting.precision, peak))
+    row["peak_device"] = peak.name if peak else None
+    return row
+
+
+def build(env: EnvView) -> Table | None:
+    """Every cell with numbers, ranked by images/s; its time to quality and its distance to the device's peaks."""
+    cells = [c for c in env.cells if c.has_numbers]
+    if not cells:
+        return None
+    csv = sorted((_row(env, c) for c in cells), key=lambda r: -(r["images_per_s"] or 0.0))
+    ttq_rank = {id(r): i + 1 for i, r in enumerate(sorted((r for r in csv if is_num(r.get("ttq_s"))),
+                                                           key=lambda r: r["ttq_s"]))}
+    md = []
+    for i, row in enumerate(csv, start=1):
+        row["rank_images_per_s"], row["rank_ttq"] = i, ttq_rank.get(id(row))
+        md.append({
+            "rank": str(i), "grid": row["grid"], "cell": row["cell"], "optimizations": row["optimizations"],
+            "images/s": fmt_num(row["images_per_s"], 1),
+            "vs dense fp32 (95% CI)": fmt_speedup(row),
+            "time to quality (rank)": (f"{fmt_time(row['ttq_s'])} ({row['rank_ttq']})" if is_num(row.get("ttq_s"))
+                                       else "not reached"),
+            "TFLOP/s (% of peak)": _with_pct(row.get("achieved_tflops"), row.get("pct_of_peak_flops")),
+            "GB/image (est.)": fmt_num(row.get("bytes_per_image_gb"), 2),
+            "TB/s (% of bandwidth)": _with_pct(row.get("achieved_bandwidth_tbs"), row.get("pct_of_peak_bandwidth")),
+            "bandwidth floor, images/s": fmt_num(row.get("bandwidth_floor_images_per_s"), 0),
+        })
+    sources = sorted({f"{r['peak_device']}: {r['peak_source']}" for r in csv if r.get("peak_device")})
+    notes = [
+        "Ranked by steady images/s (non-warm-up epochs, median over repeats); time to quality ranks separately "
+        "(target as in the time-to-quality table).",
+        "TFLOP/s: counted FLOPs of a training step per image (3x the counted forward) x images/s, as a % of the "
+        "device's dense peak for the cell's precision. GB/image: estimated traffic of a step (activations x3 + "
+        "Adam's parameters, `bench.roofline`); the bandwidth floor is the device's bandwidth / that, an upper "
+        "bound on images/s. Both are models, not counter readings.",
+        "Peaks: " + ("; ".join(sources) if sources else "unknown device: columns left empty rather than guessed") + ".",
+    ]
+    return Table("speed", "Speed and distance to the limit", csv, md, list(md[0].keys()), notes)
+
+
+def _with_pct(value: Any, pct: Any) -> str:
+    if not is_num(value):
+        return "—"
+    return f"{value:.3g} ({pct:.1f}%)" if is_num(pct) else f"{value:.3g}"
+
+
+def plot(table: Table, path: Path) -> Path | None:
+    """images/s per cell (ranked), with the % of the device's FLOP/s peak written on each bar."""
+    rows = [r for r in table.csv_rows if is_num(r.get("images_per_s"))]
+    if not rows:
+        return None
+    fig, ax = figure(9, 0.35 * len(rows) + 1.5)
+    names = [r["cell"] for r in rows][::-1]
+    values = [r["images_per_s"] for r in rows][::-1]
+    ax.barh(names, values, color="tab:blue")
+    for y, r in enumerate(rows[::-1]):
+        if is_num(r.get("pct_of_peak_flops")):
+            ax.text(r["images_per_s"], y, f" {r['pct_of_peak_flops']:.1f}% of peak", va="center", fontsize=7)
+    ax.set_xlabel("images/s (steady epochs)")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_title(table.title, fontsize=10)
+    return save(fig, path)
+
+
+register(Artifact(
+    key="speed",
+    title="Speed and distance to the limit",
+    build=build,
+    plot=plot,
+    needs=Needs("any finished cell (best: the speed grid)", needs),
+    fills=("speed", "gpu_quick"),
+))
