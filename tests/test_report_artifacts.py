@@ -215,11 +215,11 @@ def test_fig9b_epoch_warmup_flags_follow_the_run_rule(tmp_path):
 
 def test_registry_holds_every_artifact_in_report_order():
     assert list(ARTIFACTS) == ["table1", "table2", "fig8a", "fig8b", "fig9a", "fig9b", "fig4c", "fig4ab",
-                               "memory", "ttq", "sparsity"]
+                               "memory", "ttq", "speed", "sparsity"]
     for key, a in ARTIFACTS.items():
         assert a.key == key and a.title and callable(a.build)
     assert {k for k, a in ARTIFACTS.items() if a.plot is None} == {"sparsity"}
-    assert {k for k, a in ARTIFACTS.items() if a.needs is None} == {"ttq", "sparsity"}
+    assert {k for k, a in ARTIFACTS.items() if a.needs is None} == {"ttq", "speed", "sparsity"}
     grids = set(registry())
     for a in ARTIFACTS.values():
         # The fallback names real grids, and every artifact that can be 'not run' names at least one.

@@ -15,20 +15,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.report.artifact import Artifact, Needs, Table, register
+from bench.report.artifact import Artifact, Table, register
 from bench.report.cells import CellRuns
 from bench.report.envview import EnvView
 from bench.report.format import fmt_num, fmt_speedup, fmt_time, is_num
 from bench.report.plotting import figure, save
 from bench.report.runs import is_warmup
-from bench.report.setting import Setting
 from bench.roofline import DevicePeak, lookup_peak, roofline_row
 from bench.stats import median
-
-
-def needs(_s: Setting, _p: int) -> bool:
-    """Every cell with numbers has a speed."""
-    return True
 
 
 def _steady(cell: CellRuns) -> tuple[float | None, float | None]:
@@ -157,6 +151,6 @@ register(Artifact(
     title="Speed and distance to the limit",
     build=build,
     plot=plot,
-    needs=Needs("any finished cell (best: the speed grid)", needs),
-    fills=("speed", "gpu_quick"),
+    needs=None,  # every finished cell has a speed: never 'not run'
+    fills=(),
 ))
