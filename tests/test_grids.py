@@ -15,7 +15,7 @@ from ddnet.config import TrainConfig, check_static
 
 EXPECTED_COUNTS = {
     "table1": 2, "table2": 4, "fig4c": 11, "fig8a": 16, "fig8b": 16, "fig9": 2, "full": 32, "smoke": 32,
-    "gpu_quick": 11, "speed": 14,
+    "gpu_quick": 11, "speed": 14, "demo": 6,
 }
 
 TINY_GRID = '''
