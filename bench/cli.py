@@ -33,7 +33,7 @@ from bench.cmd_eval import eval_cmd  # noqa: E402
 
 app.command("eval")(eval_cmd)
 # [grids/run]
-from bench.runner import grids_cmd, run_cmd  # noqa: E402
+from bench.cmd_run import grids_cmd, run_cmd  # noqa: E402
 
 app.command("grids")(grids_cmd)
 app.command("run")(run_cmd)
