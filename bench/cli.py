@@ -1,4 +1,9 @@
-"""The `bench` command line: train, eval, data, grids, run, report.
+"""The `bench` command line: train, eval, grids, run, report, data.
+
+Each command lives in its own module, named in `COMMANDS`, and is imported
+only when it runs (or shows its own --help): `bench --help` lists the commands
+from `COMMANDS` alone, so it imports no command module and no torch. A new
+command is one function (or one typer sub-app) in its module plus one line here.
 
 Every command turns a `UserError` (bad input, impossible combination) into one
 line on stderr and exit status 2; no traceback reaches the user for those.
@@ -6,49 +11,116 @@ line on stderr and exit status 2; no traceback reaches the user for those.
 
 from __future__ import annotations
 
+import importlib
 import sys
+from typing import Any, NamedTuple
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
-from ddnet.errors import UserError
+
+class Entry(NamedTuple):
+    """Where a command lives, and the one line `bench --help` shows for it."""
+
+    module: str
+    attribute: str
+    """A typer command function, or a `typer.Typer` sub-app (a command group such as `bench data`)."""
+    help: str
+
+
+COMMANDS: dict[str, Entry] = {
+    "train": Entry("bench.cmd_train", "train_cmd", "Train DDNet once and write the run folder."),
+    "eval": Entry("bench.cmd_eval", "eval_cmd",
+                  "Evaluate a checkpoint: input and output vs target per slice, mean +/- std, and a PNG strip."),
+    "grids": Entry("bench.cmd_run", "grids_cmd",
+                   "List the grids in ablations/ with their cell counts at default settings."),
+    "run": Entry("bench.cmd_run", "run_cmd",
+                 "Run every cell of a grid, each in its own process, into one folder per cell; re-run to resume."),
+    "report": Entry("bench.report", "report_cmd",
+                    "Tables (Markdown, CSV) and plots of the paper's tables and figures, re-measured, "
+                    "beside its numbers."),
+    "data": Entry("bench.cmd_data", "data_app",
+                  "Datasets: `synth` writes a synthetic low-dose CT dataset that --data DIR reads."),
+}
+"""Command name -> where it lives and its one-line help, in `bench --help` order."""
+
+
+def load_command(name: str) -> Any:
+    """Import the module of command `name` and build its click command, as `app.command(name)` would."""
+    entry = COMMANDS[name]
+    target = getattr(importlib.import_module(entry.module), entry.attribute)
+    holder = typer.Typer(add_completion=False)
+    if isinstance(target, typer.Typer):
+        holder.add_typer(target, name=name)
+    else:
+        holder.command(name)(target)
+    return typer.main.get_group(holder).commands[name]
+
+
+class LazyGroup(TyperGroup):
+    """The root group: commands are known by name and help line, and imported when one is used.
+
+    `get_command` imports (click's contract for lazy groups), except while the
+    group formats its own help: the listing then gets stand-ins that carry the
+    name and the help line from `COMMANDS`. `self.commands` holds those
+    stand-ins, so typer's "Did you mean ...?" sees every name.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.commands = {name: TyperCommand(name, help=e.help) for name, e in COMMANDS.items()}
+        self._loaded: dict[str, Any] = {}
+        self._listing = False
+
+    def list_commands(self, ctx: typer.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: typer.Context, cmd_name: str) -> Any:
+        if cmd_name not in COMMANDS:
+            return None
+        if self._listing:
+            return self.commands[cmd_name]
+        if cmd_name not in self._loaded:
+            self._loaded[cmd_name] = load_command(cmd_name)
+        return self._loaded[cmd_name]
+
+    def format_help(self, ctx: typer.Context, formatter: Any) -> None:
+        self._listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
+
 
 app = typer.Typer(
+    cls=LazyGroup,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="ddnet-bench: train, ablate and report DDNet the way the paper did, on your hardware.",
 )
 
-# --- command registration: one block per module (keep each block's lines together) ---
-# [train]
-from bench.cmd_train import train_cmd  # noqa: E402
 
-app.command("train")(train_cmd)
-# [data]
-from bench.cmd_data import data_app  # noqa: E402
+@app.callback()
+def _root() -> None:
+    # typer makes a group only of an app with a callback (or registered commands); LazyGroup has the commands
+    pass
 
-app.add_typer(data_app, name="data")
-# [eval]
-from bench.cmd_eval import eval_cmd  # noqa: E402
 
-app.command("eval")(eval_cmd)
-# [grids/run]
-from bench.runner import grids_cmd, run_cmd  # noqa: E402
-
-app.command("grids")(grids_cmd)
-app.command("run")(run_cmd)
-# [report]
-from bench.report import report_cmd  # noqa: E402
-
-app.command("report")(report_cmd)
-# --- end of command registration ---
+def _is_user_error(exc: BaseException) -> bool:
+    # Not `except UserError`: importing ddnet.errors imports the ddnet package, hence torch, and
+    # `bench --help` must not. A UserError comes from a command module, which imported it already.
+    errors = sys.modules.get("ddnet.errors")
+    return errors is not None and isinstance(exc, errors.UserError)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     try:
         app(args=argv, standalone_mode=True)
-    except UserError as e:
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
 

@@ -6,12 +6,14 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from bench.cli import app
-from bench.grids import Cell, load_grid, paper_base, registry, slug
-from bench.runner import Overrides, plan_grid
+from bench.grids import Cell, Grid, load_grid, paper_base, registry, slug
+from bench.planning import Overrides, plan_grid
 from ddnet.config import TrainConfig, check_static
+from ddnet.errors import UserError
 
 EXPECTED_COUNTS = {
     "table1": 2, "table2": 4, "fig4c": 11, "fig8a": 16, "fig8b": 16, "fig9": 2, "full": 32, "smoke": 32,
@@ -147,8 +149,6 @@ def test_overrides_beat_fixed_settings_but_not_factors(grids):
     def cells(base: TrainConfig) -> list[Cell]:  # a grid that studies the batch size itself
         return [Cell(f"b{b}", f"batch {b}", {"batch_size": b}, base.replace(batch_size=b)) for b in (1, 8)]
 
-    from bench.grids import Grid
-
     batch_grid = Grid(name="batch", description="", source="test", cells_fn=cells)
     planned = plan_grid(batch_grid, Overrides(batch_size=4, epochs=2))
     assert [p.config.batch_size for p in planned] == [1, 8]
@@ -161,8 +161,6 @@ def test_load_grid_from_path_and_unknown_name(tmp_path):
     g = load_grid(str(path))
     assert g.name == "tiny" and len(g.cells()) == 2
     assert g.cells()[0].config.data.image_size == 32
-    from ddnet.errors import UserError
-
     with pytest.raises(UserError, match="known grids: .*smoke"):
         load_grid("no-such-grid")
     broken = tmp_path / "broken.py"
@@ -174,8 +172,6 @@ def test_load_grid_from_path_and_unknown_name(tmp_path):
 def test_duplicate_cell_names_are_refused(tmp_path):
     path = tmp_path / "dup.py"
     path.write_text(TINY_GRID.replace('Cell("random", "random"', 'Cell("dense", "random"'))
-    from ddnet.errors import UserError
-
     with pytest.raises(UserError, match="used twice"):
         load_grid(str(path)).cells()
 
@@ -199,8 +195,6 @@ def test_cli_dry_run_lists_every_cell_and_writes_nothing(tmp_path, name):
 
 
 def test_cli_dry_run_marks_cuda_cells_skipped_without_cuda(tmp_path):
-    import torch
-
     result = CliRunner().invoke(app, ["run", "--grid", "smoke", "--dry-run", "--out", str(tmp_path / "o")])
     assert result.exit_code == 0
     n_skip = len(re.findall(r"skip: needs CUDA", result.output))

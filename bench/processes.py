@@ -1,27 +1,19 @@
-"""`bench grids` and `bench run`: expand a grid and run each cell in its own fresh process.
+"""Running a planned grid: one fresh `bench train` process per cell, watched, stopped, recorded.
 
-One folder per cell under `--out` (default `results/runs/<grid>`), named
-`<slug>-<hash>` (`<slug>-r<k>-<hash>` with repeats), where the hash covers the
-cell's full config and the code version (package version + git commit; a
-dirty tree does not change it, so editing code does not orphan a half-run
-grid). Each cell is `python -m bench.cli train --config <cell>/config.request.json
---out <cell> [--resume]` with its output in `<cell>/train.log`.
-
-Re-running into the same folder is the way to resume: finished cells
-(summary.json status 'ok') are left alone, unfinished ones continue from their
-checkpoint, failed ones stay failed unless `--retry-failed`. Nothing already
-written is overwritten. A failing cell is recorded and the grid goes on; the
-command exits non-zero at the end if any cell failed.
+Each cell runs `python -m bench.cli train --config <cell>/config.request.json
+--out <cell> [--resume]`, its output in `<cell>/train.log`. Re-running into the
+same folder resumes: finished cells are left alone, unfinished ones continue from
+their checkpoint, failed ones stay failed unless `--retry-failed`; nothing
+written is overwritten. A failing cell is recorded and the grid goes on. Ctrl-C
+or SIGTERM stops the running cell and leaves it resumable, not failed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
+import ctypes
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -32,15 +24,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from bench.grids import Cell, Grid, load_grid, registry
+from bench.grids import Grid
+from bench.planning import Overrides, PlannedCell, code_version, plan_grid, prepare_out
 from bench.store import read_json, read_jsonl, rewrite_jsonl, write_json
-from ddnet.config import ConfigError, TrainConfig, check_runnable, check_static
 from ddnet.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: `_exclusive` then takes no lock
+    fcntl = None
 
 TRAIN_COMMAND: tuple[str, ...] = (sys.executable, "-m", "bench.cli", "train")
 """The command each cell runs (`--config ... --out ... [--resume]` are appended)."""
@@ -50,180 +45,6 @@ LOG_TAIL_LINES = 20
 
 POLL_S = 0.5
 """How often the runner looks at the running cell's epochs.jsonl."""
-
-
-# ------------------------------------------------------------------ planning
-
-
-@dataclass
-class Overrides:
-    """Command-line settings that replace the grid's base values (None: keep the grid's)."""
-
-    epochs: int | None = None
-    batch_size: int | None = None
-    image_size: int | None = None
-    data: str | None = None
-    n_train: int | None = None
-    seed: int | None = None
-    device: str | None = None
-
-    def fields(self) -> dict[str, Any]:
-        """Dotted TrainConfig field -> value, for the options that were given."""
-        names = {
-            "epochs": "epochs",
-            "batch_size": "batch_size",
-            "image_size": "data.image_size",
-            "data": "data.source",
-            "n_train": "data.n_train",
-            "seed": "seed",
-            "device": "device",
-        }
-        return {dotted: getattr(self, attr) for attr, dotted in names.items() if getattr(self, attr) is not None}
-
-    def apply(self, cfg: TrainConfig, keep: set[str] | frozenset[str] = frozenset()) -> TrainConfig:
-        """`cfg` with the given options set, except fields whose leaf name is in `keep` (a grid's factors)."""
-        changes = {k: v for k, v in self.fields().items() if k.split(".")[-1] not in keep}
-        return cfg.replace(**changes) if changes else cfg
-
-
-@dataclass
-class PlannedCell:
-    """One cell of one repeat, with its folder name and the config it will run."""
-
-    cell: Cell
-    repeat: int
-    folder: str
-    """Folder name under the grid's out folder: '<slug>-<hash>' or '<slug>-r<k>-<hash>'."""
-    config: TrainConfig
-    skip_reason: str | None
-    """Why it will not run on this machine (the grid's reason or `check_runnable`'s), else None."""
-
-    def cell_record(self, grid: str, code_version: str) -> dict[str, Any]:
-        """The `cell.json` contents (see the run-folder contract)."""
-        return {
-            "grid": grid,
-            "cell": self.cell.name,
-            "repeat": self.repeat,
-            "label": self.cell.label,
-            "factors": self.cell.factors,
-            "folder": self.folder,
-            "code_version": code_version,
-        }
-
-
-@functools.lru_cache(maxsize=1)
-def code_version() -> str:
-    """Package version plus the git commit of the checkout (never the dirty flag: edits must not re-key cells)."""
-    import ddnet
-
-    version = str(getattr(ddnet, "__version__", "0"))
-    root = Path(ddnet.__file__).resolve().parent.parent
-    if (root / ".git").exists():
-        try:
-            commit = subprocess.run(
-                ["git", "-C", str(root), "rev-parse", "HEAD"],
-                capture_output=True, text=True, timeout=10, check=True,
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            commit = ""
-        if commit:
-            return f"{version}+g{commit[:12]}"
-    return version
-
-
-def cell_hash(cfg: TrainConfig, version: str) -> str:
-    """8 hex digits identifying a cell's config under a code version."""
-    blob = json.dumps(cfg.to_dict(), sort_keys=True) + "\n" + version
-    return hashlib.sha256(blob.encode()).hexdigest()[:8]
-
-
-def skip_reason_for(cfg: TrainConfig) -> str | None:
-    """None when this machine can run `cfg`, else the reason ('needs CUDA (...)' for CUDA-only features)."""
-    try:
-        check_runnable(cfg)
-    except ConfigError as e:
-        msg = str(e)
-        return f"needs CUDA ({msg})" if ("CUDA" in msg or "GPU" in msg) else msg
-    return None
-
-
-def plan_grid(
-    grid: Grid, overrides: Overrides | None = None, repeats: int = 1, version: str | None = None
-) -> list[PlannedCell]:
-    """Expand `grid` with the overrides into planned cells (declared order, repeat-major)."""
-    if repeats < 1:
-        raise UserError(f"--repeats {repeats} must be at least 1.")
-    overrides = overrides or Overrides()
-    version = code_version() if version is None else version
-    if overrides.data not in (None, "synthetic") and not Path(overrides.data).is_dir():
-        raise UserError(f"--data {overrides.data} is not a folder; give 'synthetic' or a folder with train/ and val/.")
-    base = overrides.apply(grid.base())
-    cells = grid.cells(base)
-    planned: list[PlannedCell] = []
-    for k in range(repeats):
-        for c in cells:
-            # an explicit option beats a setting the grid fixed (table1's batch 1), never a factor it varies
-            cfg = overrides.apply(c.config, keep=set(c.factors))
-            if repeats > 1:
-                cfg = cfg.replace(seed=cfg.seed + k)
-            try:
-                check_static(cfg)
-            except ConfigError as e:
-                raise ConfigError(f"grid '{grid.name}', cell '{c.name}': {e}") from None
-            h = cell_hash(cfg, version)
-            folder = f"{c.name}-r{k}-{h}" if repeats > 1 else f"{c.name}-{h}"
-            reason = c.skip_reason or skip_reason_for(cfg)
-            planned.append(PlannedCell(cell=c, repeat=k, folder=folder, config=cfg, skip_reason=reason))
-    return planned
-
-
-def run_order(planned: list[PlannedCell], seed: int) -> list[str]:
-    """Folders in run order: declared order for one repeat; with repeats, a seeded shuffle of each round."""
-    rounds: dict[int, list[str]] = {}
-    for p in planned:
-        rounds.setdefault(p.repeat, []).append(p.folder)
-    if len(rounds) == 1:
-        return [p.folder for p in planned]
-    rng = random.Random(seed)
-    order: list[str] = []
-    for k in sorted(rounds):
-        batch = list(rounds[k])
-        rng.shuffle(batch)  # interleave arms so slow drift (thermal, other jobs) does not favour one
-        order += batch
-    return order
-
-
-def prepare_out(
-    out: Path, grid: Grid, planned: list[PlannedCell], seed: int, resume: bool, version: str
-) -> list[str]:
-    """Create `out/grid.json` once, or check the existing one matches; returns the run order."""
-    path = out / "grid.json"
-    folders = [p.folder for p in planned]
-    if path.exists():
-        if not resume:
-            raise UserError(
-                f"{out} already holds a run of this grid; re-run with --resume to continue it, or pick another --out."
-            )
-        record = read_json(path)
-        known = [c["folder"] if isinstance(c, dict) else c for c in record.get("cells", [])]
-        if set(known) != set(folders) or sorted(record.get("order", [])) != sorted(folders):
-            raise UserError(
-                f"{out} holds a different cell set (grid '{record.get('grid')}', {len(known)} cells at code "
-                f"{record.get('code_version')}); the grid, its options or the code changed: pick another --out."
-            )
-        return list(record["order"])
-    order = run_order(planned, seed)
-    write_json(path, {
-        "grid": grid.name,
-        "source": grid.source,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "code_version": version,
-        "repeats": max(p.repeat for p in planned) + 1,
-        "seed": seed,
-        "cells": [p.cell_record(grid.name, version) for p in planned],
-        "order": order,
-    })
-    return order
 
 
 # ------------------------------------------------------------------ one cell
@@ -253,7 +74,8 @@ class CellResult:
         return dict(self.__dict__)
 
 
-def _summary(cell_dir: Path) -> dict[str, Any] | None:
+def read_summary(cell_dir: Path) -> dict[str, Any] | None:
+    """The cell folder's summary.json, or None when there is none (or it cannot be read)."""
     path = cell_dir / "summary.json"
     if not path.exists():
         return None
@@ -316,8 +138,6 @@ def _die_with_parent_hook() -> Callable[[], None] | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        import ctypes
-
         prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
     except (OSError, AttributeError):
         return None
@@ -382,7 +202,7 @@ def run_cell(
     (resumable later with --retry-failed, from its last checkpoint).
     """
     cell_dir = out / p.folder
-    s = _summary(cell_dir)
+    s = read_summary(cell_dir)
     status = s.get("status") if s else None
     if s is not None and status == "ok":
         return _result_from_summary(p, s, "reused")
@@ -449,7 +269,7 @@ def run_cell(
     rows = read_jsonl(cell_dir / "epochs.jsonl")
     display.epoch(rows, p.config.epochs)
     rc = proc.returncode
-    s = _summary(cell_dir) or {}
+    s = read_summary(cell_dir) or {}
     action = "resumed" if resume else "ran"
     if rc == 0 and s.get("status") == "ok":
         return _result_from_summary(p, s, action)
@@ -587,9 +407,7 @@ def _epoch_text(row: dict[str, Any], epochs: int) -> str:
 @contextlib.contextmanager
 def _exclusive(out: Path) -> Iterator[None]:
     """One `bench run` per out folder at a time (the lock dies with the process, even on SIGKILL)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
+    if fcntl is None:  # pragma: no cover - not POSIX
         yield
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -638,133 +456,3 @@ def run_grid(
                 raise KeyboardInterrupt(str(e)) from None
     return results
 
-
-def print_summary(console: Console, results: list[CellResult]) -> None:
-    """The end-of-grid table: cell, status, epochs, total time, final MS-SSIM, error."""
-    table = Table(title="bench run: summary", show_lines=False)
-    for col, kw in (
-        ("cell", {"overflow": "fold"}), ("status", {}), ("epochs", {"justify": "right"}),
-        ("total_time_s", {"justify": "right"}), ("final MS-SSIM %", {"justify": "right"}),
-        ("error / reason", {"overflow": "fold"}),
-    ):
-        table.add_column(col, **kw)
-    colours = {"ok": "green", "failed": "red", "skipped": "yellow"}
-    for r in results:
-        c = colours.get(r.status, "white")
-        table.add_row(
-            r.folder,
-            f"[{c}]{r.status}[/{c}]" + (" (earlier)" if r.action == "reused" else ""),
-            f"{r.epochs_completed}/{r.epochs}",
-            f"{r.total_time_s:.1f}" if r.total_time_s is not None else "-",
-            f"{r.final_val_ms_ssim:.2f}" if r.final_val_ms_ssim is not None else "-",
-            (r.error or "")[:300],
-        )
-    console.print(table)
-    counts: dict[str, int] = {}
-    for r in results:
-        counts[r.status] = counts.get(r.status, 0) + 1
-    console.print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())), markup=False, highlight=False)
-
-
-def print_plan(console: Console, grid: Grid, planned: list[PlannedCell], order: list[str], out: Path) -> None:
-    """`--dry-run`: the cells in run order with their factors and skip reasons; nothing is run or written."""
-    by_folder = {p.folder: p for p in planned}
-    table = Table(title=f"grid '{grid.name}': {len(planned)} cells -> {out}")
-    table.add_column("#", justify="right")
-    table.add_column("cell", overflow="fold")
-    table.add_column("factors", overflow="fold")
-    table.add_column("state / skip reason", overflow="fold")
-    for i, folder in enumerate(order, start=1):
-        p = by_folder[folder]
-        factors = ", ".join(f"{k}={v}" for k, v in p.cell.factors.items())
-        s = _summary(out / folder)
-        if p.skip_reason:
-            state = f"skip: {p.skip_reason}"
-        elif s is not None:
-            state = f"{s.get('status')} (existing)"
-        else:
-            state = "to run"
-        table.add_row(str(i), folder, factors, state)
-    console.print(table)
-
-
-def _console() -> Console:
-    console = Console()
-    if not console.is_terminal and console.width < 160:
-        # logs and CI: wide enough that tables do not fold every column
-        console = Console(width=160)
-    return console
-
-
-# ------------------------------------------------------------------ commands
-
-
-def grids_cmd() -> None:
-    """List the grids in ablations/ with their cell counts at default settings."""
-    console = _console()
-    try:
-        table = Table(title="grids (ablations/)")
-        table.add_column("grid")
-        table.add_column("cells", justify="right")
-        table.add_column("description", overflow="fold")
-        for name, grid in registry().items():
-            table.add_row(name, str(len(grid.cells())), grid.description)
-        console.print(table)
-    except UserError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-
-
-def run_cmd(
-    grid: str = typer.Option(..., "--grid", help="Grid name (see `bench grids`) or path to a grid .py file."),
-    out: Path | None = typer.Option(None, "--out", help="Output folder (default results/runs/<grid>)."),
-    epochs: int | None = typer.Option(None, "--epochs", help="Override the grid's epoch count."),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Override the batch size."),
-    image_size: int | None = typer.Option(None, "--image-size", help="Override the synthetic image side."),
-    data: str | None = typer.Option(None, "--data", help="'synthetic' or a data folder."),
-    n_train: int | None = typer.Option(None, "--n-train", help="Override the synthetic training slices."),
-    device: str | None = typer.Option(None, "--device", help="Override the device: auto, cpu or cuda."),
-    seed: int | None = typer.Option(None, "--seed", help="Base seed (repeat k uses seed + k; also seeds the order)."),
-    repeats: int = typer.Option(1, "--repeats", help="Run each cell this many times, interleaved in a seeded order."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the cells and run nothing."),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue a grid already in --out (default)."),
-    retry_failed: bool = typer.Option(False, "--retry-failed", help="Run failed cells again (from their checkpoint)."),
-    cell_timeout: float | None = typer.Option(None, "--cell-timeout", min=1,
-                                              help="Stop a cell after this many seconds and record it as failed "
-                                                   "(default: no limit)."),
-) -> None:
-    """Run every cell of a grid, each in its own process, into one folder per cell; re-run to resume."""
-    console = _console()
-    try:
-        g = load_grid(grid)
-        overrides = Overrides(epochs=epochs, batch_size=batch_size, image_size=image_size, data=data,
-                              n_train=n_train, seed=seed, device=device)
-        out_dir = out if out is not None else Path("results") / "runs" / g.name
-        if dry_run:
-            planned = plan_grid(g, overrides, repeats)
-            order_seed = seed if seed is not None else g.base().seed
-            order = run_order(planned, order_seed)
-            existing = out_dir / "grid.json"
-            if existing.exists():
-                with contextlib.suppress(OSError, json.JSONDecodeError, KeyError):
-                    recorded = list(read_json(existing)["order"])
-                    if sorted(recorded) == sorted(order):
-                        order = recorded
-            print_plan(console, g, planned, order, out_dir)
-            return
-        try:
-            results = run_grid(g, out_dir, overrides, repeats, resume, retry_failed, console=console,
-                               cell_timeout_s=cell_timeout)
-        except KeyboardInterrupt:
-            console.print(f"interrupted; run the same command again to resume the grid in {out_dir}.",
-                          markup=False, highlight=False)
-            raise typer.Exit(130) from None
-    except UserError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    print_summary(console, results)
-    failed = [r for r in results if r.status not in ("ok", "skipped")]
-    if failed:
-        console.print(f"{len(failed)} cell(s) did not finish ok; see their train.log under {out_dir}.",
-                      markup=False, highlight=False)
-        raise typer.Exit(1)

@@ -1,0 +1,206 @@
+"""Data movement: HtoD, DtoH, DtoD and memset (time and bytes) in a dedicated profiled window.
+
+Never inside the timed epochs (DESIGN.md, "Measurement rules"): `profile_copies`
+runs its own steps under torch.profiler and reads the copies from the trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from ddnet.errors import UserError
+
+GPU_COPY_KINDS = ("HtoD", "DtoH", "DtoD", "Memset", "Other")
+"""Kinds reported on a GPU ('Other': HtoH, PtoP, array copies)."""
+CPU_COPY_KINDS = ("HtoH", "Memset")
+"""Kinds reported on a CPU: aten::copy_ (HtoH) and aten::fill_/zero_ (Memset)."""
+
+# C++ type names as the profiler writes them (record_shapes) -> bytes per element.
+_ITEMSIZE = {
+    "float": 4, "double": 8, "c10::Half": 2, "c10::BFloat16": 2,
+    "long int": 8, "int": 4, "short int": 2, "signed char": 1, "unsigned char": 1, "bool": 1,
+    "long unsigned int": 8, "unsigned int": 4, "short unsigned int": 2,
+    "c10::complex<float>": 8, "c10::complex<double>": 16, "c10::complex<c10::Half>": 4,
+}  # fmt: skip
+_CPU_OPS = {"aten::copy_": "HtoH", "aten::fill_": "Memset", "aten::zero_": "Memset"}
+
+
+def _itemsize(type_name: str) -> int | None:
+    if type_name in _ITEMSIZE:
+        return _ITEMSIZE[type_name]
+    if type_name.startswith("c10::Float8"):
+        return 1
+    return None
+
+
+def profile_copies(
+    run_steps: Callable[[int], None],
+    n_steps: int,
+    out_dir: Path | None,
+    device: torch.device,
+    warmup_steps: int = 1,
+) -> dict[str, Any]:
+    """Profile data movement in a dedicated window, outside the timed epochs.
+
+    Runs `run_steps(warmup_steps)` unprofiled (allocator, cuDNN autotuning and
+    lazy init stay out of the window), then `run_steps(n_steps)` under
+    torch.profiler (CPU activity, plus CUDA on a GPU). The Chrome trace goes to
+    `out_dir/'trace.json'` when `out_dir` is given.
+
+    On a GPU the figures are the device's memcpy/memset activities from the
+    trace (kineto names them 'Memcpy HtoD (Pageable -> Device)', 'Memset
+    (Device)', with `args.bytes`), in kinds HtoD, DtoH, DtoD, Memset and Other.
+    Copies done by kernels (strided or dtype-converting `copy_`) are compute
+    kernels, not memcpy activities, and are not counted, as in Nsight's view.
+
+    On a CPU there are no memcpy activities; the figures are the aten ops that
+    move data: `aten::copy_` (kind HtoH: `.to`, `.clone`, `.contiguous` all end
+    in it, so only the outermost call is counted) and `aten::fill_`/`zero_`
+    (kind Memset); bytes are the destination's elements times element size,
+    time is the op's inclusive CPU time. `copies_device` says which view it is.
+
+    Returns flat totals: per kind `copies_<kind>_{time_ms,bytes,count,share_time,share_bytes}`
+    (shares are fractions of all data movement, None when there was none),
+    `copies_total_time_ms`, `copies_total_bytes`, `copies_steps`, `copies_device`,
+    `copies_unsized_count` (events whose bytes could not be read) and `copies_trace`.
+    """
+    if n_steps < 1:
+        raise UserError(
+            f"the profiled window needs at least 1 step (got {n_steps}); set --profile-steps >= 1."
+        )
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if warmup_steps > 0:
+        run_steps(warmup_steps)
+    if cuda:
+        torch.cuda.synchronize(device)
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        run_steps(n_steps)
+        if cuda:
+            torch.cuda.synchronize(device)  # every queued copy must land inside the window
+
+    with contextlib.ExitStack() as stack:
+        if out_dir is not None:
+            trace = Path(out_dir) / "trace.json"
+            trace.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="ddnet-prof-"))
+            trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        if cuda:
+            totals, unsized = _gpu_copies_from_trace(trace)
+        else:
+            totals, unsized = _cpu_copies_from_events(prof.events())
+
+    kinds = GPU_COPY_KINDS if cuda else CPU_COPY_KINDS
+    out = _copy_row(totals, kinds)
+    out.update(
+        copies_steps=int(n_steps),
+        copies_device="cuda" if cuda else "cpu",
+        copies_unsized_count=unsized,
+        copies_trace=str(trace) if out_dir is not None else None,
+    )
+    return out
+
+
+def _new_totals(kinds: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    return {k: {"time_ms": 0.0, "bytes": 0, "count": 0} for k in kinds}
+
+
+def _gpu_copies_from_trace(trace: Path) -> tuple[dict[str, dict[str, float]], int]:
+    """Sum device memcpy/memset activities of a kineto Chrome trace, by kind."""
+    try:
+        data = json.loads(Path(trace).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RuntimeError(f"cannot read the profiler trace {trace}: {exc}") from exc
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    totals = _new_totals(GPU_COPY_KINDS)
+    unsized = 0
+    for ev in events:
+        if ev.get("ph") != "X":
+            continue
+        name = str(ev.get("name", ""))
+        cat = str(ev.get("cat", "")).lower()
+        if name.startswith("Memset") and cat in ("gpu_memset", "memset", ""):
+            kind = "Memset"
+        elif name.startswith("Memcpy") and cat in ("gpu_memcpy", "memcpy", ""):
+            parts = name.split()
+            kind = parts[1] if len(parts) > 1 and parts[1] in GPU_COPY_KINDS else "Other"
+        else:
+            continue
+        t = totals[kind]
+        t["time_ms"] += float(ev.get("dur", 0.0)) / 1e3  # chrome trace durations are in microseconds
+        t["count"] += 1
+        nbytes = (ev.get("args") or {}).get("bytes")
+        if isinstance(nbytes, int | float):
+            t["bytes"] += int(nbytes)
+        else:
+            unsized += 1
+    return totals, unsized
+
+
+def _cpu_copies_from_events(events: Any) -> tuple[dict[str, dict[str, float]], int]:
+    """Sum the outermost data-moving aten ops (copy_, fill_, zero_) of a CPU profile."""
+    totals = _new_totals(CPU_COPY_KINDS)
+    unsized = 0
+    for ev in events:
+        kind = _CPU_OPS.get(ev.name)
+        if kind is None or _has_ancestor_in(ev, _CPU_OPS):
+            continue
+        t = totals[kind]
+        t["time_ms"] += float(ev.cpu_time_total) / 1e3  # FunctionEvent times are in microseconds
+        t["count"] += 1
+        nbytes = _dest_bytes(ev)
+        if nbytes is None:
+            unsized += 1
+        else:
+            t["bytes"] += nbytes
+    return totals, unsized
+
+
+def _has_ancestor_in(ev: Any, names: dict[str, str]) -> bool:
+    parent = ev.cpu_parent
+    while parent is not None:
+        if parent.name in names:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def _dest_bytes(ev: Any) -> int | None:
+    """Bytes written by an in-place op: its first input (the destination) numel x element size."""
+    shapes = getattr(ev, "input_shapes", None) or []
+    dtypes = getattr(ev, "input_dtypes", None) or []
+    if not shapes or not dtypes or not isinstance(shapes[0], list | tuple):
+        return None
+    size = _itemsize(str(dtypes[0]))
+    if size is None:
+        return None
+    return int(np.prod(shapes[0], dtype=np.int64)) * size
+
+
+def _copy_row(totals: dict[str, dict[str, float]], kinds: tuple[str, ...]) -> dict[str, Any]:
+    total_ms = sum(totals[k]["time_ms"] for k in kinds)
+    total_bytes = sum(totals[k]["bytes"] for k in kinds)
+    row: dict[str, Any] = {}
+    for k in kinds:
+        t = totals[k]
+        row[f"copies_{k}_time_ms"] = float(t["time_ms"])
+        row[f"copies_{k}_bytes"] = int(t["bytes"])
+        row[f"copies_{k}_count"] = int(t["count"])
+        row[f"copies_{k}_share_time"] = t["time_ms"] / total_ms if total_ms > 0 else None
+        row[f"copies_{k}_share_bytes"] = t["bytes"] / total_bytes if total_bytes > 0 else None
+    row["copies_total_time_ms"] = float(total_ms)
+    row["copies_total_bytes"] = int(total_bytes)
+    return row

@@ -1,0 +1,82 @@
+"""A stand-in for `bench train` and tiny grids, for the planning, process and `bench run` tests.
+
+The fake trainer follows the run-folder contract without torch, so the runner's
+bookkeeping (folders, resume, failures, signals) is tested in seconds; the
+`fake` fixture (tests/conftest.py) writes it out and returns its command.
+"""
+
+from __future__ import annotations
+
+import os
+
+from rich.console import Console
+
+from bench.grids import Cell, Grid, standard_factors
+from ddnet.config import DataConfig, ModelConfig, TrainConfig
+
+# A stand-in for `bench train` with the same folder contract: epochs.jsonl rows, a JSON "ckpt.pt"
+# written after each row, summary.json; --resume drops rows past the checkpoint. It logs each
+# launch to $FAKE_CALLS, crashes without a summary when its folder name contains $FAKE_CRASH,
+# and sleeps $FAKE_EPOCH_S per epoch.
+FAKE_TRAIN = r'''
+import json, os, sys, time
+from pathlib import Path
+args = sys.argv[1:]
+cfg = json.loads(Path(args[args.index("--config") + 1]).read_text())
+out = Path(args[args.index("--out") + 1])
+resume = "--resume" in args
+with open(os.environ["FAKE_CALLS"], "a") as f:
+    f.write(json.dumps({"folder": out.name, "resume": resume}) + "\n")
+summ, rows_path, ck = out / "summary.json", out / "epochs.jsonl", out / "ckpt.pt"
+if summ.exists() and json.loads(summ.read_text())["status"] == "ok":
+    print("error: already finished"); sys.exit(2)
+rows = [json.loads(l) for l in rows_path.read_text().splitlines()] if rows_path.exists() else []
+if rows and not resume:
+    print("error: holds epochs; add --resume"); sys.exit(2)
+start = json.loads(ck.read_text())["epoch"] if (resume and ck.exists()) else 0
+rows = [r for r in rows if r["epoch"] <= start]
+rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+(out / "config.json").write_text(json.dumps(cfg))
+summ.write_text(json.dumps({"status": "running", "error": None}))
+for e in range(start + 1, cfg["epochs"] + 1):
+    time.sleep(float(os.environ.get("FAKE_EPOCH_S", "0")))
+    if os.environ.get("FAKE_CRASH") and os.environ["FAKE_CRASH"] in out.name and e == 2:
+        print("segfault-like crash"); sys.stdout.flush(); os._exit(9)
+    if cfg.get("fail_at_epoch") == e:
+        summ.write_text(json.dumps({"status": "failed", "error": f"train loss became nan at epoch {e}",
+                                    "epochs_completed": e - 1}))
+        print("error: training failed"); sys.exit(3)
+    with open(rows_path, "a") as f:
+        f.write(json.dumps({"epoch": e, "phase": "dense", "train_loss": 1.0 / e, "val_ms_ssim": 50.0 + e,
+                            "time_s": 0.01}) + "\n")
+    ck.write_text(json.dumps({"epoch": e}))
+summ.write_text(json.dumps({"status": "ok", "error": None, "epochs_completed": cfg["epochs"],
+                            "total_time_s": 0.01 * cfg["epochs"], "final_val_ms_ssim": 50.0 + cfg["epochs"]}))
+print("done")
+'''
+
+
+def tiny_base() -> TrainConfig:
+    return TrainConfig(model=ModelConfig(base_width=4, growth=4, bottleneck=8),
+                       data=DataConfig(image_size=32, n_train=8, n_val=2), epochs=2, batch_size=4,
+                       num_workers=0, device="cpu")
+
+
+def make_grid(n: int = 3, fail: str | None = None, cuda_cell: bool = False) -> Grid:
+    def cells(base: TrainConfig) -> list[Cell]:
+        out = []
+        for i in range(n):
+            cfg = base.replace(lr=1e-4 * (i + 1))
+            if fail == f"c{i}":
+                cfg = cfg.replace(fail_at_epoch=1)
+            out.append(Cell(f"c{i}", f"cell {i}", {**standard_factors(cfg), "lr": cfg.lr}, cfg))
+        if cuda_cell:
+            cfg = base.replace(graphs="cuda-graph")
+            out.append(Cell("graph", "needs cuda", standard_factors(cfg), cfg))
+        return out
+
+    return Grid(name="fake", description="fake grid", source="test", cells_fn=cells, defaults_fn=tiny_base)
+
+
+def quiet() -> Console:
+    return Console(file=open(os.devnull, "w"), width=160)

@@ -1,0 +1,163 @@
+"""`bench run` and `bench grids` end to end: the dry run, a SIGKILL mid-grid, the smoke grid on this machine.
+
+The slow tests use the real trainer on tiny data.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bench.cli import app
+from bench.store import read_json, read_jsonl
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_dry_run_in_cli_writes_nothing_and_shows_state(tmp_path, fake):
+    cmd, _ = fake
+    grid_file = tmp_path / "g.py"
+    grid_file.write_text(
+        "from bench.grids import Cell, standard_factors\n"
+        "from ddnet.config import TrainConfig, DataConfig, ModelConfig\n"
+        "NAME = 'g'\n"
+        "def defaults():\n"
+        "    return TrainConfig(model=ModelConfig(base_width=4, growth=4, bottleneck=8),\n"
+        "        data=DataConfig(image_size=32, n_train=8, n_val=2), epochs=2, batch_size=4, num_workers=0, device='cpu')\n"
+        "def cells(base):\n"
+        "    return [Cell('only', 'only', standard_factors(base), base)]\n"
+    )
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["run", "--grid", str(grid_file), "--out", str(out), "--dry-run"])
+    assert res.exit_code == 0 and "to run" in res.output and not out.exists()
+
+
+
+# ------------------------------------------------------------------ slow: the real trainer
+
+KILL_GRID = '''
+from bench.grids import Cell, standard_factors
+from ddnet.config import DataConfig, ModelConfig, TrainConfig
+
+NAME = "killme"
+DESCRIPTION = "tiny cells for the kill/failure test"
+
+
+def defaults():
+    return TrainConfig(model=ModelConfig(base_width=4, growth=4, bottleneck=8),
+                       data=DataConfig(image_size=32, n_train=8, n_val=2), epochs=2, batch_size=4,
+                       num_workers=0, device="cpu")
+
+
+def cells(base):
+    out = []
+    for name, changes in (("dense", {}), ("random", {"sparsity.kind": "random", "sparsity.dense_epochs": 1}),
+                          ("broken", {"fail_at_epoch": 1}),
+                          ("topk", {"sparsity.kind": "topk", "sparsity.dense_epochs": 1})):
+        cfg = base.replace(**changes)
+        out.append(Cell(name, name, standard_factors(cfg), cfg))
+    return out
+'''
+
+
+def cell_dirs(out: Path) -> list[Path]:
+    """Cell folders (they hold cell.json); a report written into the same folder is not a cell."""
+    return sorted(p for p in out.iterdir() if p.is_dir() and (p / "cell.json").exists())
+
+
+def assert_complete(d: Path, epochs: int) -> None:
+    for name in ("config.json", "env.json", "epochs.jsonl", "summary.json", "cell.json", "train.log"):
+        assert (d / name).exists(), f"{d.name} lacks {name}"
+    rows = read_jsonl(d / "epochs.jsonl")
+    assert [r["epoch"] for r in rows] == list(range(1, epochs + 1)), d.name  # each epoch once, none lost
+    assert read_json(d / "summary.json")["status"] == "ok"
+
+
+def status(d: Path) -> str | None:
+    try:
+        return read_json(d / "summary.json").get("status")
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.mark.slow
+def test_kill_mid_grid_then_rerun_finishes_and_a_failing_cell_does_not_stop_the_grid(tmp_path):
+    grid = tmp_path / "killme.py"
+    grid.write_text(KILL_GRID)
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "bench.cli", "run", "--grid", str(grid), "--out", str(out)]
+    # its own process group: the SIGKILL below takes the runner and its running cell down together
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    finished: dict[Path, tuple[int, str]] = {}
+    try:
+        deadline = time.monotonic() + 400
+        done: list[Path] = []
+        started: list[Path] = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            dirs = cell_dirs(out) if out.exists() else []
+            done = [d for d in dirs if status(d) == "ok"]
+            started = [d for d in dirs if d not in done and (d / "train.log").exists()]
+            if done and started:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the grid ended before it could be killed"
+        assert done and started
+        for d in done:
+            finished[d] = ((d / "epochs.jsonl").stat().st_mtime_ns, (d / "epochs.jsonl").read_text())
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert all(status(d) != "ok" for d in started)
+
+    res = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 1, res.stdout + res.stderr  # the broken cell failed, at the end
+    assert "1 failed, 3 ok" in res.stdout
+    dirs = {d.name.rsplit("-", 1)[0]: d for d in cell_dirs(out)}
+    assert set(dirs) == {"dense", "random", "broken", "topk"}
+    for name in ("dense", "random", "topk"):  # topk comes after the failing cell: the grid went on
+        assert_complete(dirs[name], 2)
+        assert read_json(dirs[name] / "cell.json")["grid"] == "killme"
+    for d, (mtime, text) in finished.items():  # finished before the kill: untouched, launched once
+        assert (d / "epochs.jsonl").stat().st_mtime_ns == mtime and (d / "epochs.jsonl").read_text() == text
+        assert (d / "train.log").read_text().count("=== bench run") == 1
+    broken = read_json(dirs["broken"] / "summary.json")
+    assert broken["status"] == "failed" and "nan" in broken["error"].lower()
+    assert read_jsonl(dirs["broken"] / "epochs.jsonl") == []
+    assert "broken" in res.stdout and "train loss became nan" in res.stdout  # log tail shown to the user
+    assert read_json(out / "grid.json")["order"][2].startswith("broken-")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2700)  # the shared smoke run: 16 cells of ~5-10 s each on a quiet 2-core CPU
+def test_smoke_grid_end_to_end_on_this_machine(smoke_grid):
+    out, res = smoke_grid
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    dirs = cell_dirs(out)
+    assert len(dirs) == 32
+    skipped = 0
+    learned = []
+    for d in dirs:
+        s = read_json(d / "summary.json")
+        if s["status"] == "skipped":
+            skipped += 1
+            assert s["reason"].startswith("needs CUDA") and (d / "config.json").exists()
+            assert read_json(d / "config.json")["graphs"] == "cuda-graph"
+        else:
+            assert_complete(d, 4)
+            assert isinstance(s["final_val_ms_ssim"], float) and 0.0 <= s["final_val_ms_ssim"] <= 100.0
+            learned.append(s["final_val_ms_ssim"])
+            assert read_json(d / "cell.json")["factors"]["precision"] in ("fp32", "amp-bf16")
+    # smoke's lr (1e-2) is chosen so that the tiny net gets past 0 % validation MS-SSIM in 4 epochs
+    assert max(learned) > 10.0, learned
+    assert skipped == (0 if torch.cuda.is_available() else 16)

@@ -1,0 +1,77 @@
+"""Planning a grid run: folder hashes, code version, repeats and their order, the recorded grid.json."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import ddnet
+from bench import planning
+from bench.planning import Overrides, cell_hash, code_version, plan_grid, run_order
+from bench.processes import run_grid
+from bench.store import read_json
+from ddnet.config import TrainConfig
+from ddnet.errors import UserError
+from tests.fake_trainer import make_grid, quiet, tiny_base
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_hash_covers_config_and_code_version():
+    cfg = tiny_base()
+    assert cell_hash(cfg, "1") == cell_hash(TrainConfig.from_dict(cfg.to_dict()), "1")
+    assert cell_hash(cfg, "1") != cell_hash(cfg.replace(lr=2e-4), "1")
+    assert cell_hash(cfg, "1") != cell_hash(cfg, "2")
+    v = code_version()
+    assert v.startswith("0.") and "dirty" not in v
+    if (REPO / ".git").exists():
+        assert "+g" in v
+
+
+def test_code_version_is_the_package_version_and_this_checkouts_commit():
+    v = code_version()
+    if (REPO / ".git").exists():
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        assert v == f"{ddnet.__version__}+g{head[:12]}"
+    else:
+        assert v == ddnet.__version__
+
+
+def test_code_version_ignores_a_commit_that_git_did_not_give(monkeypatch):
+    # git_state falls back to DDNET_BENCH_GIT_COMMIT outside our checkout; cells must not be re-keyed by it
+    state = {"git_commit": "0123456789abcdef", "git_dirty": None, "git_dirty_files": None,
+             "git_commit_source": "DDNET_BENCH_GIT_COMMIT"}
+    monkeypatch.setattr(planning, "git_state", lambda repo=None: state)
+    code_version.cache_clear()
+    try:
+        assert code_version() == ddnet.__version__
+    finally:
+        code_version.cache_clear()
+
+
+def test_repeats_interleave_rounds_with_seeds_and_reuse_the_recorded_order(tmp_path, fake):
+    cmd, launched = fake
+    grid = make_grid(4)
+    planned = plan_grid(grid, Overrides(seed=7), repeats=3)
+    assert len(planned) == 12
+    assert {p.config.seed for p in planned} == {7, 8, 9}
+    assert all(f"-r{p.repeat}-" in p.folder and p.config.seed == 7 + p.repeat for p in planned)
+    order = run_order(planned, seed=7)
+    assert order == run_order(planned, seed=7)  # seeded
+    rounds = [{p.folder for p in planned if p.repeat == k} for k in range(3)]
+    assert [set(order[4 * k:4 * k + 4]) for k in range(3)] == rounds  # round by round
+    shuffles = [[f.split("-r")[0] for f in order[4 * k:4 * k + 4]] for k in range(3)]
+    assert any(s != ["c0", "c1", "c2", "c3"] for s in shuffles)
+
+    out = tmp_path / "out"
+    results = run_grid(grid, out, Overrides(seed=7), repeats=3, command=cmd, console=quiet())
+    assert [c["folder"] for c in launched()] == order == read_json(out / "grid.json")["order"]
+    assert len(results) == 12 and all(r.status == "ok" for r in results)
+    with pytest.raises(UserError, match=str(out)):
+        run_grid(grid, out, Overrides(seed=7), repeats=2, command=cmd, console=quiet())
+    with pytest.raises(UserError, match="--resume"):
+        run_grid(grid, out, Overrides(seed=7), repeats=3, resume=False, command=cmd, console=quiet())
+

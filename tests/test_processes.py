@@ -1,0 +1,185 @@
+"""Running a grid's cells as processes: folders, reuse, resume, failures, timeouts, skips, signals, the lock.
+
+These run against a fake `bench train` (tests/fake_trainer.py) that follows the
+run-folder contract without torch; tests/test_cmd_run.py has the real trainer.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import planning
+from bench.planning import Overrides, code_version, plan_grid
+from bench.processes import run_grid
+from bench.store import read_json, read_jsonl, write_json
+from ddnet.config import TrainConfig
+from ddnet.errors import UserError
+from tests.fake_trainer import make_grid, quiet
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_folders_records_and_no_rerun_of_finished_cells(tmp_path, fake):
+    cmd, launched = fake
+    out = tmp_path / "out"
+    results = run_grid(make_grid(3), out, command=cmd, console=quiet())
+    assert [r.status for r in results] == ["ok", "ok", "ok"]
+    assert [r.epochs_completed for r in results] == [2, 2, 2]
+    grid = read_json(out / "grid.json")
+    assert grid["grid"] == "fake" and len(grid["cells"]) == 3 and grid["order"] == [r.folder for r in results]
+    for r in results:
+        d = out / r.folder
+        assert r.folder.rsplit("-", 1)[0] in ("c0", "c1", "c2")
+        cell = read_json(d / "cell.json")
+        assert cell["grid"] == "fake" and cell["repeat"] == 0 and cell["factors"]["lr"] > 0
+        assert read_json(d / "config.request.json") == TrainConfig.from_dict(read_json(d / "config.request.json")).to_dict()
+        assert [row["epoch"] for row in read_jsonl(d / "epochs.jsonl")] == [1, 2]
+        assert "=== bench run" in (d / "train.log").read_text()
+    assert len(launched()) == 3
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".bench-run.lock"}
+    again = run_grid(make_grid(3), out, command=cmd, console=quiet())
+    assert [r.action for r in again] == ["reused"] * 3 and [r.status for r in again] == ["ok"] * 3
+    assert len(launched()) == 3  # nothing launched the second time
+    after = {p: p.stat().st_mtime_ns for p in before}
+    assert before == after
+
+
+
+def test_unfinished_cell_resumes_from_checkpoint_without_duplicate_rows(tmp_path, fake):
+    cmd, launched = fake
+    out = tmp_path / "out"
+    grid = make_grid(2)
+    planned = plan_grid(grid, version=code_version())
+    # c0 was killed after epoch 1 had been checkpointed and while epoch 2's row was half written
+    d0 = out / planned[0].folder
+    d0.mkdir(parents=True)
+    (d0 / "epochs.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 1.0}) + "\n")
+    (d0 / "ckpt.pt").write_text(json.dumps({"epoch": 1}))
+    write_json(d0 / "summary.json", {"status": "running", "error": None})
+    # c1 was killed after its first epoch row but before the first checkpoint
+    d1 = out / planned[1].folder
+    d1.mkdir(parents=True)
+    (d1 / "epochs.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 9.0}) + "\n")
+    results = run_grid(grid, out, command=cmd, console=quiet())
+    assert [r.status for r in results] == ["ok", "ok"]
+    assert [r.action for r in results] == ["resumed", "ran"]
+    assert [c["resume"] for c in launched()] == [True, False]
+    rows0 = read_jsonl(d0 / "epochs.jsonl")
+    assert [r["epoch"] for r in rows0] == [1, 2] and rows0[0]["train_loss"] == 1.0  # epoch 1 kept, not redone
+    rows1 = read_jsonl(d1 / "epochs.jsonl")
+    assert [r["epoch"] for r in rows1] == [1, 2] and rows1[0]["train_loss"] == 1.0  # the orphan row was dropped
+
+
+def test_failed_and_crashed_cells_are_recorded_and_the_grid_goes_on(tmp_path, fake, monkeypatch):
+    cmd, launched = fake
+    monkeypatch.setenv("FAKE_CRASH", "c2-")
+    out = tmp_path / "out"
+    results = run_grid(make_grid(4, fail="c1"), out, command=cmd, console=quiet())
+    assert [r.status for r in results] == ["ok", "failed", "failed", "ok"]
+    failed = read_json(out / results[1].folder / "summary.json")
+    assert failed["status"] == "failed" and "nan" in failed["error"]
+    crashed = read_json(out / results[2].folder / "summary.json")
+    assert crashed["status"] == "failed" and crashed["exit_code"] == 9
+    assert "exited with code 9" in crashed["error"] and "segfault-like crash" in crashed["error"]
+    assert crashed["epochs_completed"] == 1 and crashed["log_tail"]
+    # a re-run leaves failures alone (no retry by default) ...
+    n = len(launched())
+    again = run_grid(make_grid(4, fail="c1"), out, command=cmd, console=quiet())
+    assert [r.status for r in again] == ["ok", "failed", "failed", "ok"] and len(launched()) == n
+    # ... unless asked; the crashed cell resumes from its epoch-1 checkpoint
+    monkeypatch.delenv("FAKE_CRASH")
+    retried = run_grid(make_grid(4, fail="c1"), out, command=cmd, console=quiet(), retry_failed=True)
+    assert [r.status for r in retried] == ["ok", "failed", "ok", "ok"]
+    assert launched()[-1] == {"folder": results[2].folder, "resume": True}
+    assert [r["epoch"] for r in read_jsonl(out / results[2].folder / "epochs.jsonl")] == [1, 2]
+
+
+def test_a_cell_past_its_timeout_is_stopped_recorded_and_resumable(tmp_path, fake, monkeypatch):
+    cmd, launched = fake
+    monkeypatch.setenv("FAKE_EPOCH_S", "0.4")
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    results = run_grid(make_grid(2), out, Overrides(epochs=50), command=cmd, console=quiet(), cell_timeout_s=1.5)
+    assert time.monotonic() - t0 < 60  # 2 x 50 epochs x 0.4 s would take 40 s; each stops after ~1.5 s
+    assert [r.status for r in results] == ["failed", "failed"]
+    s = read_json(out / results[0].folder / "summary.json")
+    assert "--cell-timeout of 1.5 s" in s["error"] and 1 <= s["epochs_completed"] < 50
+    monkeypatch.setenv("FAKE_EPOCH_S", "0")
+    retried = run_grid(make_grid(2), out, Overrides(epochs=50), command=cmd, console=quiet(), retry_failed=True)
+    assert [r.status for r in retried] == ["ok", "ok"] and launched()[-1]["resume"] is True
+    assert [r["epoch"] for r in read_jsonl(out / results[0].folder / "epochs.jsonl")] == list(range(1, 51))
+
+
+def test_cells_this_machine_cannot_run_are_recorded_as_skipped(tmp_path, fake, monkeypatch):
+    cmd, launched = fake
+    # decide as a CPU-only machine would, whatever this one has
+    monkeypatch.setattr(planning, "skip_reason_for",
+                        lambda cfg: "needs CUDA (--graphs cuda-graph needs a CUDA device)"
+                        if cfg.graphs == "cuda-graph" else None)
+    out = tmp_path / "out"
+    results = run_grid(make_grid(1, cuda_cell=True), out, command=cmd, console=quiet())
+    assert [r.status for r in results] == ["ok", "skipped"]
+    d = out / results[1].folder
+    s = read_json(d / "summary.json")
+    assert s["status"] == "skipped" and s["reason"].startswith("needs CUDA")
+    assert read_json(d / "config.json")["graphs"] == "cuda-graph"
+    assert read_json(d / "cell.json")["cell"] == "graph"
+    assert [c["folder"] for c in launched()] == [results[0].folder]
+
+
+
+def test_interrupt_stops_the_cell_without_marking_it_failed_and_a_rerun_resumes(tmp_path, fake, monkeypatch):
+    cmd, launched = fake
+    out = tmp_path / "out"
+    driver = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from tests.fake_trainer import make_grid, quiet\n"
+        "from bench.planning import Overrides\n"
+        "from bench.processes import run_grid\n"
+        "try:\n"
+        f"    run_grid(make_grid(2), Path({str(out)!r}), Overrides(epochs=40), command={cmd!r}, console=quiet())\n"
+        "except KeyboardInterrupt:\n"
+        "    sys.exit(130)\n"
+    )
+    env = {**os.environ, "FAKE_EPOCH_S": "0.05"}
+    proc = subprocess.Popen([sys.executable, "-c", driver], cwd=REPO, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            rows = [r for f in out.glob("c0-*/epochs.jsonl") for r in read_jsonl(f)]
+            if len(rows) >= 3:
+                break
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: runner and cell both get it
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    (d0,) = out.glob("c0-*")
+    assert read_json(d0 / "summary.json")["status"] == "running"  # unfinished, not failed
+    assert not list(out.glob("c1-*"))
+    n_rows = len(read_jsonl(d0 / "epochs.jsonl"))
+    assert 3 <= n_rows < 40
+    results = run_grid(make_grid(2), out, Overrides(epochs=40), command=cmd, console=quiet())
+    assert [r.status for r in results] == ["ok", "ok"] and results[0].action == "resumed"
+    assert [r["epoch"] for r in read_jsonl(d0 / "epochs.jsonl")] == list(range(1, 41))
+
+
+def test_a_second_runner_on_the_same_folder_is_refused(tmp_path, fake):
+    cmd, _ = fake
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".bench-run.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UserError, match="another `bench run`"):
+            run_grid(make_grid(1), out, command=cmd, console=quiet())
