@@ -40,7 +40,7 @@ COMMANDS: dict[str, Entry] = {
                     "Tables (Markdown, CSV) and plots of the paper's tables and figures, re-measured, "
                     "beside its numbers."),
     "data": Entry("bench.cmd_data", "data_app",
-                  "Datasets: `synth` writes a synthetic low-dose CT dataset that --data DIR reads."),
+                  "Datasets: `synth` writes a synthetic dataset that --data DIR reads; `cache` lists or clears made data."),
 }
 """Command name -> where it lives and its one-line help, in `bench --help` order."""
 

@@ -35,7 +35,7 @@ from ddnet.data.synthetic import MODES, PHANTOMS, generate, generation_pool, poo
 from ddnet.errors import UserError
 
 data_app = typer.Typer(
-    help="Datasets: `synth` writes a synthetic low-dose CT dataset that --data DIR reads.",
+    help="Datasets: `synth` writes a synthetic dataset that --data DIR reads; `cache` lists or clears made data.",
     no_args_is_help=True,
 )
 

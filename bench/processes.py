@@ -82,8 +82,8 @@ def read_summary(cell_dir: Path) -> dict[str, Any] | None:
     try:
         s = read_json(path)
     except (OSError, json.JSONDecodeError):
-        return None  # torn by a kill mid-write (write_json is atomic, so only a foreign writer could do this)
-    return s if isinstance(s, dict) else None
+        s = None  # torn (write_json is atomic, so only a foreign writer or a damaged disk does this)
+    return s if isinstance(s, dict) else {"status": "damaged", "error": f"{path} is unreadable"}
 
 
 def _result_from_summary(p: PlannedCell, s: dict[str, Any], action: str) -> CellResult:
@@ -227,8 +227,10 @@ def run_cell(
     request = cell_dir / "config.request.json"
     if not request.exists():
         write_json(request, p.config.to_dict())
-    # resume from the checkpoint when there is one: the trainer drops epoch rows past it
-    resume = (cell_dir / "ckpt.pt").exists()
+    # resume from the checkpoint when there is one (the trainer drops epoch rows past it); a failed cell
+    # retried, or one whose summary.json is damaged, is resumed too (bench train refuses to reuse such a
+    # folder otherwise): a damaged summary of a finished cell is rebuilt from its last checkpoint
+    resume = (cell_dir / "ckpt.pt").exists() or status in ("failed", "damaged")
     epochs_path = cell_dir / "epochs.jsonl"
     if not resume and epochs_path.exists() and epochs_path.stat().st_size > 0:
         # killed after an epoch row was written but before the first checkpoint: those rows have no

@@ -215,7 +215,8 @@ class RunFolder:
 
     def finish(self, summary: dict[str, Any]) -> None:
         self._close()
-        write_json(self.out / "summary.json", {**summary, **roofline_inputs(self._config, summary)})
+        summary.update(roofline_inputs(self._config, summary))  # in place: the caller's summary matches the file
+        write_json(self.out / "summary.json", summary)
 
     def fail(self, error: str, traceback: str) -> None:
         self._close()

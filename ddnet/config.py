@@ -406,12 +406,6 @@ def check_runnable(cfg: TrainConfig) -> None:
         )
 
 
-def check_static(cfg: TrainConfig) -> None:
-    """Kept for callers that validated explicitly: a TrainConfig is validated when it is made."""
-    if not isinstance(cfg, TrainConfig):
-        raise ConfigError(f"expected a TrainConfig, got {type(cfg).__name__}.")
-
-
 # ---------------------------------------------------------------------- reflection (CLI, docs)
 
 

@@ -17,6 +17,7 @@ def fake(tmp_path, monkeypatch):
     calls = tmp_path / "calls.jsonl"
     monkeypatch.setenv("FAKE_CALLS", str(calls))
     monkeypatch.delenv("FAKE_CRASH", raising=False)
+    monkeypatch.delenv("FAKE_FAIL", raising=False)
 
     def launched() -> list[dict]:
         return read_jsonl(calls)

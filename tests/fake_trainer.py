@@ -17,7 +17,8 @@ from ddnet.config import DataConfig, ModelConfig, TrainConfig
 # A stand-in for `bench train` with the same folder contract: epochs.jsonl rows, a JSON "ckpt.pt"
 # written after each row, summary.json; --resume drops rows past the checkpoint. It logs each
 # launch to $FAKE_CALLS, crashes without a summary when its folder name contains $FAKE_CRASH,
-# and sleeps $FAKE_EPOCH_S per epoch.
+# records a failed run (as a NaN loss would) at epoch 1 when it contains $FAKE_FAIL, and sleeps
+# $FAKE_EPOCH_S per epoch.
 FAKE_TRAIN = r'''
 import json, os, sys, time
 from pathlib import Path
@@ -42,7 +43,7 @@ for e in range(start + 1, cfg["epochs"] + 1):
     time.sleep(float(os.environ.get("FAKE_EPOCH_S", "0")))
     if os.environ.get("FAKE_CRASH") and os.environ["FAKE_CRASH"] in out.name and e == 2:
         print("segfault-like crash"); sys.stdout.flush(); os._exit(9)
-    if cfg.get("fail_at_epoch") == e:
+    if os.environ.get("FAKE_FAIL") and os.environ["FAKE_FAIL"] in out.name and e == 1:
         summ.write_text(json.dumps({"status": "failed", "error": f"train loss became nan at epoch {e}",
                                     "epochs_completed": e - 1}))
         print("error: training failed"); sys.exit(3)
@@ -62,13 +63,12 @@ def tiny_base() -> TrainConfig:
                        num_workers=0, device="cpu")
 
 
-def make_grid(n: int = 3, fail: str | None = None, cuda_cell: bool = False) -> Grid:
+def make_grid(n: int = 3, cuda_cell: bool = False) -> Grid:
+    """n tiny cells c0..c{n-1} (a failing one: set FAKE_FAIL to 'c1-'), and a CUDA-only one if asked."""
     def cells(base: TrainConfig) -> list[Cell]:
         out = []
         for i in range(n):
             cfg = base.replace(lr=1e-4 * (i + 1))
-            if fail == f"c{i}":
-                cfg = cfg.replace(fail_at_epoch=1)
             out.append(Cell(f"c{i}", f"cell {i}", {**standard_factors(cfg), "lr": cfg.lr}, cfg))
         if cuda_cell:
             cfg = base.replace(graphs="cuda-graph")

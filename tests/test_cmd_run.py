@@ -60,7 +60,7 @@ def defaults():
 def cells(base):
     out = []
     for name, changes in (("dense", {}), ("random", {"sparsity.kind": "random", "sparsity.dense_epochs": 1}),
-                          ("broken", {"fail_at_epoch": 1}),
+                          ("broken", {"lr": 2e-3}),  # fails: the test injects a NaN loss into this cell
                           ("topk", {"sparsity.kind": "topk", "sparsity.dense_epochs": 1})):
         cfg = base.replace(**changes)
         out.append(Cell(name, name, standard_factors(cfg), cfg))
@@ -94,9 +94,11 @@ def test_kill_mid_grid_then_rerun_finishes_and_a_failing_cell_does_not_stop_the_
     grid.write_text(KILL_GRID)
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "bench.cli", "run", "--grid", str(grid), "--out", str(out)]
+    # a NaN loss in the 'broken' cell's first epoch: a test-only fault, aimed by its folder name
+    env = {**os.environ, "DDNET_BENCH_INJECT_NAN_EPOCH": "1", "DDNET_BENCH_INJECT_ONLY": f"{os.sep}broken-"}
     # its own process group: the SIGKILL below takes the runner and its running cell down together
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     finished: dict[Path, tuple[int, str]] = {}
     try:
         deadline = time.monotonic() + 400
@@ -120,7 +122,7 @@ def test_kill_mid_grid_then_rerun_finishes_and_a_failing_cell_does_not_stop_the_
         proc.wait()
     assert all(status(d) != "ok" for d in started)
 
-    res = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 1, res.stdout + res.stderr  # the broken cell failed, at the end
     assert "1 failed, 3 ok" in res.stdout
     dirs = {d.name.rsplit("-", 1)[0]: d for d in cell_dirs(out)}

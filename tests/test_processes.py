@@ -82,8 +82,9 @@ def test_unfinished_cell_resumes_from_checkpoint_without_duplicate_rows(tmp_path
 def test_failed_and_crashed_cells_are_recorded_and_the_grid_goes_on(tmp_path, fake, monkeypatch):
     cmd, launched = fake
     monkeypatch.setenv("FAKE_CRASH", "c2-")
+    monkeypatch.setenv("FAKE_FAIL", "c1-")
     out = tmp_path / "out"
-    results = run_grid(make_grid(4, fail="c1"), out, command=cmd, console=quiet())
+    results = run_grid(make_grid(4), out, command=cmd, console=quiet())
     assert [r.status for r in results] == ["ok", "failed", "failed", "ok"]
     failed = read_json(out / results[1].folder / "summary.json")
     assert failed["status"] == "failed" and "nan" in failed["error"]
@@ -93,11 +94,11 @@ def test_failed_and_crashed_cells_are_recorded_and_the_grid_goes_on(tmp_path, fa
     assert crashed["epochs_completed"] == 1 and crashed["log_tail"]
     # a re-run leaves failures alone (no retry by default) ...
     n = len(launched())
-    again = run_grid(make_grid(4, fail="c1"), out, command=cmd, console=quiet())
+    again = run_grid(make_grid(4), out, command=cmd, console=quiet())
     assert [r.status for r in again] == ["ok", "failed", "failed", "ok"] and len(launched()) == n
     # ... unless asked; the crashed cell resumes from its epoch-1 checkpoint
     monkeypatch.delenv("FAKE_CRASH")
-    retried = run_grid(make_grid(4, fail="c1"), out, command=cmd, console=quiet(), retry_failed=True)
+    retried = run_grid(make_grid(4), out, command=cmd, console=quiet(), retry_failed=True)
     assert [r.status for r in retried] == ["ok", "failed", "ok", "ok"]
     assert launched()[-1] == {"folder": results[2].folder, "resume": True}
     assert [r["epoch"] for r in read_jsonl(out / results[2].folder / "epochs.jsonl")] == [1, 2]
