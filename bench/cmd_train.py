@@ -27,7 +27,8 @@ import torch.multiprocessing as mp
 import typer
 
 from bench.training import train
-from ddnet.config import ConfigError, ConfigField, TrainConfig, check_runnable, config_fields, resolve_device
+from ddnet.config import ConfigError, TrainConfig, check_runnable, resolve_device
+from ddnet.config_fields import ConfigField, config_fields
 from ddnet.errors import UserError
 from ddnet.trainer import Dist, TrainingFailed
 

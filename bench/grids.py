@@ -11,7 +11,7 @@ A grid is a Python module (or any `.py` file) with this interface:
 `base` carries the paper-scale defaults (or the grid's own `defaults()`) with
 the user's command-line overrides already applied; a grid changes only the
 factors it studies. Which cells this machine cannot run is decided later, at
-run time, by `ddnet.config.check_runnable` (see `bench.runner`), never by a
+run time, by `ddnet.config.check_runnable` (see `bench.planning`), never by a
 hard-coded list in the grid.
 
 The registry is a plain dict built by scanning the `ablations` package.

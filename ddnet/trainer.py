@@ -42,6 +42,7 @@ from ddnet.loaders import DeviceLoader, HostLoader, stage_on_device
 from ddnet.loss import DDNetLoss
 from ddnet.model import DDNet
 from ddnet.optim import GraphedStep, StepParts, build_step, make_optimizer, setup_precision
+from ddnet.run_summary import ddp_records, run_summary
 from ddnet.sparsity import AutoSwitch, Masks, conform_to_state_dict_, count_flops, measure_sparsity, sparsify_
 from ddnet.validation import input_quality, validate
 
@@ -378,37 +379,7 @@ class Run:
         return result
 
     def _summary(self, rows: list[dict]) -> dict[str, Any]:
-        sp = measure_sparsity(self.model)
-        last = rows[-1] if rows else {}
-        train_time = sum(r["time_s"] for r in rows)
-        capture = sum(r.get("capture_time_s", 0.0) for r in rows)
-        prune = sum(r.get("prune_time_s", 0.0) for r in rows)
-        summary = {
-            "status": "ok", "error": None, "epochs_completed": len(rows),
-            "train_time_s": train_time, "capture_time_s": capture, "prune_time_s": prune, **self.staging,
-            **self.data_load,
-            "total_time_s": train_time + capture + prune + self.staging["staging_time_s"],
-            "params": sp["params"], "effective_params": sp["effective_params"],
-            "flops_fwd_per_image_before_pruning": self.flops_dense, "flops_fwd_per_image": self._flops(),
-            "sparsity": {
-                "overall": sp["overall"], "kind": self.sparsity_kind, "per_layer": sp["per_layer"],
-                "requested_amount": self.cfg.sparsity.amount if self.cfg.sparsity.kind != "none" else 0.0,
-                "pattern": self.cfg.sparsity.pattern, "report": self.sparsity_report,
-            },
-            "switch_epoch": self.switch_epoch,
-            "switch_rule": self.auto.rule if self.auto is not None else None,
-            "final_val_ms_ssim": last.get("val_ms_ssim"), "final_val_ms_ssim_std": last.get("val_ms_ssim_std"),
-            "final_val_psnr": last.get("val_psnr"), "final_val_rmse_hu": last.get("val_rmse_hu"),
-            "final_val_ms_ssim_paper_code": last.get("val_ms_ssim_paper_code"), **self.input,
-            "msssim_setting": self.loss_fn.setting.to_dict(), "device": str(self.device), "image_side": self.image_side,
-            "precision_flags": self.precision.flags, "copies": self.copies, "memory": self.memory.summary(),
-            "world_size": self.dist.world,
-        }
-        if self.per_slice is not None and self.dist.main:
-            m, p, r = self.per_slice
-            summary["val_slices"] = [{"name": n, "ms_ssim": a, "psnr": b, "rmse_hu": c}
-                                     for n, a, b, c in zip(self.val.names, m, p, r, strict=True)]
-        return summary
+        return run_summary(self, rows)
 
 
 def _nothing() -> None:
@@ -447,7 +418,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, sink: RunSink, make_instrume
     try:
         summary = run.fit(sink if dist.main else None)
         if dist.world > 1:
-            summary.update(_ddp_records(run))
+            summary.update(ddp_records(run))
     except UserError:
         raise
     except Exception as e:  # NaN/inf loss, CUDA OOM, any crash: recorded, then reported as a failed run
@@ -465,18 +436,3 @@ def _from_main(value: Any) -> Any:
     box = [value]
     torch_dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def _ddp_records(run: Run) -> dict[str, Any]:
-    """Facts about the replicas, gathered to rank 0: who read files, shards, final weights' checksum."""
-    flat = torch.cat([p.detach().double().flatten().cpu() for p in run.model.parameters()])
-    mine = {
-        "rank": run.dist.rank,
-        "read_files": run.read_files,
-        "weights_checksum": float(flat.sum().item()),
-        "weights_abs_checksum": float(flat.abs().sum().item()),
-        "epoch0_indices": run.loader.indices(0),
-    }
-    gathered: list[Any] = [None] * run.dist.world
-    torch_dist.all_gather_object(gathered, mine)
-    return {"ddp_ranks": gathered}

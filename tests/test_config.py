@@ -70,7 +70,8 @@ def test_lenient_reading_drops_fields_of_older_versions() -> None:
 
 
 def test_every_toggle_is_declared_once_and_reaches_the_command_line() -> None:
-    from ddnet.config import choices, config_fields
+    from ddnet.config import choices
+    from ddnet.config_fields import config_fields
 
     fields = {f.path: f for f in config_fields()}
     # choices come from the Literal types themselves
@@ -88,7 +89,7 @@ def test_bench_train_help_shows_every_option_with_its_default() -> None:
     import subprocess
     import sys
 
-    from ddnet.config import config_fields
+    from ddnet.config_fields import config_fields
 
     res = subprocess.run([sys.executable, "-m", "bench.cli", "train", "--help"], capture_output=True, text=True,
                          env={**__import__("os").environ, "COLUMNS": "250"}, timeout=120)
