@@ -142,3 +142,18 @@ def test_format_duration_and_missing_folder(tmp_path):
     with pytest.raises(UserError, match="is not a folder"):
         cell_status_rows(tmp_path / "nope")
     assert cell_status_rows(tmp_path) == []
+
+
+def test_bench_status_command_shows_every_cell_and_the_totals(grid_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from bench.cli import app, main
+
+    res = CliRunner().invoke(app, ["status", str(grid_dir)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    for word in ("finished", "failed", "running", "skipped"):
+        assert word in res.output, word
+    assert "time used" in res.output
+    with pytest.raises(SystemExit) as stop:  # through the real entry point: one error line, exit 2
+        main(["status", str(tmp_path / "nowhere")])
+    assert stop.value.code == 2

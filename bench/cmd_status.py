@@ -1,0 +1,36 @@
+"""`bench status RESULTS_DIR`: one table of every cell of a grid, with totals and the time used so far.
+
+Reads the grid's folders (`bench.status`) and, when Slurm jobs are recorded in its grid.json
+and Slurm's accounting answers here, the jobs' states (`bench.slurm.job_states`); elsewhere the
+folders alone say where each cell stands.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from bench.slurm import job_states
+from bench.status import cell_status_rows, recorded_jobs, status_table
+from ddnet.errors import UserError
+
+
+def status_cmd(
+    results_dir: Path = typer.Argument(..., help="A grid's --out folder (the one holding grid.json)."),
+) -> None:
+    """Where every cell of a grid stands: queued, running (epoch k/N), finished, failed, skipped."""
+    if not results_dir.is_dir():
+        raise UserError(f"{results_dir} is not a folder; pass the --out folder of a `bench run`.")
+    jobs = recorded_jobs(results_dir)
+    states = job_states(list(jobs.values())) if jobs else {}
+    rows = cell_status_rows(results_dir, states or None)  # {}: Slurm not reachable here, folders only
+    if not rows:
+        raise UserError(f"{results_dir} holds no grid cells (no grid.json or cell folders); pass the --out "
+                        "folder of a `bench run`.")
+    console = Console()
+    console.print(status_table(rows))  # totals in its caption
+    if jobs and not states:
+        console.print("Slurm job states are not available here: statuses come from the folders alone.",
+                      markup=False, highlight=False)

@@ -1,0 +1,41 @@
+"""Run a grid's cells as Slurm job arrays through submitit: the parts of `bench run --executor slurm`.
+
+Each cell is the same command the local runner starts (`python -m bench.cli train --config
+<cell>/config.request.json --out <cell> [--resume]`), run on a compute node by `CellCommand`, with its
+output appended to `<cell>/train.log`. The run-folder contract does not change: `bench status` and
+`bench report` read the same folders whichever executor filled them.
+
+    jobs = [CellJob(folder, argv, nproc=1), ...]
+    ids = submit(jobs, SlurmOptions(partition="gpu", time_min=240), log_dir=out / "slurm")
+    grid = record_jobs(grid, dict(zip((j.folder.name for j in jobs), ids)))   # stored in grid.json
+
+Re-running `bench run --executor slurm` resubmits only what `pending_cells` picks: never a cell that
+is finished or whose job is queued or running; a cell whose job died (failed, cancelled, gone) is
+submitted again and continues from its checkpoint. A preempted or timed-out job is requeued by
+submitit itself (`CellCommand.checkpoint`), with `--resume`.
+
+submitit is imported lazily: this module (and `bench status`) works without it. On a cluster, the
+virtualenv (with submitit and this package), the grid's out folder and the log folder must be on a
+filesystem the compute nodes share: the node unpickles `CellCommand` and runs the cell from there.
+"""
+
+from bench.slurm.jobs import (
+    JOBS_KEY,
+    STATES,
+    job_states,
+    latest_job_records,
+    latest_jobs,
+    pending_cells,
+    record_jobs,
+    slurm_state,
+    submission_decisions,
+)
+from bench.slurm.node import CellCommand, CellFailed
+from bench.slurm.options import CELL_LOCK, CLUSTERS, CellJob, SlurmOptions
+from bench.slurm.submit import executor_parameters, sbatch_preview, sbatch_text, submit, submit_jobs
+
+__all__ = [
+    "CELL_LOCK", "CLUSTERS", "JOBS_KEY", "STATES", "CellCommand", "CellFailed", "CellJob", "SlurmOptions", "executor_parameters",
+    "job_states", "latest_job_records", "latest_jobs", "pending_cells", "record_jobs", "sbatch_preview",
+    "sbatch_text", "slurm_state", "submission_decisions", "submit", "submit_jobs",
+]

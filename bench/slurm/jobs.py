@@ -1,0 +1,199 @@
+"""Job states from Slurm's accounting, and the job records kept in grid.json."""
+
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from bench.slurm.options import JOBS_KEY, _now
+
+# ------------------------------------------------------------------ job states
+
+# Slurm job states (sacct / squeue long names) -> what the harness needs to know
+_STATES = {
+    "queued": ("PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESV_DEL_HOLD", "CONFIGURING",
+               "POWER_UP_NODE"),
+    "running": ("RUNNING", "COMPLETING", "SUSPENDED", "STOPPED", "RESIZING", "SIGNALING", "STAGE_OUT"),
+    "finished": ("COMPLETED",),
+    "failed": ("FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "TIMEOUT", "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT"),
+    "cancelled": ("CANCELLED", "PREEMPTED", "REVOKED"),
+}
+_STATE_OF = {raw: mine for mine, raws in _STATES.items() for raw in raws}
+STATES = (*_STATES, "unknown")
+"""What `job_states` reports: queued, running, finished, failed, cancelled, unknown."""
+
+
+def slurm_state(raw: str) -> str:
+    """A Slurm state ('PENDING', 'CANCELLED by 1234', 'OUT_OF_MEMORY') as one of `STATES`."""
+    word = raw.strip().split(" ")[0].rstrip("+").upper() if raw.strip() else ""
+    return _STATE_OF.get(word, "unknown")
+
+
+def _expand(job_id: str) -> list[str]:
+    """'4242_[3-5,7%2]' -> ['4242_3', '4242_4', '4242_5', '4242_7']; other ids unchanged."""
+    m = re.fullmatch(r"(\d+)_\[([\d,\-]+)(?:%\d+)?\]", job_id)
+    if m is None:
+        return [job_id]
+    out = []
+    for part in m.group(2).split(","):
+        lo, _, hi = part.partition("-")
+        if lo.isdigit() and (hi.isdigit() or not hi):
+            out += [f"{m.group(1)}_{k}" for k in range(int(lo), int(hi or lo) + 1)]
+    return out
+
+
+def _run(cmd: list[str], timeout_s: float) -> str | None:
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout if res.returncode == 0 else None
+
+
+def _parse(text: str) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for line in text.splitlines():
+        jid, _, raw = line.strip().partition("|")
+        if not jid or "." in jid:  # job steps (4242_3.batch) are not the job
+            continue
+        for one in _expand(jid):
+            found[one] = raw
+    return found
+
+
+def job_states(job_ids: Sequence[str], timeout_s: float = 30.0) -> dict[str, str]:
+    """{job id: queued | running | finished | failed | cancelled | unknown} for the given Slurm job ids.
+
+    Live jobs come from squeue (authoritative and immediate), ended ones from sacct (when accounting
+    is enabled). A job neither lists is 'unknown'. Without Slurm (no squeue or sacct on PATH) this
+    returns {} and raises nothing.
+    """
+    wanted = list(dict.fromkeys(str(j) for j in job_ids))
+    squeue, sacct = shutil.which("squeue"), shutil.which("sacct")
+    if not wanted or (squeue is None and sacct is None):
+        return {}
+    raw: dict[str, str] = {}
+    if squeue is not None:
+
+        # this user's live jobs, arrays expanded (-j with an id Slurm forgot is an error for squeue)
+        cmd = [squeue, "--noheader", "--array", "--format=%i|%T"]
+        with contextlib.suppress(Exception):  # no user name: list everyone's, the filter below still holds
+            cmd += ["--user", getpass.getuser()]
+        text = _run(cmd, timeout_s)
+        raw.update({k: v for k, v in _parse(text or "").items() if k in wanted})
+    rest = [j for j in wanted if j not in raw]
+    if rest and sacct is not None:
+        mains = sorted({j.split("_")[0] for j in rest})
+        text = _run([sacct, "--noheader", "--parsable2", "--allocations", "--format=JobID,State",
+                     "--jobs=" + ",".join(mains)], timeout_s)
+        raw.update({k: v for k, v in _parse(text or "").items() if k in rest})
+    return {j: slurm_state(raw[j]) if j in raw else "unknown" for j in wanted}
+
+
+# ------------------------------------------------------------------ bookkeeping in grid.json
+
+
+def record_jobs(grid_json: Mapping[str, Any], folder_to_job: Mapping[str, str],
+                submitted_at: str | None = None) -> dict[str, Any]:
+    """A copy of `grid_json` with one job record appended per cell under "jobs" (latest last).
+
+    Each record is {"executor": "slurm", "job_id": ..., "submitted_at": ISO time}; earlier submissions
+    of a cell are kept (a requeue keeps its id, a resubmission adds a record).
+    """
+    stamp = submitted_at or _now()
+    old = grid_json.get(JOBS_KEY)
+    jobs = {k: list(v) for k, v in old.items() if isinstance(v, list)} if isinstance(old, Mapping) else {}
+    for folder, job_id in folder_to_job.items():
+        record = {"executor": "slurm", "job_id": str(job_id), "submitted_at": stamp}
+        jobs.setdefault(str(folder), []).append(record)
+    return {**grid_json, JOBS_KEY: jobs}
+
+
+def latest_job_records(grid_json: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """{cell folder: its latest job record} from a grid.json dict (malformed entries are ignored)."""
+    jobs = grid_json.get(JOBS_KEY) if isinstance(grid_json, Mapping) else None
+    out: dict[str, dict[str, Any]] = {}
+    if isinstance(jobs, Mapping):
+        for folder, records in jobs.items():
+            if not isinstance(records, list):
+                continue
+            good = [r for r in records if isinstance(r, Mapping) and r.get("job_id")]
+            if good:
+                out[str(folder)] = dict(good[-1])
+    return out
+
+
+def latest_jobs(grid_json: Mapping[str, Any]) -> dict[str, str]:
+    """{cell folder: latest job id} from a grid.json dict."""
+    return {f: str(r["job_id"]) for f, r in latest_job_records(grid_json).items()}
+
+
+def _age_s(stamp: Any, now: float) -> float | None:
+    try:
+        return now - datetime.fromisoformat(str(stamp)).timestamp()
+    except ValueError:
+        return None
+
+
+def submission_decisions(
+    statuses: Mapping[str, str | None],
+    grid_json: Mapping[str, Any],
+    states: Mapping[str, str],
+    retry_failed: bool = False,
+    unknown_grace_s: float = 300.0,
+    now: float | None = None,
+) -> dict[str, tuple[bool, str]]:
+    """{cell folder: (submit?, why)} for each cell in `statuses` (folder -> summary.json status or None).
+
+    Never submits a finished or skipped cell, nor one whose latest job is queued or running. Submits a
+    cell never submitted, or whose job died (failed, cancelled, ended without an 'ok' summary, or
+    unknown to Slurm for longer than `unknown_grace_s`: accounting can lag a fresh submission). A cell
+    whose summary says 'failed' is submitted again only with `retry_failed` (as the local runner).
+    """
+    now = time.time() if now is None else now
+    records = latest_job_records(grid_json)
+    out: dict[str, tuple[bool, str]] = {}
+    for folder, status in statuses.items():
+        rec = records.get(folder)
+        job = str(rec["job_id"]) if rec else None
+        state = states.get(job, "unknown") if job else None
+        if status == "ok":
+            out[folder] = (False, "finished")
+        elif status == "skipped":
+            out[folder] = (False, "skipped")
+        elif state in ("queued", "running"):
+            out[folder] = (False, f"job {job} {state}")
+        elif status == "failed":
+            out[folder] = (retry_failed, f"failed (job {job} {state})" if job else "failed")
+        elif job is None:
+            out[folder] = (True, "not submitted yet")
+        elif state == "unknown":
+            age = _age_s(rec.get("submitted_at"), now) if rec else None
+            if age is not None and age < unknown_grace_s:
+                out[folder] = (False, f"job {job} submitted {age:.0f} s ago, not listed by Slurm yet")
+            else:
+                out[folder] = (True, f"job {job} unknown to Slurm and the cell is unfinished")
+        else:
+            out[folder] = (True, f"job {job} {state} and the cell is unfinished")
+    return out
+
+
+def pending_cells(
+    statuses: Mapping[str, str | None],
+    grid_json: Mapping[str, Any],
+    states: Mapping[str, str],
+    retry_failed: bool = False,
+    unknown_grace_s: float = 300.0,
+    now: float | None = None,
+) -> list[str]:
+    """The cell folders to submit now, in the order of `statuses` (see `submission_decisions`)."""
+    decisions = submission_decisions(statuses, grid_json, states, retry_failed, unknown_grace_s, now)
+    return [folder for folder, (go, _) in decisions.items() if go]

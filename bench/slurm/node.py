@@ -1,0 +1,229 @@
+"""What runs on the compute node: one cell's command, requeued with --resume when preempted."""
+
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from bench.slurm.options import CELL_LOCK, LOG_TAIL_LINES, RESUME_FLAG, CellJob, _now
+from bench.store import read_json, rewrite_jsonl, write_json
+
+# ------------------------------------------------------------------ the job on the node
+
+
+class CellFailed(RuntimeError):
+    """The cell's process did not finish with summary status 'ok' (the array task is marked failed)."""
+
+
+def _summary(folder: Path) -> dict[str, Any] | None:
+    try:
+        s = read_json(folder / "summary.json")
+    except (OSError, ValueError):
+        return None
+    return s if isinstance(s, dict) else None
+
+
+def _log_tail(log: Path, n: int = LOG_TAIL_LINES) -> list[str]:
+    try:
+        with open(log, errors="replace") as f:
+            return [line.rstrip("\n") for line in f.readlines()[-n:]]
+    except OSError:
+        return []
+
+
+def _error_line(tail: list[str]) -> str:
+    for line in reversed(tail):
+        if line.startswith("error:"):
+            return line
+    return next((line.strip() for line in reversed(tail) if line.strip()), "")
+
+
+def _child_setup() -> Callable[[], None]:
+    """Pre-exec hook for the cell's process (runs in the child between fork and exec).
+
+    - It ignores submitit's checkpoint signal (USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise): Slurm
+      sends `--signal` to every process of the job, and the signal's default action would kill the
+      trainer mid-epoch; `CellCommand.checkpoint` stops it instead. An ignored signal stays ignored
+      across exec, in the trainer's replicas too.
+    - Linux: it gets SIGTERM if the job process dies (SIGKILL included), so no orphan keeps the GPU.
+    """
+    usr_sig = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2)
+    prctl = None
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl  # looked up here, not in the child
+    parent = os.getpid()
+
+    def hook() -> None:  # pragma: no cover - runs in the child
+        signal.signal(usr_sig, signal.SIG_IGN)
+        if prctl is not None:
+            prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:
+                os._exit(1)
+
+    return hook
+
+
+def _exited(proc: subprocess.Popen) -> bool:
+    """Whether the process has ended, without reaping it and without Popen's lock.
+
+    `_stop` can run inside a signal handler that interrupted `proc.wait()` in `CellCommand.__call__`;
+    that wait holds Popen's waitpid lock, so `proc.wait(timeout)` / `proc.poll()` there never see the exit.
+    """
+    if proc.returncode is not None:
+        return True
+    waitid = getattr(os, "waitid", None)
+    if waitid is None:  # pragma: no cover - no waitid (macOS)
+        return proc.poll() is not None
+    try:
+        return waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # already reaped
+        return True
+
+
+@contextlib.contextmanager
+def _cell_lock(folder: Path) -> Iterator[None]:
+    """One process per cell folder (an flock dies with its holder, even on SIGKILL)."""
+    with open(folder / CELL_LOCK, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CellFailed(f"{folder} is being run by another process (its {CELL_LOCK} is held); "
+                             "not starting a second one.") from None
+        yield
+
+
+class CellCommand:
+    """What submitit runs on the node for one cell: the cell's command, output appended to train.log.
+
+    Picklable (only the CellJob is kept). Implements submitit's checkpoint protocol
+    (`submitit.helpers.Checkpointable`, duck-typed so that importing this module does not need
+    submitit): on preemption or at the time limit `checkpoint()` stops the process and returns a
+    DelayedSubmission of a fresh CellCommand with `--resume`, which submitit requeues.
+    """
+
+    STOP_STEPS: tuple[tuple[signal.Signals, float], ...] = (
+        (signal.SIGINT, 20.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0))
+    """(signal, seconds to wait for the exit): SIGINT first, so the trainer leaves its summary 'running'
+    (resumable), well inside Slurm's `signal_delay_s` before the hard kill."""
+
+    def __init__(self, job: CellJob) -> None:
+        self.job = job
+        self._proc: subprocess.Popen | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"job": self.job}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.job = state["job"]
+        self._proc = None
+
+    def __repr__(self) -> str:
+        return f"CellCommand({self.job.folder})"
+
+    def __call__(self) -> dict[str, Any]:
+        folder = self.job.path
+        s = _summary(folder)
+        if s is not None and s.get("status") == "ok":
+            print(f"{folder}: already finished; nothing to run", flush=True)
+            return {"folder": str(folder), "status": "ok", "exit_code": None}
+        folder.mkdir(parents=True, exist_ok=True)
+        with _cell_lock(folder):
+            argv = self.job.command()
+            epochs = folder / "epochs.jsonl"
+            if RESUME_FLAG not in argv and epochs.exists() and epochs.stat().st_size > 0:
+                # rows written before the first checkpoint have no model state behind them: start over,
+                # as the local runner does (the trainer refuses to start fresh over existing rows)
+                rewrite_jsonl(epochs, [])
+            log_path = folder / "train.log"
+            job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID") or "?"
+            print(f"{folder}: {shlex.join(argv)}", flush=True)
+            with open(log_path, "a") as log:
+                host = os.uname().nodename
+                log.write(f"=== bench slurm {_now()} job {job_id} on {host}: {shlex.join(argv)}\n")
+                log.flush()
+                self._proc = subprocess.Popen(
+                    argv, cwd=self.job.cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                    # own process group: a stop reaches the trainer's spawned replicas too
+                    start_new_session=True, preexec_fn=_child_setup(),
+                )
+                try:
+                    rc = self._proc.wait()
+                except BaseException:  # submitit's requeue (SystemExit), Ctrl-C: never leave it running
+                    self._stop()
+                    raise
+                finally:
+                    self._proc = None
+        return self._outcome(folder, rc, log_path)
+
+    def _outcome(self, folder: Path, rc: int, log_path: Path) -> dict[str, Any]:
+        s = _summary(folder) or {}
+        if rc == 0 and s.get("status") == "ok":
+            return {"folder": str(folder), "status": "ok", "exit_code": 0}
+        if rc < 0:
+            # killed by a signal: scancel, preemption without requeue, the OOM killer, node trouble. The
+            # folder stays resumable; the next `bench run --executor slurm` resubmits it.
+            try:
+                name = signal.Signals(-rc).name
+            except ValueError:
+                name = str(-rc)
+            raise CellFailed(f"{folder}: the cell process was killed by signal {name}; it stays resumable "
+                             f"(see {log_path})")
+        tail = _log_tail(log_path)
+        if s.get("status") != "failed":
+            # the process ended without recording its failure: record it, as the local runner does
+            why = (f"exited with code {rc}" if rc
+                   else f"exited 0 but summary.json status is {s.get('status')!r}")
+            line = _error_line(tail)
+            rows = 0
+            with contextlib.suppress(OSError):
+                rows = sum(1 for ln in (folder / "epochs.jsonl").read_text().splitlines() if ln.strip())
+            s = {**s, "status": "failed", "error": f"cell process {why}" + (f": {line}" if line else ""),
+                 "exit_code": rc, "log_tail": tail, "epochs_completed": rows}
+            write_json(folder / "summary.json", s)
+        raise CellFailed(f"{folder}: {s.get('error')} (see {log_path})")
+
+    def _stop(self) -> None:
+        """Stop the running cell and its children (its process group): SIGINT, then SIGTERM, then SIGKILL."""
+        proc = self._proc
+        if proc is None:
+            return
+        for sig, wait_s in self.STOP_STEPS:
+            if _exited(proc):
+                return
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, sig)
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                if _exited(proc):
+                    return
+                time.sleep(0.05)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """submitit's hook on preemption / time limit: stop the cell, requeue it with `--resume`.
+
+        The trainer checkpoints after every epoch, so the requeued job loses at most the epoch in flight.
+        """
+        from submitit.helpers import DelayedSubmission  # noqa: PLC0415 - optional dependency (.[slurm])
+
+        self._stop()
+        argv = [a for a in self.job.argv if a != RESUME_FLAG]
+        if (self.job.path / "ckpt.pt").exists():
+            argv.append(RESUME_FLAG)
+        print(f"{self.job.path}: checkpoint -> requeued with {shlex.join(argv)}", flush=True)
+        return DelayedSubmission(CellCommand(replace(self.job, argv=argv)))
+
+

@@ -1,0 +1,187 @@
+"""Scheduler options and the cells to submit (validated, one line naming the fix)."""
+
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ddnet.errors import UserError
+
+RESUME_FLAG = "--resume"
+JOBS_KEY = "jobs"
+"""grid.json key: {cell folder: [{"executor": "slurm", "job_id", "submitted_at"}, ...]}, latest last."""
+
+CELL_LOCK = ".bench-cell.lock"
+"""Held by the process running a cell: a second job for the same folder refuses to start."""
+
+LOG_TAIL_LINES = 20
+"""Lines of train.log stored in the summary of a cell that failed without recording why."""
+
+CLUSTERS = ("slurm", "local", "debug")
+
+# keys an extra directive may not set: each has its own SlurmOptions field (or submitit owns it)
+_OWNED = {
+    "partition": "partition", "p": "partition", "account": "account", "A": "account", "qos": "qos",
+    "q": "qos", "time": "time_min", "t": "time_min", "gpus-per-node": "gpus_per_node",
+    "cpus-per-task": "cpus_per_task", "c": "cpus_per_task", "mem": "mem_gb", "nodes": "nodes", "N": "nodes",
+    "array": "array_parallelism", "a": "array_parallelism", "job-name": "job_name", "J": "job_name",
+    "output": None, "o": None, "error": None, "e": None, "signal": "signal_delay_s",
+}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+
+# ------------------------------------------------------------------ options
+
+
+@dataclass
+class SlurmOptions:
+    """Where and how the cells run on a Slurm cluster (one sbatch job array per resource shape)."""
+
+    partition: str | None = None
+    """Slurm partition (`--partition`); None: the cluster's default."""
+    account: str | None = None
+    """Account charged (`--account`); None: your default account."""
+    qos: str | None = None
+    """Quality of service (`--qos`); None: the partition's default."""
+    time_min: int = 240
+    """Time limit of one job, in minutes (`--time`). A job that reaches it is checkpointed and requeued
+    (up to `max_requeues` times) and continues from the cell's last epoch."""
+    gpus_per_node: int | None = None
+    """GPUs per job (`--gpus-per-node`); None: the cell's `nproc` (its replica count), 0 for CPU cells."""
+    cpus_per_task: int | None = None
+    """CPU cores per job (`--cpus-per-task`): trainer, replicas and DataLoader workers; None: default."""
+    mem_gb: float | None = None
+    """Host memory per node in GB (`--mem`); None: the partition's default."""
+    nodes: int = 1
+    """Nodes per job. Must be 1: `bench train --nproc N` starts its N replicas on one node."""
+    array_parallelism: int | None = None
+    """Most array tasks running at once (`--array=0-N%K`); None: submitit's cap (256)."""
+    extra_sbatch: list[str] | dict[str, Any] = field(default_factory=list)
+    """More sbatch directives: raw `--key=value` / `--flag` strings, or a dict {key: value} (True for a
+    bare flag), passed as submitit's `slurm_additional_parameters`, e.g. ["--constraint=a100"]."""
+    job_name: str = "ddnet-bench"
+    """Job name shown by squeue (`--job-name`)."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run in the batch script before the job (e.g. "module load cuda/12.4")."""
+    max_requeues: int = 3
+    """Time-limit requeues allowed per job (submitit's `slurm_max_num_timeout`); preemptions do not count."""
+    signal_delay_s: int = 90
+    """Seconds before the time limit at which Slurm signals the job to checkpoint and requeue itself."""
+    cluster: str = "slurm"
+    """submitit executor: 'slurm', or 'local' / 'debug' to try the same path on this machine."""
+
+    def __post_init__(self) -> None:
+        def whole(name: str, least: int, none_ok: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and none_ok:
+                return
+            if not isinstance(v, int) or isinstance(v, bool) or v < least:
+                raise UserError(f"SlurmOptions.{name}={v!r}: give a whole number >= {least}.")
+
+        for name in ("partition", "account", "qos"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v.strip() or any(c.isspace() for c in v)):
+                raise UserError(f"SlurmOptions.{name}={v!r}: give a Slurm {name} name (no spaces), "
+                                "or leave it unset.")
+        whole("time_min", 1)
+        whole("gpus_per_node", 0, none_ok=True)
+        whole("cpus_per_task", 1, none_ok=True)
+        whole("array_parallelism", 1, none_ok=True)
+        whole("max_requeues", 0)
+        whole("signal_delay_s", 1)
+        whole("nodes", 1)
+        if self.nodes != 1:
+            raise UserError(f"SlurmOptions.nodes={self.nodes}: a cell runs on one node (bench train --nproc "
+                            "starts its replicas there); set nodes=1.")
+        mem = self.mem_gb
+        if mem is not None and (isinstance(mem, bool) or not isinstance(mem, int | float) or not mem > 0):
+            raise UserError(f"SlurmOptions.mem_gb={mem!r}: give the memory per node in GB (> 0), "
+                            "or leave it unset.")
+        if self.signal_delay_s >= self.time_min * 60:
+            raise UserError(f"SlurmOptions.signal_delay_s={self.signal_delay_s} is not shorter than the "
+                            f"{self.time_min}-minute limit; lower it or raise time_min.")
+        if not isinstance(self.job_name, str) or not self.job_name or any(c.isspace() for c in self.job_name):
+            raise UserError(f"SlurmOptions.job_name={self.job_name!r}: give a name without spaces.")
+        if self.cluster not in CLUSTERS:
+            raise UserError(f"SlurmOptions.cluster={self.cluster!r}: choose one of {', '.join(CLUSTERS)}.")
+        if not isinstance(self.setup, list) or not all(isinstance(s, str) for s in self.setup):
+            raise UserError("SlurmOptions.setup must be a list of shell lines, e.g. ['module load cuda'].")
+        self.additional_parameters()  # validates extra_sbatch
+
+    def additional_parameters(self) -> dict[str, Any]:
+        """`extra_sbatch` as submitit's `slurm_additional_parameters`, e.g. {"constraint": "a100"}."""
+        extra = self.extra_sbatch
+        if isinstance(extra, Mapping):
+            items = [(str(k).lstrip("-"), v) for k, v in extra.items()]
+        elif isinstance(extra, list | tuple):
+            items = []
+            for d in extra:
+                m = re.fullmatch(r"--([A-Za-z][\w-]*)(?:=(.+))?", d.strip()) if isinstance(d, str) else None
+                if m is None:
+                    raise UserError(f"SlurmOptions.extra_sbatch entry {d!r}: write it as --key=value "
+                                    "or --flag.")
+                items.append((m.group(1), m.group(2) if m.group(2) is not None else True))
+        else:
+            raise UserError("SlurmOptions.extra_sbatch: give a list of '--key=value' strings or a dict.")
+        out: dict[str, Any] = {}
+        for key, value in items:
+            if not re.fullmatch(r"[A-Za-z][\w-]*", key):
+                raise UserError(f"SlurmOptions.extra_sbatch key {key!r}: use a sbatch option name "
+                                "such as 'constraint'.")
+            norm = key.replace("_", "-")
+            if norm in _OWNED:
+                owner = _OWNED[norm]
+                fix = (f"set SlurmOptions.{owner} instead" if owner
+                       else "submitit sets it (logs go to the log folder)")
+                raise UserError(f"SlurmOptions.extra_sbatch sets --{norm}: {fix}.")
+            out[norm] = value
+        return out
+
+
+@dataclass
+class CellJob:
+    """One cell to run as one array task: the exact command the local runner would start for it."""
+
+    folder: Path
+    """The cell's run folder (`<out>/<slug>-<hash>`); relative paths are taken from `cwd`."""
+    argv: list[str]
+    """The command, e.g. [sys.executable, '-m', 'bench.cli', 'train', '--config', ..., '--out', ...].
+    `--resume` is added or dropped at start from whether the folder holds ckpt.pt (as the local runner)."""
+    nproc: int = 1
+    """GPUs the cell needs (its replica count; 0 for a CPU cell)."""
+    nodes: int = 1
+    """Nodes the cell needs (only 1 is supported)."""
+    cwd: Path = field(default_factory=Path.cwd)
+    """Working directory of the command (captured at submission: argv may hold relative paths)."""
+
+    def __post_init__(self) -> None:
+        self.folder = Path(self.folder)
+        self.cwd = Path(self.cwd).absolute()
+        if not self.argv or not all(isinstance(a, str) for a in self.argv):
+            raise UserError(f"CellJob {self.folder}: argv must be a non-empty list of strings.")
+        if not isinstance(self.nproc, int) or self.nproc < 0:
+            raise UserError(f"CellJob {self.folder}: nproc={self.nproc!r} must be a whole number >= 0.")
+        if not isinstance(self.nodes, int) or self.nodes != 1:
+            raise UserError(f"CellJob {self.folder}: nodes={self.nodes!r}; a cell runs on one node, "
+                            "set nodes=1.")
+
+    @property
+    def path(self) -> Path:
+        """The folder as an absolute path."""
+        return self.cwd / self.folder
+
+    def command(self) -> list[str]:
+        """The argv to start now: `--resume` exactly when the folder holds a checkpoint."""
+        base = [a for a in self.argv if a != RESUME_FLAG]
+        return base + [RESUME_FLAG] if (self.path / "ckpt.pt").exists() else base
+
+

@@ -1,0 +1,188 @@
+"""Submitting cells as job arrays through submitit, and previewing the sbatch script."""
+
+
+from __future__ import annotations
+
+import math
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.slurm.node import CellCommand
+from bench.slurm.options import CellJob, SlurmOptions
+from ddnet.errors import UserError
+
+# ------------------------------------------------------------------ submission
+
+
+def _gpus(job: CellJob, options: SlurmOptions) -> int:
+    return options.gpus_per_node if options.gpus_per_node is not None else math.ceil(job.nproc / job.nodes)
+
+
+def executor_parameters(options: SlurmOptions, gpus: int, nodes: int = 1) -> dict[str, Any]:
+    """AutoExecutor `update_parameters` arguments (generic names and `slurm_` ones) for one job array."""
+    params: dict[str, Any] = {
+        "name": options.job_name, "timeout_min": options.time_min, "nodes": nodes, "tasks_per_node": 1,
+        "gpus_per_node": gpus or None, "cpus_per_task": options.cpus_per_task, "mem_gb": options.mem_gb,
+        "slurm_partition": options.partition, "slurm_account": options.account, "slurm_qos": options.qos,
+        "slurm_array_parallelism": options.array_parallelism,
+        "slurm_additional_parameters": options.additional_parameters() or None,
+        "slurm_setup": list(options.setup) or None, "slurm_signal_delay_s": options.signal_delay_s,
+    }
+    return {k: v for k, v in params.items() if v is not None}
+
+
+# AutoExecutor's generic names -> SlurmExecutor's (submitit's SlurmExecutor._equivalence_dict)
+_SLURM_NAMES = {"name": "job_name", "timeout_min": "time", "mem_gb": "mem",
+                "tasks_per_node": "ntasks_per_node"}
+
+
+def _sbatch_parameters(params: dict[str, Any]) -> dict[str, Any]:
+    """`executor_parameters` as SlurmExecutor parameters (what AutoExecutor hands it)."""
+    out: dict[str, Any] = {}
+    for k, v in params.items():
+        if k.startswith("slurm_"):
+            out[k[len("slurm_"):]] = v
+        elif k == "mem_gb":
+            out["mem"] = f"{int(v)}GB" if v == int(v) else f"{int(v * 1024)}MB"  # submitit's _convert_mem
+        else:
+            out[_SLURM_NAMES.get(k, k)] = v
+    return out
+
+
+def _groups(jobs: Sequence[CellJob], options: SlurmOptions) -> dict[tuple[int, int], list[int]]:
+    """Indices of `jobs` by resource shape (GPUs, nodes): one job array each, in first-seen order."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, j in enumerate(jobs):
+        groups.setdefault((_gpus(j, options), j.nodes), []).append(i)
+    return groups
+
+
+def _default_executor(options: SlurmOptions) -> Callable[[Path], Any]:
+    def make(folder: Path) -> Any:
+        try:
+            import submitit  # noqa: PLC0415 - optional dependency (`pip install ddnet-bench[slurm]`)
+        except ImportError:
+            raise UserError("the slurm executor needs submitit: pip install 'ddnet-bench[slurm]'") from None
+        try:
+            return submitit.AutoExecutor(folder=folder, cluster=options.cluster,
+                                         slurm_max_num_timeout=options.max_requeues)
+        except RuntimeError as e:  # SlurmExecutor: 'Could not detect "srun"'
+            raise UserError(f"cannot submit to Slurm here ({e}); run on a Slurm login node, "
+                            "or use --executor local.") from None
+
+    return make
+
+
+def _is_auto(executor: Any) -> bool:
+    try:
+        from submitit import AutoExecutor  # noqa: PLC0415 - optional dependency (.[slurm])
+    except ImportError:
+        return False
+    return isinstance(executor, AutoExecutor)
+
+
+def submit_jobs(
+    jobs: Sequence[CellJob],
+    options: SlurmOptions,
+    log_dir: Path,
+    executor_factory: Callable[[Path], Any] | None = None,
+) -> list[Any]:
+    """Submit `jobs` as one array per resource shape; returns submitit Job objects in the order of `jobs`.
+
+    `executor_factory(folder)` makes the executor (default: `submitit.AutoExecutor(folder,
+    cluster=options.cluster)`); tests pass submitit's LocalExecutor or DebugExecutor. An executor that
+    is not an AutoExecutor gets the generic parameters only (timeout_min, gpus_per_node, ...).
+    """
+    if not jobs:
+        return []
+    make = executor_factory or _default_executor(options)
+    folder = Path(log_dir).absolute() / "%j"  # submitit replaces %j with each job's id
+    out: list[Any] = [None] * len(jobs)
+    for (gpus, nodes), idx in _groups(jobs, options).items():
+        executor = make(folder)
+        params = executor_parameters(options, gpus, nodes)
+        if not _is_auto(executor):
+            params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
+        executor.update_parameters(**params)
+        with executor.batch():  # one sbatch --array for the group
+            submitted = [executor.submit(CellCommand(jobs[i])) for i in idx]
+        for i, job in zip(idx, submitted, strict=True):
+            out[i] = job
+    return out
+
+
+def submit(
+    jobs: Sequence[CellJob],
+    options: SlurmOptions,
+    log_dir: Path,
+    executor_factory: Callable[[Path], Any] | None = None,
+) -> list[str]:
+    """Submit `jobs` (one Slurm job array per distinct (GPUs, nodes)); returns their job ids in order.
+
+    Slurm ids look like '4242_3' (array 4242, task 3); record them with `record_jobs`.
+    """
+    return [str(j.job_id) for j in submit_jobs(jobs, options, log_dir, executor_factory)]
+
+
+def _submit_command_text(folder: Path) -> str:
+    # what SlurmExecutor._submitit_command_str runs on the node (submitit 1.5)
+    return " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+
+
+def _fallback_sbatch(command: str, params: dict[str, Any], map_count: int | None) -> str:
+    """Approximate script when submitit's renderer is unavailable: the directives, sorted, and the command."""
+    flags = dict(params)
+    setup = flags.pop("setup", None) or []
+    extra = flags.pop("additional_parameters", None) or {}
+    parallel = flags.pop("array_parallelism", 256)
+    flags.pop("signal_delay_s", None)
+    if map_count:
+        flags["array"] = f"0-{map_count - 1}%{min(map_count, parallel)}"
+    flags.update(extra)
+    lines = ["#!/bin/bash", "", "# Parameters"]
+    for k in sorted(flags):
+        v = flags[k]
+        key = k.replace("_", "-")
+        lines.append(f"#SBATCH --{key}" if v is True else f"#SBATCH --{key}={shlex.quote(str(v))}")
+    return "\n".join(lines + ([""] + setup if setup else []) + ["", command, ""])
+
+
+def sbatch_text(gpus: int, nodes: int, n_tasks: int, options: SlurmOptions, log_dir: Path) -> str:
+    """The sbatch script submitit writes for one array of `n_tasks` cells, without submitting it.
+
+    Uses submitit's private `submitit.slurm.slurm._make_sbatch_string` (the only way to render the
+    script without srun on PATH; the same function SlurmExecutor calls). If a submitit release drops
+    or changes it, an approximate script is rendered instead and says so in its first comment.
+    """
+    folder = Path(log_dir).absolute() / "%j"
+    params = _sbatch_parameters(executor_parameters(options, gpus, nodes))
+    command = _submit_command_text(folder)
+    map_count = n_tasks if n_tasks > 1 else None
+    try:
+        from submitit.slurm.slurm import _make_sbatch_string  # noqa: PLC0415 - optional; private: guarded below
+
+        return _make_sbatch_string(command=command, folder=folder, map_count=map_count, **params)
+    except (ImportError, TypeError, ValueError) as e:
+        text = _fallback_sbatch(command, params, map_count)
+        note = f"# approximate (submitit's renderer unavailable: {e})"
+        return text.replace("#!/bin/bash\n", f"#!/bin/bash\n{note}\n", 1)
+
+
+def sbatch_preview(jobs: Sequence[CellJob], options: SlurmOptions, log_dir: Path) -> str:
+    """For `--dry-run`: each array's sbatch script and, per array task, its cell folder and command."""
+    parts: list[str] = []
+    groups = _groups(jobs, options)
+    for n, ((gpus, nodes), idx) in enumerate(groups.items(), start=1):
+        head = f"# ---- job array {n}/{len(groups)}: {len(idx)} cell(s), {gpus} GPU(s) x {nodes} node(s)"
+        parts.append(head)
+        parts.append(sbatch_text(gpus, nodes, len(idx), options, log_dir).rstrip("\n"))
+        parts.append("# array tasks (cell folder: command; --resume is added at start when ckpt.pt exists)")
+        for task, i in enumerate(idx):
+            parts.append(f"#  [{task}] {jobs[i].folder}: {shlex.join(jobs[i].command())}")
+        parts.append("")
+    return "\n".join(parts)
+
+
