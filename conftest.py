@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
+import torch
 
 # the CI machine has 2 cores: keep torch from oversubscribing them in every test process
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -14,8 +18,6 @@ os.environ.setdefault("DDNET_BENCH_CACHE", tempfile.mkdtemp(prefix="ddnet-bench-
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu)")
@@ -31,9 +33,6 @@ def smoke_grid(tmp_path_factory: pytest.TempPathFactory):
     Returns (results folder, the finished process). It runs with the grid's own
     defaults (4 epochs: 2 dense + 2 sparse for the hybrid cells).
     """
-    import subprocess
-    import sys
-    from pathlib import Path
 
     out = tmp_path_factory.mktemp("smoke") / "runs"
     res = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--grid", "smoke", "--out", str(out)],

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from ddnet.config import ConfigError, Precision, TrainConfig, check_runnable
+from ddnet.config import ConfigError, Precision, TrainConfig, check_runnable, choices
+from ddnet.config_fields import config_fields
 
 
 def test_round_trip_and_key() -> None:
@@ -70,9 +74,6 @@ def test_lenient_reading_drops_fields_of_older_versions() -> None:
 
 
 def test_every_toggle_is_declared_once_and_reaches_the_command_line() -> None:
-    from ddnet.config import choices
-    from ddnet.config_fields import config_fields
-
     fields = {f.path: f for f in config_fields()}
     # choices come from the Literal types themselves
     assert fields["precision"].choices == choices(Precision) == ("fp32", "tf32", "amp-fp16", "amp-bf16")
@@ -86,11 +87,6 @@ def test_every_toggle_is_declared_once_and_reaches_the_command_line() -> None:
 
 
 def test_bench_train_help_shows_every_option_with_its_default() -> None:
-    import subprocess
-    import sys
-
-    from ddnet.config_fields import config_fields
-
     res = subprocess.run([sys.executable, "-m", "bench.cli", "train", "--help"], capture_output=True, text=True,
                          env={**__import__("os").environ, "COLUMNS": "250"}, timeout=120)
     assert res.returncode == 0, res.stderr

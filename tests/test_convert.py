@@ -6,10 +6,11 @@ import pickle
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from ddnet.config import ModelConfig
+from ddnet.config import DataConfig, ModelConfig
 from ddnet.convert import (
     detect_layout,
     load_model_weights,
@@ -18,8 +19,11 @@ from ddnet.convert import (
     ours_to_original,
     unit_table,
 )
+from ddnet.data import load_split
 from ddnet.errors import UserError
+from ddnet.loss import ms_ssim_per_image, psnr_per_image
 from ddnet.model import DDNet
+from ddnet.sparsity import conform_to_state_dict_
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/ddnet-2d-dect/weights_50_1.pt"
 needs_fixture = pytest.mark.skipif(
@@ -206,8 +210,6 @@ def _ct_like(n: int, side: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- does it denoise?
 def _scores(model: torch.nn.Module, lq: torch.Tensor, hq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from ddnet.loss import ms_ssim_per_image, psnr_per_image
-
     with torch.no_grad():
         out = model.eval()(lq)
     return 100.0 * ms_ssim_per_image(out, hq), psnr_per_image(out, hq)
@@ -220,8 +222,6 @@ def test_pretrained_weights_are_far_closer_to_the_target_than_an_untrained_net()
     and in eval mode (BN running statistics, which the original code never used: it ran in
     train mode) the output scores ~74-78 %. What is robust, and what a wrong mapping
     would break, is that the output is a real image of the slice: far above an untrained DDNet."""
-    from ddnet.config import DataConfig
-    from ddnet.data import load_split
 
     s = load_split(DataConfig(image_size=64, n_val=6, normalisation="minmax"), "val")
     model, _ = load_model_weights(FIXTURE)
@@ -237,12 +237,9 @@ def test_pretrained_weights_are_far_closer_to_the_target_than_an_untrained_net()
 def test_pretrained_weights_denoise_heavy_noise() -> None:
     """Where the noise dominates (dose 0.01), the shipped weights do improve on the input:
     measured +5.6 MS-SSIM points and +5.4 dB PSNR on average, every slice better."""
-    from ddnet.config import DataConfig
-    from ddnet.data import load_split
 
     s = load_split(DataConfig(image_size=128, n_val=8, normalisation="minmax", synth_mode="fast", dose=0.01), "val")
     model, _ = load_model_weights(FIXTURE)
-    from ddnet.loss import ms_ssim_per_image, psnr_per_image
 
     ms_in, psnr_in = 100.0 * ms_ssim_per_image(s.lq, s.hq), psnr_per_image(s.lq, s.hq)
     ms_out, psnr_out = _scores(model, s.lq, s.hq)
@@ -261,7 +258,6 @@ def test_our_checkpoint_formats_load_with_their_info(tmp_path: Path) -> None:
     torch.save({"format": "ddnet-bench-weights/1", "model": sd, "model_config": mc,
                 "normalisation": norm, "epoch": 3}, tmp_path / "weights.pt")
     # a ckpt with RNG states that the restricted unpickler refuses (a numpy array in a tuple)
-    import numpy as np
     torch.save({"format": "ddnet-bench-ckpt/1", "model": sd, "model_config": mc, "normalisation": norm,
                 "epoch": 2, "rng": {"numpy": ("MT19937", np.arange(4, dtype=np.uint32), 0, 0, 0.0)}},
                tmp_path / "ckpt.pt")
@@ -298,7 +294,6 @@ def test_structurally_pruned_weights_load(tmp_path: Path) -> None:
     bottleneck with fewer outputs, its consumer BN and 5x5 conv with fewer inputs);
     `sparsify_` itself is tested in test_sparsity.py and is slow to run here.
     """
-    from ddnet.sparsity import conform_to_state_dict_
 
     torch.manual_seed(0)
     sd = DDNet(TINY).state_dict()

@@ -12,13 +12,16 @@ import pytest
 import tifffile
 import torch
 from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from typer.testing import CliRunner
 
 import ddnet.data.readers as readers
+from bench.cli import app, main
 from ddnet.config import ConfigError, DataConfig
 from ddnet.data import DataError, SliceDataset, SliceSet, load_split, normalise, split_seed
 from ddnet.data.phantoms import chest_phantom, random_ellipses, shepp_logan
-from ddnet.data.synthetic import generate, simulate_low_dose
+from ddnet.data.synthetic import generate, generation_pool, simulate_low_dose
 from ddnet.errors import UserError
 
 
@@ -181,9 +184,6 @@ def make_split(root: Path, split: str = "train", n: int = 2, size: int = 32, suf
 
 
 def write_dicom(path: Path, hu: np.ndarray, slope: float = 1.0, intercept: float = -1024.0) -> None:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -360,8 +360,6 @@ def _digest(folder: Path) -> dict[str, str]:
 
 
 def test_bench_data_synth_writes_a_readable_dataset(tmp_path):
-    from bench.cli import app
-
     out = tmp_path / "ds"
     args = ["data", "synth", "--n", "8", "--size", "32", "--out", str(out), "--mode", "fast",
             "--format", "npy", "--val-frac", "0.25", "--test-frac", "0.125", "--seed", "11"]
@@ -386,8 +384,6 @@ def test_bench_data_synth_writes_a_readable_dataset(tmp_path):
 
 
 def test_bench_data_synth_physics_tif_and_cli_errors(tmp_path, capsys):
-    from bench.cli import app, main
-
     out = tmp_path / "phys"
     result = CliRunner().invoke(app, ["data", "synth", "--n", "3", "--size", "32", "--out", str(out),
                                       "--val-frac", "0.34", "--test-frac", "0.34"])
@@ -410,8 +406,6 @@ def test_bench_data_synth_physics_tif_and_cli_errors(tmp_path, capsys):
 
 
 def test_generation_in_worker_processes_gives_the_same_slices() -> None:
-    from ddnet.data.synthetic import generate, generation_pool
-
     serial = generate(12, 64, seed=7)
     with generation_pool(2) as pool:
         parallel = generate(12, 64, seed=7, pool=pool)

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 import ddnet.data.cache as cache
+from bench.cli import app
 from ddnet.data.cache import cache_root, clear, list_entries, load_or_generate, split_key
 from ddnet.data.synthetic import generate
 
@@ -335,10 +337,6 @@ def test_clear_and_list_on_a_missing_cache(root):
 
 
 def test_bench_data_cache_list_and_clear(tmp_path, monkeypatch):
-    from typer.testing import CliRunner
-
-    from bench.cli import app
-
     monkeypatch.setenv("DDNET_BENCH_CACHE", str(tmp_path))
     load_or_generate(3, 32, 5, "fast", 0.25, "chest")
     res = CliRunner().invoke(app, ["data", "cache", "list"])

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from bench.cli import main
+from ddnet.precision import set_fp32_precision
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/ddnet-2d-dect/weights_50_1.pt"
 REPO = Path(__file__).resolve().parents[1]
@@ -188,7 +190,6 @@ def test_eval_of_the_original_weights(tmp_path: Path, capsys) -> None:
     assert result["output_ms_ssim_paper_code_pct_mean"] > result["output_ms_ssim_pct_mean"]
     # a trained network, not noise: far above what an untrained DDNet scores here (0 %)
     assert result["output_ms_ssim_pct_mean"] > 50.0
-    from PIL import Image
 
     with Image.open(folder / "strip.png") as im:
         assert im.width > 400 and im.height > 200
@@ -197,8 +198,6 @@ def test_eval_of_the_original_weights(tmp_path: Path, capsys) -> None:
 
 def _set_tf32_everywhere() -> None:
     """What an earlier caller in the process might have left: TF32 on (new API where it exists)."""
-    from ddnet.precision import set_fp32_precision
-
     set_fp32_precision("tf32")
 
 

@@ -7,7 +7,15 @@ import torch
 import torch.nn.functional as F
 from pytorch_msssim import ms_ssim
 
-from ddnet.loss import DDNetLoss, choose_msssim, ms_ssim_per_image, psnr_per_image, rmse_per_image
+from ddnet.loss import (
+    DDNetLoss,
+    choose_msssim,
+    ms_ssim_per_image,
+    psnr_per_image,
+    rmse_per_image,
+    slice_metrics,
+)
+from ddnet.precision import get_fp32_modes, set_fp32_precision
 
 
 def _pair(side: int, noise: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,9 +91,6 @@ def test_psnr_and_rmse() -> None:
 
 def test_loss_and_metrics_run_in_true_fp32_whatever_the_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     """--precision tf32 sets TF32 process-wide; the loss and metrics must still convolve in IEEE fp32."""
-    from ddnet.loss import slice_metrics
-    from ddnet.precision import get_fp32_modes, set_fp32_precision
-
     seen = []
     real_conv2d = F.conv2d
 

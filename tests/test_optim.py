@@ -13,6 +13,7 @@ import torch.optim.adam as adam_mod
 import torch.optim.optimizer as optimizer_mod
 from torch.profiler import ProfilerActivity, profile
 
+from bench.collectors import profile_copies
 from bench.training import build_run, train
 from ddnet.config import ConfigError, DataConfig, ModelConfig, TrainConfig, check_runnable
 from ddnet.loaders import DeviceLoader
@@ -122,7 +123,6 @@ def test_build_step_puts_the_model_in_train_mode(graphs: str) -> None:
 
 
 def test_init_model_trains_in_train_mode(tmp_path: Path) -> None:
-
     train(_cfg(epochs=1), tmp_path / "a", progress=False)
     run = build_run(_cfg(init=str(tmp_path / "a" / "weights.pt")), tmp_path / "b")
     assert not run.model.training  # the loader hands the weights over in eval mode
@@ -167,8 +167,6 @@ def _gpu_run(tmp_path: Path, **changes):
 @pytest.mark.gpu
 @needs_cuda
 def test_doll_feeds_a_graph_without_a_device_copy(tmp_path: Path) -> None:
-    from bench.collectors import profile_copies
-
     run = _gpu_run(tmp_path, loader="device", graphs="cuda-graph")
     batches = run.loader.epoch(1)
     lq, _ = next(batches)

@@ -160,8 +160,6 @@ def test_end_to_end_smoke_grid_report(smoke_runs, capsys):
 
 
 def test_target_is_a_number_or_input(tmp_path, capsys):
-    from tests.report_fakes import QUAL, _cfg, _times, write_run
-
     root = tmp_path / "runs"
     write_run(root, "g", "fp32-host-off-dense", _cfg(), _times(10.0, 1), QUAL, extra_row={"input_ms_ssim": 84.0})
     code, _, err = _cli(["report", str(root), "--target", "bogus"], capsys)

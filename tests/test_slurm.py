@@ -15,11 +15,13 @@ import pickle
 import shlex
 import signal
 import stat
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import submitit
 
 from bench.slurm import (
     CELL_LOCK,
@@ -235,7 +237,6 @@ def test_submit_to_slurm_writes_the_previewed_script_one_array_per_shape(tmp_pat
     assert (fake_slurm / "sbatch_4242.sh").read_text() == sbatch_text(1, 1, 2, options, log_dir)
     assert (fake_slurm / "sbatch_4243.sh").read_text() == sbatch_text(2, 1, 1, options, log_dir)
     # what the node will run: the pickled CellCommand of each cell
-    import submitit
 
     delayed = submitit.helpers.DelayedSubmission.load(log_dir / "4242_1" / "4242_1_submitted.pkl")
     assert isinstance(delayed.function, CellCommand) and delayed.function.job.argv == jobs[2].argv
@@ -253,7 +254,6 @@ def test_no_slurm_here_is_one_clear_line(tmp_path, fake, monkeypatch):
 
 def test_local_executor_fills_the_folder_exactly_as_running_the_command(tmp_path, fake):
     pytest.importorskip("submitit")
-    import subprocess
 
     direct = make_job(tmp_path / "direct", fake, "cell0", epochs=3)
     with open(direct.folder / "train.log", "a") as log:

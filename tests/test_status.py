@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
+from typer.testing import CliRunner
 
+from bench.cli import app, main
 from bench.slurm import record_jobs
 from bench.status import cell_status_rows, format_duration, recorded_jobs, status_table, status_totals
 from ddnet.errors import UserError
@@ -145,10 +147,6 @@ def test_format_duration_and_missing_folder(tmp_path):
 
 
 def test_bench_status_command_shows_every_cell_and_the_totals(grid_dir, tmp_path):
-    from typer.testing import CliRunner
-
-    from bench.cli import app, main
-
     res = CliRunner().invoke(app, ["status", str(grid_dir)], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
     for word in ("finished", "failed", "running", "skipped"):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import bench.training as training
+import ddnet.trainer as trainer
 from bench.cli import main
 from bench.store import read_json, read_jsonl
 from bench.training import train
@@ -169,8 +170,6 @@ def test_disk_full_at_the_start_is_one_line(tmp_path: Path, capsys, monkeypatch)
 
 
 def test_a_nan_validation_metric_is_a_failure_never_ok(tmp_path: Path, monkeypatch) -> None:
-    import ddnet.trainer as trainer
-
     real = trainer.validate
 
     def nan_metric(*args, **kwargs):
