@@ -69,21 +69,35 @@ def append_jsonl(path: str | Path, row: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read every complete row; a torn last line (killed mid-write) is ignored."""
+def read_jsonl_checked(path: str | Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """Every valid row (a JSON object), and the 1-based numbers of the lines that are not one.
+
+    A line that does not parse (garbage, a torn last line of a run killed mid-write) is skipped
+    and reported, never a reason to drop the valid rows after it.
+    """
     path = Path(path)
     if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
+        return [], []
+    rows, bad = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
         line = line.strip()
         if not line:
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            break
-    return rows
+            bad.append(number)
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad.append(number)
+    return rows, bad
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Every valid row; lines that are not one (e.g. a torn last line) are skipped (see `read_jsonl_checked`)."""
+    return read_jsonl_checked(path)[0]
 
 
 def rewrite_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:

@@ -89,3 +89,23 @@ def test_repeats_group_into_one_cell_per_machine(tmp_path):
     per_run = [float(np.median(_times(10.0, r)[1:])) for r in range(3)]
     assert a.epoch_time_p50() == pytest.approx(float(np.median(per_run)))
     assert a.status_text() == "ok (3 repeats)"
+
+
+def test_a_damaged_epochs_file_is_read_whole_and_flagged(tmp_path):
+    root = tmp_path / "runs"
+    d = write_run(root, "g", "fp32-host-off-dense", _cfg(), _times(10.0, 1, n=30), [50.0 + i for i in range(30)])
+    lines = (d / "epochs.jsonl").read_text().splitlines()
+    lines[5] = "garbage that is not json"        # row 6 lost
+    lines.insert(10, lines[9])                     # epoch 10 recorded twice
+    lines.append('{"epoch": 31, "time_s": 1.0, "val_ms')  # a torn last line
+    (d / "epochs.jsonl").write_text("\n".join(lines) + "\n")
+    run = load_runs(root)[0]
+    assert [r["epoch"] for r in run.epochs] == [e for e in range(1, 31) if e != 6]  # every valid row, once
+    assert run.damage is not None
+    for part in ("2 unreadable lines", "epoch 10 recorded twice", "epoch 6 missing"):
+        assert part in run.damage, run.damage
+    rep = make_report(root, opts=Options())
+    md = rep.report_md.read_text()
+    assert "damaged" in md and "epoch 6 missing" in md
+    status = pd.read_csv(rep.out / "tables" / "status.csv").iloc[0]
+    assert "recorded twice" in status["damage"] and status["epochs_done"] == 29

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bench.store import append_jsonl, read_json, read_jsonl, rewrite_jsonl, write_json
+from bench.store import append_jsonl, read_json, read_jsonl, read_jsonl_checked, rewrite_jsonl, write_json
 
 
 def test_json_round_trip_and_non_finite(tmp_path: Path) -> None:
@@ -35,3 +35,12 @@ def test_jsonl_ignores_a_torn_last_line(tmp_path: Path) -> None:
     rewrite_jsonl(p, read_jsonl(p)[:1])
     assert read_jsonl(p) == [{"epoch": 1}]
     assert read_jsonl(tmp_path / "missing.jsonl") == []
+
+
+def test_every_valid_row_is_read_and_bad_lines_are_named(tmp_path):
+
+    path = tmp_path / "e.jsonl"
+    path.write_text('{"epoch": 1}\nnot json\n{"epoch": 3}\n[1, 2]\n\n{"epoch": 5, "torn')
+    rows, bad = read_jsonl_checked(path)
+    assert rows == [{"epoch": 1}, {"epoch": 3}] and bad == [2, 4, 6]  # rows after a bad line are kept
+    assert read_jsonl(path) == rows and read_jsonl_checked(tmp_path / "missing") == ([], [])

@@ -89,7 +89,8 @@ def _status_rows(envs: list[Environment]) -> list[dict[str, Any]]:
             rows.append({
                 "env": e.label, "grid": r.grid or "-", "cell": r.cell_name, "repeat": r.repeat, "status": r.status,
                 "epochs_done": len(r.epochs), "epochs": r.setting.epochs,
-                "message": r.status_text() if r.status != "ok" else "", "path": r.rel,
+                "message": r.status_text() if r.status != "ok" or r.damage else "", "damage": r.damage or "",
+                "path": r.rel,
             })
     return rows
 

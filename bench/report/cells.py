@@ -50,8 +50,10 @@ class CellRuns:
         """'ok (3 repeats)' or what is missing: partial, failed, skipped runs with their messages."""
         ok = self.ok_runs
         others = [r for r in self.runs if not r.ok]
+        damaged = sorted({r.damage for r in ok if r.damage})
         if not others:
-            return f"ok ({len(ok)} repeat{'s' if len(ok) != 1 else ''})"
+            text = f"ok ({len(ok)} repeat{'s' if len(ok) != 1 else ''})"
+            return text + (f" [{'; '.join(damaged)}]" if damaged else "")
         msgs = sorted({r.status_text() for r in others})
         head = f"{len(ok)}/{len(self.runs)} ok; " if ok else ""
         return head + "; ".join(msgs)

@@ -73,6 +73,11 @@ def render(results_dir: Path, runs: list[RunRecord], envs: list[Environment], en
                      "numbers in the tables below):\n")
         lines.append(md_table(bad, ["env", "grid", "cell", "repeat", "status", "epochs_done", "epochs", "message",
                                     "path"]))
+    damaged = [r for r in status if r["status"] == "ok" and r.get("damage")]
+    if damaged:
+        lines.append("Finished runs whose epochs.jsonl is damaged (their numbers come from the valid rows; "
+                     "check them before trusting the tables):\n")
+        lines.append(md_table(damaged, ["env", "grid", "cell", "repeat", "epochs_done", "epochs", "damage", "path"]))
     lines.append("All runs: `tables/status.csv`; every epoch of every run: `tables/epochs_raw.csv`.\n")
     lines.append("## How to read the tables\n")
     lines.append(bullets(how_to_read(opts)))

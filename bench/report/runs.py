@@ -21,7 +21,7 @@ from typing import Any
 from bench.report.format import is_num
 from bench.report.setting import Setting, setting_from
 from bench.stats import median
-from bench.store import read_json, read_jsonl
+from bench.store import read_json, read_jsonl_checked
 from ddnet.errors import UserError
 
 UNKNOWN_ENV = "unknown"
@@ -89,6 +89,8 @@ class RunRecord:
     cell_name: str
     repeat: int
     label: str
+    damage: str | None = None
+    """What is wrong with epochs.jsonl (unreadable lines, duplicated or missing epochs), or None."""
 
     @property
     def ok(self) -> bool:
@@ -192,7 +194,11 @@ class RunRecord:
         return out
 
     def status_text(self) -> str:
-        """'ok', 'running (partial: 3/50 epochs)', 'failed: <error>', 'skipped: <reason>'."""
+        """'ok', 'running (partial: 3/50 epochs)', 'failed: <error>', 'skipped: <reason>'; damage appended."""
+        text = self._status_text()
+        return f"{text} [{self.damage}]" if self.damage else text
+
+    def _status_text(self) -> str:
         done = len(self.epochs)
         total = self.setting.epochs
         if self.status == "ok":
@@ -245,10 +251,11 @@ def read_run(path: Path, root: Path) -> RunRecord:
     env = env if isinstance(env, dict) else {}
     cell = cell if isinstance(cell, dict) else {}
     try:
-        epochs = [r for r in read_jsonl(path / "epochs.jsonl") if isinstance(r, dict)]
+        raw, bad_lines = read_jsonl_checked(path / "epochs.jsonl")
     except OSError as exc:
-        epochs = []
+        raw, bad_lines = [], []
         problems.append(f"epochs.jsonl unreadable: {exc}")
+    epochs, damage = _clean_epochs(raw, bad_lines)
     copies = summary.get("copies") if isinstance(summary.get("copies"), dict) else None
     if copies is None:
         c, _ = _read_optional(path / "copies.json")
@@ -286,7 +293,40 @@ def read_run(path: Path, root: Path) -> RunRecord:
         cell_name=cell_name,
         repeat=int(cell.get("repeat", 0) or 0),
         label=str(cell.get("label") or setting.label()),
+        damage=damage,
     )
+
+
+def _clean_epochs(raw: list[dict[str, Any]], bad_lines: list[int]) -> tuple[list[dict[str, Any]], str | None]:
+    """Every valid epoch row once, in epoch order, and what was wrong with the file (None when nothing).
+
+    Damage is flagged, never hidden: lines that are not a row (garbage, a torn line), epochs recorded
+    twice (the last record of an epoch is kept: a resume rewrites rows past its checkpoint), and epoch
+    numbers missing between the first and the last.
+    """
+    by_epoch: dict[int, dict[str, Any]] = {}
+    dup: list[int] = []
+    loose: list[dict[str, Any]] = []
+    for row in raw:
+        e = row.get("epoch")
+        if not isinstance(e, int) or isinstance(e, bool):
+            loose.append(row)
+            continue
+        if e in by_epoch:
+            dup.append(e)
+        by_epoch[e] = row
+    epochs = [by_epoch[e] for e in sorted(by_epoch)] + loose
+    gaps = [e for e in range(1, max(by_epoch) + 1) if e not in by_epoch] if by_epoch else []
+    parts = []
+    if bad_lines:
+        parts.append(f"{len(bad_lines)} unreadable line{'s' if len(bad_lines) > 1 else ''} "
+                     f"(line {', '.join(map(str, bad_lines[:5]))})")
+    if dup:
+        parts.append(f"epoch{'s' if len(set(dup)) > 1 else ''} {', '.join(map(str, sorted(set(dup))[:5]))} "
+                     "recorded twice")
+    if gaps:
+        parts.append(f"epoch{'s' if len(gaps) > 1 else ''} {', '.join(map(str, gaps[:5]))} missing")
+    return epochs, ("epochs.jsonl damaged: " + "; ".join(parts)) if parts else None
 
 
 def find_run_dirs(results_dir: Path) -> list[Path]:
