@@ -116,15 +116,44 @@ def _is_user_error(exc: BaseException) -> bool:
     return errors is not None and isinstance(exc, errors.UserError)
 
 
+def _kind(exc: BaseException) -> str | None:
+    """'no-args', 'usage' or 'abort' for click's exceptions (typer vendors click as a private module in
+    recent versions and depends on it in older ones: matched by class name, so both work), else None."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    if "NoArgsIsHelpError" in names:
+        return "no-args"
+    if "UsageError" in names:
+        return "usage"
+    if "Abort" in names:
+        return "abort"
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
+    """Console-script entry point: bad input of any kind is one `error:` line and exit status 2."""
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        app(args=argv, standalone_mode=True)
+        code = app(args=args, standalone_mode=False)
     except Exception as e:
+        kind, ctx = _kind(e), getattr(e, "ctx", None)
+        if kind == "no-args":  # `bench` or `bench data` alone: the help, as asked
+            typer.echo(ctx.get_help() if ctx else str(e))
+            sys.exit(0)
+        if kind == "usage":  # an unknown option, a value of the wrong type, a missing one
+            root = ctx.find_root().info_name or "" if ctx else ""
+            sub = ctx.command_path[len(root):].strip() if ctx else ""
+            typer.echo(f"error: {e.format_message()} (see `{' '.join(['bench', sub, '--help']).replace('  ', ' ')}`)",
+                       err=True)
+            sys.exit(2)
+        if kind == "abort":
+            typer.echo("aborted", err=True)
+            sys.exit(130)
         if not _is_user_error(e):
             raise
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
+    if isinstance(code, int) and code != 0:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,209 @@
+"""Bad input and faults, as a hostile but realistic user meets them: one `error:` line, a non-zero exit,
+no traceback, and no file that existed before changed. One table of cases across every command."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.cli import main
+from bench.store import read_json
+from bench.training import train
+from ddnet.config import DataConfig, ModelConfig, TrainConfig
+
+TINY = ["--image-size", "32", "--n-train", "8", "--n-val", "4", "--batch-size", "4", "--base-width", "4",
+        "--growth", "4", "--bottleneck", "8", "--device", "cpu", "--num-workers", "0", "--quiet", "--epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny run folder (checkpoint, weights, records)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train(TrainConfig(model=ModelConfig(base_width=4, growth=4, bottleneck=8),
+                      data=DataConfig(image_size=32, n_train=8, n_val=4), epochs=1, batch_size=4, device="cpu",
+                      num_workers=0), out, progress=False)
+    return out
+
+
+def _folder_data(root: Path, shape=(32, 32), n: int = 2) -> Path:
+    for split in ("train", "val"):
+        for kind in ("HQ", "LQ"):
+            (root / split / kind).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                np.save(root / split / kind / f"s{i}.npy", np.zeros(shape, np.float32))
+    return root
+
+
+def _write(path: Path, text: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (path.write_bytes if isinstance(text, bytes) else path.write_text)(text)
+    return path
+
+
+def _grid(tmp: Path, body: str) -> str:
+    return str(_write(tmp / "g.py", body))
+
+
+# (id, setup(tmp, finished) -> extra args, args, expected exit code, text the error line must hold)
+Case = tuple[str, Callable[[Path, Path], list[str]], list[str], int, str]
+NONE: Callable[[Path, Path], list[str]] = lambda t, f: []  # noqa: E731
+CASES: list[Case] = [
+    # ---------------------------------------------------------------- bench train: options
+    ("train-precision", NONE, ["train", "--out", "{t}/o", "--precision", "fp8", *TINY], 2, "--precision 'fp8'"),
+    ("train-lr-negative", NONE, ["train", "--out", "{t}/o", "--lr", "-0.1", *TINY], 2, "--lr -0.1"),
+    ("train-lr-nan", NONE, ["train", "--out", "{t}/o", "--lr", "nan", *TINY], 2, "--lr nan"),
+    ("train-lr-inf", NONE, ["train", "--out", "{t}/o", "--lr", "inf", *TINY], 2, "--lr inf"),
+    ("train-width-zero", NONE, ["train", "--out", "{t}/o", *TINY, "--base-width", "0"], 2, "--base-width 0"),
+    ("train-width-negative", NONE, ["train", "--out", "{t}/o", *TINY, "--base-width", "-4"], 2, "--base-width -4"),
+    ("train-workers", NONE, ["train", "--out", "{t}/o", *TINY, "--num-workers", "-1"], 2, "--num-workers -1"),
+    ("train-profile", NONE, ["train", "--out", "{t}/o", *TINY, "--profile-steps", "-5"], 2, "--profile-steps -5"),
+    ("train-epochs-text", NONE, ["train", "--out", "{t}/o", *TINY, "--epochs", "ten"], 2, "--epochs"),
+    ("train-device", NONE, ["train", "--out", "{t}/o", *TINY, "--device", "tpu"], 2, "--device 'tpu'"),
+    ("train-scope", NONE, ["train", "--out", "{t}/o", *TINY, "--scope", "bogus"], 2, "--scope 'bogus'"),
+    ("train-image-size", NONE, ["train", "--out", "{t}/o", *TINY, "--image-size", "40"], 2, "divisible by 16"),
+    ("train-unknown-option", NONE, ["train", "--out", "{t}/o", "--bogus", "1"], 2, "No such option"),
+    ("train-no-sparse-epoch", NONE, ["train", "--out", "{t}/o", *TINY, "--sparsity", "random", "--dense-epochs",
+                                     "1"], 2, "no sparse epoch"),
+    ("train-cuda-graph-cpu", NONE, ["train", "--out", "{t}/o", *TINY, "--graphs", "cuda-graph"], 2, "needs a CUDA"),
+    ("train-compile-mode", NONE, ["train", "--out", "{t}/o", *TINY, "--compile-mode", "max-autotune"], 2,
+     "applies to torch.compile"),
+    ("train-preset", NONE, ["train", "--out", "{t}/o", *TINY, "--preset", "quickest"], 2, "--preset 'quickest'"),
+    # ---------------------------------------------------------------- bench train: config files
+    ("config-list", lambda t, f: ["--config", str(_write(t / "c.json", "[1, 2]"))], ["train", "--out", "{t}/o"],
+     2, "JSON object"),
+    ("config-string", lambda t, f: ["--config", str(_write(t / "c.json", '"fp32"'))], ["train", "--out", "{t}/o"],
+     2, "JSON object"),
+    ("config-epochs-text", lambda t, f: ["--config", str(_write(t / "c.json", '{"epochs": "ten"}'))],
+     ["train", "--out", "{t}/o"], 2, "--epochs must be an integer"),
+    ("config-epochs-float", lambda t, f: ["--config", str(_write(t / "c.json", '{"epochs": 2.7}'))],
+     ["train", "--out", "{t}/o"], 2, "got 2.7"),
+    ("config-model-null", lambda t, f: ["--config", str(_write(t / "c.json", '{"model": null}'))],
+     ["train", "--out", "{t}/o"], 2, "'model' must be"),
+    ("config-typo", lambda t, f: ["--config", str(_write(t / "c.json", '{"epoch": 3}'))],
+     ["train", "--out", "{t}/o"], 2, "unknown TrainConfig field"),
+    ("config-not-json", lambda t, f: ["--config", str(_write(t / "c.json", "{epochs: 3"))],
+     ["train", "--out", "{t}/o"], 2, "not valid JSON"),
+    ("config-missing", NONE, ["train", "--out", "{t}/o", "--config", "{t}/none.json"], 2, "does not exist"),
+    # ---------------------------------------------------------------- bench train: data and folders
+    ("train-data-missing", NONE, ["train", "--out", "{t}/o", *TINY, "--data", "{t}/nodata"], 2, "nodata"),
+    ("train-data-unpaired", lambda t, f: [_unpaired(t)], ["train", "--out", "{t}/o", *TINY, "--data"], 2, "s1"),
+    ("train-data-overflow", lambda t, f: [_overflow(t)], ["train", "--out", "{t}/o", *TINY, "--data"], 2,
+     "float32's range"),
+    ("train-out-finished", lambda t, f: ["--out", str(f)], ["train", *TINY], 2, "already holds a finished run"),
+    ("train-out-empty", NONE, ["train", "--out", "", *TINY], 2, "--out is empty"),
+    ("train-out-file", lambda t, f: ["--out", str(_write(t / "afile", "x"))], ["train", *TINY], 2, "is a file"),
+    ("train-out-foreign", lambda t, f: ["--out", str(_write(t / "mine" / "notes.txt", "x").parent)],
+     ["train", *TINY], 2, "not a bench run"),
+    ("train-init-missing", NONE, ["train", "--out", "{t}/o", *TINY, "--init", "{t}/w.pt"], 2, "does not exist"),
+    ("train-resume-corrupt-ckpt", lambda t, f: ["--out", str(_corrupt_run(t, f))], ["train", *TINY, "--resume"], 2,
+     "cannot be read as a checkpoint"),
+    # ---------------------------------------------------------------- bench eval
+    ("eval-missing", NONE, ["eval", "--checkpoint", "{t}/none.pt"], 2, "none.pt"),
+    ("eval-not-a-checkpoint", lambda t, f: ["--checkpoint", str(_write(t / "x.pt", b"garbage"))], ["eval"], 2,
+     "x.pt"),
+    ("eval-split", lambda t, f: ["--checkpoint", str(f / "ckpt.pt")], ["eval", "--split", "train"], 2, "--split"),
+    ("eval-device", lambda t, f: ["--checkpoint", str(f / "ckpt.pt")], ["eval", "--device", "tpu"], 2, "--device"),
+    ("eval-out-taken", lambda t, f: ["--checkpoint", str(f / "ckpt.pt"), "--out",
+                                     str(_write(t / "ev" / "keep.txt", "x").parent)], ["eval"], 2, "not empty"),
+    # 8 px: too small for DDNet's four poolings (any side it accepts, >= 16, has at least 2 MS-SSIM scales)
+    ("eval-image-too-small", lambda t, f: ["--checkpoint", str(f / "ckpt.pt")], ["eval", "--image-size", "8"],
+     2, "divisible by 16"),
+    # ---------------------------------------------------------------- bench data synth
+    ("synth-size", NONE, ["data", "synth", "--out", "{t}/d", "--size", "40", "--n", "4"], 2, "divisible by 16"),
+    ("synth-mode", NONE, ["data", "synth", "--out", "{t}/d", "--mode", "magic", "--n", "4"], 2, "--mode"),
+    ("synth-dose", NONE, ["data", "synth", "--out", "{t}/d", "--dose", "2", "--n", "4"], 2, "--dose"),
+    ("synth-out-taken", lambda t, f: ["--out", str(_write(t / "dd" / "keep.txt", "x").parent)],
+     ["data", "synth", "--n", "4", "--size", "32"], 2, "dd"),
+    # ---------------------------------------------------------------- bench run
+    ("run-unknown-grid", NONE, ["run", "--grid", "nosuchgrid", "--out", "{t}/r"], 2, "unknown grid"),
+    ("run-grid-raises", lambda t, f: ["--grid", _grid(t, "def cells(base):\n    raise RuntimeError('boom')\n")],
+     ["run", "--out", "{t}/r"], 2, "raised RuntimeError: boom"),
+    ("run-grid-wrong-type", lambda t, f: ["--grid", _grid(t, "def cells(base):\n    return [1]\n")],
+     ["run", "--out", "{t}/r"], 2, "not a Cell"),
+    ("run-grid-syntax", lambda t, f: ["--grid", _grid(t, "def cells(base)\n")], ["run", "--out", "{t}/r"], 2,
+     "failed to import"),
+    ("run-repeats", NONE, ["run", "--grid", "smoke", "--out", "{t}/r", "--repeats", "0"], 2, "--repeats"),
+    ("run-data-missing", NONE, ["run", "--grid", "smoke", "--out", "{t}/r", "--data", "{t}/nodata"], 2, "nodata"),
+    ("run-impossible-override", NONE, ["run", "--grid", "table2", "--out", "{t}/r", "--image-size", "40",
+                                       "--dry-run"], 2, "divisible by 16"),
+    # ---------------------------------------------------------------- bench report / status
+    ("report-missing", NONE, ["report", "{t}/noresults"], 2, "does not exist"),
+    ("report-empty", lambda t, f: [str(_write(t / "empty" / "x.txt", "x").parent)], ["report"], 2,
+     "no run folders"),
+    ("report-target", lambda t, f: [str(f.parent)], ["report", "--target", "most"], 2, "--target 'most'"),
+    ("status-missing", NONE, ["status", "{t}/nothing"], 2, "is not a folder"),
+    ("unknown-command", NONE, ["trian"], 2, "No such command"),
+]
+
+
+def _unpaired(t: Path) -> str:
+    root = _folder_data(t / "unpaired")
+    (root / "train" / "LQ" / "s1.npy").unlink()
+    return str(root)
+
+
+def _overflow(t: Path) -> str:
+    root = _folder_data(t / "overflow")
+    big = np.zeros((32, 32), np.float64)
+    big[0, 0] = 1e300
+    np.save(root / "train" / "HQ" / "s1.npy", big)
+    return str(root)
+
+
+def _corrupt_run(t: Path, finished: Path) -> Path:
+    run = t / "corrupt"
+    run.mkdir()
+    for name in ("config.json", "epochs.jsonl", "env.json"):
+        (run / name).write_bytes((finished / name).read_bytes())
+    (run / "summary.json").write_text(json.dumps({"status": "running", "error": None}))
+    (run / "ckpt.pt").write_bytes(b"\x80\x04 not a checkpoint")
+    return run
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(("name", "setup", "args", "code", "needle"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_changes_nothing(tmp_path, finished, capsys, monkeypatch, name, setup, args,
+                                                   code, needle):
+    monkeypatch.chdir(tmp_path)
+    extra = setup(tmp_path, finished)
+    argv = [a.replace("{t}", str(tmp_path)) for a in args] + extra
+    before_t, before_f = _digest(tmp_path), _digest(finished)
+    try:
+        main(argv)
+        got = 0
+    except SystemExit as e:
+        got = int(e.code or 0)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert got == code, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert needle in lines[0], lines[0]
+    # nothing that existed before was changed (new empty folders aside, no new file either)
+    after_t = _digest(tmp_path)
+    assert {k: v for k, v in after_t.items() if k in before_t} == before_t
+    assert set(after_t) - set(before_t) == set(), set(after_t) - set(before_t)
+    assert _digest(finished) == before_f
+    assert read_json(finished / "summary.json")["status"] == "ok"
+
+
+def test_the_catalog_is_large_enough() -> None:
+    assert len(CASES) >= 40
+    assert {c[2][0] for c in CASES} >= {"train", "eval", "data", "run", "report"}
+
+
+def test_a_real_subprocess_gives_the_same_one_line(tmp_path) -> None:
+    res = subprocess.run([sys.executable, "-m", "bench.cli", "train", "--out", str(tmp_path / "o"), "--lr", "nan"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert res.returncode == 2 and res.stderr.count("error:") == 1 and "Traceback" not in res.stderr
