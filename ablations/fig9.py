@@ -1,4 +1,8 @@
-"""Fig. 9(a): data-movement profile (HtoD, DtoH, DtoD, memset) of the host loader vs DoLL."""
+"""Fig. 9(a): data-movement profile (HtoD, DtoH, DtoD, memset) of the host loader vs DoLL.
+
+The paper's regime (`bench.grids.paper_base`: 5120 + 784 slices of 512 px, batch 32, 50 epochs): DoLL
+stages the whole training set on the device, so its size is what the profile is about.
+"""
 
 from __future__ import annotations
 

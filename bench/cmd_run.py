@@ -1,10 +1,23 @@
 """`bench grids` and `bench run`: list the grids; expand one and run each cell in its own fresh process.
 
 `bench run` plans the grid (`bench.planning`: cells, folder names, run order,
-`<out>/grid.json`), then runs the cells one process each (`bench.processes`),
-and ends with a summary table; it exits non-zero if any cell failed. Re-running
-the same command into the same folder resumes the grid; `--dry-run` prints the
-plan and writes nothing.
+`<out>/grid.json`), prints the plan with each cell's size and cost, then runs
+the cells one process each (`bench.processes`), and ends with a summary table;
+it exits non-zero if any cell failed. Re-running the same command into the
+same folder resumes the grid; `--dry-run` prints the plan and writes nothing.
+
+The plan's cost (`bench.estimate`): per cell, the images it trains (steps x
+batch x epochs, steps = n_train // batch; the global batch under DDP) and the
+time it should take, with where that figure comes from: earlier runs under
+`--out` (and `--estimate-from DIR`) on this machine ("from 3 earlier epochs
+of this cell", "scaled from <folder>: ..."), a quick calibration (`--calibrate`: "calibrated: 3 steps"),
+or "unknown"; then the totals and the one-time synthetic data generation, e.g.
+
+    total: 2 cell(s) to run, 96 images to train, estimated 50.1 s (2 measured)
+    data: 2 synthetic split(s) to generate once (5120 x 512 px + 784 x 512 px slices), ~5m54s (nominal ...)
+
+While the grid runs, its elapsed and estimated remaining time are shown on every
+line (plain output) or on the grid's bar (a terminal).
 
 How to add a grid: one new file in ablations/, say `ablations/precision.py`:
 
@@ -32,16 +45,34 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from bench.grids import Grid, load_grid, registry
-from bench.planning import Overrides, PlannedCell, plan_grid, run_order
-from bench.processes import CellResult, read_summary, run_grid
-from bench.store import read_json
+from bench.estimate import (
+    CAL_STEPS,
+    Calibration,
+    PlanEstimate,
+    estimate_plan,
+    exact_match,
+    machine_fingerprint,
+    phase_split,
+    scan_runs,
+    timing_key,
+)
+from bench.grids import Grid, load_grid, registry, toggles_slug
+from bench.planning import Overrides, PlannedCell, cell_sizes, cell_state, plan_grid, read_summary, run_order
+from bench.processes import TRAIN_COMMAND, CellResult, run_grid
+from bench.status import format_duration
+from bench.store import read_json, read_jsonl, write_json
+from ddnet.config import TrainConfig, resolve_device
 from ddnet.errors import UserError
 
 
@@ -72,17 +103,46 @@ def print_summary(console: Console, results: list[CellResult]) -> None:
     console.print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())), markup=False, highlight=False)
 
 
-def print_plan(console: Console, grid: Grid, planned: list[PlannedCell], order: list[str], out: Path) -> None:
-    """`--dry-run`: the cells in run order with their factors and skip reasons; nothing is run or written."""
+def total_line(estimate: PlanEstimate) -> str:
+    """'total: 4 cell(s) to run, 1,024,000 images to train, estimated 2h13m (3 measured, 1 scaled)'."""
+    cells = estimate.to_run()
+    kinds: dict[str, int] = {}
+    for c in cells:
+        kinds[c.kind] = kinds.get(c.kind, 0) + 1
+    how = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+    text = f"total: {len(cells)} cell(s) to run, {sum(c.images_left for c in cells):,} images to train"
+    if not cells:
+        return text + ", nothing to do"
+    if estimate.unknown == len(cells):
+        text += f", time unknown ({how})"
+    else:
+        at_least = "at least " if estimate.unknown else ""
+        data = " with the data generation" if estimate.data_s else ""
+        text += f", estimated {at_least}{format_duration(estimate.total_s)}{data} ({how})"
+    if estimate.unknown:
+        text += "; for the unknown ones use --calibrate, or run a few epochs into this --out first"
+    return text
+
+
+def print_plan(console: Console, grid: Grid, planned: list[PlannedCell], order: list[str], out: Path,
+               estimate: PlanEstimate | None = None) -> None:
+    """The cells in run order with their factors, sizes, images to train, estimated time (and its source) and
+    state or skip reason, then the totals; nothing is run or written."""
     by_folder = {p.folder: p for p in planned}
+    # the factors every cell shares go under the table, once; the column shows what the grid varies
+    keys = list(dict.fromkeys(k for p in planned for k in p.cell.factors))
+    varied = [k for k in keys if len({repr(p.cell.factors.get(k)) for p in planned}) > 1] or keys
+    shared = {k: planned[0].cell.factors[k] for k in keys if k not in varied and k in planned[0].cell.factors}
     table = Table(title=f"grid '{grid.name}': {len(planned)} cells -> {out}")
     table.add_column("#", justify="right")
     table.add_column("cell", overflow="fold")
     table.add_column("factors", overflow="fold")
+    table.add_column("slices x px\nsteps x batch x epochs\nimages to train", overflow="fold", min_width=15)
+    table.add_column("estimate\n(from)", overflow="fold")
     table.add_column("state / skip reason", overflow="fold")
     for i, folder in enumerate(order, start=1):
         p = by_folder[folder]
-        factors = ", ".join(f"{k}={v}" for k, v in p.cell.factors.items())
+        factors = ", ".join(f"{k}={p.cell.factors[k]}" for k in varied if k in p.cell.factors)
         s = read_summary(out / folder)
         if p.skip_reason:
             state = f"skip: {p.skip_reason}"
@@ -90,8 +150,31 @@ def print_plan(console: Console, grid: Grid, planned: list[PlannedCell], order: 
             state = f"{s.get('status')} (existing)"
         else:
             state = "to run"
-        table.add_row(str(i), folder, factors, state)
+        e = estimate.cells.get(folder) if estimate is not None else None
+        if e is None:
+            size = when = "-"
+        else:
+            z = e.sizes
+            size = f"{z.n_train} x {z.side} px\n{z.steps} x {z.batch} x {e.epochs}\n{e.images:,} images"
+            left = f", {e.epochs_left} of {e.epochs} epochs left" if 0 < e.epochs_left < e.epochs else ""
+            if e.state != "to run":
+                when = "-"
+            elif e.seconds is None:
+                when = e.source + left
+            else:
+                when = f"{format_duration(e.seconds)}\n({e.source}{left})"
+        table.add_row(str(i), folder, factors, size, when, state)
     console.print(table)
+    if shared:
+        console.print("every cell: " + ", ".join(f"{k}={v}" for k, v in shared.items()), markup=False,
+                      highlight=False)
+    if estimate is not None:
+        for line in (total_line(estimate), estimate.data_note):
+            if line:
+                console.print(line, markup=False, highlight=False)
+        if estimate.other_machines:
+            console.print(f"({estimate.other_machines} earlier run(s) under {out} were made on another machine "
+                          "or device: not used for the estimates)", markup=False, highlight=False)
 
 
 def _console() -> Console:
@@ -100,6 +183,126 @@ def _console() -> Console:
         # logs and CI: wide enough that tables do not fold every column
         console = Console(width=160)
     return console
+
+
+# ------------------------------------------------------------------ --calibrate
+
+CALIBRATION_TIMEOUT_S = 600.0
+"""Longest a calibration training may take (torch.compile's first compile included)."""
+
+
+def calibration_config(cfg: TrainConfig, phase: str) -> TrainConfig:
+    """`cfg` cut to a calibration: 2 epochs of `CAL_STEPS` steps, one validation batch, synthetic slices of the
+    same side, `phase` only (a sparse phase prunes before the first step; a dense one has no pruning)."""
+    sizes = cell_sizes(cfg)
+    changes: dict[str, Any] = {
+        "epochs": 2, "warmup_epochs": 1, "profile_steps": 0, "checkpoint_every": 1, "init": None,
+        "data.source": "synthetic", "data.image_size": sizes.side,
+        "data.n_train": CAL_STEPS * cfg.batch_size, "data.n_val": max(1, min(sizes.n_val, sizes.val_batch)),
+    }
+    if phase == "sparse":
+        changes["sparsity.dense_epochs"] = 0
+    else:
+        changes.update({"sparsity.kind": "none", "sparsity.dense_epochs": 0, "sparsity.pattern": "unstructured",
+                        "sparsity.scope": "layer"})
+    return cfg.replace(**changes)
+
+
+def calibration_jobs(planned: list[PlannedCell], out: Path, retry_failed: bool = False,
+                     also: tuple[Path, ...] = ()) -> dict[str, tuple[TrainConfig, list[tuple[str, str]]]]:
+    """The calibrations a plan needs: {calibration key: (config to run, [(cell timing key, phase), ...])}.
+
+    Only cells that will run and have no measured earlier run of their own configuration (under
+    `out` or the `also` folders); one run per distinct configuration and phase, shared by every
+    cell that needs it.
+    """
+    runs = scan_runs(out, *also)
+    fp = machine_fingerprint()
+    jobs: dict[str, tuple[TrainConfig, list[tuple[str, str]]]] = {}
+    for p in planned:
+        state, done = cell_state(p, out, retry_failed)
+        if state != "to run":
+            continue
+        device, sizes = resolve_device(p.config.device), cell_sizes(p.config)
+        key = timing_key(p.config, device, sizes)
+        if exact_match(runs, key, fp, p) is not None:
+            continue
+        for phase, n in phase_split(p.config, done).items():
+            if n == 0:
+                continue
+            cal = calibration_config(p.config, phase)
+            cal_key = timing_key(cal, device, cell_sizes(cal))
+            jobs.setdefault(cal_key, (cal, []))[1].append((key, phase))
+    return jobs
+
+
+def read_calibration(folder: Path, wall_s: float) -> Calibration:
+    """The timed (second) epoch of a calibration run in `folder`, which took `wall_s` in all."""
+    rows = read_jsonl(folder / "epochs.jsonl")
+    timed = [r for r in rows if not r.get("warmup")] or rows[1:]
+    if not timed:
+        return Calibration(error=f"no timed epoch in {folder}")
+    r = timed[-1]
+    steps, train = int(r.get("steps") or CAL_STEPS), float(r.get("time_s") or 0.0)
+    p50 = r.get("step_time_ms_p50")
+    step = float(p50) / 1000.0 if isinstance(p50, int | float) else train / max(1, steps)
+    n_val = int(read_json(folder / "config.json")["data"]["n_val"])
+    load = (read_summary(folder) or {}).get("data_load_s")
+    wall = train + float(r.get("val_time_s") or 0.0)
+    # every epoch at the timed one's time is taken out, so the warm-up excess stays in; its own data does not
+    overhead = wall_s - len(rows) * wall - (load if isinstance(load, int | float) else 0.0)
+    return Calibration(steps=steps, train_s=train, step_s=step, val_s=wall - train, n_val=n_val,
+                       overhead_s=max(0.0, overhead))
+
+
+def calibrate(
+    planned: list[PlannedCell],
+    out: Path,
+    retry_failed: bool = False,
+    command: Sequence[str] = TRAIN_COMMAND,
+    console: Console | None = None,
+    timeout_s: float = CALIBRATION_TIMEOUT_S,
+    estimate_from: Sequence[Path] = (),
+) -> dict[tuple[str, str], Calibration]:
+    """`--calibrate`: time the configurations no earlier run (under `out`, `estimate_from`) measured.
+
+    One `bench train` per distinct configuration and phase (`calibration_jobs`), two epochs of
+    `CAL_STEPS` steps on synthetic slices of the cell's side, in a temporary folder removed
+    afterwards (the slices stay in the data cache). Returns {(cell timing key, phase): Calibration};
+    a failed one carries its error.
+    """
+    console = console or Console()
+    jobs = calibration_jobs(planned, out, retry_failed, tuple(estimate_from))
+    results: dict[tuple[str, str], Calibration] = {}
+    if jobs:
+        console.print(f"calibrating {len(jobs)} configuration(s): 2 epochs of {CAL_STEPS} steps each "
+                      "(one warm-up, one timed)", markup=False, highlight=False)
+    with tempfile.TemporaryDirectory(prefix="bench-calibrate-") as tmp:
+        for i, (cfg, users) in enumerate(jobs.values(), start=1):
+            d = Path(tmp) / f"cal{i}"
+            (d / "run").mkdir(parents=True)
+            write_json(d / "config.json", cfg.to_dict())
+            argv = [*command, "--config", str(d / "config.json"), "--out", str(d / "run")]
+            t0 = time.monotonic()
+            with open(d / "train.log", "w") as log:
+                try:  # run() kills the child on any exception, Ctrl-C included
+                    rc: int | None = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT,
+                                                    stdin=subprocess.DEVNULL, timeout=timeout_s).returncode
+                except subprocess.TimeoutExpired:
+                    rc = None
+            if rc == 0:
+                c = read_calibration(d / "run", time.monotonic() - t0)
+            else:
+                tail = [ln.strip() for ln in (d / "train.log").read_text(errors="replace").splitlines() if ln.strip()]
+                line = next((ln for ln in reversed(tail) if ln.startswith("error:")), tail[-1] if tail else "")
+                why = f"took over {timeout_s:g} s" if rc is None else f"exited with code {rc}"
+                c = Calibration(error=why + (f": {line}" if line else ""))
+            results.update(dict.fromkeys(users, c))
+            what = f"{toggles_slug(cfg)}, {cfg.data.image_size} px, batch {cfg.batch_size}"
+            done = (f"{c.step_s * 1e3:.1f} ms per step, start-up {format_duration(c.overhead_s)}" if c.error is None
+                    else f"calibration failed ({c.error})")
+            console.print(f"  [{i}/{len(jobs)}] {what}: {done}", markup=False, highlight=False)
+    return results
 
 
 # ------------------------------------------------------------------ commands
@@ -129,10 +332,17 @@ def run_cmd(
     image_size: int | None = typer.Option(None, "--image-size", help="Override the synthetic image side."),
     data: str | None = typer.Option(None, "--data", help="'synthetic' or a data folder."),
     n_train: int | None = typer.Option(None, "--n-train", help="Override the synthetic training slices."),
+    n_val: int | None = typer.Option(None, "--n-val", help="Override the synthetic validation slices."),
     device: str | None = typer.Option(None, "--device", help="Override the device: auto, cpu or cuda."),
     seed: int | None = typer.Option(None, "--seed", help="Base seed (repeat k uses seed + k; also seeds the order)."),
     repeats: int = typer.Option(1, "--repeats", help="Run each cell this many times, interleaved in a seeded order."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the cells and run nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the cells, their sizes and estimates; run nothing."),
+    estimate_from: list[Path] = typer.Option([], "--estimate-from",
+                                             help="Also read earlier runs for the time estimates from this "
+                                                  "folder (repeatable; --out is always read)."),
+    calibrate_: bool = typer.Option(False, "--calibrate",
+                                    help="Estimate the cells no earlier run measured from a quick training of "
+                                         "each distinct configuration (2 epochs of 3 steps) before planning."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue a grid already in --out (default)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run failed cells again (from their checkpoint)."),
     cell_timeout: float | None = typer.Option(None, "--cell-timeout", min=1,
@@ -144,10 +354,15 @@ def run_cmd(
     try:
         g = load_grid(grid)
         overrides = Overrides(epochs=epochs, batch_size=batch_size, image_size=image_size, data=data,
-                              n_train=n_train, seed=seed, device=device)
+                              n_train=n_train, n_val=n_val, seed=seed, device=device)
         out_dir = out if out is not None else Path("results") / "runs" / g.name
-        if dry_run:
+        calibrations: dict[tuple[str, str], Calibration] | None = None
+        also = tuple(estimate_from)
+        if dry_run or calibrate_:
             planned = plan_grid(g, overrides, repeats)
+        if calibrate_:
+            calibrations = calibrate(planned, out_dir, retry_failed, console=console, estimate_from=also)
+        if dry_run:
             order_seed = seed if seed is not None else g.base().seed
             order = run_order(planned, order_seed)
             existing = out_dir / "grid.json"
@@ -156,11 +371,17 @@ def run_cmd(
                     recorded = list(read_json(existing)["order"])
                     if sorted(recorded) == sorted(order):
                         order = recorded
-            print_plan(console, g, planned, order, out_dir)
+            print_plan(console, g, planned, order, out_dir,
+                       estimate_plan(planned, out_dir, retry_failed, calibrations, also))
             return
+
+        def show_plan(planned: list[PlannedCell], order: list[str], estimate: PlanEstimate) -> None:
+            print_plan(console, g, planned, order, out_dir, estimate)
+
         try:
             results = run_grid(g, out_dir, overrides, repeats, resume, retry_failed, console=console,
-                               cell_timeout_s=cell_timeout)
+                               cell_timeout_s=cell_timeout, on_plan=show_plan, calibrations=calibrations,
+                               estimate_from=also)
         except KeyboardInterrupt:
             console.print(f"interrupted; run the same command again to resume the grid in {out_dir}.",
                           markup=False, highlight=False)

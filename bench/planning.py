@@ -6,16 +6,25 @@ cell's full config and the code version (package version + git commit; a
 dirty tree does not change it, so editing code does not orphan a half-run
 grid). With repeats, each round's cells run in a seeded shuffle. The plan is
 recorded once in `<out>/grid.json`; a later run into the same folder must
-plan the same cells (`prepare_out`). Nothing here starts a process: that is
-`bench.processes`.
+plan the same cells (`prepare_out`), and one `bench run` at a time holds the
+folder (`exclusive`). Nothing here starts a process: that is `bench.processes`.
+
+What a planned cell trains (`cell_sizes`: slices, side, steps x batch per epoch),
+where it stands in its folder (`cell_state`, as `bench.processes.run_cell` will
+see it) and the synthetic data the plan still has to make (`data_to_make`) are
+found here too, for the plan's estimates (`bench.estimate`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import math
 import random
+import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,9 +33,20 @@ from typing import Any
 import ddnet
 from bench.collectors import git_state
 from bench.grids import Cell, Grid
-from bench.store import read_json, write_json
+from bench.status import format_duration
+from bench.store import read_json, read_jsonl, write_json
 from ddnet.config import ConfigError, TrainConfig, check_runnable
+from ddnet.data import split_seed
+from ddnet.data.cache import cache_enabled, cache_root, list_entries, split_key
+from ddnet.data.errors import DataError
+from ddnet.data.readers import find_split, list_images, read_image
+from ddnet.data.synthetic import SECONDS_PER_512_SLICE, pool_workers
 from ddnet.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: `exclusive` then takes no lock
+    fcntl = None
 
 
 @dataclass
@@ -38,6 +58,7 @@ class Overrides:
     image_size: int | None = None
     data: str | None = None
     n_train: int | None = None
+    n_val: int | None = None
     seed: int | None = None
     device: str | None = None
 
@@ -49,6 +70,7 @@ class Overrides:
             "image_size": "data.image_size",
             "data": "data.source",
             "n_train": "data.n_train",
+            "n_val": "data.n_val",
             "seed": "seed",
             "device": "device",
         }
@@ -145,6 +167,135 @@ def plan_grid(
     return planned
 
 
+# ------------------------------------------------------------------ what a cell trains, where it stands
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What one epoch of a cell processes."""
+
+    steps: int
+    """Optimizer steps per epoch: n_train // batch (the loaders drop a last partial batch)."""
+    batch: int
+    """Global batch (split across replicas under DDP)."""
+    side: int
+    """Image side in pixels."""
+    n_train: int
+    n_val: int
+    val_batch: int
+
+    @property
+    def images_per_epoch(self) -> int:
+        """Training images per epoch: steps x batch."""
+        return self.steps * self.batch
+
+
+@functools.lru_cache(maxsize=32)
+def _folder_sizes(root: str) -> tuple[int, int, int]:
+    """(train slices, val slices, side) of a data folder, from its file lists and its first slice."""
+    train_hq, _ = find_split(root, "train")
+    files = list_images(train_hq)
+    if not files:
+        raise DataError(f"no images in {train_hq}")
+    return len(files), len(list_images(find_split(root, "val")[0])), int(read_image(files[0]).shape[-1])
+
+
+def cell_sizes(cfg: TrainConfig) -> Sizes:
+    """The sizes `cfg` trains at: synthetic ones from the config, a data folder's counted (its first slice's side)."""
+    n_train, n_val, side = cfg.data.n_train, cfg.data.n_val, cfg.data.image_size
+    if cfg.data.source != "synthetic":
+        try:
+            n_train, n_val, side = _folder_sizes(str(Path(cfg.data.source).expanduser()))
+        except (DataError, OSError):
+            pass  # an unreadable folder fails in `bench train` with its own message; use the config's
+    return Sizes(steps=n_train // cfg.batch_size, batch=cfg.batch_size, side=side, n_train=n_train, n_val=n_val,
+                 val_batch=cfg.val_batch_size or cfg.batch_size)
+
+
+def read_summary(cell_dir: Path) -> dict[str, Any] | None:
+    """The cell folder's summary.json, or None when there is none (or it cannot be read)."""
+    path = cell_dir / "summary.json"
+    if not path.exists():
+        return None
+    try:
+        s = read_json(path)
+    except (OSError, json.JSONDecodeError):
+        s = None  # torn (write_json is atomic, so only a foreign writer or a damaged disk does this)
+    return s if isinstance(s, dict) else {"status": "damaged", "error": f"{path} is unreadable"}
+
+
+def cell_state(p: PlannedCell, out: Path, retry_failed: bool = False) -> tuple[str, int]:
+    """('to run' | 'done' | 'failed' | 'skip', epochs it has behind a checkpoint), as `run_cell` will see it:
+    a failed cell is kept unless `retry_failed`; rows without a checkpoint are dropped and redone."""
+    d = out / p.folder
+    status = (read_summary(d) or {}).get("status")
+    if status == "ok":
+        return "done", p.config.epochs
+    if status == "failed" and not retry_failed:
+        return "failed", 0
+    if p.skip_reason:
+        return "skip", 0
+    done = len(read_jsonl(d / "epochs.jsonl")) if (d / "ckpt.pt").exists() else 0
+    return "to run", min(done, p.config.epochs)
+
+
+def data_to_make(planned: list[PlannedCell], states: dict[str, str]) -> tuple[float, str]:
+    """(seconds, note): generating the synthetic splits that the cells to run (`states[folder] == 'to run'`)
+    need and the cache lacks; once per grid, by the first cell that needs them.
+
+    Scaled by slices x pixels from the closest split generated on this host (its cache entry's
+    `generate_s`), else from the generator's nominal cost (`SECONDS_PER_512_SLICE`, spread over
+    the worker processes it would start).
+    """
+    splits: dict[str, tuple[int, int, str]] = {}
+    for p in planned:
+        d = p.config.data
+        if states.get(p.folder) != "to run" or d.source != "synthetic":
+            continue
+        for split, n in (("train", d.n_train), ("val", d.n_val)):
+            key = split_key(n, d.image_size, split_seed(d.data_seed, split), d.synth_mode, d.dose, d.phantom)
+            splits[key] = (n, d.image_size, d.synth_mode)
+    if not splits:
+        return 0.0, ""
+    if not cache_enabled():
+        return 0.0, "data: the synthetic cache is off, so every cell makes its own slices (in its start-up time)"
+    root = cache_root()
+    missing = {k: v for k, v in splits.items() if not (root / k / "meta.json").exists()}
+    if not missing:
+        return 0.0, f"data: all {len(splits)} synthetic split(s) are cached in {root}"
+    made = _generated_here()
+    total, how = 0.0, set()
+    for n, size, mode in missing.values():
+        same = [(gn, gs, t) for gn, gs, gm, t in made if gm == mode]
+        if same:
+            gn, gs, t = min(same, key=lambda e: abs(math.log((n * size * size) / (e[0] * e[1] * e[1]))))
+            total += t * (n * size * size) / (gn * gs * gs)
+            how.add("scaled from a split generated on this host")
+        else:
+            total += n * SECONDS_PER_512_SLICE.get(mode, 0.12) * (size / 512) ** 2 / pool_workers(n, size, mode)
+            how.add(f"nominal {SECONDS_PER_512_SLICE.get(mode, 0.12)} s per 512 px slice per core")
+    what = " + ".join(f"{n} x {size} px" for n, size, _ in missing.values())
+    return total, (f"data: {len(missing)} synthetic split(s) to generate once ({what} slices), "
+                   f"~{format_duration(total)} ({'; '.join(sorted(how))})")
+
+
+def _generated_here() -> list[tuple[int, int, str, float]]:
+    """(slices, side, mode, generate_s) of the cache entries generated on this host."""
+    host, found = socket.gethostname(), []
+    for e in list_entries():
+        try:
+            meta = read_json(Path(e["path"]) / "meta.json")
+        except (OSError, ValueError):
+            continue
+        st = meta.get("settings") if isinstance(meta, dict) else None
+        if isinstance(st, dict) and meta.get("host") == host and isinstance(meta.get("generate_s"), int | float) and st.get("n"):
+            found.append((int(st["n"]), int(st["size"]), str(st.get("mode")), float(meta["generate_s"])))
+    return found
+
+
+# ------------------------------------------------------------------ order and record
+
+
 def run_order(planned: list[PlannedCell], seed: int) -> list[str]:
     """Folders in run order: declared order for one repeat; with repeats, a seeded shuffle of each round."""
     rounds: dict[int, list[str]] = {}
@@ -193,3 +344,17 @@ def prepare_out(
     })
     return order
 
+
+@contextlib.contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """One `bench run` per out folder at a time (the lock dies with the process, even on SIGKILL)."""
+    if fcntl is None:  # pragma: no cover - not POSIX
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".bench-run.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another `bench run` is using {out}; wait for it or pick another --out.") from None
+        yield

@@ -6,13 +6,15 @@ same folder resumes: finished cells are left alone, unfinished ones continue fro
 their checkpoint, failed ones stay failed unless `--retry-failed`; nothing
 written is overwritten. A failing cell is recorded and the grid goes on. Ctrl-C
 or SIGTERM stops the running cell and leaves it resumable, not failed.
+
+Each launch is appended to `<cell>/launches.jsonl` (for `bench.estimate`); the display
+shows the grid's elapsed and remaining time (`GridClock`), re-estimated as cells finish.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import signal
 import subprocess
@@ -27,15 +29,19 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from bench.estimate import LAUNCHES, Calibration, GridClock, PlanEstimate, estimate_plan
 from bench.grids import Grid
-from bench.planning import Overrides, PlannedCell, code_version, plan_grid, prepare_out
-from bench.store import read_json, read_jsonl, rewrite_jsonl, write_json
+from bench.planning import (
+    Overrides,
+    PlannedCell,
+    code_version,
+    exclusive,
+    plan_grid,
+    prepare_out,
+    read_summary,
+)
+from bench.store import append_jsonl, read_jsonl, rewrite_jsonl, write_json
 from ddnet.errors import UserError
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX: `_exclusive` then takes no lock
-    fcntl = None
 
 TRAIN_COMMAND: tuple[str, ...] = (sys.executable, "-m", "bench.cli", "train")
 """The command each cell runs (`--config ... --out ... [--resume]` are appended)."""
@@ -72,18 +78,6 @@ class CellResult:
     def row(self) -> dict[str, Any]:
         """Flat dict (one row of the summary table)."""
         return dict(self.__dict__)
-
-
-def read_summary(cell_dir: Path) -> dict[str, Any] | None:
-    """The cell folder's summary.json, or None when there is none (or it cannot be read)."""
-    path = cell_dir / "summary.json"
-    if not path.exists():
-        return None
-    try:
-        s = read_json(path)
-    except (OSError, json.JSONDecodeError):
-        s = None  # torn (write_json is atomic, so only a foreign writer or a damaged disk does this)
-    return s if isinstance(s, dict) else {"status": "damaged", "error": f"{path} is unreadable"}
 
 
 def _result_from_summary(p: PlannedCell, s: dict[str, Any], action: str) -> CellResult:
@@ -239,6 +233,7 @@ def run_cell(
     argv = [*command, "--config", str(request), "--out", str(cell_dir)] + (["--resume"] if resume else [])
     log_path = cell_dir / "train.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    epochs_before = len(read_jsonl(epochs_path)) if resume else 0
     with open(log_path, "a") as log:
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         log.write(f"=== bench run {stamp}: {' '.join(argv)}\n")
@@ -268,10 +263,15 @@ def run_cell(
         except (KeyboardInterrupt, _Interrupted):
             _stop_child(proc)
             raise
+    wall_s = time.monotonic() - started
     rows = read_jsonl(cell_dir / "epochs.jsonl")
     display.epoch(rows, p.config.epochs)
     rc = proc.returncode
     s = read_summary(cell_dir) or {}
+    append_jsonl(cell_dir / LAUNCHES, {  # what bench.estimate needs to tell the start-up from the epochs
+        "started_utc": stamp, "wall_s": wall_s, "exit_code": rc, "resume": resume, "timed_out": timed_out,
+        "epochs_before": epochs_before, "epochs_after": len(rows), "data_load_s": s.get("data_load_s"),
+        "data_cache": s.get("data_cache")})
     action = "resumed" if resume else "ran"
     if rc == 0 and s.get("status") == "ok":
         return _result_from_summary(p, s, action)
@@ -300,11 +300,13 @@ def run_cell(
 
 
 class _Display:
-    """Progress for a grid: plain lines (not a TTY, CI) or a rich live display."""
+    """Progress for a grid: plain lines (not a TTY, CI) or a rich live display; each with the grid's elapsed and
+    estimated remaining time (`clock`: run_grid tells it when cells start and finish)."""
 
-    def __init__(self, console: Console, total: int) -> None:
+    def __init__(self, console: Console, total: int, clock: GridClock) -> None:
         self.console = console
         self.total = total
+        self.clock = clock
         self.done = 0
         self.current = ""
         self.shown = 0
@@ -315,15 +317,23 @@ class _Display:
     def __exit__(self, *exc: object) -> None:
         pass
 
+    def grid_time(self) -> str:
+        """'elapsed 3m02s, ~12m05s left'."""
+        return self.clock.text(time.monotonic())
+
+    def _print(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False)
+
     def start(self, index: int, p: PlannedCell) -> None:
         self.current = p.folder
         self.shown = 0
-        self.console.print(f"[{index}/{self.total}] {p.folder}: {p.cell.label}", markup=False, highlight=False)
+        self._print(f"[{index}/{self.total}] {p.folder}: {p.cell.label}  (grid: {self.grid_time()})")
 
     def epoch(self, rows: list[dict[str, Any]], epochs: int) -> None:
+        self.clock.cell_progress(rows, epochs)
         # one line per epoch row, each once (rows from before a resume included)
         for row in rows[self.shown:]:
-            self.console.print(f"    {_epoch_text(row, epochs)}", markup=False, highlight=False)
+            self._print(f"    {_epoch_text(row, epochs)}  | grid {self.grid_time()}")
         self.shown = max(self.shown, len(rows))
 
     def tick(self) -> None:
@@ -332,26 +342,27 @@ class _Display:
     def finish(self, r: CellResult) -> None:
         self.done += 1
         detail = f" ({r.error})" if r.status == "skipped" and r.error else ""
-        self.console.print(f"    -> {r.status} [{r.action}]{detail}", markup=False, highlight=False)
+        self._print(f"    -> {r.status} [{r.action}]{detail}; grid {self.done}/{self.total} cells, {self.grid_time()}")
 
     def failure(self, folder: str, tail: list[str], log: Path) -> None:
-        self.console.print(f"    {folder} failed; last lines of {log}:", markup=False, highlight=False)
+        self._print(f"    {folder} failed; last lines of {log}:")
         for line in tail:
-            self.console.print(f"    | {line}", markup=False, highlight=False)
+            self._print(f"    | {line}")
 
 
 class _LiveDisplay(_Display):
-    """Rich progress bars: cells done/total and the current cell's epochs with loss and MS-SSIM."""
+    """Rich progress bars: cells done/total with the grid's elapsed and remaining time, and the current cell's
+    epochs with loss and MS-SSIM."""
 
-    def __init__(self, console: Console, total: int) -> None:
-        super().__init__(console, total)
+    def __init__(self, console: Console, total: int, clock: GridClock) -> None:
+        super().__init__(console, total, clock)
         # auto_refresh=False: no refresh thread, so forking the cell process stays safe
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TextColumn("{task.fields[info]}"),
             console=console, auto_refresh=False, transient=False,
         )
-        self.grid_task = self.progress.add_task("cells", total=total, info="")
+        self.grid_task = self.progress.add_task("cells", total=total, info=self.grid_time())
         self.cell_task = self.progress.add_task("epochs", total=1, info="", visible=False)
 
     def __enter__(self) -> _Display:
@@ -362,29 +373,32 @@ class _LiveDisplay(_Display):
         self.progress.refresh()
         self.progress.stop()
 
+    def tick(self) -> None:
+        # the grid's bar: the running cell, elapsed and remaining (which moves between epochs too)
+        self.progress.update(self.grid_task, info=f"{self.current}  {self.grid_time()}".strip())
+        self.progress.refresh()
+
     def start(self, index: int, p: PlannedCell) -> None:
         self.current = p.folder
-        self.progress.update(self.grid_task, info=p.folder)
         self.progress.reset(self.cell_task, total=p.config.epochs, completed=0, visible=True,
                             description=f"  {p.cell.name}", info="starting")
-        self.progress.refresh()
+        self.tick()
 
     def epoch(self, rows: list[dict[str, Any]], epochs: int) -> None:
+        self.clock.cell_progress(rows, epochs)
         info = _epoch_text(rows[-1], epochs) if rows else "waiting for epoch 1"
         self.progress.update(self.cell_task, completed=len(rows), total=epochs, info=info)
-        self.progress.refresh()
-
-    def tick(self) -> None:
-        self.progress.refresh()
+        self.tick()
 
     def finish(self, r: CellResult) -> None:
         self.done += 1
+        self.current = ""
         self.progress.update(self.grid_task, completed=self.done)
         self.progress.update(self.cell_task, visible=False)
         if r.action not in ("reused",):
             detail = f" ({r.error})" if r.status == "skipped" and r.error else ""
             self.progress.console.print(f"{r.folder}: {r.status} [{r.action}]{detail}", markup=False, highlight=False)
-        self.progress.refresh()
+        self.tick()
 
     def failure(self, folder: str, tail: list[str], log: Path) -> None:
         self.progress.console.print(f"[red]{folder} failed[/red]; last lines of {log}:")
@@ -406,21 +420,6 @@ def _epoch_text(row: dict[str, Any], epochs: int) -> str:
 # ------------------------------------------------------------------ the grid
 
 
-@contextlib.contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
-    """One `bench run` per out folder at a time (the lock dies with the process, even on SIGKILL)."""
-    if fcntl is None:  # pragma: no cover - not POSIX
-        yield
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".bench-run.lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"another `bench run` is using {out}; wait for it or pick another --out.") from None
-        yield
-
-
 def run_grid(
     grid: Grid,
     out: Path,
@@ -431,9 +430,15 @@ def run_grid(
     command: Sequence[str] = TRAIN_COMMAND,
     console: Console | None = None,
     cell_timeout_s: float | None = None,
+    on_plan: Callable[[list[PlannedCell], list[str], PlanEstimate], None] | None = None,
+    calibrations: dict[tuple[str, str], Calibration] | None = None,
+    estimate_from: Sequence[Path] = (),
 ) -> list[CellResult]:
     """Run every cell of `grid` into `out`, sequentially, one fresh process per cell; returns one result per cell.
 
+    `on_plan(planned, order, estimate)` is called once the run order is fixed, before the first cell
+    (`bench run` prints the plan with it); the estimates read the run folders under `out` and
+    `estimate_from`, and `calibrations` (`bench.cmd_run.calibrate`).
     Raises KeyboardInterrupt when interrupted (the running cell is stopped and stays resumable).
     """
     console = console or Console()
@@ -443,18 +448,32 @@ def run_grid(
     by_folder = {p.folder: p for p in planned}
     seed = overrides.seed if overrides.seed is not None else grid.base().seed
     results: list[CellResult] = []
-    with _exclusive(out):
+    with exclusive(out):
         order = prepare_out(out, grid, planned, seed, resume, version)
+
+        def estimate() -> PlanEstimate | None:
+            try:  # reads the folders as they are now; an unreadable one must not stop the grid
+                return estimate_plan(planned, out, retry_failed, calibrations, tuple(estimate_from))
+            except (OSError, ValueError, UserError):
+                return None
+
+        plan = estimate() or PlanEstimate(cells={})
+        if on_plan is not None:
+            on_plan(planned, order, plan)
+        clock = GridClock(plan, time.monotonic())
         display_cls = _LiveDisplay if console.is_terminal else _Display
-        with _sigterm_as_interrupt(), display_cls(console, len(order)) as display:
+        with _sigterm_as_interrupt(), display_cls(console, len(order), clock) as display:
             try:
                 for i, folder in enumerate(order, start=1):
-                    p = by_folder[folder]
-                    display.start(i, p)
-                    r = run_cell(p, out, grid.name, version, display, command, retry_failed, cell_timeout_s)
+                    clock.cell_started(folder, time.monotonic())
+                    display.start(i, by_folder[folder])
+                    r = run_cell(by_folder[folder], out, grid.name, version, display, command, retry_failed,
+                                 cell_timeout_s)
+                    clock.cell_finished(folder)
+                    if r.action != "reused":  # a new measurement: better estimates for the cells to come
+                        clock.plan = estimate() or clock.plan
                     display.finish(r)
                     results.append(r)
             except _Interrupted as e:
                 raise KeyboardInterrupt(str(e)) from None
     return results
-

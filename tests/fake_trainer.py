@@ -29,6 +29,10 @@ resume = "--resume" in args
 with open(os.environ["FAKE_CALLS"], "a") as f:
     f.write(json.dumps({"folder": out.name, "resume": resume}) + "\n")
 summ, rows_path, ck = out / "summary.json", out / "epochs.jsonl", out / "ckpt.pt"
+def put(path, text):  # atomic, as the real trainer writes: a kill never leaves a torn file
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 if summ.exists() and json.loads(summ.read_text())["status"] == "ok":
     print("error: already finished"); sys.exit(2)
 rows = [json.loads(l) for l in rows_path.read_text().splitlines()] if rows_path.exists() else []
@@ -36,22 +40,22 @@ if rows and not resume:
     print("error: holds epochs; add --resume"); sys.exit(2)
 start = json.loads(ck.read_text())["epoch"] if (resume and ck.exists()) else 0
 rows = [r for r in rows if r["epoch"] <= start]
-rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+put(rows_path, "".join(json.dumps(r) + "\n" for r in rows))
 (out / "config.json").write_text(json.dumps(cfg))
-summ.write_text(json.dumps({"status": "running", "error": None}))
+put(summ, json.dumps({"status": "running", "error": None}))
 for e in range(start + 1, cfg["epochs"] + 1):
     time.sleep(float(os.environ.get("FAKE_EPOCH_S", "0")))
     if os.environ.get("FAKE_CRASH") and os.environ["FAKE_CRASH"] in out.name and e == 2:
         print("segfault-like crash"); sys.stdout.flush(); os._exit(9)
     if os.environ.get("FAKE_FAIL") and os.environ["FAKE_FAIL"] in out.name and e == 1:
-        summ.write_text(json.dumps({"status": "failed", "error": f"train loss became nan at epoch {e}",
+        put(summ, json.dumps({"status": "failed", "error": f"train loss became nan at epoch {e}",
                                     "epochs_completed": e - 1}))
         print("error: training failed"); sys.exit(3)
     with open(rows_path, "a") as f:
         f.write(json.dumps({"epoch": e, "phase": "dense", "train_loss": 1.0 / e, "val_ms_ssim": 50.0 + e,
                             "time_s": 0.01}) + "\n")
-    ck.write_text(json.dumps({"epoch": e}))
-summ.write_text(json.dumps({"status": "ok", "error": None, "epochs_completed": cfg["epochs"],
+    put(ck, json.dumps({"epoch": e}))
+put(summ, json.dumps({"status": "ok", "error": None, "epochs_completed": cfg["epochs"],
                             "total_time_s": 0.01 * cfg["epochs"], "final_val_ms_ssim": 50.0 + cfg["epochs"]}))
 print("done")
 '''

@@ -6,6 +6,7 @@ The slow tests use the real trainer on tiny data.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,8 +23,9 @@ from bench.store import read_json, read_jsonl
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_dry_run_in_cli_writes_nothing_and_shows_state(tmp_path, fake):
+def test_dry_run_in_cli_writes_nothing_and_shows_state(tmp_path, fake, monkeypatch):
     cmd, _ = fake
+    monkeypatch.setenv("DDNET_BENCH_CACHE", str(tmp_path / "cache"))  # no split made yet
     grid_file = tmp_path / "g.py"
     grid_file.write_text(
         "from bench.grids import Cell, standard_factors\n"
@@ -38,6 +40,15 @@ def test_dry_run_in_cli_writes_nothing_and_shows_state(tmp_path, fake):
     out = tmp_path / "out"
     res = CliRunner().invoke(app, ["run", "--grid", str(grid_file), "--out", str(out), "--dry-run"])
     assert res.exit_code == 0 and "to run" in res.output and not out.exists()
+    # its size and cost: 8 slices of 32 px, 2 steps x batch 4 x 2 epochs = 16 images; no earlier run: unknown
+    assert "8 x 32 px" in res.output and "2 x 4 x 2" in res.output and "16 images" in res.output
+    assert re.search(r"[│|]\s*unknown\s*[│|]", res.output)
+    assert "total: 1 cell(s) to run, 16 images to train, time unknown (1 unknown); for the unknown ones use " \
+           "--calibrate" in res.output
+    res = CliRunner().invoke(app, ["run", "--grid", str(grid_file), "--out", str(out), "--dry-run",
+                                   "--n-train", "12", "--n-val", "3", "--epochs", "5"])
+    assert res.exit_code == 0 and "12 x 32 px" in res.output and "3 x 4 x 5" in res.output  # 12 // 4 steps
+    assert "60 images" in res.output and "(12 x 32 px + 3 x 32 px slices)" in res.output
 
 
 

@@ -75,9 +75,22 @@ def test_every_grid_also_expands_on_small_overrides(grids):
             assert p.config.epochs == 2 and p.config.data.image_size == 64
 
 
+PAPER_GRIDS = ("table1", "table2", "fig4c", "fig8a", "fig8b", "fig9", "full")
+"""The grids on `paper_base()`: the paper's regime by default."""
+
+
 def test_paper_grids_keep_paper_defaults_and_vary_only_their_factors(grids):
     base = paper_base()
     assert (base.epochs, base.batch_size, base.data.image_size, base.data.source) == (50, 32, 512, "synthetic")
+    # the paper's public code: 5120 training and 784 validation slices, so 160 steps per epoch at batch 32
+    assert (base.data.n_train, base.data.n_val) == (5120, 784)
+    assert base.data.n_train // base.batch_size == 160
+    for name in PAPER_GRIDS:
+        assert grids[name].defaults_fn is None, name  # on paper_base(), not a grid's own defaults
+        for c in grids[name].cells():
+            cfg = c.config
+            assert (cfg.epochs, cfg.data.image_size, cfg.data.n_train, cfg.data.n_val) == (50, 512, 5120, 784), name
+            assert cfg.batch_size == (1 if name == "table1" else 32), name
     table1 = grids["table1"].cells()
     assert {c.config.batch_size for c in table1} == {1}
     assert [(c.config.sparsity.kind, c.config.sparsity.dense_epochs) for c in table1] == [("none", 0), ("random", 0)]
@@ -194,6 +207,27 @@ def test_cli_dry_run_lists_every_cell_and_writes_nothing(tmp_path, name):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("name", PAPER_GRIDS)
+def test_cli_dry_run_of_a_paper_grid_shows_the_paper_scale_and_the_total(tmp_path, name):
+    result = CliRunner().invoke(app, ["run", "--grid", name, "--dry-run", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    steps, batch = (5120, 1) if name == "table1" else (160, 32)
+    # every row: 5120 slices of 512 px, steps x batch x 50 epochs, 256,000 images to train
+    n = EXPECTED_COUNTS[name]
+    rows = re.findall(r"^[│|]\s*\d+\s*[│|][^│|]*[│|][^│|]*[│|]\s*5120 x 512 px\s*[│|].*\n"
+                      r"^[│|]\s*[│|][^│|]*[│|][^│|]*[│|]\s*(\d+) x (\d+) x (\d+)\s*[│|].*\n"
+                      r"^[│|]\s*[│|][^│|]*[│|][^│|]*[│|]\s*([\d,]+) images\s*[│|]", result.output, flags=re.M)
+    assert rows == [(str(steps), str(batch), "50", "256,000")] * n
+    total = re.search(r"^total: (\d+) cell\(s\) to run, ([\d,]+) images to train, "
+                      r"(time unknown|estimated .+|nothing to do)", result.output, flags=re.M)
+    assert total, result.output
+    to_run = n - len(re.findall(r"skip: ", result.output))  # fig8b without CUDA: none
+    assert int(total.group(1)) == to_run and int(total.group(2).replace(",", "")) == to_run * 256_000
+    if to_run:  # the one-time data line: the paper's two splits
+        assert re.search(r"^data: .*5120 x 512 px \+ 784 x 512 px slices|^data: all 2 synthetic split",
+                         result.output, flags=re.M)
+
+
 def test_cli_dry_run_marks_cuda_cells_skipped_without_cuda(tmp_path):
     result = CliRunner().invoke(app, ["run", "--grid", "smoke", "--dry-run", "--out", str(tmp_path / "o")])
     assert result.exit_code == 0
@@ -229,8 +263,6 @@ def test_cli_unknown_grid_is_one_line_listing_known_ones():
     ("def cells(base):\n    return [base.replace(epochs=0)]\n", "cells() made an invalid config: --epochs 0 must be at least 1"),
 ])
 def test_a_broken_grid_file_is_one_line_naming_it(tmp_path, body, needle):
-    from ddnet.errors import UserError
-
     path = tmp_path / "broken.py"
     path.write_text(body)
     with pytest.raises(UserError) as err:

@@ -9,6 +9,7 @@ import pytest
 
 import ddnet
 from bench import planning
+from bench.grids import registry
 from bench.planning import Overrides, cell_hash, code_version, plan_grid, run_order
 from bench.processes import run_grid
 from bench.store import read_json
@@ -75,3 +76,10 @@ def test_repeats_interleave_rounds_with_seeds_and_reuse_the_recorded_order(tmp_p
     with pytest.raises(UserError, match="--resume"):
         run_grid(grid, out, Overrides(seed=7), repeats=3, resume=False, command=cmd, console=quiet())
 
+
+
+def test_overrides_set_the_data_sizes_for_short_runs_of_paper_grids():
+    planned = plan_grid(registry()["table2"], Overrides(epochs=2, n_train=64, n_val=8, image_size=64))
+    assert {(p.config.data.n_train, p.config.data.n_val, p.config.data.image_size, p.config.epochs)
+            for p in planned} == {(64, 8, 64, 2)}
+    assert Overrides(n_val=8).fields() == {"data.n_val": 8}

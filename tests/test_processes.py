@@ -7,8 +7,10 @@ run-folder contract without torch; tests/test_cmd_run.py has the real trainer.
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,14 +18,17 @@ import time
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from bench import planning
+from bench.estimate import LAUNCHES, machine_fingerprint
 from bench.planning import Overrides, code_version, plan_grid
 from bench.processes import run_grid
 from bench.store import read_json, read_jsonl, write_json
 from ddnet.config import TrainConfig
 from ddnet.errors import UserError
 from tests.fake_trainer import make_grid, quiet
+from tests.test_estimate import TIMED_FAKE
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,6 +49,9 @@ def test_folders_records_and_no_rerun_of_finished_cells(tmp_path, fake):
         assert read_json(d / "config.request.json") == TrainConfig.from_dict(read_json(d / "config.request.json")).to_dict()
         assert [row["epoch"] for row in read_jsonl(d / "epochs.jsonl")] == [1, 2]
         assert "=== bench run" in (d / "train.log").read_text()
+        (launch,) = read_jsonl(d / LAUNCHES)  # for the estimates: this launch's wall time and epochs
+        assert launch["exit_code"] == 0 and launch["resume"] is False and launch["wall_s"] > 0
+        assert (launch["epochs_before"], launch["epochs_after"]) == (0, 2)
     assert len(launched()) == 3
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".bench-run.lock"}
     again = run_grid(make_grid(3), out, command=cmd, console=quiet())
@@ -77,6 +85,10 @@ def test_unfinished_cell_resumes_from_checkpoint_without_duplicate_rows(tmp_path
     assert [r["epoch"] for r in rows0] == [1, 2] and rows0[0]["train_loss"] == 1.0  # epoch 1 kept, not redone
     rows1 = read_jsonl(d1 / "epochs.jsonl")
     assert [r["epoch"] for r in rows1] == [1, 2] and rows1[0]["train_loss"] == 1.0  # the orphan row was dropped
+    (launch0,) = read_jsonl(d0 / LAUNCHES)
+    assert (launch0["resume"], launch0["epochs_before"], launch0["epochs_after"]) == (True, 1, 2)
+    (launch1,) = read_jsonl(d1 / LAUNCHES)
+    assert (launch1["resume"], launch1["epochs_before"], launch1["epochs_after"]) == (False, 0, 2)
 
 
 def test_failed_and_crashed_cells_are_recorded_and_the_grid_goes_on(tmp_path, fake, monkeypatch):
@@ -184,3 +196,22 @@ def test_a_second_runner_on_the_same_folder_is_refused(tmp_path, fake):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(UserError, match="another `bench run`"):
             run_grid(make_grid(1), out, command=cmd, console=quiet())
+
+
+def test_the_live_display_shows_the_grids_elapsed_and_remaining_time(tmp_path, monkeypatch):
+    script = tmp_path / "timed_fake.py"
+    script.write_text(TIMED_FAKE)
+    monkeypatch.setenv("FAKE_FINGERPRINT", machine_fingerprint())
+    monkeypatch.setenv("FAKE_IMAGE_S", "0.02")
+    cmd = [sys.executable, str(script)]
+    run_grid(make_grid(1), tmp_path / "before", command=cmd, console=quiet())  # measures c0's configuration
+    text = io.StringIO()
+    console = Console(file=text, force_terminal=True, width=200)
+    results = run_grid(make_grid(2), tmp_path / "out", Overrides(epochs=3), command=cmd, console=console,
+                       estimate_from=[tmp_path / "before"])
+    assert [r.status for r in results] == ["ok", "ok"]
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text.getvalue())  # without the terminal's control codes
+    # the grid's bar: the running cell, the elapsed time and what is left (a number while cells remain)
+    assert re.search(r"c0-[0-9a-f]{8}\s+elapsed [\d.]+ s, ~[\d.]+ s left", shown), shown[-2000:]
+    assert re.search(r"c1-[0-9a-f]{8}\s+elapsed [\d.]+ s, ~[\d.]+ s left", shown), shown[-2000:]
+    assert re.search(r"cells .*2/2.*elapsed [\d.]+ s, nothing left", shown), shown[-2000:]
