@@ -147,6 +147,7 @@ class RunFolder:
         self._task: Any = None
         self._lock: Any = None
         self._made = False
+        self._lock_made = False
         self._started = False
         self._config: dict[str, Any] = {}
 
@@ -155,6 +156,7 @@ class RunFolder:
         try:
             self._made = not self.out.exists()
             self.out.mkdir(parents=True, exist_ok=True)
+            self._lock_made = not (self.out / LOCK_NAME).exists()
             lock = open(self.out / LOCK_NAME, "w")  # noqa: SIM115 - held for the run's lifetime, closed in release()
         except OSError as e:
             raise UserError(f"cannot create {self.out} ({e.strerror}); pass a writable --out folder.") from None
@@ -173,8 +175,9 @@ class RunFolder:
             return
         self._lock.close()
         self._lock = None
-        if not keep and self._made:
+        if not keep and (self._made or self._lock_made):  # refused before any record: leave no trace
             (self.out / LOCK_NAME).unlink(missing_ok=True)
+        if not keep and self._made:
             with contextlib.suppress(OSError):
                 self.out.rmdir()  # only if empty
 

@@ -14,8 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.cmd_train import PRESETS
+from bench.collectors import profile_copies
 from bench.store import read_json, read_jsonl
 from bench.training import build_run, train
+from ddnet import loss
 from ddnet.config import DataConfig, ModelConfig, SparsityConfig, TrainConfig
 from ddnet.trainer import INJECT_NAN_ENV, INJECT_ONLY_ENV, TrainingFailed
 
@@ -324,8 +327,6 @@ def test_graphed_step_matches_eager(tmp_path: Path, precision: str, rel: float, 
 
 @pytest.mark.gpu
 def test_device_loader_no_htod_after_staging(tmp_path: Path) -> None:
-    from bench.collectors import profile_copies
-    from ddnet import loss
     loss._WIN_CACHE.clear()  # pass alone too: nothing warmed by an earlier test
     run = build_run(_gpu_cfg(loader="device"), tmp_path)
     run._build_step()
@@ -403,8 +404,6 @@ def test_channels_last_trains_like_contiguous(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_presets_rest_on_a_measurement_and_refuse_what_cannot_run(tmp_path: Path) -> None:
-    from bench.cmd_train import PRESETS
-
     assert PRESETS["fastest"] == {"precision": "amp-fp16"}  # see README: the fastest cell measured on an H200
     res = cli("train", "--preset", "fastest", "--out", str(tmp_path / "a"), "--device", "cpu")
     assert res.returncode == 2 and "measured on a GPU" in res.stderr and res.stderr.count("error:") == 1
