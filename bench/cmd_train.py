@@ -5,12 +5,18 @@ type, help from the field's docstring, choices from its `Literal`, default and
 unit): a new toggle is a new field there and appears here by itself. `--config
 FILE.json` loads a whole config (what `bench run` writes per cell); options
 given explicitly on the command line override it. `--nproc N` starts N
-replicas (DistributedDataParallel; NCCL on GPUs, gloo on CPUs); under
-`torchrun` the replicas come from its environment instead.
+replicas on this node (DistributedDataParallel; NCCL on GPUs, gloo on CPUs);
+under `torchrun` the replicas come from its environment instead, on one node
+or several: each replica drives the GPU of its local rank, global rank 0 alone
+writes the run folder (so --out must be writable where rank 0 lands; every
+rank reads it only to --resume), and a refusal or failure on any rank ends
+every rank (a refusal is shared over the group; a crash drops the group, and a
+peer stuck in a collective gives up after DDNET_BENCH_DIST_TIMEOUT_S).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import inspect
 import json
@@ -149,16 +155,20 @@ train_cmd.__signature__, train_cmd.__annotations__ = _signature()  # type: ignor
 def run_training(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True) -> None:
     """Run in this process, under torchrun, or spawn `cfg.nproc` replicas; exit 3 if training failed."""
     check_runnable(cfg)  # refuse before spawning anything
+    where = f"recorded in {out / 'summary.json'}"
     try:
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-            _torchrun_worker(cfg, out, resume, progress)
+            me = Dist.from_torchrun()
+            if not me.main:  # this replica records nothing: global rank 0 writes the folder, wherever it runs
+                where = f"rank {me.rank} on {me.host}; global rank 0 records the run in {out}"
+            _replica(cfg.replace(nproc=me.world), out, resume, progress, me)
         elif cfg.nproc > 1:
             _spawn(cfg, out, resume, progress)
         else:
             summary = train(cfg, out, resume=resume, progress=progress, dist=Dist())
             _print_summary(summary, out)
     except TrainingFailed as e:
-        typer.echo(f"error: training failed: {e} (recorded in {out / 'summary.json'})", err=True)
+        typer.echo(f"error: training failed: {e} ({where})", err=True)
         sys.exit(EXIT_FAILED)
     except OSError as e:  # a full disk, a folder turned read-only: one line, never a traceback
         where = e.filename or out
@@ -185,16 +195,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _init_group(rank: int, world: int, cuda: bool) -> None:
+def _init_group(me: Dist, cuda: bool) -> None:
     if not cuda:
-        # replicas share the cores: without this each would start one thread per core
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        # the replicas on this node share its cores: without this each would start one thread per core
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // me.local_world))
     else:
+        if me.local_rank >= torch.cuda.device_count():
+            raise UserError(f"rank {me.rank} on {me.host} is local rank {me.local_rank} but this node has "
+                            f"{torch.cuda.device_count()} GPU(s); start at most that many replicas per node "
+                            "(--nproc-per-node, --nproc).")
         # before the first collective: NCCL's object broadcasts run on the current device
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(me.local_rank)
     # a replica that dies or hangs must not leave the others waiting forever in a collective
     timeout = datetime.timedelta(seconds=float(os.environ.get(DIST_TIMEOUT_ENV, DIST_TIMEOUT_S)))
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=timeout)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=me.rank, world_size=me.world, timeout=timeout)
 
 
 def _leave_group() -> None:
@@ -206,22 +220,38 @@ def _leave_group() -> None:
         dist.destroy_process_group()
 
 
-def _replica(cfg: TrainConfig, out: Path, resume: bool, progress: bool, rank: int, world: int) -> None:
-    """One DDP replica: join the group, train, leave together. Only rank 0 prints and writes."""
-    _init_group(rank, world, resolve_device(cfg.device) == "cuda")
+def _drop_group() -> None:
+    """Leave the process group alone, at once: after a failure of this rank's own, the others may sit in a
+    collective it will never join, so a barrier would only wait for the timeout. Closing our end makes
+    their collectives fail now (gloo sees the connection close; NCCL at the latest at its timeout)."""
+    with contextlib.suppress(Exception):  # the original failure is the one to report
+        dist.destroy_process_group()
+
+
+def _replica(cfg: TrainConfig, out: Path, resume: bool, progress: bool, me: Dist) -> None:
+    """One DDP replica: join the group, train, leave. Only global rank 0 prints and writes."""
+    _init_group(me, resolve_device(cfg.device) == "cuda")
     try:
-        summary = train(cfg, out, resume=resume, progress=progress and rank == 0, dist=Dist(rank, world))
-        if rank == 0:
-            _print_summary(summary, out)
-    finally:
-        _leave_group()
+        summary = train(cfg, out, resume=resume, progress=progress and me.main, dist=me)
+    except UserError:
+        # under DDP a UserError is every rank's at once (ddnet.trainer.train): leave together, and let
+        # nothing that goes wrong on the way out hide the refusal
+        with contextlib.suppress(Exception):
+            _leave_group()
+        raise
+    except BaseException:
+        _drop_group()
+        raise
+    _leave_group()
+    if me.main:
+        _print_summary(summary, out)
 
 
 def _worker(rank: int, cfg_dict: dict, out: str, resume: bool, progress: bool, port: int) -> None:
     """Entry point of a replica started by `--nproc N` (torch.multiprocessing spawn)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cfg = TrainConfig.from_dict(cfg_dict)
-    _replica(cfg, Path(out), resume, progress, rank, cfg.nproc)
+    _replica(cfg, Path(out), resume, progress, Dist(rank, cfg.nproc))  # one node: local rank = rank
 
 
 def _spawn(cfg: TrainConfig, out: Path, resume: bool, progress: bool) -> None:
@@ -235,9 +265,3 @@ def _spawn(cfg: TrainConfig, out: Path, resume: bool, progress: bool) -> None:
         raise TrainingFailed(first) from None
     except mp.ProcessExitedException as e:  # a replica died from a signal (OOM killer, abort)
         raise TrainingFailed(str(e).strip().splitlines()[-1]) from None
-
-
-def _torchrun_worker(cfg: TrainConfig, out: Path, resume: bool, progress: bool) -> None:
-    """A replica started by torchrun: rank and world size come from its environment."""
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    _replica(cfg.replace(nproc=world), out, resume, progress, rank, world)

@@ -7,6 +7,7 @@ batches and the host-vs-device comparison is a pure data-movement comparison.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 
@@ -147,12 +148,14 @@ class HostLoader:
 
 def stage_on_device(lq: torch.Tensor | None, hq: torch.Tensor | None, device: torch.device,
                     channels_last: bool, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Stage the whole training set on `device` once; under DDP rank 0 broadcasts it to the others.
+    """Stage the whole training set on `device` once; under DDP global rank 0 broadcasts it to every rank.
 
-    Rank 0 holds the tensors read from disk; other ranks pass None and receive
-    them over the process group (NCCL on GPUs, gloo on CPUs), so only rank 0
-    ever touches the files. Returns the staged tensors and a record of the
-    staging time and bytes (kept apart from epoch time).
+    Global rank 0 holds the tensors read from disk; every other rank, on any node, passes None
+    and receives them over the process group (NCCL over the network between GPU nodes, gloo on
+    CPUs), so only global rank 0 ever touches the files. One reader for the whole job rather than
+    one per node: no per-node subgroup, and the other nodes need neither the files nor a cache;
+    the price is 2 x N x H x W x 4 bytes sent to each rank, counted in `staging_time_s`.
+    Returns the staged tensors and a record of the staging time and bytes (kept apart from epoch time).
     """
     t0 = time.perf_counter()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -162,6 +165,11 @@ def stage_on_device(lq: torch.Tensor | None, hq: torch.Tensor | None, device: to
             shape.copy_(torch.tensor(lq.shape, dtype=torch.int64))
         dist.broadcast(shape, src=0)
         dims = [int(s) for s in shape.tolist()]
+        if device.type == "cuda":
+            # the tightest GPU decides, on every rank alike: all refuse together or none does
+            free = torch.tensor(torch.cuda.mem_get_info(device)[0], dtype=torch.int64, device=device)
+            dist.all_reduce(free, op=dist.ReduceOp.MIN)
+            _check_fits(2 * math.prod(dims) * 4, int(free.item()), device, "on the fullest rank's GPU")
         if rank == 0:
             lq_d, hq_d = lq.to(device).contiguous(), hq.to(device).contiguous()
         else:
@@ -170,14 +178,8 @@ def stage_on_device(lq: torch.Tensor | None, hq: torch.Tensor | None, device: to
         dist.broadcast(lq_d, src=0)
         dist.broadcast(hq_d, src=0)
     else:
-        need = lq.numel() * lq.element_size() * 2
         if device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(device)
-            if need > 0.8 * free:
-                raise UserError(
-                    f"DoLL needs {need / 2**30:.2f} GiB to stage the training set but only {free / 2**30:.2f} GiB "
-                    f"of {total / 2**30:.2f} GiB is free on {device}; use --loader host or fewer/smaller slices."
-                )
+            _check_fits(lq.numel() * lq.element_size() * 2, torch.cuda.mem_get_info(device)[0], device, "")
         lq_d, hq_d = lq.to(device), hq.to(device)
     lq_d = lq_d.contiguous(memory_format=fmt)
     hq_d = hq_d.contiguous(memory_format=fmt)
@@ -185,3 +187,13 @@ def stage_on_device(lq: torch.Tensor | None, hq: torch.Tensor | None, device: to
         torch.cuda.synchronize(device)
     nbytes = lq_d.numel() * lq_d.element_size() + hq_d.numel() * hq_d.element_size()
     return lq_d, hq_d, {"staging_time_s": time.perf_counter() - t0, "staging_bytes": nbytes}
+
+
+def _check_fits(need: int, free: int, device: torch.device, where: str) -> None:
+    if need > 0.8 * free:
+        total = torch.cuda.mem_get_info(device)[1]
+        raise UserError(
+            f"DoLL needs {need / 2**30:.2f} GiB to stage the training set but only {free / 2**30:.2f} GiB "
+            f"of {total / 2**30:.2f} GiB is free{' ' + where if where else ''} on {device}; use --loader host "
+            "or fewer/smaller slices."
+        )

@@ -16,7 +16,6 @@ import math
 import os
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from ddnet.loaders import DeviceLoader, HostLoader, stage_on_device
 from ddnet.loss import DDNetLoss
 from ddnet.model import DDNet
 from ddnet.optim import GraphedStep, StepParts, build_step, make_optimizer, setup_precision
+from ddnet.replicas import Dist, agree, from_main
 from ddnet.run_summary import ddp_records, run_summary
 from ddnet.sparsity import AutoSwitch, Masks, conform_to_state_dict_, count_flops, measure_sparsity, sparsify_
 from ddnet.validation import input_quality, validate
@@ -54,18 +54,6 @@ INJECT_ONLY_ENV = "DDNET_BENCH_INJECT_ONLY"
 
 class TrainingFailed(RuntimeError):
     """Training itself went wrong (NaN/inf loss, OOM): recorded by the sink, exit status 3."""
-
-
-@dataclass
-class Dist:
-    """Where this process sits among the replicas."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
 
 
 def _sync(device: torch.device) -> None:
@@ -122,27 +110,45 @@ class Run:
     # -------------------------------------------------------------- build
     def _pick_device(self) -> torch.device:
         if resolve_device(self.cfg.device) == "cuda":
-            # one GPU per replica on this node: under torchrun LOCAL_RANK, else the rank (one node)
-            index = int(os.environ.get("LOCAL_RANK", self.dist.rank))
+            # one GPU per replica on its node: the local rank (the global rank would run past the node's
+            # GPUs on every node but the first)
+            index = self.dist.local_rank
             torch.cuda.set_device(index)
             return torch.device("cuda", index)
         return torch.device("cpu")
 
     def _load_data(self) -> None:
+        """Read the splits, agree over the group that every rank could, then build the loader.
+
+        Who reads files: DoLL under DDP reads the training set on global rank 0 only and
+        broadcasts it to every rank, across nodes too (`stage_on_device`); the host loader
+        reads its own full copy on every rank (each node needs the data at --data, or its own
+        synthetic cache). Validation data is read on global rank 0 only (it alone validates).
+        """
         cfg, dist = self.cfg, self.dist
-        # DoLL under DDP: only rank 0 reads the files; the others receive the tensors by broadcast
         read_here = dist.main or cfg.loader == "host"
-        train = load_split(cfg.data, "train") if read_here else None
         self.read_files = read_here
-        self.data_load: dict[str, Any] = dict(train.load) if train is not None else {"data_load_s": 0.0}
-        if dist.main:
-            self.val = load_split(cfg.data, "val")
-            self.data_load["data_load_s"] += self.val.load["data_load_s"]  # reading or generating, apart from training
-        if train is not None and len(train) < cfg.batch_size:
-            raise UserError(
-                f"the training set has {len(train)} slices, fewer than --batch-size {cfg.batch_size}; "
-                "lower --batch-size or add data (--n-train)."
-            )
+        train, refusal = None, None
+        self.data_load: dict[str, Any] = {"data_load_s": 0.0}
+        try:
+            if read_here:
+                train = load_split(cfg.data, "train")
+                self.data_load = dict(train.load)
+            if dist.main:
+                self.val = load_split(cfg.data, "val")
+                self.data_load["data_load_s"] += self.val.load["data_load_s"]  # reading or generating, apart from training
+            if train is not None and len(train) < cfg.batch_size:
+                raise UserError(
+                    f"the training set has {len(train)} slices, fewer than --batch-size {cfg.batch_size}; "
+                    "lower --batch-size or add data (--n-train)."
+                )
+        except UserError as e:
+            refusal = str(e)
+        # Under DDP a data refusal on one rank must reach the others, which would otherwise wait in the
+        # staging broadcast until the collective timeout; the same gather tells every rank where the others run.
+        refusal, self.placement = agree(refusal, dist)
+        if refusal is not None:
+            raise UserError(refusal)
         if cfg.loader == "device":
             lq_d, hq_d, self.staging = stage_on_device(
                 train.lq if train is not None else None, train.hq if train is not None else None,
@@ -181,7 +187,7 @@ class Run:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = DistributedDataParallel(self.model, device_ids=ids)
         # masks resolved once per build: the step's tail is one foreach multiply over bound weights
-        post_step = self.masks.bind(self.model) if self.masks is not None else _nothing
+        post_step = self.masks.bind(self.model) if self.masks is not None else (lambda: None)
         parts = StepParts(self.ddp_model, self.loss_fn, self.optimizer, self.precision, self.device, post_step)
         old, self.step = self.step, None
         self.loader.bind(None)
@@ -229,8 +235,12 @@ class Run:
             "val_per_slice": self.per_slice,
         }, self.out / "ckpt.pt")
 
-    def _restore(self, sink: RunSink | None) -> list[dict]:
-        """Load ckpt.pt; drop epoch rows past it (rank 0, through the sink). Returns the kept rows."""
+    _ck: dict[str, Any] | None = None  # read_checkpoint's result, until _restore applies it
+
+    def read_checkpoint(self) -> dict[str, Any]:
+        """Read and check ckpt.pt (once): a damaged or foreign checkpoint is refused before anything is recorded."""
+        if self._ck is not None:
+            return self._ck
         path = self.out / "ckpt.pt"
         try:
             ck = torch.load(path, map_location=self.device, weights_only=False)
@@ -240,6 +250,12 @@ class Run:
                             "delete it to restart the run from scratch, or use a new --out.") from None
         if ck.get("config") != self.cfg.to_dict():
             raise UserError(f"{self.out} holds a run of a different configuration; use a new --out folder.")
+        self._ck = ck
+        return ck
+
+    def _restore(self, sink: RunSink | None) -> list[dict]:
+        """Apply ckpt.pt; drop epoch rows past it (rank 0, through the sink). Returns the kept rows."""
+        ck, self._ck = self.read_checkpoint(), None
         if ck["sparsity_kind"] == "structural":
             conform_to_state_dict_(self.model, ck["model"])
             self.model.to(self.device, memory_format=self.fmt)
@@ -294,7 +310,7 @@ class Run:
         """Train every remaining epoch; rank 0 hands rows to `sink` (None on the other ranks)."""
         cfg, main = self.cfg, self.dist.main
         rows: list[dict] = []
-        if self.resume and (self.out / "ckpt.pt").exists():
+        if self.resume and self.resumes_from_checkpoint():
             rows = self._restore(sink)
         elif self.resume and sink is not None:
             sink.keep_epochs([])  # killed before the first checkpoint: a row written has no state behind it
@@ -352,6 +368,28 @@ class Run:
                 sink.copies(self.copies)
         return self._summary(rows)
 
+    _resumes: bool | None = None  # resumes_from_checkpoint's verdict, once reached (a collective under DDP)
+
+    def resumes_from_checkpoint(self) -> bool:
+        """Whether --resume restores ckpt.pt: global rank 0's verdict, on every rank (decided once).
+
+        Rank 0 alone writes the checkpoint, but every rank reads it to resume: when a rank cannot
+        see it (--out on a node-local disk), every rank refuses the resume together.
+        """
+        if self._resumes is not None:
+            return self._resumes
+        here = (self.out / "ckpt.pt").exists()
+        if self.dist.world > 1:
+            seen: list[Any] = [None] * self.dist.world
+            torch_dist.all_gather_object(seen, (here, self.dist.record()))
+            if seen[0][0] and not all(h for h, _ in seen):
+                blind = ", ".join(f"rank {p['rank']} on {p['host']}" for h, p in seen if not h)
+                raise UserError(f"--resume: {blind} cannot see {self.out / 'ckpt.pt'}, which every rank reads "
+                                "to resume; put --out on a filesystem all nodes mount.")
+            here = bool(seen[0][0])
+        self._resumes = here
+        return here
+
     def _measured_sparsity(self) -> float:
         """Counted zeros of prunable weights (masked), or the fraction of parameters removed (structural)."""
         if self.sparsity_kind == "structural":
@@ -382,20 +420,17 @@ class Run:
         return run_summary(self, rows)
 
 
-def _nothing() -> None:
-    return None
-
-
-# ----------------------------------------------------------------- entry point
-
-
 def train(cfg: TrainConfig, out_dir: str | Path, *, sink: RunSink, make_instruments: InstrumentsFactory,
           resume: bool = False, dist: Dist | None = None) -> dict[str, Any]:
     """Train one configuration; returns the summary (also handed to `sink.finish`).
 
     Raises UserError before anything is recorded when the configuration cannot run
     here or the sink refuses the destination; raises TrainingFailed (after
-    `sink.fail`) when training itself fails. Only rank 0 talks to the sink.
+    `sink.fail`) when training itself fails. Only global rank 0 talks to the sink.
+
+    Under DDP a UserError is raised on every rank together: each refusal one rank can reach
+    alone (the destination, the data, a checkpoint out of sight) is first shared over the group,
+    so the replicas can leave the group together. Any other failure may be one rank's alone.
     """
     dist = dist or Dist()
     out = Path(out_dir)
@@ -409,16 +444,26 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, sink: RunSink, make_instrume
     if dist.world > 1:
         # rank 0 alone judges the destination; every rank must learn its verdict, or the others would
         # wait forever in the first collective while rank 0 has already left
-        refusal = _from_main(refusal)
+        refusal = from_main(refusal)
     if refusal is not None:
         raise UserError(refusal)
     run = Run(cfg, out, make_instruments, resume, dist)  # data/model errors surface here, before any record
+    if resume and run.resumes_from_checkpoint():  # a checkpoint out of some rank's sight is refused here
+        refusal = None
+        try:
+            run.read_checkpoint()  # damaged or foreign: refused before any record, on every rank together
+        except UserError as e:
+            refusal = str(e)
+        if (refusal := agree(refusal, dist)[0]) is not None:
+            raise UserError(refusal)
     if dist.main:
         sink.start(cfg.to_dict(), {**run.precision.flags, "device": str(run.device), "world_size": dist.world})
     try:
         summary = run.fit(sink if dist.main else None)
         if dist.world > 1:
             summary.update(ddp_records(run))
+            for rec in summary["ddp_ranks"]:  # where each rank ran (host, node, local rank): gathered at load
+                rec.update(run.placement[rec["rank"]])
     except UserError:
         raise
     except Exception as e:  # NaN/inf loss, CUDA OOM, any crash: recorded, then reported as a failed run
@@ -429,10 +474,3 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, sink: RunSink, make_instrume
         atomic_save(weights_record(run.model, cfg.to_dict(), summary["epochs_completed"]), out / "weights.pt")
         sink.finish(summary)
     return summary
-
-
-def _from_main(value: Any) -> Any:
-    """Rank 0's `value`, on every rank (a pickled broadcast over the process group)."""
-    box = [value]
-    torch_dist.broadcast_object_list(box, src=0)
-    return box[0]

@@ -1,0 +1,81 @@
+"""Where a DDP replica sits (global and node-local rank) and the collectives every rank takes together.
+
+`Dist` comes from `bench train --nproc N` (one node) or from torchrun's environment (one
+node or several); `agree` and `from_main` share one rank's refusal with every rank, so the
+replicas refuse together instead of some waiting in a collective until its timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.distributed as torch_dist
+
+
+@dataclass
+class Dist:
+    """Where this process sits among the replicas, across nodes and on its own node.
+
+    `rank` and `world` are the process group's (global): rank 0 alone writes the run folder,
+    validates, and (DoLL) reads the training files. `local_rank` and `local_world` are this
+    node's (torchrun's LOCAL_RANK and LOCAL_WORLD_SIZE): the GPU is `cuda:{local_rank}` and the
+    node's cores are shared by `local_world` replicas. `Dist(rank, world)` is one node
+    (`bench train --nproc N`): local = global.
+    """
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int | None = None
+    """This replica's index on its node (the GPU it drives); None: the global rank (one node)."""
+    local_world: int | None = None
+    """Replicas on this node; None: the world size (one node)."""
+    node: int = 0
+    """This node's rank among the nodes (torchrun's GROUP_RANK); 0 on one node."""
+    host: str = field(default_factory=socket.gethostname)
+
+    def __post_init__(self) -> None:
+        self.local_rank = self.rank if self.local_rank is None else self.local_rank
+        self.local_world = self.world if self.local_world is None else self.local_world
+
+    @classmethod
+    def from_torchrun(cls, env: Mapping[str, str] = os.environ) -> Dist:
+        """This replica's place as torchrun describes it (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+        GROUP_RANK). Under a c10d rendezvous the global ranks are handed out by the rendezvous, so global
+        rank 0 may sit on any node, not necessarily the one given --node-rank 0."""
+        world = int(env["WORLD_SIZE"])
+        return cls(rank=int(env["RANK"]), world=world, local_rank=int(env.get("LOCAL_RANK", 0)),
+                   local_world=int(env.get("LOCAL_WORLD_SIZE", world)), node=int(env.get("GROUP_RANK", 0)))
+
+    @property
+    def main(self) -> bool:
+        """Global rank 0: the one replica that writes the run folder."""
+        return self.rank == 0
+
+    def record(self) -> dict[str, Any]:
+        """Where this replica ran, for the summary's `ddp_ranks`."""
+        return {"rank": self.rank, "local_rank": self.local_rank, "local_world": self.local_world,
+                "node": self.node, "host": self.host}
+
+
+def agree(refusal: str | None, dist: Dist) -> tuple[str | None, list[dict[str, Any]]]:
+    """Every rank's refusal (None: none) and place, gathered on every rank: the first refusal, named by its
+    rank and host, becomes every rank's, so all raise it together instead of some waiting in a collective."""
+    if dist.world == 1:
+        return refusal, [dist.record()]
+    gathered: list[Any] = [None] * dist.world
+    torch_dist.all_gather_object(gathered, (refusal, dist.record()))
+    first = next(((r, p) for r, p in gathered if r is not None), None)
+    if first is not None:
+        refusal = first[0] if first[1]["rank"] == 0 else f"rank {first[1]['rank']} on {first[1]['host']}: {first[0]}"
+    return refusal, [p for _, p in gathered]
+
+
+def from_main(value: Any) -> Any:
+    """Rank 0's `value`, on every rank (a pickled broadcast over the process group)."""
+    box = [value]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,212 @@
+"""DDP across nodes: two torchrun "nodes" on one machine (CPU, gloo), each launch one node of the job.
+
+Every test starts two `python -m torch.distributed.run --nnodes 2 --nproc-per-node 1` processes
+against one rendezvous on 127.0.0.1, as two machines would, and checks what the job writes: global
+rank 0 alone reads (DoLL) and writes, the epoch-0 shards split the set, the replicas end with equal
+weights, and a refusal or failure on one node ends both at once rather than at the collective timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from bench.store import read_json, read_jsonl
+
+pytestmark = pytest.mark.slow  # each test starts two-node jobs: about 20 s apiece on two cores
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--base-width", "4", "--growth", "4", "--bottleneck", "8", "--image-size", "32", "--n-train", "8",
+        "--n-val", "4", "--batch-size", "4", "--epochs", "2", "--device", "cpu", "--num-workers", "0", "--quiet"]
+LAUNCH_TIMEOUT_S = 150
+"""Longest a two-node job may take here before both launches are killed and the test fails."""
+DIST_TIMEOUT_S = 300
+"""The collective timeout given to the jobs: far above what a quick end may take, so a test that ends
+in time proves the job did not just wait the timeout out."""
+QUICK_S = 90
+"""A refusal or failure on one node must end both launches within this (rendezvous and start included)."""
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                 "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE")
+
+
+@dataclass
+class Launch:
+    """One node's torchrun: its exit status and everything it and its worker printed."""
+
+    rc: int
+    log: str
+
+
+def _loopback_port() -> int:
+    """A free TCP port on 127.0.0.1 for the rendezvous; skips where this machine cannot listen on loopback."""
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    except OSError as e:
+        pytest.skip(f"torchrun cannot start here: no TCP listening on 127.0.0.1 for its rendezvous ({e})")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End one launch and its workers (torchrun starts them in sessions of their own), by their ids."""
+    if proc.poll() is not None:
+        return
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    proc.send_signal(signal.SIGTERM)  # torchrun's agent stops its workers on SIGTERM
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for child in tree:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def two_nodes(tmp: Path, out: Path, *args: str, rdzv: str = "c10d", cwds: tuple[Path, Path] = (ROOT, ROOT),
+              envs: tuple[dict, dict] = ({}, {})) -> list[Launch]:
+    """Launch a two-node `bench train --out OUT ARGS` job; returns the launches in start order.
+
+    rdzv "c10d": torchrun's dynamic rendezvous (the form for Slurm); the rendezvous hands out the
+    global ranks, so either launch may hold rank 0 (--node-rank is ignored, hence not given).
+    rdzv "static": --master-addr/--master-port with --node-rank: the first launch holds rank 0.
+    """
+    port, job = _loopback_port(), uuid.uuid4().hex[:8]
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", DDNET_BENCH_DIST_TIMEOUT_S=str(DIST_TIMEOUT_S))
+    procs, logs = [], []
+    try:
+        for node in (0, 1):
+            where = (["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", job]
+                     if rdzv == "c10d" else
+                     ["--master-addr", "127.0.0.1", "--master-port", str(port), "--node-rank", str(node)])
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", *where,
+                   "-m", "bench.cli", "train", "--out", str(out), *TINY, *args]
+            logs.append(tmp / f"{out.name}.launch{node}.log")
+            with open(logs[-1], "w") as log:
+                procs.append(subprocess.Popen(cmd, cwd=cwds[node], env={**env, **envs[node]}, stdout=log,
+                                              stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        for p in procs:
+            try:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                text = "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for log in logs)
+                pytest.fail(f"the two-node job did not end within {LAUNCH_TIMEOUT_S} s:\n{text}")
+    finally:
+        for p in procs:
+            _stop(p)
+    return [Launch(p.returncode, log.read_text()) for p, log in zip(procs, logs, strict=True)]
+
+
+def _no_traceback_of_ours(launch: Launch) -> None:
+    # torchrun prints its own traceback (ChildFailedError) for a failed worker; ours must print one line
+    for package in ("bench", "ddnet"):
+        assert f'File "{ROOT / package}' not in launch.log, launch.log[-3000:]
+
+
+def _write_dataset(folder: Path, n: dict[str, int], side: int = 32) -> None:
+    """A tiny dataset in the layout --data reads: {split}/{HQ,LQ}/*.npy, float32 HU."""
+    rng = np.random.default_rng(0)
+    for split, count in n.items():
+        for kind in ("HQ", "LQ"):
+            (folder / split / kind).mkdir(parents=True)
+        for i in range(count):
+            hq = rng.uniform(-1000, 1000, (side, side)).astype(np.float32)
+            np.save(folder / split / "HQ" / f"s{i:03d}.npy", hq)
+            np.save(folder / split / "LQ" / f"s{i:03d}.npy", hq + rng.normal(0, 50, (side, side)).astype(np.float32))
+
+
+def test_two_nodes_c10d_doll_rank0_reads_and_writes(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    launches = two_nodes(tmp_path, out, "--loader", "device")
+    for launch in launches:
+        assert launch.rc == 0, launch.log[-3000:]
+    s = read_json(out / "summary.json")
+    assert s["status"] == "ok" and s["world_size"] == 2
+    ranks = sorted(s["ddp_ranks"], key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [0, 1]
+    # one replica per node: each is local rank 0 (the GPU it would drive), on nodes 0 and 1
+    assert [(r["local_rank"], r["local_world"]) for r in ranks] == [(0, 1), (0, 1)]
+    assert sorted(r["node"] for r in ranks) == [0, 1] and all(r["host"] for r in ranks)
+    # DoLL: global rank 0 read the files and broadcast them; the other node read nothing
+    assert [r["read_files"] for r in ranks] == [True, False]
+    a, b = set(ranks[0]["epoch0_indices"]), set(ranks[1]["epoch0_indices"])
+    assert a.isdisjoint(b) and a | b == set(range(8))
+    assert ranks[0]["weights_checksum"] == ranks[1]["weights_checksum"]
+    assert ranks[0]["weights_abs_checksum"] == ranks[1]["weights_abs_checksum"]
+    # only global rank 0 wrote: one set of epoch rows, one "done" line
+    assert [r["epoch"] for r in read_jsonl(out / "epochs.jsonl")] == [1, 2]
+    assert sum(launch.log.count("done: 2 epochs") for launch in launches) == 1
+    assert read_json(out / "config.json")["nproc"] == 2
+
+
+def test_doll_needs_the_data_on_rank0s_node_only_and_host_refuses_everywhere(tmp_path: Path) -> None:
+    # --data is relative: the node started in has_data/ sees it, the one in no_data/ does not,
+    # as when the data sit on one machine's local disk
+    (tmp_path / "has_data").mkdir()
+    (tmp_path / "no_data").mkdir()
+    _write_dataset(tmp_path / "has_data" / "ds", {"train": 8, "val": 4, "test": 2})
+    cwds = (tmp_path / "has_data", tmp_path / "no_data")
+
+    out = tmp_path / "doll"  # static rendezvous: the first launch (with the data) is global rank 0
+    launches = two_nodes(tmp_path, out, "--data", "ds", "--loader", "device", rdzv="static", cwds=cwds)
+    for launch in launches:
+        assert launch.rc == 0, launch.log[-3000:]
+    ranks = sorted(read_json(out / "summary.json")["ddp_ranks"], key=lambda r: r["rank"])
+    assert [r["read_files"] for r in ranks] == [True, False]
+
+    # the host loader reads on every rank: rank 1 cannot, and both nodes refuse together, at once
+    out = tmp_path / "host"
+    t0 = time.monotonic()
+    launches = two_nodes(tmp_path, out, "--data", "ds", "--loader", "host", rdzv="static", cwds=cwds)
+    assert time.monotonic() - t0 < QUICK_S
+    for launch in launches:
+        assert launch.rc != 0 and "exitcode  : 2" in launch.log, launch.log[-3000:]  # the worker's: a refusal
+        assert "error: rank 1 on " in launch.log and "data folder ds does not exist" in launch.log, launch.log[-3000:]
+        _no_traceback_of_ours(launch)
+    assert not out.exists()  # refused before anything was recorded
+
+
+def test_a_failure_on_one_node_ends_both_at_once_and_resume_needs_the_checkpoint_everywhere(tmp_path: Path) -> None:
+    # the train loss turns NaN at epoch 2 on one node only (an injected divergence): that replica fails
+    # alone while the other heads into its next collective; the host loader reads on both nodes
+    out = tmp_path / "nan"
+    t0 = time.monotonic()
+    launches = two_nodes(tmp_path, out, "--loader", "host", envs=({}, {"DDNET_BENCH_INJECT_NAN_EPOCH": "2"}))
+    assert time.monotonic() - t0 < QUICK_S  # not the DIST_TIMEOUT_S a waiting peer would sit out
+    for launch in launches:
+        assert launch.rc != 0 and "exitcode  : 3" in launch.log, launch.log[-3000:]  # training failed
+        _no_traceback_of_ours(launch)
+    assert "train loss became nan at epoch 2" in launches[1].log
+    s = read_json(out / "summary.json")  # global rank 0, on whichever node, recorded the failure
+    assert s["status"] == "failed" and s["error"] and (out / "ckpt.pt").is_file()
+
+    # every rank reads ckpt.pt to resume: a node that cannot see the run folder (a relative --out from
+    # another folder, like a node-local disk) refuses the resume on both nodes, before anything is recorded
+    (tmp_path / "elsewhere").mkdir()
+    t0 = time.monotonic()
+    launches = two_nodes(tmp_path, Path("nan"), "--loader", "host", "--resume", rdzv="static",
+                         cwds=(tmp_path, tmp_path / "elsewhere"))
+    assert time.monotonic() - t0 < QUICK_S
+    for launch in launches:
+        assert launch.rc != 0 and "exitcode  : 2" in launch.log, launch.log[-3000:]
+        assert "error: --resume: rank 1 on " in launch.log and "cannot see nan/ckpt.pt" in launch.log
+        _no_traceback_of_ours(launch)
+    assert read_json(out / "summary.json") == s
