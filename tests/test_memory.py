@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from types import SimpleNamespace
 
@@ -42,6 +43,68 @@ def test_memory_collector_cpu_sees_a_200mb_spike() -> None:
         mc2_row_peak = mc2.epoch_end()["mem_rss_peak_gib"]
     if row["mem_rss_method"] == "VmHWM":
         assert mc2_row_peak < row["mem_rss_peak_gib"] - 0.1
+
+
+def _samplers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "mem-sampler"]
+
+
+def _spike_200mb() -> None:
+    big = np.ones(200 * (1 << 20) // 8)  # 200 MiB, every page touched
+    del big
+
+
+def test_memory_collector_cpu_linux_polls_nothing() -> None:
+    """With VmHWM (Linux) a CPU run's RSS peak is exact without a sampler thread, which would take the
+    GIL and a core from the training loop; the default period is half a second where one runs."""
+    mc = MemoryCollector(CPU)
+    assert mc.interval_s == memory.DEFAULT_INTERVAL_S == 0.5
+    with mc:
+        mc.epoch_begin()
+        row = mc.epoch_end()
+        if row["mem_rss_method"] != "VmHWM":
+            pytest.skip("VmHWM cannot be reset here (not Linux): the RSS is sampled")
+        assert _samplers() == []
+
+
+def test_memory_collector_run_peak_covers_time_between_epochs() -> None:
+    """A spike between two epochs (validation, a checkpoint) is in the run's peak, not in either epoch's."""
+    with MemoryCollector(CPU) as mc:
+        mc.epoch_begin()
+        first = mc.epoch_end()
+        _spike_200mb()
+        mc.epoch_begin()
+        second = mc.epoch_end()
+        s = mc.summary()
+    if first["mem_rss_method"] != "VmHWM":
+        pytest.skip("VmHWM cannot be reset here (not Linux): a sampler would have to catch the spike")
+    assert s["mem_rss_peak_gib"] - max(first["mem_rss_peak_gib"], second["mem_rss_peak_gib"]) >= 0.15
+
+
+def test_memory_collector_samples_rss_without_vmhwm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where VmHWM cannot be reset, a thread samples the RSS and the record says so."""
+    monkeypatch.setattr(memory, "_reset_vm_hwm", lambda: False)
+    with MemoryCollector(CPU, interval_s=0.02) as mc:
+        assert len(_samplers()) == 1
+        mc.epoch_begin()
+        before = _rss_gib()
+        big = np.ones(200 * (1 << 20) // 8)
+        time.sleep(0.3)  # about 15 sampling periods
+        del big
+        row = mc.epoch_end()
+    assert _samplers() == []
+    assert row["mem_rss_method"] == "sampled every 0.02s"
+    assert row["mem_rss_peak_gib"] - before >= 0.15
+
+
+def test_memory_collector_summary_is_frozen_after_exit() -> None:
+    with MemoryCollector(CPU) as mc:
+        mc.epoch_begin()
+        mc.epoch_end()
+    s = mc.summary()
+    big = np.ones(200 * (1 << 20) // 8)  # after the run: not the run's
+    assert mc.summary() == s
+    del big
 
 
 @pytest.fixture

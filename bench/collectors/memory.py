@@ -2,8 +2,14 @@
 
 Each figure is named for what it measures (`mem_nvml_device_used_peak_gib`,
 `mem_allocator_peak_allocated_gib`, `mem_rss_peak_gib`); on a CPU only the RSS
-is measured. `MemoryCollector` is a context manager: its NVML sampler thread
-runs between enter and exit.
+is measured. `MemoryCollector` is a context manager: between enter and exit a
+sampler thread polls what cannot be read as a peak (NVML's device and process
+use; the RSS only where Linux's VmHWM cannot be reset), every half second.
+
+Why so seldom, and no RSS polling on Linux: the harness must not perturb what
+it measures (DESIGN.md: at most 2 % per epoch over a bare loop). Every wake-up
+takes the GIL from the training loop and, on a small CPU box, a core from the
+intra-op threads; VmHWM gives the exact RSS peak with no thread at all.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import sys
 import threading
 from typing import Any
 
@@ -23,6 +30,8 @@ except ImportError:  # nvidia-ml-py missing: not fatal, the NVML figures are rec
     pynvml = None
 
 GIB = float(1 << 30)
+DEFAULT_INTERVAL_S = 0.5
+"""Sampler period: NVML's figures (and the RSS where VmHWM cannot be reset) are polled this often."""
 
 
 def _read_vm_hwm_bytes() -> int | None:
@@ -47,11 +56,17 @@ def _reset_vm_hwm() -> bool:
         return False
 
 
-def _current_rss_bytes() -> int | None:
+def _current_rss_bytes(proc: psutil.Process | None = None) -> int | None:
     try:
-        return int(psutil.Process().memory_info().rss)
+        return int((proc or psutil.Process()).memory_info().rss)
     except Exception:  # the platform refuses: RSS sampling is then off
         return None
+
+
+def _ru_maxrss_bytes() -> int:
+    """The process's lifetime RSS peak from getrusage (kB on Linux, bytes on macOS)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(ru) if sys.platform == "darwin" else int(ru) * 1024
 
 
 def _nvml_handle(device: torch.device) -> tuple[Any, Any, str]:
@@ -105,13 +120,18 @@ class MemoryCollector:
       (`note_graph_peak`; `mem_allocator_peak_allocated_source` says so),
       because replays hold the activations without allocating them.
     - `mem_rss_peak_gib`: the process's peak resident set (host memory), exact
-      from VmHWM where Linux lets us reset it per epoch, else sampled.
+      from VmHWM where Linux lets us reset it (per epoch, and read again before
+      each reset, so the run's peak covers the time between epochs too), else
+      sampled every `interval_s`.
 
     NVML missing is not an error: `summary()['mem_nvml_status']` says why.
-    Use as a context manager; the sampler thread runs between enter and exit.
+    Use as a context manager; the sampler thread runs between enter and exit,
+    and only where there is something to poll (NVML on a CUDA device, the RSS
+    without VmHWM): on a Linux CPU run there is no thread. After exit the
+    figures are frozen: `summary()` reads no new value.
     """
 
-    def __init__(self, device: torch.device, interval_s: float = 0.05) -> None:
+    def __init__(self, device: torch.device, interval_s: float = DEFAULT_INTERVAL_S) -> None:
         self.device = torch.device(device)
         self.interval_s = float(interval_s)
         self._cuda = self.device.type == "cuda"
@@ -126,6 +146,9 @@ class MemoryCollector:
         self.nvml_match = ""
         self._ask_processes = False  # per-process NVML queries; off for good once the driver refuses
         self._hwm_resettable = False
+        self._sample_rss = True  # poll the RSS: only where VmHWM cannot be reset (decided at enter)
+        self._closed = False  # exited: no new readings
+        self._proc: psutil.Process | None = None
         self._alloc_run_peak = {"allocated": 0, "reserved": 0}
         self._graph_peak = 0  # allocator peak of the current CUDA graph's capture (0: no graph)
 
@@ -142,10 +165,21 @@ class MemoryCollector:
                 self.nvml_match = ""
                 self.nvml_status = f"unavailable: {type(exc).__name__}: {exc}".strip()
                 self.nvml_process_status = self.nvml_status
+        with contextlib.suppress(Exception):
+            self._proc = psutil.Process()
+        # VmHWM reset now: from here on it holds the run's exact RSS peak, and no thread polls the RSS
+        self._hwm_resettable = _reset_vm_hwm() and _read_vm_hwm_bytes() is not None
+        self._sample_rss = not self._hwm_resettable
+        self._closed = False
         self._stop.clear()
+        rss = _current_rss_bytes(self._proc)
+        if rss is not None:
+            with self._lock:
+                self._peaks.update("rss", rss)
         self._sample()
-        self._thread = threading.Thread(target=self._run, name="mem-sampler", daemon=True)
-        self._thread.start()
+        if self._sample_rss or self._handle is not None:
+            self._thread = threading.Thread(target=self._run, name="mem-sampler", daemon=True)
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -154,6 +188,8 @@ class MemoryCollector:
             self._thread.join(timeout=5 * self.interval_s + 1.0)
             self._thread = None
         self._sample()
+        self._fold_kernel_peaks()
+        self._closed = True
         if self._nvml is not None:
             with contextlib.suppress(Exception):
                 self._nvml.nvmlShutdown()
@@ -165,7 +201,8 @@ class MemoryCollector:
 
     # -- sampling ----------------------------------------------------------
     def _sample(self) -> None:
-        rss = _current_rss_bytes()
+        """Poll what has no exact peak: NVML's figures and, without VmHWM, the RSS (cheap when neither)."""
+        rss = _current_rss_bytes(self._proc) if self._sample_rss else None
         dev_used = proc_used = None
         if self._handle is not None:
             try:
@@ -226,7 +263,9 @@ class MemoryCollector:
         if self._cuda:
             self._fold_allocator_run_peak()
             torch.cuda.reset_peak_memory_stats(self.device)
-        self._hwm_resettable = _reset_vm_hwm()
+        self._fold_kernel_peaks()  # the peak since the last reset (e.g. validation) still counts for the run
+        self._hwm_resettable = _reset_vm_hwm() and _read_vm_hwm_bytes() is not None
+        self._sample_rss = self._sample_rss or not self._hwm_resettable  # lost VmHWM: sample at least here
         with self._lock:
             self._peaks.epoch = {}
         self._sample()
@@ -234,6 +273,7 @@ class MemoryCollector:
     def epoch_end(self) -> dict[str, Any]:
         """Peaks since `epoch_begin`, only figures that were measured (no None values)."""
         self._sample()
+        self._fold_kernel_peaks()
         with self._lock:
             peaks = dict(self._peaks.epoch)
         row: dict[str, Any] = {}
@@ -249,16 +289,17 @@ class MemoryCollector:
             row["mem_nvml_device_used_peak_gib"] = peaks["nvml_device"] / GIB
         if "nvml_process" in peaks:
             row["mem_nvml_process_used_peak_gib"] = peaks["nvml_process"] / GIB
-        rss, how = self._rss_epoch_peak(peaks.get("rss"))
-        if rss is not None:
-            row["mem_rss_peak_gib"] = rss / GIB
-            row["mem_rss_method"] = how
+        if "rss" in peaks:
+            row["mem_rss_peak_gib"] = peaks["rss"] / GIB
+            row["mem_rss_method"] = "VmHWM" if self._hwm_resettable else f"sampled every {self.interval_s:g}s"
         row["mem_source"] = self._source()
         return row
 
     def summary(self) -> dict[str, Any]:
         """Whole-run peaks (same naming as `epoch_end`) plus why NVML figures are missing, if they are."""
-        self._sample()
+        if not self._closed:
+            self._sample()
+            self._fold_kernel_peaks()
         with self._lock:
             peaks = dict(self._peaks.run)
         out: dict[str, Any] = {}
@@ -273,9 +314,7 @@ class MemoryCollector:
         if "nvml_process" in peaks:
             out["mem_nvml_process_used_peak_gib"] = peaks["nvml_process"] / GIB
         if "rss" in peaks:
-            # ru_maxrss (kB on Linux) may have been reset with VmHWM; take the larger of it and the samples.
-            ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            out["mem_rss_peak_gib"] = max(peaks["rss"], ru if not self._hwm_resettable else 0) / GIB
+            out["mem_rss_peak_gib"] = peaks["rss"] / GIB
         out["mem_source"] = self._source()
         out["mem_nvml_status"] = self.nvml_status
         if self._cuda:
@@ -284,15 +323,16 @@ class MemoryCollector:
                 out["mem_nvml_device_match"] = self.nvml_match
         return out
 
-    def _rss_epoch_peak(self, sampled: float | None) -> tuple[float | None, str]:
+    def _fold_kernel_peaks(self) -> None:
+        """Fold the RSS peaks the kernel kept into ours: VmHWM (exact since its last reset) into the
+        epoch's and the run's; without it, getrusage's lifetime peak into the run's (the samples may
+        have missed a spike it holds; ru_maxrss is reset with VmHWM, so only then)."""
         hwm = _read_vm_hwm_bytes() if self._hwm_resettable else None
-        if hwm is not None:
-            with self._lock:  # VmHWM catches spikes the sampler missed; keep the run peak honest
-                self._peaks.run["rss"] = max(hwm, self._peaks.run.get("rss", hwm))
-            return float(max(hwm, sampled or 0)), "VmHWM"
-        if sampled is not None:
-            return float(sampled), f"sampled every {self.interval_s:g}s"
-        return None, ""
+        with self._lock:
+            if hwm is not None:
+                self._peaks.update("rss", hwm)
+            elif "rss" in self._peaks.run:
+                self._peaks.run["rss"] = max(self._peaks.run["rss"], _ru_maxrss_bytes())
 
     def _fold_allocator_run_peak(self) -> None:
         if self._cuda:
