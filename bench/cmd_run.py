@@ -70,6 +70,8 @@ from bench.estimate import (
 from bench.grids import Grid, load_grid, registry, toggles_slug
 from bench.planning import Overrides, PlannedCell, cell_sizes, cell_state, plan_grid, read_summary, run_order
 from bench.processes import TRAIN_COMMAND, CellResult, run_grid
+from bench.run_slurm import run_on_slurm
+from bench.slurm import SlurmOptions
 from bench.status import format_duration
 from bench.store import read_json, read_jsonl, write_json
 from ddnet.config import TrainConfig, resolve_device
@@ -324,6 +326,14 @@ def grids_cmd() -> None:
         raise typer.Exit(2) from None
 
 
+SLURM_FLAGS = {"partition": "--slurm-partition", "account": "--slurm-account", "qos": "--slurm-qos",
+               "time_min": "--slurm-time", "gpus_per_node": "--slurm-gpus-per-node",
+               "cpus_per_task": "--slurm-cpus-per-task", "mem_gb": "--slurm-mem-gb",
+               "array_parallelism": "--slurm-array-parallelism", "extra_sbatch": "--slurm-extra",
+               "setup": "--slurm-setup", "cluster": "--slurm-cluster"}
+"""`bench.slurm.SlurmOptions` fields as `bench run` spells them (its refusals name the option to fix)."""
+
+
 def run_cmd(
     grid: str = typer.Option(..., "--grid", help="Grid name (see `bench grids`) or path to a grid .py file."),
     out: Path | None = typer.Option(None, "--out", help="Output folder (default results/runs/<grid>)."),
@@ -348,6 +358,30 @@ def run_cmd(
     cell_timeout: float | None = typer.Option(None, "--cell-timeout", min=1,
                                               help="Stop a cell after this many seconds and record it as failed "
                                                    "(default: no limit)."),
+    executor: str = typer.Option("local", "--executor",
+                                 help="local: the cells run here, one after another; slurm: each cell is a "
+                                      "Slurm array task (submitted now; re-run to resubmit dead ones)."),
+    wait: bool = typer.Option(False, "--wait", help="slurm: wait for the submitted jobs, then print the summary."),
+    slurm_partition: str | None = typer.Option(None, "--slurm-partition", help="slurm: partition (sbatch -p)."),
+    slurm_account: str | None = typer.Option(None, "--slurm-account", help="slurm: account charged (sbatch -A)."),
+    slurm_qos: str | None = typer.Option(None, "--slurm-qos", help="slurm: quality of service."),
+    slurm_time: int = typer.Option(240, "--slurm-time", help="slurm: time limit per job, minutes; a job that "
+                                                               "reaches it is requeued and resumes its cell."),
+    slurm_gpus: int | None = typer.Option(None, "--slurm-gpus-per-node",
+                                          help="slurm: GPUs per job (default: the cell's --nproc; 0 on CPU cells)."),
+    slurm_cpus: int | None = typer.Option(None, "--slurm-cpus-per-task", help="slurm: CPU cores per job."),
+    slurm_mem: float | None = typer.Option(None, "--slurm-mem-gb", help="slurm: host memory per job, GB."),
+    slurm_parallel: int | None = typer.Option(None, "--slurm-array-parallelism",
+                                              help="slurm: most cells running at once."),
+    slurm_extra: list[str] = typer.Option([], "--slurm-extra",
+                                          help="slurm: another sbatch directive, e.g. --slurm-extra=--constraint=a100 "
+                                               "(repeatable)."),
+    slurm_setup: list[str] = typer.Option([], "--slurm-setup",
+                                          help="slurm: a shell line run before each cell, e.g. 'module load cuda' "
+                                               "(repeatable)."),
+    slurm_cluster: str = typer.Option("slurm", "--slurm-cluster",
+                                      help="slurm: 'slurm', or 'local' to try the Slurm path on this machine "
+                                           "(submitit's local executor)."),
 ) -> None:
     """Run every cell of a grid, each in its own process, into one folder per cell; re-run to resume."""
     console = _console()
@@ -356,6 +390,35 @@ def run_cmd(
         overrides = Overrides(epochs=epochs, batch_size=batch_size, image_size=image_size, data=data,
                               n_train=n_train, n_val=n_val, seed=seed, device=device)
         out_dir = out if out is not None else Path("results") / "runs" / g.name
+        if executor not in ("local", "slurm"):
+            raise UserError(f"--executor {executor!r}: choose local (cells run here) or slurm (each cell a job).")
+        if executor == "slurm":
+            if calibrate_ or cell_timeout is not None:
+                raise UserError("--calibrate and --cell-timeout run here, not on Slurm; drop them (a job's limit "
+                                "is --slurm-time).")
+            try:
+                options = SlurmOptions(partition=slurm_partition, account=slurm_account, qos=slurm_qos,
+                                       time_min=slurm_time, gpus_per_node=slurm_gpus, cpus_per_task=slurm_cpus,
+                                       mem_gb=slurm_mem, array_parallelism=slurm_parallel,
+                                       extra_sbatch=list(slurm_extra), setup=list(slurm_setup), cluster=slurm_cluster)
+            except UserError as e:  # name the command-line option, not the API field
+                msg = str(e)
+                for field, flag in SLURM_FLAGS.items():
+                    msg = msg.replace(f"SlurmOptions.{field}", flag)
+                raise UserError(msg) from None
+            results = run_on_slurm(g, out_dir, options, overrides, repeats, resume, retry_failed, dry_run, wait,
+                                   console)
+            if results is not None:
+                _finish(console, results, out_dir)
+            return
+        given = [name for name, value, default in (
+            ("--wait", wait, False), ("--slurm-partition", slurm_partition, None), ("--slurm-account", slurm_account, None),
+            ("--slurm-qos", slurm_qos, None), ("--slurm-time", slurm_time, 240), ("--slurm-gpus-per-node", slurm_gpus, None),
+            ("--slurm-cpus-per-task", slurm_cpus, None), ("--slurm-mem-gb", slurm_mem, None),
+            ("--slurm-array-parallelism", slurm_parallel, None), ("--slurm-extra", list(slurm_extra), []),
+            ("--slurm-setup", list(slurm_setup), []), ("--slurm-cluster", slurm_cluster, "slurm")) if value != default]
+        if given:
+            raise UserError(f"{', '.join(given)} only apply with --executor slurm; add it, or drop them.")
         calibrations: dict[tuple[str, str], Calibration] | None = None
         also = tuple(estimate_from)
         if dry_run or calibrate_:
@@ -389,6 +452,11 @@ def run_cmd(
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    _finish(console, results, out_dir)
+
+
+def _finish(console: Console, results: list[CellResult], out_dir: Path) -> None:
+    """The summary table; exit 1 when a cell did not finish ok."""
     print_summary(console, results)
     failed = [r for r in results if r.status not in ("ok", "skipped")]
     if failed:

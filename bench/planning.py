@@ -358,3 +358,28 @@ def exclusive(out: Path) -> Iterator[None]:
         except BlockingIOError:
             raise UserError(f"another `bench run` is using {out}; wait for it or pick another --out.") from None
         yield
+
+
+def prepare_cell(p: PlannedCell, out: Path, grid_name: str, version: str) -> dict[str, Any] | None:
+    """Make the cell's folder with `cell.json` and `config.request.json` (what `bench train --config` reads).
+
+    A cell that will not run here (`p.skip_reason`) gets its 'skipped' summary instead, returned;
+    None for a cell ready to run. Any executor (this runner, Slurm) starts from here.
+    """
+    cell_dir = out / p.folder
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    if not (cell_dir / "cell.json").exists():
+        write_json(cell_dir / "cell.json", p.cell_record(grid_name, version))
+    if p.skip_reason:
+        if not (cell_dir / "config.json").exists():
+            write_json(cell_dir / "config.json", p.config.to_dict())
+        record = {
+            "status": "skipped", "reason": p.skip_reason, "error": None, "epochs_completed": 0,
+            "total_time_s": None, "final_val_ms_ssim": None,
+        }
+        write_json(cell_dir / "summary.json", record)
+        return record
+    request = cell_dir / "config.request.json"
+    if not request.exists():
+        write_json(request, p.config.to_dict())
+    return None

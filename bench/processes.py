@@ -37,6 +37,7 @@ from bench.planning import (
     code_version,
     exclusive,
     plan_grid,
+    prepare_cell,
     prepare_out,
     read_summary,
 )
@@ -80,7 +81,7 @@ class CellResult:
         return dict(self.__dict__)
 
 
-def _result_from_summary(p: PlannedCell, s: dict[str, Any], action: str) -> CellResult:
+def result_from_summary(p: PlannedCell, s: dict[str, Any], action: str) -> CellResult:
     def num(v: Any) -> float | None:
         return float(v) if isinstance(v, int | float) else None
 
@@ -199,28 +200,16 @@ def run_cell(
     s = read_summary(cell_dir)
     status = s.get("status") if s else None
     if s is not None and status == "ok":
-        return _result_from_summary(p, s, "reused")
+        return result_from_summary(p, s, "reused")
     if s is not None and status == "failed" and not retry_failed:
-        return _result_from_summary(p, s, "reused")
+        return result_from_summary(p, s, "reused")
     if s is not None and status == "skipped" and p.skip_reason:
-        return _result_from_summary(p, s, "reused")
+        return result_from_summary(p, s, "reused")
 
-    cell_dir.mkdir(parents=True, exist_ok=True)
-    if not (cell_dir / "cell.json").exists():
-        write_json(cell_dir / "cell.json", p.cell_record(grid_name, version))
-    if p.skip_reason:
-        if not (cell_dir / "config.json").exists():
-            write_json(cell_dir / "config.json", p.config.to_dict())
-        record = {
-            "status": "skipped", "reason": p.skip_reason, "error": None, "epochs_completed": 0,
-            "total_time_s": None, "final_val_ms_ssim": None,
-        }
-        write_json(cell_dir / "summary.json", record)
-        return _result_from_summary(p, record, "skipped")
-
+    skipped = prepare_cell(p, out, grid_name, version)
+    if skipped is not None:
+        return result_from_summary(p, skipped, "skipped")
     request = cell_dir / "config.request.json"
-    if not request.exists():
-        write_json(request, p.config.to_dict())
     # resume from the checkpoint when there is one (the trainer drops epoch rows past it); a failed cell
     # retried, or one whose summary.json is damaged, is resumed too (bench train refuses to reuse such a
     # folder otherwise): a damaged summary of a finished cell is rebuilt from its last checkpoint
@@ -274,7 +263,7 @@ def run_cell(
         "data_cache": s.get("data_cache")})
     action = "resumed" if resume else "ran"
     if rc == 0 and s.get("status") == "ok":
-        return _result_from_summary(p, s, action)
+        return result_from_summary(p, s, action)
 
     tail = _log_tail(log_path)
     if s.get("status") != "failed":
@@ -293,7 +282,7 @@ def run_cell(
         }
         write_json(cell_dir / "summary.json", s)
     display.failure(p.folder, tail, log_path)
-    return _result_from_summary(p, s, action)
+    return result_from_summary(p, s, action)
 
 
 # ------------------------------------------------------------------ display

@@ -220,9 +220,7 @@ class CellCommand:
         from submitit.helpers import DelayedSubmission  # noqa: PLC0415 - optional dependency (.[slurm])
 
         self._stop()
-        argv = [a for a in self.job.argv if a != RESUME_FLAG]
-        if (self.job.path / "ckpt.pt").exists():
-            argv.append(RESUME_FLAG)
+        argv = self.job.command()
         print(f"{self.job.path}: checkpoint -> requeued with {shlex.join(argv)}", flush=True)
         return DelayedSubmission(CellCommand(replace(self.job, argv=argv)))
 

@@ -180,8 +180,10 @@ class CellJob:
         return self.cwd / self.folder
 
     def command(self) -> list[str]:
-        """The argv to start now: `--resume` exactly when the folder holds a checkpoint."""
+        """The argv to start now: `--resume` exactly when the folder holds a checkpoint or a summary (a failed
+        or damaged run is refused without it; one that never checkpointed then starts over, as locally)."""
         base = [a for a in self.argv if a != RESUME_FLAG]
-        return base + [RESUME_FLAG] if (self.path / "ckpt.pt").exists() else base
+        started = (self.path / "ckpt.pt").exists() or (self.path / "summary.json").exists()
+        return base + [RESUME_FLAG] if started else base
 
 

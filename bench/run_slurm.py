@@ -1,0 +1,196 @@
+"""`bench run --executor slurm`: the same plan and run folders as the local runner, cells run as Slurm jobs.
+
+What one invocation does, in order:
+
+1. plan the grid exactly as `bench run` does (`bench.planning.plan_grid`): same cells, same
+   folder names, same `grid.json`; a cell the *grid* skips is skipped, but this machine's own
+   reasons (no CUDA on a login node) are not: the compute nodes decide;
+2. prepare every cell folder (`cell.json`, `config.request.json`);
+3. pick the cells to submit (`bench.slurm.pending_cells`): never a finished cell, nor one whose
+   latest job is queued or running; a cell whose job died is submitted again and continues from
+   its checkpoint; a failed cell only with `--retry-failed`;
+4. submit them, one job array per resource shape (`bench.slurm.submit_jobs`), each task running
+   `bench train --config <cell>/config.request.json --out <cell> [--resume]` — the very command
+   the local runner starts — and record the job ids in `grid.json`;
+5. with `--wait`, wait for the jobs it submitted and print the same summary table as a local run.
+
+`--dry-run` prints the plan and the sbatch script of each array with its tasks' commands, and
+writes nothing. Re-running the same command later is how a grid is continued; `bench status OUT`
+shows each cell with its job's state meanwhile.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from bench.grids import Grid
+from bench.planning import (
+    Overrides,
+    PlannedCell,
+    code_version,
+    exclusive,
+    plan_grid,
+    prepare_cell,
+    prepare_out,
+    read_summary,
+    run_order,
+)
+from bench.processes import TRAIN_COMMAND, CellResult, result_from_summary
+from bench.slurm import (
+    CellJob,
+    SlurmOptions,
+    job_states,
+    latest_jobs,
+    record_jobs,
+    sbatch_preview,
+    submission_decisions,
+    submit_jobs,
+)
+from bench.store import read_json, write_json
+
+LOG_DIR = "slurm"
+"""Under the grid's out folder: submitit's per-job folders (sbatch script, stdout, stderr, pickles)."""
+
+WAIT_POLL_S = 2.0
+"""How often `--wait` asks the submitted jobs whether they are done."""
+
+
+def plan_for_cluster(grid: Grid, overrides: Overrides, repeats: int, options: SlurmOptions,
+                     version: str) -> list[PlannedCell]:
+    """The local plan; on a real cluster only the grid's own skip reasons stand (the nodes, not this login
+    node, decide whether CUDA is there). `cluster='local'|'debug'` runs here, so this machine's reasons stand."""
+    planned = plan_grid(grid, overrides, repeats, version)
+    if options.cluster != "slurm":
+        return planned
+    # an explicit --device cpu with a CUDA-only toggle is impossible anywhere: that reason stays
+    return [p if p.config.device == "cpu" else replace(p, skip_reason=p.cell.skip_reason) for p in planned]
+
+
+def cell_job(p: PlannedCell, out: Path, command: Sequence[str] = TRAIN_COMMAND) -> CellJob:
+    """The array task of one cell: the local runner's command; one GPU per replica unless it runs on CPUs."""
+    cell_dir = out / p.folder
+    argv = [*command, "--config", str(cell_dir / "config.request.json"), "--out", str(cell_dir)]
+    gpus = 0 if p.config.device == "cpu" else p.config.nproc
+    return CellJob(folder=cell_dir, argv=argv, nproc=gpus)
+
+
+def _statuses(planned: list[PlannedCell], order: list[str], out: Path) -> dict[str, str | None]:
+    by_folder = {p.folder: p for p in planned}
+    statuses: dict[str, str | None] = {}
+    for folder in order:
+        s = read_summary(out / folder)
+        status = s.get("status") if s is not None else None
+        if status is None and by_folder[folder].skip_reason:
+            status = "skipped"
+        statuses[folder] = status
+    return statuses
+
+
+def _decision_table(decisions: dict[str, tuple[bool, str]], ids: dict[str, str], title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("cell", overflow="fold")
+    table.add_column("action")
+    table.add_column("why", overflow="fold")
+    table.add_column("job", overflow="fold")
+    for folder, (go, why) in decisions.items():
+        table.add_row(folder, "submit" if go else "leave", why, ids.get(folder, "-"))
+    return table
+
+
+def run_on_slurm(
+    grid: Grid,
+    out: Path,
+    options: SlurmOptions,
+    overrides: Overrides | None = None,
+    repeats: int = 1,
+    resume: bool = True,
+    retry_failed: bool = False,
+    dry_run: bool = False,
+    wait: bool = False,
+    console: Console | None = None,
+    command: Sequence[str] = TRAIN_COMMAND,
+    executor_factory: Callable[[Path], Any] | None = None,
+    states: Callable[[list[str]], dict[str, str]] = job_states,
+) -> list[CellResult] | None:
+    """Submit the grid's unfinished cells to Slurm (see the module docstring).
+
+    Returns None after submitting (or a dry run), or with `wait` one CellResult per cell once the
+    submitted jobs ended. `executor_factory` and `states` are for tests (submitit's LocalExecutor,
+    a fake squeue). Raises UserError for what cannot be submitted (no submitit, no Slurm here).
+    """
+    console = console or Console()
+    overrides = overrides or Overrides()
+    version = code_version()
+    planned = plan_for_cluster(grid, overrides, repeats, options, version)
+    by_folder = {p.folder: p for p in planned}
+    seed = overrides.seed if overrides.seed is not None else grid.base().seed
+    log_dir = out / LOG_DIR
+
+    if dry_run:
+        order = run_order(planned, seed)
+        recorded = read_json(out / "grid.json") if (out / "grid.json").exists() else {}
+        order = list(recorded.get("order", order)) if sorted(recorded.get("order", [])) == sorted(order) else order
+        statuses = _statuses(planned, order, out)
+        decisions = submission_decisions(statuses, recorded, states(list(latest_jobs(recorded).values())),
+                                         retry_failed)
+        console.print(_decision_table(decisions, {}, f"grid '{grid.name}' on Slurm: {len(order)} cells -> {out}"))
+        jobs = [cell_job(by_folder[f], out, command) for f, (go, _) in decisions.items() if go]
+        if jobs:
+            console.print(sbatch_preview(jobs, options, log_dir), markup=False, highlight=False)
+        console.print(f"dry run: {len(jobs)} cell(s) would be submitted; nothing was written.",
+                      markup=False, highlight=False)
+        return None
+
+    with exclusive(out):
+        order = prepare_out(out, grid, planned, seed, resume, version)
+        for folder in order:
+            prepare_cell(by_folder[folder], out, grid.name, version)
+        record = read_json(out / "grid.json")
+        statuses = _statuses(planned, order, out)
+        decisions = submission_decisions(statuses, record, states(list(latest_jobs(record).values())),
+                                         retry_failed)
+        to_submit = [f for f, (go, _) in decisions.items() if go]
+        jobs = [cell_job(by_folder[f], out, command) for f in to_submit]
+        submitted = submit_jobs(jobs, options, log_dir, executor_factory)
+        ids = {f: str(j.job_id) for f, j in zip(to_submit, submitted, strict=True)}
+        if ids:
+            write_json(out / "grid.json", record_jobs(record, ids))
+    console.print(_decision_table(decisions, ids, f"grid '{grid.name}' on Slurm ({options.cluster}) -> {out}"))
+    arrays = sorted({i.split("_")[0] for i in ids.values()})
+    console.print(f"submitted {len(ids)} cell(s)" + (f" as job(s) {', '.join(arrays)}" if arrays else "")
+                  + f"; logs in {log_dir}; watch with `bench status {out}`; run the same command again to "
+                  "resubmit cells whose jobs died.", markup=False, highlight=False)
+    if not wait:
+        return None
+    return _wait(planned, order, out, dict(zip(to_submit, submitted, strict=True)), console)
+
+
+def _wait(planned: list[PlannedCell], order: list[str], out: Path, jobs: dict[str, Any],
+          console: Console) -> list[CellResult]:
+    """Wait for the submitted jobs; one result per cell (from its summary.json) in run order."""
+    left = dict(jobs)
+    while left:
+        for folder in [f for f, j in left.items() if j.done()]:
+            job = left.pop(folder)
+            s = read_summary(out / folder) or {}
+            console.print(f"[{len(jobs) - len(left)}/{len(jobs)}] {folder}: job {job.job_id} ended, "
+                          f"cell {s.get('status', 'without a summary')}", markup=False, highlight=False)
+        if left:
+            time.sleep(WAIT_POLL_S)
+    by_folder = {p.folder: p for p in planned}
+    results = []
+    for folder in order:
+        p = by_folder[folder]
+        s = read_summary(out / folder)
+        if s is None:
+            results.append(CellResult(folder, p.cell.label, "pending", "submitted", 0, p.config.epochs))
+        else:
+            results.append(result_from_summary(p, s, "submitted" if folder in jobs else "reused"))
+    return results
