@@ -1,4 +1,4 @@
-"""The `bench` command line: train, eval, grids, run, report, data.
+"""The `bench` command line: train, max-batch, eval, grids, run, report, data.
 
 Each command lives in its own module, named in `COMMANDS`, and is imported
 only when it runs (or shows its own --help): `bench --help` lists the commands
@@ -30,6 +30,8 @@ class Entry(NamedTuple):
 
 COMMANDS: dict[str, Entry] = {
     "train": Entry("bench.cmd_train", "train_cmd", "Train DDNet once and write the run folder."),
+    "max-batch": Entry("bench.cmd_max_batch", "max_batch_cmd",
+                       "Find the largest training batch that fits in this GPU's memory for one configuration."),
     "eval": Entry("bench.cmd_eval", "eval_cmd",
                   "Evaluate a checkpoint: input and output vs target per slice, mean +/- std, and a PNG strip."),
     "grids": Entry("bench.cmd_run", "grids_cmd",

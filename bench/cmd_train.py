@@ -104,8 +104,8 @@ def build_config(config: Path | None, overrides: dict[str, Any]) -> TrainConfig:
     return cfg.replace(**given) if given else cfg
 
 
-def train_cmd(**options: Any) -> None:
-    """Train DDNet once and write the run folder."""
+def config_from_options(options: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig that `--config`, `--preset` and the field options describe (None = not given)."""
     by_name = {f.flag.lstrip("-").replace("-", "_"): f for f in FIELDS}
     overrides = {by_name[k].path: _convert(by_name[k], v) for k, v in options.items()
                  if k in by_name and v is not None}
@@ -117,36 +117,41 @@ def train_cmd(**options: Any) -> None:
         if resolve_device(options.get("device") or "auto") != "cuda":
             raise UserError(f"--preset {preset} was measured on a GPU and needs CUDA (it sets "
                             f"{PRESETS[preset]}); drop --preset on a CPU.")
-    cfg = build_config(options["config"], overrides)
+    return build_config(options["config"], overrides)
+
+
+def train_cmd(**options: Any) -> None:
+    """Train DDNet once and write the run folder."""
+    cfg = config_from_options(options)
     if cfg.init is not None and not Path(cfg.init).is_file():
         raise UserError(f"--init {cfg.init} does not exist; pass a checkpoint file (ckpt.pt, weights.pt or "
                         "an original DDNet state dict).")
     run_training(cfg, options["out"], resume=options["resume"], progress=not options["quiet"])
 
 
-def _signature() -> tuple[inspect.Signature, dict[str, Any]]:
-    """train_cmd's parameters: the run folder and run options, then one option per config field."""
+def config_parameters() -> list[inspect.Parameter]:
+    """`--config`, `--preset` and one option per config field: what `config_from_options` reads."""
     kw = inspect.Parameter.KEYWORD_ONLY
     params = [
-        inspect.Parameter("out", kw, annotation=Path, default=typer.Option(
-            ..., "--out", help="Run folder to write (config.json, env.json, epochs.jsonl, summary.json, ...).")),
         inspect.Parameter("config", kw, annotation=Path | None, default=typer.Option(
             None, "--config", help="JSON TrainConfig to start from; options given here override it.")),
         inspect.Parameter("preset", kw, annotation=str | None, default=typer.Option(
             None, "--preset", help=f"Named options resting on a measurement ({', '.join(PRESETS)}; see README); "
                                    "options given explicitly override it.")),
     ]
-    annotations: dict[str, Any] = {"out": Path, "config": Path | None, "preset": str | None}
-    for field in FIELDS:
-        param, typ = _option(field)
-        params.append(param)
-        annotations[param.name] = typ
+    return params + [_option(field)[0] for field in FIELDS]
+
+
+def _signature() -> tuple[inspect.Signature, dict[str, Any]]:
+    """train_cmd's parameters: the run folder and run options, then one option per config field."""
+    kw = inspect.Parameter.KEYWORD_ONLY
+    params = [inspect.Parameter("out", kw, annotation=Path, default=typer.Option(
+        ..., "--out", help="Run folder to write (config.json, env.json, epochs.jsonl, summary.json, ...).")),
+        *config_parameters()]
     for name, flag_, text in (("resume", "--resume", "Continue an unfinished run in --out from its checkpoint."),
                               ("quiet", "--quiet", "No progress bar.")):
         params.append(inspect.Parameter(name, kw, annotation=bool, default=typer.Option(False, flag_, help=text)))
-        annotations[name] = bool
-    annotations["return"] = None
-    return inspect.Signature(params), annotations
+    return inspect.Signature(params), {p.name: p.annotation for p in params} | {"return": None}
 
 
 train_cmd.__signature__, train_cmd.__annotations__ = _signature()  # type: ignore[attr-defined]

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_help_lists_every_command_with_its_line():
-    assert list(COMMANDS) == ["train", "eval", "grids", "run", "status", "report", "data"]
+    assert list(COMMANDS) == ["train", "max-batch", "eval", "grids", "run", "status", "report", "data"]
     res = CliRunner().invoke(app, ["--help"])
     assert res.exit_code == 0, res.output
     listed = [line.strip("│ ").split()[0] for line in res.output.splitlines() if line.startswith("│ ")]
