@@ -146,10 +146,24 @@ def stratified_ratio_ci(
     lb, pb = _log_total(xb, b_weights)
     var = sum(v for v, _ in pa + pb)
     if var == 0.0:  # no spread measured at all: the interval is the point of the geometric means
-        return point, math.exp(lb - la), math.exp(lb - la)
+        lo, hi = cover(point, math.exp(lb - la), math.exp(lb - la))
+        return point, float(lo), float(hi)
     df = var**2 / sum(v**2 / d for v, d in pa + pb)  # Welch-Satterthwaite
     half = float(sps.t.ppf(0.5 + level / 2.0, df)) * math.sqrt(var)
-    return point, math.exp(lb - la - half), math.exp(lb - la + half)
+    lo, hi = cover(point, math.exp(lb - la - half), math.exp(lb - la + half))
+    return point, float(lo), float(hi)
+
+
+def cover(point: float | None, lo: float | None, hi: float | None) -> tuple[float | None, float | None]:
+    """(lo, hi) widened, if need be, to hold `point`.
+
+    The interval is centred on the ratio of geometric means while the point is a ratio of medians: in a
+    skewed sample (a few slow epochs on a busy machine) the median can fall outside. Widening never
+    claims more than the interval did (its coverage can only rise), and the verdict reads the widened one.
+    """
+    if point is None or lo is None or hi is None or not all(map(math.isfinite, (point, lo, hi))):
+        return lo, hi
+    return min(lo, point), max(hi, point)
 
 
 def ratio_ci(
@@ -159,8 +173,8 @@ def ratio_ci(
 
     The arms are independent runs (or epochs). The interval is for the ratio of
     the arms' medians (geometric means of lognormal times); `stat` sets only the
-    point estimate, so with outliers the point can fall outside the interval
-    (outliers widen the interval too, which keeps that rare). lo and hi are
+    point estimate; the interval is widened to hold it when a skewed sample puts
+    the median outside (`cover`). lo and hi are
     NaN below `MIN_SAMPLES_PER_ARM` samples in an arm. For a speedup pass the optimized arm's times as `a` and the baseline's
     as `b` (or use `speedup_ci`).
     """
@@ -290,6 +304,7 @@ def estimate_speedup(
     point, lo, hi = stratified_ratio_ci(arm_strata, arm_weights, baseline_strata, baseline_weights)
     if point_x is not None:
         point = point_x
+        lo, hi = cover(point, lo, hi)  # the displayed point lies inside its interval
     fewest = min(len(s) for s in [*baseline_strata, *arm_strata])
     if fewest < 2:
         return Speedup(point, None, None, NO_INTERVAL, method)

@@ -16,6 +16,7 @@ from bench.stats import (
     bootstrap_ratio_ci,
     bootstrap_stratified_ratio_ci,
     classify_ratio,
+    cover,
     estimate_speedup,
     median,
     ratio_ci,
@@ -233,3 +234,19 @@ def test_hybrid_schedule_interval_keeps_its_coverage():
         _, lo, hi = stratified_ratio_ci([dense, sparse], [3, 7], [base], [10])
         covered += lo <= true <= hi
     assert covered / 400 >= 0.93
+
+
+def test_the_point_always_lies_inside_its_interval():
+    # a skewed arm (one very slow epoch among fast ones, as on a busy machine): the median ratio is far from
+    # the ratio of geometric means the t-interval is centred on; the interval is widened to hold it
+    base = [1.0, 1.01, 0.99, 1.02, 0.98]
+    arm = [0.80, 0.81, 0.79, 3.5, 4.0]
+    point, lo, hi = ratio_ci(arm, base)
+    assert point == pytest.approx(1.0 / 0.81)
+    assert lo <= point <= hi
+    _, glo, ghi = stratified_ratio_ci([arm], [1.0], [base], [1.0], stat=lambda x: float(np.exp(np.log(x).mean())))
+    assert hi == pytest.approx(max(ghi, point)) and lo == pytest.approx(min(glo, point))
+    assert cover(2.0, 0.5, 1.5) == (0.5, 2.0) and cover(1.0, 0.5, 1.5) == (0.5, 1.5)
+    assert cover(None, 0.5, 1.5) == (0.5, 1.5) and cover(2.0, None, None) == (None, None)
+    s = estimate_speedup([base], [1.0], [arm], [1.0], "epochs", point_x=3.0)
+    assert s.point_x == 3.0 and s.lo_x <= 3.0 <= s.hi_x

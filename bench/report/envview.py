@@ -27,6 +27,7 @@ from bench.stats import (
     NO_VERDICT,
     Speedup,
     classify_ratio,
+    cover,
     estimate_speedup,
     median,
     ratio_ci,
@@ -163,7 +164,7 @@ class EnvView:
             return Speedup(None, None, None, NO_INTERVAL, "no finished run in one arm")
         point = ratio(median(b), median(a))
         if len(b) >= MIN_SAMPLES_PER_ARM and len(a) >= MIN_SAMPLES_PER_ARM:
-            _, lo, hi = ratio_ci(a, b)
+            lo, hi = cover(point, *ratio_ci(a, b)[1:])
             return Speedup(point, lo, hi, classify_ratio(lo, hi), f"repeats ({len(b)} vs {len(a)})")
         return Speedup(point, None, None, NO_VERDICT if len(b) > 1 and len(a) > 1 else NO_INTERVAL,
                        f"repeats ({len(b)} vs {len(a)})")

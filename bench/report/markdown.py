@@ -23,7 +23,8 @@ def how_to_read(opts: Options) -> list[str]:
         "(`time_s`); for a model without a sparse phase this is the ratio of median epoch times.",
         "[lo, hi] is a 95% interval for the ratio of medians: Welch's t-interval on log times (it keeps its "
         "coverage with few samples, where a percentile bootstrap does not), over finished repeats when both arms "
-        "have at least three, otherwise over non-warm-up epochs within each phase. An interval containing 1.0 is "
+        "have at least three, otherwise over non-warm-up epochs within each phase (widened to hold the ratio of medians "
+        "when a skewed sample puts it outside). An interval containing 1.0 is "
         "printed as 'no measurable change', not as a win; '(no CI)' means an arm had too few samples for a "
         "verdict (fewer than three).",
         "MS-SSIM has two scales here. The paper's MS-SSIM figures (the 97.22 % target, Tables 1 and 2) were "

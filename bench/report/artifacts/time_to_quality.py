@@ -8,7 +8,7 @@ from bench.report.artifact import Artifact, Table, register
 from bench.report.envview import EnvView, paper_vs_dense, ratio
 from bench.report.format import fmt_num, fmt_speedup, fmt_time, is_num
 from bench.report.plotting import bars_with_ci, figure, save
-from bench.stats import MIN_SAMPLES_PER_ARM, NO_INTERVAL, NO_VERDICT, classify_ratio, median, ratio_ci
+from bench.stats import MIN_SAMPLES_PER_ARM, NO_INTERVAL, NO_VERDICT, classify_ratio, cover, median, ratio_ci
 
 
 def build(env: EnvView) -> Table | None:
@@ -32,7 +32,7 @@ def build(env: EnvView) -> Table | None:
         if base is c:
             row.update(speedup_ttq_lo_x=None, speedup_ttq_hi_x=None, speedup_ttq_verdict="baseline")
         elif len(hits) >= MIN_SAMPLES_PER_ARM and len(bhits) >= MIN_SAMPLES_PER_ARM:
-            _, lo, hi = ratio_ci([h[1] for h in hits], [h[1] for h in bhits])
+            lo, hi = cover(row["speedup_ttq_x"], *ratio_ci([h[1] for h in hits], [h[1] for h in bhits])[1:])
             row.update(speedup_ttq_lo_x=lo, speedup_ttq_hi_x=hi, speedup_ttq_verdict=classify_ratio(lo, hi))
         else:
             verdict = NO_VERDICT if len(hits) > 1 and len(bhits) > 1 else NO_INTERVAL
