@@ -330,7 +330,7 @@ SLURM_FLAGS = {"partition": "--slurm-partition", "account": "--slurm-account", "
                "time_min": "--slurm-time", "gpus_per_node": "--slurm-gpus-per-node",
                "cpus_per_task": "--slurm-cpus-per-task", "mem_gb": "--slurm-mem-gb",
                "array_parallelism": "--slurm-array-parallelism", "extra_sbatch": "--slurm-extra",
-               "setup": "--slurm-setup", "cluster": "--slurm-cluster"}
+               "setup": "--slurm-setup", "cluster": "--slurm-cluster", "nodes": "--slurm-nodes"}
 """`bench.slurm.SlurmOptions` fields as `bench run` spells them (its refusals name the option to fix)."""
 
 
@@ -368,7 +368,10 @@ def run_cmd(
     slurm_time: int = typer.Option(240, "--slurm-time", help="slurm: time limit per job, minutes; a job that "
                                                                "reaches it is requeued and resumes its cell."),
     slurm_gpus: int | None = typer.Option(None, "--slurm-gpus-per-node",
-                                          help="slurm: GPUs per job (default: the cell's --nproc; 0 on CPU cells)."),
+                                          help="slurm: GPUs per node (default: the cell's nproc / --slurm-nodes; "
+                                               "0 on CPU cells)."),
+    slurm_nodes: int = typer.Option(1, "--slurm-nodes", help="slurm: nodes per cell; its replicas (nproc, which "
+                                                             "this must divide) are split evenly over them."),
     slurm_cpus: int | None = typer.Option(None, "--slurm-cpus-per-task", help="slurm: CPU cores per job."),
     slurm_mem: float | None = typer.Option(None, "--slurm-mem-gb", help="slurm: host memory per job, GB."),
     slurm_parallel: int | None = typer.Option(None, "--slurm-array-parallelism",
@@ -400,7 +403,8 @@ def run_cmd(
                 options = SlurmOptions(partition=slurm_partition, account=slurm_account, qos=slurm_qos,
                                        time_min=slurm_time, gpus_per_node=slurm_gpus, cpus_per_task=slurm_cpus,
                                        mem_gb=slurm_mem, array_parallelism=slurm_parallel,
-                                       extra_sbatch=list(slurm_extra), setup=list(slurm_setup), cluster=slurm_cluster)
+                                       extra_sbatch=list(slurm_extra), setup=list(slurm_setup), cluster=slurm_cluster,
+                                       nodes=slurm_nodes)
             except UserError as e:  # name the command-line option, not the API field
                 msg = str(e)
                 for field, flag in SLURM_FLAGS.items():
@@ -416,7 +420,8 @@ def run_cmd(
             ("--slurm-qos", slurm_qos, None), ("--slurm-time", slurm_time, 240), ("--slurm-gpus-per-node", slurm_gpus, None),
             ("--slurm-cpus-per-task", slurm_cpus, None), ("--slurm-mem-gb", slurm_mem, None),
             ("--slurm-array-parallelism", slurm_parallel, None), ("--slurm-extra", list(slurm_extra), []),
-            ("--slurm-setup", list(slurm_setup), []), ("--slurm-cluster", slurm_cluster, "slurm")) if value != default]
+            ("--slurm-setup", list(slurm_setup), []), ("--slurm-cluster", slurm_cluster, "slurm"),
+            ("--slurm-nodes", slurm_nodes, 1)) if value != default]
         if given:
             raise UserError(f"{', '.join(given)} only apply with --executor slurm; add it, or drop them.")
         calibrations: dict[tuple[str, str], Calibration] | None = None

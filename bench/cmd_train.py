@@ -164,6 +164,9 @@ def run_training(cfg: TrainConfig, out: Path, resume: bool = False, progress: bo
     try:
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
             me = Dist.from_torchrun()
+            if cfg.graphs != "off":  # check_runnable saw this node's --nproc; the world is what DDP forbids
+                raise UserError(f"--graphs {cfg.graphs} with {me.world} replicas (torchrun) is not supported; "
+                                "use --graphs off under DDP.")
             if not me.main:  # this replica records nothing: global rank 0 writes the folder, wherever it runs
                 where = f"rank {me.rank} on {me.host}; global rank 0 records the run in {out}"
             _replica(cfg.replace(nproc=me.world), out, resume, progress, me)

@@ -11,7 +11,8 @@ What one invocation does, in order:
    its checkpoint; a failed cell only with `--retry-failed`;
 4. submit them, one job array per resource shape (`bench.slurm.submit_jobs`), each task running
    `bench train --config <cell>/config.request.json --out <cell> [--resume]` — the very command
-   the local runner starts — and record the job ids in `grid.json`;
+   the local runner starts; under torchrun on each node with `nodes` > 1 — and record the job ids
+   in `grid.json`;
 5. with `--wait`, wait for the jobs it submitted and print the same summary table as a local run.
 
 `--dry-run` prints the plan and the sbatch script of each array with its tasks' commands, and
@@ -73,12 +74,16 @@ def plan_for_cluster(grid: Grid, overrides: Overrides, repeats: int, options: Sl
     return [p if p.config.device == "cpu" else replace(p, skip_reason=p.cell.skip_reason) for p in planned]
 
 
-def cell_job(p: PlannedCell, out: Path, command: Sequence[str] = TRAIN_COMMAND) -> CellJob:
-    """The array task of one cell: the local runner's command; one GPU per replica unless it runs on CPUs."""
+def cell_job(p: PlannedCell, out: Path, command: Sequence[str] = TRAIN_COMMAND, nodes: int = 1) -> CellJob:
+    """The array task of one cell: the local runner's command; one GPU per replica unless it runs on CPUs.
+
+    On `nodes` > 1 the cell's replicas (its nproc, the DDP world) are split evenly over the nodes: its
+    config, folder and global batch are those of the same cell on one node; only the placement differs.
+    """
     cell_dir = out / p.folder
     argv = [*command, "--config", str(cell_dir / "config.request.json"), "--out", str(cell_dir)]
     gpus = 0 if p.config.device == "cpu" else p.config.nproc
-    return CellJob(folder=cell_dir, argv=argv, nproc=gpus)
+    return CellJob(folder=cell_dir, argv=argv, nproc=gpus, nodes=nodes, replicas=p.config.nproc)
 
 
 def _statuses(planned: list[PlannedCell], order: list[str], out: Path) -> dict[str, str | None]:
@@ -132,6 +137,9 @@ def run_on_slurm(
     by_folder = {p.folder: p for p in planned}
     seed = overrides.seed if overrides.seed is not None else grid.base().seed
     log_dir = out / LOG_DIR
+    for p in planned:  # refuse a cell that cannot be split over the nodes before anything is written
+        if not p.skip_reason:
+            cell_job(p, out, command, options.nodes)
 
     if dry_run:
         order = run_order(planned, seed)
@@ -141,7 +149,7 @@ def run_on_slurm(
         decisions = submission_decisions(statuses, recorded, states(list(latest_jobs(recorded).values())),
                                          retry_failed)
         console.print(_decision_table(decisions, {}, f"grid '{grid.name}' on Slurm: {len(order)} cells -> {out}"))
-        jobs = [cell_job(by_folder[f], out, command) for f, (go, _) in decisions.items() if go]
+        jobs = [cell_job(by_folder[f], out, command, options.nodes) for f, (go, _) in decisions.items() if go]
         if jobs:
             console.print(sbatch_preview(jobs, options, log_dir), markup=False, highlight=False)
         console.print(f"dry run: {len(jobs)} cell(s) would be submitted; nothing was written.",
@@ -157,7 +165,7 @@ def run_on_slurm(
         decisions = submission_decisions(statuses, record, states(list(latest_jobs(record).values())),
                                          retry_failed)
         to_submit = [f for f, (go, _) in decisions.items() if go]
-        jobs = [cell_job(by_folder[f], out, command) for f in to_submit]
+        jobs = [cell_job(by_folder[f], out, command, options.nodes) for f in to_submit]
         submitted = submit_jobs(jobs, options, log_dir, executor_factory)
         ids = {f: str(j.job_id) for f, j in zip(to_submit, submitted, strict=True)}
         if ids:

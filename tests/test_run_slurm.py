@@ -4,6 +4,10 @@ as real processes here, and the grid's folders must come out as the local runner
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,15 +15,18 @@ import typer
 from typer.testing import CliRunner
 
 from bench.cmd_run import run_cmd
+from bench.grids import Cell, Grid, standard_factors
 from bench.planning import Overrides, read_summary
 from bench.processes import run_grid
 from bench.run_slurm import LOG_DIR, plan_for_cluster, run_on_slurm
-from bench.slurm import SlurmOptions, latest_jobs
+from bench.slurm import SlurmOptions, latest_jobs, rendezvous_port
 from bench.store import read_json, read_jsonl
-from tests.fake_trainer import make_grid, quiet
+from ddnet.errors import UserError
+from tests.fake_trainer import make_grid, quiet, tiny_base
 
 pytest.importorskip("submitit")
 
+ROOT = Path(__file__).resolve().parents[1]
 LOCAL = SlurmOptions(cluster="local", time_min=5)
 
 
@@ -109,6 +116,31 @@ def test_dry_run_previews_the_sbatch_script_and_writes_nothing(tmp_path, fake, c
     assert not out.exists()
 
 
+def test_slurm_nodes_splits_each_cells_replicas_and_refuses_an_uneven_split_before_writing(tmp_path, fake, capsys):
+    command, _ = fake
+    out, options = tmp_path / "g", SlurmOptions(nodes=2, cluster="slurm")
+    with pytest.raises(UserError, match="1 replica.* do not split evenly over 2 nodes.*--slurm-nodes"):
+        run_on_slurm(make_grid(2), out, options, command=command, states=_no_slurm)
+    assert not out.exists()
+    wide = Grid(name="wide", description="", source="test", defaults_fn=lambda: tiny_base().replace(nproc=4),
+                cells_fn=lambda base: [Cell("w", "w", standard_factors(base), base)])
+    run_on_slurm(wide, out, options, dry_run=True, command=command, states=_no_slurm)
+    text = capsys.readouterr().out
+    # a CPU cell: no GPUs asked, two replicas on each of the two nodes
+    assert "#SBATCH --nodes=2" in text and "--gpus-per-node" not in text and "torchrun --nnodes 2" in text
+    assert not out.exists()
+
+
+def test_cli_slurm_nodes_is_checked_like_the_other_slurm_options(tmp_path):
+    app = typer.Typer()
+    app.command()(run_cmd)
+    res = CliRunner().invoke(app, ["--grid", "smoke", "--out", str(tmp_path / "r"), "--slurm-nodes", "2"])
+    assert res.exit_code == 2 and "--slurm-nodes only apply with --executor slurm" in res.output
+    res = CliRunner().invoke(app, ["--grid", "smoke", "--out", str(tmp_path / "r"), "--executor", "slurm",
+                                   "--slurm-nodes", "2", "--slurm-cluster", "local"])
+    assert res.exit_code == 2 and "--slurm-nodes=2 needs cluster='slurm'" in res.output
+
+
 def test_on_a_real_cluster_the_nodes_decide_about_cuda_but_not_an_explicit_cpu_cell():
     grid = make_grid(1, cuda_cell=True)
 
@@ -144,3 +176,72 @@ def test_cli_executor_slurm_local_cluster_runs_the_grid(tmp_path, monkeypatch):
     s = read_summary(cell)
     assert s["status"] == "ok" and s["epochs_completed"] == 1
     assert "submitted 1 cell(s)" in res.output and "1 ok" in res.output
+
+
+# ------------------------------------------------------------------ a cell over two nodes, simulated here
+
+TINY = ["--base-width", "4", "--growth", "4", "--bottleneck", "8", "--image-size", "32", "--n-train", "8",
+        "--n-val", "4", "--batch-size", "4", "--epochs", "2", "--device", "cpu", "--num-workers", "0", "--quiet"]
+NODE = ("import json, sys\nfrom pathlib import Path\nfrom bench.slurm import CellCommand, CellJob\n"
+        "a = json.loads(sys.argv[1])\n"
+        "job = CellJob(Path(a['folder']), a['argv'], nproc=0, nodes=2, replicas=2, cwd=a['cwd'])\n"
+        "print('result:', json.dumps(CellCommand(job)()), flush=True)\n")
+"""What submitit runs on each node of the job: the cell's CellCommand (CPU cell: 2 replicas, 0 GPUs)."""
+SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_NODEID", "SLURM_JOB_NUM_NODES",
+              "SLURM_JOB_NODELIST", "SLURM_PROCID", "SLURM_NTASKS", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+              "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+TWO_NODES_TIMEOUT_S = 240
+
+
+def _free_rendezvous_task() -> str:
+    """An array task id whose rendezvous port (derived from the id, as on a cluster) is free on 127.0.0.1."""
+    for task in range(200):
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", rendezvous_port(f"4242_{task}")))
+            return str(task)
+        except OSError:
+            continue
+    pytest.skip("no TCP listening on 127.0.0.1 for the rendezvous here")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TWO_NODES_TIMEOUT_S + 60)
+def test_a_two_node_cell_runs_one_torchrun_per_node_and_node_0_keeps_the_folder(tmp_path):
+    """Two 'nodes' of one Slurm job on this machine: the real `bench train` under torchrun (gloo, CPU), each
+    node's CellCommand started as submitit would (Slurm's environment: node id, node list, array job id)."""
+    task = _free_rendezvous_task()
+    cell = tmp_path / "cell"
+    cell.mkdir()
+    # a grid cell, as `bench run` prepares it: with cell.json the trainer leaves train.log.node1 alone
+    (cell / "cell.json").write_text(json.dumps({"grid": "two-nodes", "cell": "cell"}))
+    argv = [sys.executable, "-m", "bench.cli", "train", "--out", str(cell), *TINY, "--nproc", "2"]
+    arg = json.dumps({"folder": str(cell), "argv": argv, "cwd": str(ROOT)})
+    env = {k: v for k, v in os.environ.items() if k not in SLURM_VARS}
+    env.update(SUBMITIT_EXECUTOR="slurm", SLURM_JOB_ID="4250", SLURM_ARRAY_JOB_ID="4242", SLURM_ARRAY_TASK_ID=task,
+               SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="127.0.0.1,127.0.0.1", OMP_NUM_THREADS="1",
+               DDNET_BENCH_DIST_TIMEOUT_S="300")
+    procs = [subprocess.Popen([sys.executable, "-c", NODE, arg], cwd=ROOT, env={**env, "SLURM_NODEID": str(node)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=TWO_NODES_TIMEOUT_S)[0] for p in procs]
+    finally:
+        for p in procs:  # a hung node: its CellCommand stops its torchrun on SIGTERM's way out
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    logs = "\n".join(f"--- {f.name}\n{f.read_text()[-3000:]}" for f in sorted(cell.glob("train.log*")))
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(outs) + logs
+    assert '"status": "ok"' in outs[0] and '"node": 1, "exit_code": 0' in outs[1]
+
+    s = read_json(cell / "summary.json")
+    assert s["status"] == "ok" and s["world_size"] == 2 and s["epochs_completed"] == 2
+    assert read_json(cell / "config.json")["nproc"] == 2  # the cell's replicas, not the per-node count
+    # static rendezvous on the first host: global rank 0 (the folder's writer) runs on node 0
+    assert sorted((r["rank"], r["node"]) for r in s["ddp_ranks"]) == [(0, 0), (1, 1)]
+    log = (cell / "train.log").read_text()
+    [header] = [line for line in log.splitlines() if line.startswith("=== bench slurm")]
+    assert f"job 4242_{task} " in header and "torch.distributed.run" in header and "--node-rank 0" in header
+    assert "done: 2 epochs" in log  # rank 0's own output, on node 0
+    other = (cell / "train.log.node1").read_text()
+    assert f"node 1 of job 4242_{task}" in other and "--node-rank 1" in other and "done:" not in other

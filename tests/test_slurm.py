@@ -18,6 +18,7 @@ import stat
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -33,12 +34,14 @@ from bench.slurm import (
     latest_jobs,
     pending_cells,
     record_jobs,
+    rendezvous_port,
     sbatch_preview,
     sbatch_text,
     slurm_state,
     submission_decisions,
     submit,
     submit_jobs,
+    torchrun_command,
 )
 from ddnet.errors import UserError
 
@@ -113,7 +116,8 @@ def headers(folder: Path) -> list[str]:
 @pytest.mark.parametrize("kwargs, message", [
     ({"time_min": 0}, "time_min=0: give a whole number >= 1"),
     ({"time_min": 2.5}, "time_min=2.5"),
-    ({"nodes": 2}, "set nodes=1"),
+    ({"nodes": 0}, "nodes=0: give a whole number >= 1"),
+    ({"nodes": 2, "cluster": "local"}, "nodes=2 needs cluster='slurm'"),
     ({"gpus_per_node": -1}, "gpus_per_node=-1"),
     ({"cpus_per_task": 0}, "cpus_per_task=0"),
     ({"mem_gb": 0}, "mem_gb=0: give the memory per node in GB"),
@@ -142,8 +146,12 @@ def test_extra_sbatch_list_and_dict_become_submitit_additional_parameters():
 
 
 def test_cell_job_validates_and_decides_resume_from_the_checkpoint(tmp_path, fake):
-    with pytest.raises(UserError, match="set nodes=1"):
-        CellJob(tmp_path / "c", ["x"], nodes=2)
+    with pytest.raises(UserError, match="3 replica.* do not split evenly over 2 nodes; give it a multiple of 2"):
+        CellJob(tmp_path / "c", ["py", "-m", "bench.cli"], nproc=3, nodes=2)
+    with pytest.raises(UserError, match="1 replica"):  # a CPU cell: its replicas, not its (zero) GPUs
+        CellJob(tmp_path / "c", ["py", "-m", "bench.cli"], nproc=0, nodes=2)
+    with pytest.raises(UserError, match="torchrun starts it on each node"):
+        CellJob(tmp_path / "c", ["py", "-u", "train.py"], nproc=2, nodes=2)
     with pytest.raises(UserError, match="argv must be a non-empty list"):
         CellJob(tmp_path / "c", [])
     job = make_job(tmp_path, fake, "c")
@@ -190,6 +198,33 @@ def test_preview_splits_cells_by_gpu_count_and_gpus_override(tmp_path, fake):
     assert "--gpus-per-node=0" not in text
     one = sbatch_preview(jobs, preview_options(gpus_per_node=8), tmp_path / "slurm")
     assert one.count("# ---- job array") == 1 and "--gpus-per-node=8\n" in one
+
+
+def test_a_multi_node_cell_asks_each_node_for_its_share_of_the_gpus(tmp_path, fake):
+    pytest.importorskip("submitit")
+    jobs = [replace(make_job(tmp_path, fake, "c8", nproc=8), nodes=2), make_job(tmp_path, fake, "c1", nproc=1)]
+    text = sbatch_preview(jobs, preview_options(), tmp_path / "slurm")
+    two, one = text.split("# ---- job array 2/2")
+    assert "4 GPU(s) x 2 node(s)" in two and "#SBATCH --nodes=2\n" in two and "#SBATCH --gpus-per-node=4\n" in two
+    assert "#SBATCH --ntasks-per-node=1\n" in two and "torchrun --nnodes 2" in two
+    assert "#SBATCH --nodes=1\n" in one and "#SBATCH --gpus-per-node=1\n" in one and "torchrun" not in one
+
+
+def test_torchrun_command_is_the_same_job_on_every_node_but_its_rank(tmp_path, fake):
+    job = replace(make_job(tmp_path, fake, "c", nproc=8), nodes=2,
+                  argv=[sys.executable, "-m", "bench.cli", "train", "--out", "o", "--nproc", "8", "--quiet"])
+    (job.folder / "ckpt.pt").write_text("{}")  # a requeued job: every node resumes
+    port = rendezvous_port("4242_3")
+    assert port == rendezvous_port("4242_3") and 20000 <= port < 32000 and port != rendezvous_port("4242_4")
+    hosts = ("gpu07", "gpu08")
+    first, second = (torchrun_command(job, node, hosts, "4242_3", port) for node in (0, 1))
+    assert first == [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "4",
+                     "--node-rank", "0", "--master-addr", "gpu07", "--master-port", str(port),
+                     "--rdzv-id", "4242_3", "-m", "--", "bench.cli", "train", "--out", "o", "--quiet", "--resume",
+                     "--nproc", "4"]  # the cell's --nproc 8 becomes this node's 4
+    assert second == [*first[:8], "1", *first[9:]]  # only the node rank differs
+    script = replace(job, argv=[sys.executable, "train.py", "--nproc=8"])
+    assert torchrun_command(script, 1, hosts, "9", 1234)[-5:] == ["--", "train.py", "--resume", "--nproc", "4"]
 
 
 def test_preview_without_submitits_private_renderer_is_marked_approximate(tmp_path, fake, monkeypatch):

@@ -197,3 +197,17 @@ def test_runs_share_generated_data_and_record_its_load_time(tmp_path: Path, monk
     assert first["data_load_s"] > 0 and second["data_load_s"] > 0
     assert first["total_time_s"] == pytest.approx(first["train_time_s"] + first["capture_time_s"]
                                                   + first["prune_time_s"] + first["staging_time_s"])
+
+
+def test_graphs_under_a_multi_process_torchrun_are_refused_before_the_group_forms(tmp_path, monkeypatch, capsys):
+    # each node's --nproc is 1 (what check_runnable sees); the world torchrun describes is 2
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--out", str(tmp_path / "o"), "--graphs", "compile", "--device", "cpu", "--epochs", "1",
+              "--image-size", "32", "--n-train", "8", "--n-val", "4", "--batch-size", "4", "--quiet"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("error:") == 1
+    assert "--graphs compile with 2 replicas (torchrun) is not supported" in err
+    assert not (tmp_path / "o").exists()

@@ -2,7 +2,8 @@
 
 Each cell is the same command the local runner starts (`python -m bench.cli train --config
 <cell>/config.request.json --out <cell> [--resume]`), run on a compute node by `CellCommand`, with its
-output appended to `<cell>/train.log`. The run-folder contract does not change: `bench status` and
+output appended to `<cell>/train.log`. A cell on N nodes (`SlurmOptions.nodes`) runs that command under
+torchrun on each node (`torchrun_command`), its replicas (the cell's nproc) split evenly over them. The run-folder contract does not change: `bench status` and
 `bench report` read the same folders whichever executor filled them.
 
     jobs = [CellJob(folder, argv, nproc=1), ...]
@@ -30,12 +31,13 @@ from bench.slurm.jobs import (
     slurm_state,
     submission_decisions,
 )
-from bench.slurm.node import CellCommand, CellFailed
+from bench.slurm.node import CellCommand, CellFailed, NodePlace, rendezvous_port, torchrun_command
 from bench.slurm.options import CELL_LOCK, CLUSTERS, CellJob, SlurmOptions
 from bench.slurm.submit import executor_parameters, sbatch_preview, sbatch_text, submit, submit_jobs
 
 __all__ = [
-    "CELL_LOCK", "CLUSTERS", "JOBS_KEY", "STATES", "CellCommand", "CellFailed", "CellJob", "SlurmOptions", "executor_parameters",
-    "job_states", "latest_job_records", "latest_jobs", "pending_cells", "record_jobs", "sbatch_preview",
-    "sbatch_text", "slurm_state", "submission_decisions", "submit", "submit_jobs",
+    "CELL_LOCK", "CLUSTERS", "JOBS_KEY", "STATES", "CellCommand", "CellFailed", "CellJob", "NodePlace", "SlurmOptions",
+    "executor_parameters", "job_states", "latest_job_records", "latest_jobs", "pending_cells", "record_jobs",
+    "rendezvous_port", "sbatch_preview", "sbatch_text", "slurm_state", "submission_decisions", "submit", "submit_jobs",
+    "torchrun_command",
 ]

@@ -1,4 +1,5 @@
-"""What runs on the compute node: one cell's command, requeued with --resume when preempted."""
+"""What runs on the compute node: one cell's command (torchrun around it on each node of a multi-node cell),
+requeued with --resume when preempted."""
 
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import replace
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +107,79 @@ def _cell_lock(folder: Path) -> Iterator[None]:
         yield
 
 
+# ------------------------------------------------------------------ a cell over several nodes
+
+
+NPROC_FLAG = "--nproc"
+
+
+def rendezvous_port(job_id: str) -> int:
+    """The rendezvous port of a multi-node job, from its id alone, so every node computes the same one.
+
+    crc32, not hash(): str hashes differ between processes. 20000-31999 stays below Linux's ephemeral
+    range (32768+), where an outgoing connection of the node could hold it.
+    """
+    return 20000 + zlib.crc32(job_id.encode()) % 12000
+
+
+def torchrun_command(job: CellJob, node: int, hostnames: Sequence[str], job_id: str, port: int) -> list[str]:
+    """What node `node` (0-based, Slurm's SLURM_NODEID) of a multi-node cell runs: torchrun around the cell's
+    own command (`job.command()`, so `--resume` is carried), with `job.world / job.nodes` replicas here.
+
+    Static rendezvous on the first host (`--node-rank`): global rank 0, which writes the run folder and
+    prints its outcome, is always on node 0, whose train.log and summary this job's node 0 keeps. (A c10d
+    rendezvous ranks the nodes by host name and pid, so rank 0 could land on any node.)
+    The cell's `--nproc` is replaced by the per-node count: torchrun gives the trainer its world (the
+    cell's nproc, recorded in config.json); `--nproc` only sizes this node's check of its GPUs.
+    """
+    per_node = job.world // job.nodes
+    python, *args = job.command()
+    kept: list[str] = []
+    drop_next = False
+    for a in args:  # the cell's own --nproc N / --nproc=N goes
+        if drop_next:
+            drop_next = False
+        elif a == NPROC_FLAG:
+            drop_next = True
+        elif not a.startswith(NPROC_FLAG + "="):
+            kept.append(a)
+    launch = ["--nnodes", str(job.nodes), "--nproc-per-node", str(per_node), "--node-rank", str(node),
+              "--master-addr", hostnames[0], "--master-port", str(port), "--rdzv-id", job_id]
+    # `--` ends torchrun's own options: its argparse would take the trainer's --nproc for an abbreviation
+    # of --nproc-per-node ("ambiguous option"), even after the script name
+    script = ["-m", "--", *kept[1:2]] if kept[0] == "-m" else ["--", kept[0]]
+    rest = kept[2:] if kept[0] == "-m" else kept[1:]
+    return [python, "-m", "torch.distributed.run", *launch, *script, *rest, NPROC_FLAG, str(per_node)]
+
+
+@dataclass(frozen=True)
+class NodePlace:
+    """Where this process runs in a multi-node job (what torchrun_command needs)."""
+
+    node: int
+    """This node's index in the job (0: the first host)."""
+    hostnames: tuple[str, ...]
+    """The job's hosts, in Slurm's order."""
+    job_id: str
+    """The job's id ('4242_3' for an array task): the same on every node."""
+
+
+def node_place(job: CellJob) -> NodePlace:
+    """This node's place, from submitit's JobEnvironment (Slurm's environment variables)."""
+    try:
+        import submitit  # noqa: PLC0415 - optional dependency (.[slurm])
+
+        env = submitit.JobEnvironment()
+        place = NodePlace(env.node, tuple(env.hostnames), str(env.job_id))
+        nodes = env.num_nodes
+    except Exception as e:  # no submitit, not in a Slurm job, an unreadable SLURM_* variable
+        raise CellFailed(f"{job.path}: a {job.nodes}-node cell must run as a submitit Slurm job ({e})") from None
+    if nodes != job.nodes or len(place.hostnames) != nodes:
+        raise CellFailed(f"{job.path}: the cell asks for {job.nodes} nodes but its job has {nodes} "
+                         f"({', '.join(place.hostnames)}); submit it with nodes={job.nodes}.")
+    return place
+
+
 class CellCommand:
     """What submitit runs on the node for one cell: the cell's command, output appended to train.log.
 
@@ -134,40 +209,54 @@ class CellCommand:
         return f"CellCommand({self.job.folder})"
 
     def __call__(self) -> dict[str, Any]:
+        """Run the cell here. A multi-node cell runs once per node: node 0 holds the folder (lock, train.log,
+        outcome); node k appends its torchrun's output to `train.log.node<k>` and returns its exit code."""
         folder = self.job.path
         s = _summary(folder)
         if s is not None and s.get("status") == "ok":
             print(f"{folder}: already finished; nothing to run", flush=True)
             return {"folder": str(folder), "status": "ok", "exit_code": None}
         folder.mkdir(parents=True, exist_ok=True)
+        place = node_place(self.job) if self.job.nodes > 1 else None
+        # every node decides --resume from the folder before its torchrun joins the rendezvous, and the
+        # trainer writes nothing before all have joined: the nodes cannot disagree
+        argv = (self.job.command() if place is None
+                else torchrun_command(self.job, place.node, place.hostnames, place.job_id,
+                                      rendezvous_port(place.job_id)))
+        job_id = place.job_id if place is not None else (
+            os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID") or "?")
+        if place is not None and place.node > 0:
+            rc = self._run(argv, folder / f"train.log.node{place.node}", f"node {place.node} of job {job_id}")
+            return {"folder": str(folder), "node": place.node, "exit_code": rc}
         with _cell_lock(folder):
-            argv = self.job.command()
             epochs = folder / "epochs.jsonl"
             if RESUME_FLAG not in argv and epochs.exists() and epochs.stat().st_size > 0:
                 # rows written before the first checkpoint have no model state behind them: start over,
                 # as the local runner does (the trainer refuses to start fresh over existing rows)
                 rewrite_jsonl(epochs, [])
             log_path = folder / "train.log"
-            job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID") or "?"
-            print(f"{folder}: {shlex.join(argv)}", flush=True)
-            with open(log_path, "a") as log:
-                host = os.uname().nodename
-                log.write(f"=== bench slurm {_now()} job {job_id} on {host}: {shlex.join(argv)}\n")
-                log.flush()
-                self._proc = subprocess.Popen(
-                    argv, cwd=self.job.cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                    # own process group: a stop reaches the trainer's spawned replicas too
-                    start_new_session=True, preexec_fn=_child_setup(),
-                )
-                try:
-                    rc = self._proc.wait()
-                except BaseException:  # submitit's requeue (SystemExit), Ctrl-C: never leave it running
-                    self._stop()
-                    raise
-                finally:
-                    self._proc = None
+            rc = self._run(argv, log_path, f"job {job_id}")
         return self._outcome(folder, rc, log_path)
+
+    def _run(self, argv: list[str], log_path: Path, what: str) -> int:
+        """Start `argv` with its output appended to `log_path` after a header line; its exit status."""
+        print(f"{self.job.path}: {shlex.join(argv)}", flush=True)
+        with open(log_path, "a") as log:
+            log.write(f"=== bench slurm {_now()} {what} on {os.uname().nodename}: {shlex.join(argv)}\n")
+            log.flush()
+            self._proc = subprocess.Popen(
+                argv, cwd=self.job.cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                # own process group: a stop reaches the trainer's spawned replicas too
+                start_new_session=True, preexec_fn=_child_setup(),
+            )
+            try:
+                return self._proc.wait()
+            except BaseException:  # submitit's requeue (SystemExit), Ctrl-C: never leave it running
+                self._stop()
+                raise
+            finally:
+                self._proc = None
 
     def _outcome(self, folder: Path, rc: int, log_path: Path) -> dict[str, Any]:
         s = _summary(folder) or {}

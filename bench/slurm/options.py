@@ -56,13 +56,17 @@ class SlurmOptions:
     """Time limit of one job, in minutes (`--time`). A job that reaches it is checkpointed and requeued
     (up to `max_requeues` times) and continues from the cell's last epoch."""
     gpus_per_node: int | None = None
-    """GPUs per job (`--gpus-per-node`); None: the cell's `nproc` (its replica count), 0 for CPU cells."""
+    """GPUs per node (`--gpus-per-node`); None: the cell's `nproc` (its replica count) / `nodes`, 0 for CPU
+    cells."""
     cpus_per_task: int | None = None
-    """CPU cores per job (`--cpus-per-task`): trainer, replicas and DataLoader workers; None: default."""
+    """CPU cores per node (`--cpus-per-task`, one task per node): trainer, its replicas there and their
+    DataLoader workers; None: the partition's default."""
     mem_gb: float | None = None
     """Host memory per node in GB (`--mem`); None: the partition's default."""
     nodes: int = 1
-    """Nodes per job. Must be 1: `bench train --nproc N` starts its N replicas on one node."""
+    """Nodes per cell (`--nodes`). 1: the cell's `bench train` starts its `nproc` replicas on one node. N > 1:
+    the cell's replicas (its `nproc`, which N must divide) are split evenly over N nodes, one torchrun
+    each, `nproc / N` replicas per node; the cell's config, folder and global batch stay the same."""
     array_parallelism: int | None = None
     """Most array tasks running at once (`--array=0-N%K`); None: submitit's cap (256)."""
     extra_sbatch: list[str] | dict[str, Any] = field(default_factory=list)
@@ -99,9 +103,9 @@ class SlurmOptions:
         whole("max_requeues", 0)
         whole("signal_delay_s", 1)
         whole("nodes", 1)
-        if self.nodes != 1:
-            raise UserError(f"SlurmOptions.nodes={self.nodes}: a cell runs on one node (bench train --nproc "
-                            "starts its replicas there); set nodes=1.")
+        if self.nodes > 1 and self.cluster != "slurm":
+            raise UserError(f"SlurmOptions.nodes={self.nodes} needs cluster='slurm' (submitit's {self.cluster} "
+                            "executor runs one node); use one node to try the path here.")
         mem = self.mem_gb
         if mem is not None and (isinstance(mem, bool) or not isinstance(mem, int | float) or not mem > 0):
             raise UserError(f"SlurmOptions.mem_gb={mem!r}: give the memory per node in GB (> 0), "
@@ -157,11 +161,14 @@ class CellJob:
     """The command, e.g. [sys.executable, '-m', 'bench.cli', 'train', '--config', ..., '--out', ...].
     `--resume` is added or dropped at start from whether the folder holds ckpt.pt (as the local runner)."""
     nproc: int = 1
-    """GPUs the cell needs (its replica count; 0 for a CPU cell)."""
+    """GPUs the cell needs in all (its replica count; 0 for a CPU cell), `nproc / nodes` on each node."""
     nodes: int = 1
-    """Nodes the cell needs (only 1 is supported)."""
+    """Nodes the cell runs on; above 1, one torchrun per node (`bench.slurm.node.torchrun_command`)."""
     cwd: Path = field(default_factory=Path.cwd)
     """Working directory of the command (captured at submission: argv may hold relative paths)."""
+    replicas: int | None = None
+    """Replicas the cell trains with (its config's nproc, the DDP world size); None: `nproc`, or 1 for a
+    CPU cell. Only a multi-node cell reads it: each node starts `replicas / nodes` of them."""
 
     def __post_init__(self) -> None:
         self.folder = Path(self.folder)
@@ -170,9 +177,23 @@ class CellJob:
             raise UserError(f"CellJob {self.folder}: argv must be a non-empty list of strings.")
         if not isinstance(self.nproc, int) or self.nproc < 0:
             raise UserError(f"CellJob {self.folder}: nproc={self.nproc!r} must be a whole number >= 0.")
-        if not isinstance(self.nodes, int) or self.nodes != 1:
-            raise UserError(f"CellJob {self.folder}: nodes={self.nodes!r}; a cell runs on one node, "
-                            "set nodes=1.")
+        if not isinstance(self.nodes, int) or isinstance(self.nodes, bool) or self.nodes < 1:
+            raise UserError(f"CellJob {self.folder}: nodes={self.nodes!r} must be a whole number >= 1.")
+        if self.replicas is not None and (not isinstance(self.replicas, int) or self.replicas < 1):
+            raise UserError(f"CellJob {self.folder}: replicas={self.replicas!r} must be a whole number >= 1.")
+        if self.nodes > 1 and (self.world % self.nodes or self.nproc % self.nodes):
+            raise UserError(f"CellJob {self.folder}: its {self.world} replica(s) (the cell's nproc) do not split "
+                            f"evenly over {self.nodes} nodes; give it a multiple of {self.nodes}, or fewer nodes "
+                            "(--slurm-nodes).")
+        head = self.argv[1] if len(self.argv) > 1 else "-"
+        if self.nodes > 1 and head.startswith("-") and (head != "-m" or len(self.argv) < 3):
+            raise UserError(f"CellJob {self.folder}: a multi-node cell's argv must be [python, -m, module, ...] "
+                            "or [python, script, ...] (torchrun starts it on each node).")
+
+    @property
+    def world(self) -> int:
+        """Replicas the cell trains with, over all its nodes."""
+        return self.replicas if self.replicas is not None else max(self.nproc, 1)
 
     @property
     def path(self) -> Path:

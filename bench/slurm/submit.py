@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -18,7 +17,8 @@ from ddnet.errors import UserError
 
 
 def _gpus(job: CellJob, options: SlurmOptions) -> int:
-    return options.gpus_per_node if options.gpus_per_node is not None else math.ceil(job.nproc / job.nodes)
+    """GPUs per node: the cell's GPUs split over its nodes (CellJob refuses an uneven split)."""
+    return options.gpus_per_node if options.gpus_per_node is not None else job.nproc // job.nodes
 
 
 def executor_parameters(options: SlurmOptions, gpus: int, nodes: int = 1) -> dict[str, Any]:
@@ -179,6 +179,10 @@ def sbatch_preview(jobs: Sequence[CellJob], options: SlurmOptions, log_dir: Path
         head = f"# ---- job array {n}/{len(groups)}: {len(idx)} cell(s), {gpus} GPU(s) x {nodes} node(s)"
         parts.append(head)
         parts.append(sbatch_text(gpus, nodes, len(idx), options, log_dir).rstrip("\n"))
+        if nodes > 1:
+            parts.append(f"# each task runs on {nodes} nodes: on each, torchrun --nnodes {nodes} --node-rank "
+                         "<k> --master-addr <first host> around the command below, with --nproc <replicas "
+                         "per node>; node 0 writes train.log, node k train.log.node<k>")
         parts.append("# array tasks (cell folder: command; --resume is added at start when ckpt.pt exists)")
         for task, i in enumerate(idx):
             parts.append(f"#  [{task}] {jobs[i].folder}: {shlex.join(jobs[i].command())}")
