@@ -23,6 +23,8 @@ import json
 import os
 import socket
 import sys
+import time
+import traceback
 import typing
 from pathlib import Path
 from typing import Any
@@ -160,6 +162,40 @@ train_cmd.__signature__, train_cmd.__annotations__ = _signature()  # type: ignor
 def run_training(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True) -> None:
     """Run in this process, under torchrun, or spawn `cfg.nproc` replicas; exit 3 if training failed."""
     check_runnable(cfg)  # refuse before spawning anything
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        try:  # a torchrun replica: whatever the outcome, leave without the interpreter's finalization
+            _run_training(cfg, out, resume, progress)
+        except SystemExit as e:
+            _hard_exit(e.code if isinstance(e.code, int) else 1)
+        except UserError as e:
+            typer.echo(f"error: {e}", err=True)
+            _hard_exit(2)
+        except BaseException:
+            traceback.print_exc()
+            _hard_exit(1)
+        _hard_exit(0)
+    _run_training(cfg, out, resume, progress)
+
+
+FAIL_LINGER_S = 3.0
+"""How long a failed torchrun replica waits before it exits (see `_hard_exit`)."""
+
+
+def _hard_exit(code: int) -> None:
+    """End a torchrun replica now: gloo's worker threads can still hold tensors when the interpreter
+    finalizes and abort the process ("terminate called without an active exception", SIGABRT), which
+    torchrun would report instead of our exit code (seen on two-node CPU runs, after success and failure).
+
+    A failing replica lingers `FAIL_LINGER_S` first: its agent stops every other replica (SIGTERM) as soon as
+    it exits, and global rank 0 needs a moment to see the broken collective and record the failure."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code != 0:
+        time.sleep(FAIL_LINGER_S)
+    os._exit(code)
+
+
+def _run_training(cfg: TrainConfig, out: Path, resume: bool, progress: bool) -> None:
     where = f"recorded in {out / 'summary.json'}"
     try:
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:

@@ -192,8 +192,13 @@ def test_a_failure_on_one_node_ends_both_at_once_and_resume_needs_the_checkpoint
     launches = two_nodes(tmp_path, out, "--loader", "host", envs=({}, {"DDNET_BENCH_INJECT_NAN_EPOCH": "2"}))
     assert time.monotonic() - t0 < QUICK_S  # not the DIST_TIMEOUT_S a waiting peer would sit out
     for launch in launches:
-        assert launch.rc != 0 and "exitcode  : 3" in launch.log, launch.log[-3000:]  # training failed
+        # training failed: the worker's exit code 3, as its agent reports it. Under c10d the store lives in
+        # the agent that bound the endpoint; when that one leaves first, the other agent cannot report its
+        # worker any more and fails on the store instead (torchrun's doing, not ours): ended too, at once
+        assert launch.rc != 0, launch.log[-3000:]
+        assert "exitcode  : 3" in launch.log or "RendezvousConnectionError" in launch.log, launch.log[-3000:]
         _no_traceback_of_ours(launch)
+    assert any("exitcode  : 3" in launch.log for launch in launches)
     assert "train loss became nan at epoch 2" in launches[1].log
     s = read_json(out / "summary.json")  # global rank 0, on whichever node, recorded the failure
     assert s["status"] == "failed" and s["error"] and (out / "ckpt.pt").is_file()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -199,15 +200,14 @@ def test_runs_share_generated_data_and_record_its_load_time(tmp_path: Path, monk
                                                   + first["prune_time_s"] + first["staging_time_s"])
 
 
-def test_graphs_under_a_multi_process_torchrun_are_refused_before_the_group_forms(tmp_path, monkeypatch, capsys):
-    # each node's --nproc is 1 (what check_runnable sees); the world torchrun describes is 2
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    with pytest.raises(SystemExit) as e:
-        main(["train", "--out", str(tmp_path / "o"), "--graphs", "compile", "--device", "cpu", "--epochs", "1",
-              "--image-size", "32", "--n-train", "8", "--n-val", "4", "--batch-size", "4", "--quiet"])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("error:") == 1
-    assert "--graphs compile with 2 replicas (torchrun) is not supported" in err
-    assert not (tmp_path / "o").exists()
+def test_graphs_under_a_multi_process_torchrun_are_refused_before_the_group_forms(tmp_path):
+    # each node's --nproc is 1 (what check_runnable sees); the world torchrun describes is 2. A torchrun
+    # replica ends with os._exit (bench.cmd_train._hard_exit), so this runs in its own process
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "COLUMNS": "200"}
+    res = subprocess.run([sys.executable, "-m", "bench.cli", "train", "--out", str(tmp_path / "o"), "--graphs",
+                          "compile", "--device", "cpu", "--epochs", "1", "--image-size", "32", "--n-train", "8",
+                          "--n-val", "4", "--batch-size", "4", "--quiet"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 2 and res.stderr.count("error:") == 1, res.stderr
+    assert "--graphs compile with 2 replicas (torchrun) is not supported" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "o").exists()
