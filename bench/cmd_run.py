@@ -43,8 +43,6 @@ bench/grids.py; the paper's own grids in ablations/ are worked examples.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import subprocess
 import tempfile
 import time
@@ -68,7 +66,15 @@ from bench.estimate import (
     timing_key,
 )
 from bench.grids import Grid, load_grid, registry, toggles_slug
-from bench.planning import Overrides, PlannedCell, cell_sizes, cell_state, plan_grid, read_summary, run_order
+from bench.planning import (
+    Overrides,
+    PlannedCell,
+    cell_sizes,
+    cell_state,
+    dry_run_order,
+    plan_grid,
+    read_summary,
+)
 from bench.processes import TRAIN_COMMAND, CellResult, run_grid
 from bench.run_slurm import run_on_slurm
 from bench.slurm import SlurmOptions
@@ -431,14 +437,7 @@ def run_cmd(
         if calibrate_:
             calibrations = calibrate(planned, out_dir, retry_failed, console=console, estimate_from=also)
         if dry_run:
-            order_seed = seed if seed is not None else g.base().seed
-            order = run_order(planned, order_seed)
-            existing = out_dir / "grid.json"
-            if existing.exists():
-                with contextlib.suppress(OSError, json.JSONDecodeError, KeyError):
-                    recorded = list(read_json(existing)["order"])
-                    if sorted(recorded) == sorted(order):
-                        order = recorded
+            order = dry_run_order(planned, seed if seed is not None else g.base().seed, out_dir)
             print_plan(console, g, planned, order, out_dir,
                        estimate_plan(planned, out_dir, retry_failed, calibrations, also))
             return

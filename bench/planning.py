@@ -312,6 +312,25 @@ def run_order(planned: list[PlannedCell], seed: int) -> list[str]:
     return order
 
 
+def recorded_grid(out: Path) -> dict[str, Any]:
+    """`out/grid.json` as a dict, or {} when there is none or it cannot be read (a dry run writes nothing and
+    refuses nothing: `prepare_out` judges the file when the grid really runs)."""
+    try:
+        record = read_json(out / "grid.json")
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def dry_run_order(planned: list[PlannedCell], seed: int, out: Path) -> list[str]:
+    """The order a run into `out` would take: the one grid.json recorded for this cell set, else the seeded one."""
+    order = run_order(planned, seed)
+    recorded = recorded_grid(out).get("order")
+    if isinstance(recorded, list) and sorted(map(str, recorded)) == sorted(order):
+        return [str(f) for f in recorded]
+    return order
+
+
 def prepare_out(
     out: Path, grid: Grid, planned: list[PlannedCell], seed: int, resume: bool, version: str
 ) -> list[str]:

@@ -29,6 +29,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from bench.cell_log import log_tail, record_failure
 from bench.estimate import LAUNCHES, Calibration, GridClock, PlanEstimate, estimate_plan
 from bench.grids import Grid
 from bench.planning import (
@@ -41,14 +42,11 @@ from bench.planning import (
     prepare_out,
     read_summary,
 )
-from bench.store import append_jsonl, read_jsonl, rewrite_jsonl, write_json
+from bench.store import append_jsonl, read_jsonl, rewrite_jsonl
 from ddnet.errors import UserError
 
 TRAIN_COMMAND: tuple[str, ...] = (sys.executable, "-m", "bench.cli", "train")
 """The command each cell runs (`--config ... --out ... [--resume]` are appended)."""
-
-LOG_TAIL_LINES = 20
-"""Lines of a failed cell's train.log shown to the user and stored in its summary."""
 
 POLL_S = 0.5
 """How often the runner looks at the running cell's epochs.jsonl."""
@@ -96,33 +94,6 @@ def result_from_summary(p: PlannedCell, s: dict[str, Any], action: str) -> CellR
         final_val_ms_ssim=num(s.get("final_val_ms_ssim")),
         error=s.get("error") or (s.get("reason") if s.get("status") == "skipped" else None),
     )
-
-
-def _log_tail(log: Path, n: int = LOG_TAIL_LINES) -> list[str]:
-    if not log.exists():
-        return []
-    with open(log, errors="replace") as f:
-        return [line.rstrip("\n") for line in f.readlines()[-n:]]
-
-
-def _error_line(tail: list[str]) -> str:
-    """The most telling line of a log tail: the CLI's 'error: ...' line, else the last non-empty line."""
-    for line in reversed(tail):
-        if line.startswith("error:"):
-            return line
-    for line in reversed(tail):
-        if line.strip():
-            return line.strip()
-    return ""
-
-
-def _exit_text(rc: int) -> str:
-    if rc < 0:
-        try:
-            return f"killed by signal {signal.Signals(-rc).name}"
-        except ValueError:
-            return f"killed by signal {-rc}"
-    return f"exited with code {rc}"
 
 
 def _die_with_parent_hook() -> Callable[[], None] | None:
@@ -265,22 +236,10 @@ def run_cell(
     if rc == 0 and s.get("status") == "ok":
         return result_from_summary(p, s, action)
 
-    tail = _log_tail(log_path)
-    if s.get("status") != "failed":
-        # the process died without recording its failure (crash, kill, user error): record it here
-        why = _exit_text(rc) if rc != 0 else f"exited 0 but summary.json status is {s.get('status')!r}"
-        if timed_out:
-            why = f"was stopped after the --cell-timeout of {timeout_s:g} s"
-        line = _error_line(tail)
-        s = {
-            **s,
-            "status": "failed",
-            "error": f"cell process {why}" + (f": {line}" if line else ""),
-            "exit_code": rc,
-            "log_tail": tail,
-            "epochs_completed": len(rows),
-        }
-        write_json(cell_dir / "summary.json", s)
+    tail = log_tail(log_path)
+    # the process may have died without recording its failure (crash, kill, user error): recorded here
+    why = f"was stopped after the --cell-timeout of {timeout_s:g} s" if timed_out else None
+    s = record_failure(cell_dir, s, rc, tail, why)
     display.failure(p.folder, tail, log_path)
     return result_from_summary(p, s, action)
 

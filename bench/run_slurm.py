@@ -36,12 +36,13 @@ from bench.planning import (
     Overrides,
     PlannedCell,
     code_version,
+    dry_run_order,
     exclusive,
     plan_grid,
     prepare_cell,
     prepare_out,
     read_summary,
-    run_order,
+    recorded_grid,
 )
 from bench.processes import TRAIN_COMMAND, CellResult, result_from_summary
 from bench.slurm import (
@@ -142,9 +143,8 @@ def run_on_slurm(
             cell_job(p, out, command, options.nodes)
 
     if dry_run:
-        order = run_order(planned, seed)
-        recorded = read_json(out / "grid.json") if (out / "grid.json").exists() else {}
-        order = list(recorded.get("order", order)) if sorted(recorded.get("order", [])) == sorted(order) else order
+        order = dry_run_order(planned, seed, out)
+        recorded = recorded_grid(out)
         statuses = _statuses(planned, order, out)
         decisions = submission_decisions(statuses, recorded, states(list(latest_jobs(recorded).values())),
                                          retry_failed)

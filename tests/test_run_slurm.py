@@ -245,3 +245,14 @@ def test_a_two_node_cell_runs_one_torchrun_per_node_and_node_0_keeps_the_folder(
     assert "done: 2 epochs" in log  # rank 0's own output, on node 0
     other = (cell / "train.log.node1").read_text()
     assert f"node 1 of job 4242_{task}" in other and "--node-rank 1" in other and "done:" not in other
+
+
+def test_dry_run_over_a_damaged_grid_json_previews_and_changes_nothing(tmp_path, fake, capsys):
+    command, _ = fake
+    out = tmp_path / "g"
+    out.mkdir()
+    (out / "grid.json").write_text('{"order": [')  # torn
+    assert run_on_slurm(make_grid(2), out, SlurmOptions(cluster="slurm"), dry_run=True, command=command,
+                        states=_no_slurm) is None
+    assert "2 cell(s) would be submitted" in capsys.readouterr().out
+    assert (out / "grid.json").read_text() == '{"order": [' and sorted(p.name for p in out.iterdir()) == ["grid.json"]

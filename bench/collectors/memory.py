@@ -34,6 +34,15 @@ DEFAULT_INTERVAL_S = 0.5
 """Sampler period: NVML's figures (and the RSS where VmHWM cannot be reset) are polled this often."""
 
 
+_PEAK_FIELDS = {"nvml_device": "mem_nvml_device_used_peak_gib", "nvml_process": "mem_nvml_process_used_peak_gib",
+                "rss": "mem_rss_peak_gib"}
+"""Sampled or kernel-kept peaks (bytes) -> the record's field (GiB), for an epoch row and the run summary alike."""
+
+
+def _in_gib(peaks: dict[str, float]) -> dict[str, float]:
+    return {field: peaks[key] / GIB for key, field in _PEAK_FIELDS.items() if key in peaks}
+
+
 def _read_vm_hwm_bytes() -> int | None:
     """Linux: the process's RSS high-water mark (VmHWM) from /proc/self/status."""
     try:
@@ -285,12 +294,8 @@ class MemoryCollector:
             row["mem_allocator_peak_allocated_source"] = (
                 "max(epoch, CUDA-graph capture)" if self._graph_peak else "epoch")
             self._fold_allocator_run_peak()
-        if "nvml_device" in peaks:
-            row["mem_nvml_device_used_peak_gib"] = peaks["nvml_device"] / GIB
-        if "nvml_process" in peaks:
-            row["mem_nvml_process_used_peak_gib"] = peaks["nvml_process"] / GIB
+        row.update(_in_gib(peaks))
         if "rss" in peaks:
-            row["mem_rss_peak_gib"] = peaks["rss"] / GIB
             row["mem_rss_method"] = "VmHWM" if self._hwm_resettable else f"sampled every {self.interval_s:g}s"
         row["mem_source"] = self._source()
         return row
@@ -309,12 +314,7 @@ class MemoryCollector:
             out["mem_allocator_peak_reserved_gib"] = self._alloc_run_peak["reserved"] / GIB
             out["mem_allocator_peak_allocated_source"] = (
                 "max(epochs, CUDA-graph captures)" if self._graph_peak else "epochs")
-        if "nvml_device" in peaks:
-            out["mem_nvml_device_used_peak_gib"] = peaks["nvml_device"] / GIB
-        if "nvml_process" in peaks:
-            out["mem_nvml_process_used_peak_gib"] = peaks["nvml_process"] / GIB
-        if "rss" in peaks:
-            out["mem_rss_peak_gib"] = peaks["rss"] / GIB
+        out.update(_in_gib(peaks))
         out["mem_source"] = self._source()
         out["mem_nvml_status"] = self.nvml_status
         if self._cuda:

@@ -19,8 +19,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench.slurm.options import CELL_LOCK, LOG_TAIL_LINES, RESUME_FLAG, CellJob, _now
-from bench.store import read_json, rewrite_jsonl, write_json
+from bench.cell_log import exit_text, log_tail, record_failure
+from bench.slurm.options import CELL_LOCK, RESUME_FLAG, CellJob, _now
+from bench.store import read_json, rewrite_jsonl
 
 # ------------------------------------------------------------------ the job on the node
 
@@ -35,21 +36,6 @@ def _summary(folder: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return s if isinstance(s, dict) else None
-
-
-def _log_tail(log: Path, n: int = LOG_TAIL_LINES) -> list[str]:
-    try:
-        with open(log, errors="replace") as f:
-            return [line.rstrip("\n") for line in f.readlines()[-n:]]
-    except OSError:
-        return []
-
-
-def _error_line(tail: list[str]) -> str:
-    for line in reversed(tail):
-        if line.startswith("error:"):
-            return line
-    return next((line.strip() for line in reversed(tail) if line.strip()), "")
 
 
 def _child_setup() -> Callable[[], None]:
@@ -265,24 +251,9 @@ class CellCommand:
         if rc < 0:
             # killed by a signal: scancel, preemption without requeue, the OOM killer, node trouble. The
             # folder stays resumable; the next `bench run --executor slurm` resubmits it.
-            try:
-                name = signal.Signals(-rc).name
-            except ValueError:
-                name = str(-rc)
-            raise CellFailed(f"{folder}: the cell process was killed by signal {name}; it stays resumable "
-                             f"(see {log_path})")
-        tail = _log_tail(log_path)
-        if s.get("status") != "failed":
-            # the process ended without recording its failure: record it, as the local runner does
-            why = (f"exited with code {rc}" if rc
-                   else f"exited 0 but summary.json status is {s.get('status')!r}")
-            line = _error_line(tail)
-            rows = 0
-            with contextlib.suppress(OSError):
-                rows = sum(1 for ln in (folder / "epochs.jsonl").read_text().splitlines() if ln.strip())
-            s = {**s, "status": "failed", "error": f"cell process {why}" + (f": {line}" if line else ""),
-                 "exit_code": rc, "log_tail": tail, "epochs_completed": rows}
-            write_json(folder / "summary.json", s)
+            raise CellFailed(f"{folder}: the cell process was {exit_text(rc)}; it stays resumable (see {log_path})")
+        # the process may have ended without recording its failure: recorded as the local runner does
+        s = record_failure(folder, s, rc, log_tail(log_path))
         raise CellFailed(f"{folder}: {s.get('error')} (see {log_path})")
 
     def _stop(self) -> None:

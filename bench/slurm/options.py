@@ -19,8 +19,6 @@ JOBS_KEY = "jobs"
 CELL_LOCK = ".bench-cell.lock"
 """Held by the process running a cell: a second job for the same folder refuses to start."""
 
-LOG_TAIL_LINES = 20
-"""Lines of train.log stored in the summary of a cell that failed without recording why."""
 
 CLUSTERS = ("slurm", "local", "debug")
 
