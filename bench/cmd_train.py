@@ -162,19 +162,20 @@ train_cmd.__signature__, train_cmd.__annotations__ = _signature()  # type: ignor
 def run_training(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True) -> None:
     """Run in this process, under torchrun, or spawn `cfg.nproc` replicas; exit 3 if training failed."""
     check_runnable(cfg)  # refuse before spawning anything
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        try:  # a torchrun replica: whatever the outcome, leave without the interpreter's finalization
-            _run_training(cfg, out, resume, progress)
-        except SystemExit as e:
-            _hard_exit(e.code if isinstance(e.code, int) else 1)
-        except UserError as e:
-            typer.echo(f"error: {e}", err=True)
-            _hard_exit(2)
-        except BaseException:
-            traceback.print_exc()
-            _hard_exit(1)
-        _hard_exit(0)
-    _run_training(cfg, out, resume, progress)
+    if not ("RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1):
+        _run_training(cfg, out, resume, progress, None)
+        return
+    try:  # a torchrun replica: whatever the outcome, leave without the interpreter's finalization
+        _run_training(cfg, out, resume, progress, Dist.from_torchrun())
+    except SystemExit as e:
+        _hard_exit(e.code if isinstance(e.code, int) else 1)
+    except UserError as e:
+        typer.echo(f"error: {e}", err=True)
+        _hard_exit(2)
+    except BaseException:
+        traceback.print_exc()
+        _hard_exit(1)
+    _hard_exit(0)
 
 
 FAIL_LINGER_S = 3.0
@@ -195,11 +196,11 @@ def _hard_exit(code: int) -> None:
     os._exit(code)
 
 
-def _run_training(cfg: TrainConfig, out: Path, resume: bool, progress: bool) -> None:
+def _run_training(cfg: TrainConfig, out: Path, resume: bool, progress: bool, me: Dist | None) -> None:
+    """Train here (`me` None), as the torchrun replica `me`, or spawn `cfg.nproc` replicas; exit 3 on failure."""
     where = f"recorded in {out / 'summary.json'}"
     try:
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-            me = Dist.from_torchrun()
+        if me is not None:
             if cfg.graphs != "off":  # check_runnable saw this node's --nproc; the world is what DDP forbids
                 raise UserError(f"--graphs {cfg.graphs} with {me.world} replicas (torchrun) is not supported; "
                                 "use --graphs off under DDP.")
