@@ -210,7 +210,7 @@ def _run_training(cfg: TrainConfig, out: Path, resume: bool, progress: bool, me:
         elif cfg.nproc > 1:
             _spawn(cfg, out, resume, progress)
         else:
-            summary = train(cfg, out, resume=resume, progress=progress, dist=Dist())
+            summary = train(cfg, out, resume=resume, progress=progress, dist=Dist(), launched=True)
             _print_summary(summary, out)
     except TrainingFailed as e:
         typer.echo(f"error: training failed: {e} ({where})", err=True)
@@ -277,7 +277,7 @@ def _replica(cfg: TrainConfig, out: Path, resume: bool, progress: bool, me: Dist
     """One DDP replica: join the group, train, leave. Only global rank 0 prints and writes."""
     _init_group(me, resolve_device(cfg.device) == "cuda")
     try:
-        summary = train(cfg, out, resume=resume, progress=progress and me.main, dist=me)
+        summary = train(cfg, out, resume=resume, progress=progress and me.main, dist=me, launched=True)
     except UserError:
         # under DDP a UserError is every rank's at once (ddnet.trainer.train): leave together, and let
         # nothing that goes wrong on the way out hide the refusal

@@ -12,9 +12,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import os
+import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -133,6 +136,65 @@ def roofline_inputs(config: dict[str, Any], summary: dict[str, Any]) -> dict[str
     return out
 
 
+def process_start() -> float | None:
+    """This process's start on the `time.time()` clock.
+
+    On Linux from its start tick and the boot-time clock (10 ms ticks; psutil's create_time
+    adds the boot time, which /proc gives in whole seconds, and can be a second off);
+    elsewhere psutil's create_time; None if neither can be read.
+    """
+    with contextlib.suppress(OSError, ValueError, AttributeError, IndexError):
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time in ticks since boot
+        return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+    with contextlib.suppress(psutil.Error):
+        return psutil.Process().create_time()
+    return None
+
+
+class Timeline:
+    """Where a training process's wall time went, for the summary's `timeline_s` (seconds).
+
+    `startup`: from the process's start to the run folder's opening (interpreter, imports,
+    command line), for a process launched to train (`bench train`; None in-process); `build`: from there to the first record (destination checks, data read or
+    staged, model built, FLOPs counted); `record_env`: `env.json` (NVML, git, a CPU's peak
+    measurement); `fit`: from there to the summary, split into the `epochs` and `validation`
+    this process ran and `fit_other` (step build or capture, the input's quality, checkpoints,
+    the copy profile). What a launcher measures beyond `startup + build + record_env + fit` is
+    the process's spawn and exit.
+    """
+
+    def __init__(self, launched: bool = False) -> None:
+        self.born = process_start() if launched else None
+        self.marks: dict[str, float] = {}
+        self.epochs_s = 0.0
+        self.validation_s = 0.0
+
+    def mark(self, name: str) -> None:
+        self.marks.setdefault(name, time.time())
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        self.epochs_s += float(row.get("time_s") or 0.0)
+        self.validation_s += float(row.get("val_time_s") or 0.0)
+
+    def record(self) -> dict[str, float | None]:
+        now, m = time.time(), self.marks
+
+        def span(a: float | None, b: float | None) -> float | None:
+            return round(b - a, 3) if a is not None and b is not None else None
+
+        fit = span(m.get("recorded"), now)
+        return {
+            "startup": span(self.born, m.get("open")),
+            "build": span(m.get("open"), m.get("start")),
+            "record_env": span(m.get("start"), m.get("recorded")),
+            "fit": fit,
+            "epochs": round(self.epochs_s, 3),
+            "validation": round(self.validation_s, 3),
+            "fit_other": round(fit - self.epochs_s - self.validation_s, 3) if fit is not None else None,
+        }
+
+
 class RunFolder:
     """A run folder as the trainer's sink (`ddnet.hooks.RunSink`), with a progress bar over epochs.
 
@@ -140,7 +202,7 @@ class RunFolder:
     `bench train` into the same folder is refused at once, even a second later).
     """
 
-    def __init__(self, out_dir: str | Path, progress: bool = False) -> None:
+    def __init__(self, out_dir: str | Path, progress: bool = False, launched: bool = False) -> None:
         self.out = Path(out_dir)
         self.progress = progress
         self._bar: Progress | None = None
@@ -150,8 +212,10 @@ class RunFolder:
         self._lock_made = False
         self._started = False
         self._config: dict[str, Any] = {}
+        self._clock = Timeline(launched)
 
     def open(self, config: dict[str, Any], resume: bool) -> None:
+        self._clock.mark("open")
         prepare_out_dir(self.out, config, resume)
         try:
             self._made = not self.out.exists()
@@ -187,10 +251,12 @@ class RunFolder:
         return self._started
 
     def start(self, config: dict[str, Any], env: dict[str, Any]) -> None:
+        self._clock.mark("start")
         self._started = True
         self._config = config
         write_json(self.out / "config.json", config)
         write_json(self.out / "env.json", {**environment(env), "device_peak": device_peak(str(env.get("device", "cpu")))})
+        self._clock.mark("recorded")
         write_json(self.out / "summary.json", {"status": "running", "error": None})
         if self.progress:
             self._bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -207,6 +273,7 @@ class RunFolder:
 
     def epoch(self, row: dict[str, Any]) -> None:
         append_jsonl(self.out / "epochs.jsonl", row)
+        self._clock.epoch(row)
         if self._bar is not None:
             info = f"loss {row['train_loss']:.4g}"
             if "val_ms_ssim" in row:
@@ -219,6 +286,7 @@ class RunFolder:
     def finish(self, summary: dict[str, Any]) -> None:
         self._close()
         summary.update(roofline_inputs(self._config, summary))  # in place: the caller's summary matches the file
+        summary["timeline_s"] = self._clock.record()
         write_json(self.out / "summary.json", summary)
 
     def fail(self, error: str, traceback: str) -> None:
@@ -235,10 +303,14 @@ class RunFolder:
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
-          dist: Dist | None = None) -> dict[str, Any]:
-    """Train `cfg` into the run folder `out_dir` with the standard instruments; returns the summary."""
+          dist: Dist | None = None, launched: bool = False) -> dict[str, Any]:
+    """Train `cfg` into the run folder `out_dir` with the standard instruments; returns the summary.
+
+    `launched`: this process was started to train (`bench train`), so the summary's
+    `timeline_s.startup` counts from the process's start.
+    """
     dist = dist or Dist()
-    sink = RunFolder(out_dir, progress=progress and dist.main)
+    sink = RunFolder(out_dir, progress=progress and dist.main, launched=launched)
     try:
         return train_model(cfg, out_dir, sink=sink, make_instruments=standard_instruments(out_dir), resume=resume,
                            dist=dist)

@@ -211,3 +211,29 @@ def test_graphs_under_a_multi_process_torchrun_are_refused_before_the_group_form
     assert res.returncode == 2 and res.stderr.count("error:") == 1, res.stderr
     assert "--graphs compile with 2 replicas (torchrun) is not supported" in res.stderr
     assert "Traceback" not in res.stderr and not (tmp_path / "o").exists()
+
+
+def test_the_timeline_accounts_for_a_launched_process(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    t0 = time.time()
+    res = subprocess.run([sys.executable, "-m", "bench.cli", "train", "--out", str(out), "--epochs", "3", *TINY_ARGS],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    wall = time.time() - t0
+    assert res.returncode == 0, res.stderr
+    tl = read_json(out / "summary.json")["timeline_s"]
+    rows = read_jsonl(out / "epochs.jsonl")
+    assert tl["epochs"] == pytest.approx(sum(r["time_s"] for r in rows), abs=2e-3)
+    assert tl["validation"] == pytest.approx(sum(r["val_time_s"] for r in rows), abs=2e-3)
+    assert tl["fit_other"] == pytest.approx(tl["fit"] - tl["epochs"] - tl["validation"], abs=2e-3)
+    parts = [tl[k] for k in ("startup", "build", "record_env", "fit")]
+    assert all(v >= 0 for v in parts) and tl["fit_other"] >= 0
+    assert tl["startup"] > 0.2  # the interpreter and torch's import, at least
+    # the process's spawn and exit are all the launcher sees beyond these (create_time: 10 ms ticks)
+    assert sum(parts) <= wall + 0.05
+    assert sum(parts) > 0.5 * wall
+
+
+def test_an_in_process_run_has_no_startup(tmp_path: Path) -> None:
+    summary = train(tiny_cfg(epochs=1), tmp_path / "run", progress=False)
+    tl = summary["timeline_s"]
+    assert tl["startup"] is None and tl["fit"] >= tl["epochs"] > 0

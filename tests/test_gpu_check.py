@@ -1,0 +1,48 @@
+"""`.ci/gpu-check` on a CPU: the steps that need no GPU, so the script a GPU session runs once is known to work."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / ".ci" / "gpu-check"
+
+
+def gpu_check(out: Path, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), str(out)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHON": sys.executable, **env})
+
+
+def test_data_grid_report_and_summary_on_a_cpu(tmp_path: Path) -> None:
+    res = gpu_check(tmp_path / "gc", GPU_CHECK_STEPS="data grid report summary", GPU_CHECK_GRID="smoke",
+                    GPU_CHECK_GRID_ARGS="--epochs 2", GPU_CHECK_DATA_ARGS="--n 16 --size 32", GPU_CHECK_BUDGET_S="400")
+    assert res.returncode == 0, res.stdout[-3000:]
+    out = tmp_path / "gc"
+    # the data made in the background was waited for and used by every cell
+    assert (out / "data" / "synth.json").is_file() and (out / ".data.rc").read_text().strip() == "0"
+    assert "wrote 14/2/0 train/val/test" in (out / "data.log").read_text()
+    lines = (out / "summary.txt").read_text().splitlines()
+    assert lines[0].split()[:3] == ["cell", "status", "epochs"]
+    cells = [ln.split() for ln in lines[1:]]
+    assert len(cells) == 32
+    ran = [c for c in cells if c[1] == "ok"]
+    assert len(ran) == 16 and all(c[2] == "2" for c in ran)
+    # wall, start and other seconds: numbers for every cell that ran, the start within the wall
+    for c in ran:
+        wall, start, other = (float(x) for x in c[-3:])
+        assert 0 < start < wall and other > -0.5
+    assert (out / "report" / "report.md").is_file()
+    for step in ("data", "grid", "report", "summary"):
+        assert f"  {step:8} ok (" in res.stdout
+    assert "  env      not asked" in res.stdout and "  pytest   not asked" in res.stdout
+
+
+def test_a_spent_budget_skips_the_steps_and_fails(tmp_path: Path) -> None:
+    res = gpu_check(tmp_path / "gc", GPU_CHECK_STEPS="grid report", GPU_CHECK_BUDGET_S="20", timeout=120)
+    assert res.returncode == 1
+    assert "  grid     skipped (budget)" in res.stdout
+    assert "  report   FAILED" in res.stdout or "  report   skipped (budget)" in res.stdout
+    assert not (tmp_path / "gc" / "runs").exists()
