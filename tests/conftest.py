@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch.optim.adam as adam_mod
+import torch.optim.optimizer as optimizer_mod
 
 from bench.store import read_jsonl
 from tests.fake_trainer import FAKE_TRAIN
@@ -23,3 +25,16 @@ def fake(tmp_path, monkeypatch):
         return read_jsonl(calls)
 
     return [sys.executable, str(script)], launched
+
+
+@pytest.fixture
+def capturable_adam_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let `Adam(capturable=True)` run on a CPU: its capturable code path is what a CUDA graph holds."""
+    original = optimizer_mod._get_capturable_supported_devices
+
+    def with_cpu(supports_xla: bool = True) -> list[str]:
+        return [*original(supports_xla), "cpu"]
+
+    monkeypatch.setattr(optimizer_mod, "_get_capturable_supported_devices", with_cpu)
+    if hasattr(adam_mod, "_get_capturable_supported_devices"):
+        monkeypatch.setattr(adam_mod, "_get_capturable_supported_devices", with_cpu)

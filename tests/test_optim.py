@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.optim.adam as adam_mod
-import torch.optim.optimizer as optimizer_mod
 from torch.profiler import ProfilerActivity, profile
 
 from bench.collectors import profile_copies
@@ -31,19 +29,6 @@ def _cfg(**changes) -> TrainConfig:
     cfg = TrainConfig(model=TINY, data=DataConfig(image_size=64, n_train=8, n_val=4), batch_size=2,
                       lr=1e-3, device="cpu", num_workers=0)
     return cfg.replace(**changes) if changes else cfg
-
-
-@pytest.fixture
-def capturable_adam_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Let `Adam(capturable=True)` run on a CPU: its capturable code path is what a CUDA graph holds."""
-    original = optimizer_mod._get_capturable_supported_devices
-
-    def with_cpu(supports_xla: bool = True) -> list[str]:
-        return [*original(supports_xla), "cpu"]
-
-    monkeypatch.setattr(optimizer_mod, "_get_capturable_supported_devices", with_cpu)
-    if hasattr(adam_mod, "_get_capturable_supported_devices"):
-        monkeypatch.setattr(adam_mod, "_get_capturable_supported_devices", with_cpu)
 
 
 def _host_syncs(fn) -> list[str]:
