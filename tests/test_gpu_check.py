@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +19,8 @@ def gpu_check(out: Path, timeout: float = 600, **env: str) -> subprocess.Complet
 
 def test_data_grid_report_and_summary_on_a_cpu(tmp_path: Path) -> None:
     res = gpu_check(tmp_path / "gc", GPU_CHECK_STEPS="data grid report summary", GPU_CHECK_GRID="smoke",
-                    GPU_CHECK_GRID_ARGS="--epochs 2", GPU_CHECK_DATA_ARGS="--n 16 --size 32", GPU_CHECK_BUDGET_S="400")
+                    GPU_CHECK_GRID_ARGS="--epochs 2", GPU_CHECK_DATA_ARGS="--n 16 --size 32", GPU_CHECK_BUDGET_S="400",
+                    GPU_CHECK_TAR=str(tmp_path / "gc.tar.gz"))
     assert res.returncode == 0, res.stdout[-3000:]
     out = tmp_path / "gc"
     # the data made in the background was waited for and used by every cell
@@ -38,6 +40,12 @@ def test_data_grid_report_and_summary_on_a_cpu(tmp_path: Path) -> None:
     for step in ("data", "grid", "report", "summary"):
         assert f"  {step:8} ok (" in res.stdout
     assert "  env      not asked" in res.stdout and "  pytest   not asked" in res.stdout
+    # the pack: records, report and logs; no checkpoints, traces or slices
+    with tarfile.open(tmp_path / "gc.tar.gz") as tar:
+        names = tar.getnames()
+    assert "./summary.txt" in names and "./data.log" in names and "./report/report.md" in names and "./gpu-check.log" in names
+    assert sum(n.endswith("/summary.json") for n in names) == 32
+    assert not [n for n in names if n.endswith((".pt", "trace.json")) or n.startswith("./data/")]
 
 
 def test_a_spent_budget_skips_the_steps_and_fails(tmp_path: Path) -> None:
