@@ -4,9 +4,11 @@ Beyond the paper: cuDNN autotuning, channels_last, fused Adam, torch.compile
 (the model's forward, the whole step, and compile's own CUDA graphs), our CUDA
 graph around a compiled model, bf16, DoLL. The baseline is the paper-faithful
 fp32 / host loader / eager cell; every ratio in the report's speed table is
-against it, measured in the same grid (same machine, same call). Sizes as
-`gpu_quick` (256 + 32 slices of 512 px, batch 32, 5 epochs: 4 timed) so that a
-GPU session can afford it; `--epochs` / `--n-train` scale it up.
+against it, measured in the same grid (same machine, same call). Sizes: 256 +
+32 slices of 512 px, batch 32, 5 epochs (4 timed), so that a GPU session can
+afford it (about 10 minutes on an H200 by `gpu_quick`'s timings: four compile
+cells of over a minute each); `--epochs` / `--n-train` scale it up. Under
+`.ci/gpu-check`, the slices of its data step (192 + 32) are used.
 """
 
 from __future__ import annotations
