@@ -28,6 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bench.slurm import latest_job_records
+from bench.store import read_jsonl_checked
 from ddnet.errors import UserError
 
 STATUSES = ("pending", "submitted", "queued", "running", "stopped", "finished", "failed", "skipped",
@@ -58,23 +59,9 @@ def _read_json(path: Path) -> tuple[Any, str | None]:
 def _read_rows(path: Path) -> tuple[list[dict[str, Any]], str | None]:
     """Every readable epoch row; a torn last line is normal (a kill mid-append), a bad inner line is noted."""
     try:
-        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except FileNotFoundError:
-        return [], None
+        rows, bad = read_jsonl_checked(path, live=True)
     except OSError as e:
         return [], f"unreadable: epochs.jsonl: {_why(e)}"
-    rows, bad = [], []
-    for i, line in enumerate(lines, start=1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if i < len(lines):
-                bad.append(i)
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            bad.append(i)
     note = f"unreadable: epochs.jsonl line(s) {', '.join(map(str, bad))}" if bad else None
     return rows, note
 

@@ -69,24 +69,26 @@ def append_jsonl(path: str | Path, row: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def read_jsonl_checked(path: str | Path) -> tuple[list[dict[str, Any]], list[int]]:
+def read_jsonl_checked(path: str | Path, live: bool = False) -> tuple[list[dict[str, Any]], list[int]]:
     """Every valid row (a JSON object), and the 1-based numbers of the lines that are not one.
 
     A line that does not parse (garbage, a torn last line of a run killed mid-write) is skipped
-    and reported, never a reason to drop the valid rows after it.
+    and reported, never a reason to drop the valid rows after it. `live`: the file may be being
+    appended to right now, so a last line that does not parse is not reported (it is half-written).
+    A missing file is no rows; another OSError is raised.
     """
-    path = Path(path)
-    if not path.exists():
+    try:
+        text = Path(path).read_text(errors="replace")
+    except FileNotFoundError:
         return [], []
+    lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
     rows, bad = [], []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
-        line = line.strip()
-        if not line:
-            continue
+    for i, (number, line) in enumerate(lines):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            bad.append(number)
+            if not (live and i == len(lines) - 1):
+                bad.append(number)
             continue
         if isinstance(row, dict):
             rows.append(row)

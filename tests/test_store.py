@@ -44,3 +44,7 @@ def test_every_valid_row_is_read_and_bad_lines_are_named(tmp_path):
     rows, bad = read_jsonl_checked(path)
     assert rows == [{"epoch": 1}, {"epoch": 3}] and bad == [2, 4, 6]  # rows after a bad line are kept
     assert read_jsonl(path) == rows and read_jsonl_checked(tmp_path / "missing") == ([], [])
+    # a file being appended to: its torn last line is not reported, an inner bad line still is
+    assert read_jsonl_checked(path, live=True) == (rows, [2, 4])
+    path.write_text('{"epoch": 1}\n{"epoch": 2}\n\n')
+    assert read_jsonl_checked(path, live=True) == ([{"epoch": 1}, {"epoch": 2}], [])
