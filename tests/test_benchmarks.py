@@ -181,7 +181,10 @@ def test_bench_harness_overhead(benchmark, request, tmp_path, capsys, device: st
     run.optimizer.load_state_dict(state[1])
     _, rec0 = harness_epoch(run, 0)
     assert rec0["warmup"] is True and rec0["steps"] == len(run.loader)
-    assert rec0["train_loss"] == pytest.approx(bare_loss, rel=1e-5)
+    # a CPU is deterministic; on a GPU cuDNN's backward is not, and Adam's near-sign first steps turn that
+    # rounding into per-cent drift within a few steps (see tests/test_lockstep.py), so the mean loss over
+    # the epoch only agrees closely
+    assert rec0["train_loss"] == pytest.approx(bare_loss, rel=1e-5 if device == "cpu" else 2e-2)
 
     bench = _Interleaved(run, iter(range(1, 1 << 30)))
     rounds = max(OVERHEAD_MIN_ROUNDS, int(request.config.getoption("benchmark_min_rounds") or 0)) if enabled else 1
