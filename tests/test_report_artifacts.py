@@ -215,11 +215,11 @@ def test_fig9b_epoch_warmup_flags_follow_the_run_rule(tmp_path):
 
 def test_registry_holds_every_artifact_in_report_order():
     assert list(ARTIFACTS) == ["table1", "table2", "fig8a", "fig8b", "fig9a", "fig9b", "fig4c", "fig4ab",
-                               "memory", "ttq", "speed", "sparsity"]
+                               "memory", "ttq", "speed", "sparsity", "wall"]
     for key, a in ARTIFACTS.items():
         assert a.key == key and a.title and callable(a.build)
     assert {k for k, a in ARTIFACTS.items() if a.plot is None} == {"sparsity"}
-    assert {k for k, a in ARTIFACTS.items() if a.needs is None} == {"ttq", "speed", "sparsity"}
+    assert {k for k, a in ARTIFACTS.items() if a.needs is None} == {"ttq", "speed", "sparsity", "wall"}
     grids = set(registry())
     for a in ARTIFACTS.values():
         # The fallback names real grids, and every artifact that can be 'not run' names at least one.
@@ -308,3 +308,36 @@ def test_speed_leaves_the_peak_columns_empty_for_an_unknown_device(tmp_path):
     (d / "env.json").write_text(json.dumps({**env, "device_peak": {"name": "Mystery GPU", "unknown": True}}))
     row = pd.read_csv(make_report(root, opts=Options()).out / "tables" / "speed.csv").iloc[0]
     assert row["images_per_s"] == pytest.approx(100.0) and pd.isna(row["pct_of_peak_flops"])
+
+
+# ---------------------------------------------------------------------------------- where the wall time went
+
+
+def _with_timeline(run_dir, **parts) -> None:
+    s = json.loads((run_dir / "summary.json").read_text())
+    s["timeline_s"] = {"startup": None, "build": 2.0, "record_env": 0.5, "epochs": 10.0, "validation": 1.0,
+                       "fit_other": 3.0, **parts}
+    s["timeline_s"]["fit"] = s["timeline_s"]["epochs"] + s["timeline_s"]["validation"] + s["timeline_s"]["fit_other"]
+    (run_dir / "summary.json").write_text(json.dumps(s))
+
+
+def test_wall_table_medians_each_part_over_repeats(tmp_path):
+    root = tmp_path / "runs"
+    a = [write_run(root, "g", "dense", _cfg(), _times(1.0, seed), QUAL, repeat=seed) for seed in range(3)]
+    for run_dir, startup, epochs in zip(a, (1.0, 3.0, 2.0), (9.0, 11.0, 10.0), strict=True):
+        _with_timeline(run_dir, startup=startup, epochs=epochs)
+    b = write_run(root, "g", "graph", _cfg(graphs="cuda-graph"), _times(0.8, 7), QUAL)
+    _with_timeline(b, startup=None, fit_other=5.0)
+    write_run(root, "g", "old", _cfg(precision="amp-bf16"), _times(0.9, 8), QUAL)  # recorded before timeline_s
+    rep = make_report(root, opts=Options())
+    rows = {r["cell"]: r for r in pd.read_csv(rep.out / "tables" / "wall.csv").to_dict("records")}
+    assert set(rows) == {"dense", "graph"}
+    d = rows["dense"]
+    assert (d["startup_s"], d["build_s"], d["epochs_s"], d["validation_s"], d["other_s"]) == (2.0, 2.5, 10.0, 1.0, 3.0)
+    assert d["wall_s"] == pytest.approx(18.5) and d["epochs_share_pct"] == pytest.approx(100 * 10 / 18.5)
+    g = rows["graph"]
+    # an in-process run has no start-up: the wall is the parts that were measured
+    assert np.isnan(g["startup_s"]) and g["wall_s"] == pytest.approx(2.5 + 10 + 1 + 5)
+    assert (rep.out / "figures" / "wall.png").is_file()
+    md = (rep.out / "tables" / "wall.md").read_text()
+    assert "| g | dense | 2.0 s | 2.5 s | 10.0 s | 1.0 s | 3.0 s | 18.5 s | 54.1 % |" in md

@@ -20,6 +20,7 @@ from bench.report.artifacts import (  # noqa: F401  (imported to register)
     time_to_quality,  # ttq
     speed,
     sparsity,
+    wall,
 )
 
 # isort: on
