@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -18,7 +19,7 @@ def gpu_check(out: Path, timeout: float = 600, **env: str) -> subprocess.Complet
 
 
 def test_data_grid_report_and_summary_on_a_cpu(tmp_path: Path) -> None:
-    res = gpu_check(tmp_path / "gc", GPU_CHECK_STEPS="data grid report summary", GPU_CHECK_GRID="smoke",
+    res = gpu_check(tmp_path / "gc", GPU_CHECK_STEPS="pytest data grid report summary", GPU_CHECK_GRID="smoke",
                     GPU_CHECK_GRID_ARGS="--epochs 2", GPU_CHECK_DATA_ARGS="--n 16 --size 32", GPU_CHECK_BUDGET_S="400",
                     GPU_CHECK_TAR=str(tmp_path / "gc.tar.gz"))
     assert res.returncode == 0, res.stdout[-3000:]
@@ -37,9 +38,13 @@ def test_data_grid_report_and_summary_on_a_cpu(tmp_path: Path) -> None:
         wall, start, other = (float(x) for x in c[-3:])
         assert 0 < start < wall and other > -0.5
     assert (out / "report" / "report.md").is_file()
-    for step in ("data", "grid", "report", "summary"):
+    for step in ("pytest", "data", "grid", "report", "summary"):
         assert f"  {step:8} ok (" in res.stdout
-    assert "  env      not asked" in res.stdout and "  pytest   not asked" in res.stdout
+    assert "  env      not asked" in res.stdout
+    # the GPU tests' options are valid: on a CPU every `gpu` test is collected and skips
+    junit = (out / "pytest-gpu.xml").read_text()
+    assert 'skipped="' in junit and 'failures="0"' in junit and 'errors="0"' in junit
+    assert re.search(r"\n\d+ skipped, \d+ deselected in ", (out / "pytest-gpu.log").read_text())
     # the pack: records, report and logs; no checkpoints, traces or slices
     with tarfile.open(tmp_path / "gc.tar.gz") as tar:
         names = tar.getnames()
