@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -256,3 +257,54 @@ def test_dry_run_over_a_damaged_grid_json_previews_and_changes_nothing(tmp_path,
                         states=_no_slurm) is None
     assert "2 cell(s) would be submitted" in capsys.readouterr().out
     assert (out / "grid.json").read_text() == '{"order": [' and sorted(p.name for p in out.iterdir()) == ["grid.json"]
+
+
+@pytest.mark.timeout(180)
+def test_a_node_whose_node_0_is_gone_stops_instead_of_waiting_out_the_rendezvous(tmp_path, monkeypatch):
+    """Node 1 of a two-node job alone in its rendezvous (node 0 failed before its torchrun started): once
+    node 0's end marker is there, node 1 stops its torchrun after the grace (here 1 s) instead of 600 s."""
+    import bench.slurm.node as node_mod  # noqa: PLC0415 - the module whose grace is shortened
+
+    task = _free_rendezvous_task()
+    cell = tmp_path / "cell"
+    cell.mkdir()
+    for var in SLURM_VARS:
+        monkeypatch.delenv(var, raising=False)
+    for k, v in dict(SUBMITIT_EXECUTOR="slurm", SLURM_JOB_ID="4250", SLURM_ARRAY_JOB_ID="4242",
+                     SLURM_ARRAY_TASK_ID=task, SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="127.0.0.1,127.0.0.1",
+                     SLURM_NODEID="1", OMP_NUM_THREADS="1").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(node_mod, "NODE0_GRACE_S", 1.0)
+    argv = [sys.executable, "-m", "bench.cli", "train", "--out", str(cell), *TINY, "--nproc", "2"]
+    job = node_mod.CellJob(cell, argv, nproc=0, nodes=2, replicas=2, cwd=str(ROOT))
+    marker = node_mod.node0_marker(cell, f"4242_{task}")
+    assert marker.name == f".node0-ended.4242_{task}.0"
+    marker.write_text("node 0 failed before its torchrun\n")  # as node 0's CellCommand leaves it
+    t0 = time.monotonic()
+    result = node_mod.CellCommand(job)()
+    took = time.monotonic() - t0
+    assert result["node"] == 1 and result["exit_code"] != 0
+    assert took < 60  # torchrun's static rendezvous alone would wait 600 s
+    log = (cell / "train.log.node1").read_text()
+    assert "node 0 ended over 1 s ago" in log and "this node's torchrun still runs: stopped" in log
+    # a requeued attempt of the same job reads another marker (Slurm's restart count)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert node_mod.node0_marker(cell, f"4242_{task}") != marker
+
+
+def test_node_0_leaves_its_marker_however_it_ends(tmp_path, monkeypatch):
+    import bench.slurm.node as node_mod  # noqa: PLC0415 - the module whose placement is faked
+
+    cell = tmp_path / "cell"
+    place = node_mod.NodePlace(0, ("a", "b"), "77_1")
+    monkeypatch.setattr(node_mod, "node_place", lambda job: place)
+    for code in (0, 3):
+        marker = node_mod.node0_marker(cell, "77_1")
+        marker.unlink(missing_ok=True)
+        script = tmp_path / f"exit{code}.py"
+        script.write_text(f"raise SystemExit({code})\n")
+        job = node_mod.CellJob(cell, [sys.executable, str(script)], nproc=0, nodes=2, replicas=2, cwd=str(ROOT))
+        monkeypatch.setattr(node_mod, "torchrun_command", lambda job, *a: job.command())
+        with pytest.raises(node_mod.CellFailed):  # no summary either way: recorded as a failed cell
+            node_mod.CellCommand(job)()
+        assert marker.is_file()

@@ -138,6 +138,20 @@ def torchrun_command(job: CellJob, node: int, hostnames: Sequence[str], job_id: 
     return [python, "-m", "torch.distributed.run", *launch, *script, *rest, NPROC_FLAG, str(per_node)]
 
 
+NODE0_GRACE_S = 30.0
+"""How long another node's torchrun may outlive node 0's end before it is stopped (a normal end is seconds
+apart: every replica leaves the group together)."""
+
+
+def node0_marker(folder: Path, job_id: str) -> Path:
+    """The file node 0 of a multi-node job leaves when it ends (finished, failed, or failed before its torchrun
+    started), so that the other nodes need not wait out torchrun's rendezvous timeout (600 s) for it.
+
+    Named by job id and Slurm's restart count: the nodes of a requeued job ignore the last attempt's.
+    """
+    return folder / f".node0-ended.{job_id}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+
+
 @dataclass(frozen=True)
 class NodePlace:
     """Where this process runs in a multi-node job (what torchrun_command needs)."""
@@ -212,20 +226,29 @@ class CellCommand:
         job_id = place.job_id if place is not None else (
             os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID") or "?")
         if place is not None and place.node > 0:
-            rc = self._run(argv, folder / f"train.log.node{place.node}", f"node {place.node} of job {job_id}")
+            rc = self._run(argv, folder / f"train.log.node{place.node}", f"node {place.node} of job {job_id}",
+                           watch=node0_marker(folder, job_id))
             return {"folder": str(folder), "node": place.node, "exit_code": rc}
-        with _cell_lock(folder):
-            epochs = folder / "epochs.jsonl"
-            if RESUME_FLAG not in argv and epochs.exists() and epochs.stat().st_size > 0:
-                # rows written before the first checkpoint have no model state behind them: start over,
-                # as the local runner does (the trainer refuses to start fresh over existing rows)
-                rewrite_jsonl(epochs, [])
-            log_path = folder / "train.log"
-            rc = self._run(argv, log_path, f"job {job_id}")
+        try:
+            with _cell_lock(folder):
+                epochs = folder / "epochs.jsonl"
+                if RESUME_FLAG not in argv and epochs.exists() and epochs.stat().st_size > 0:
+                    # rows written before the first checkpoint have no model state behind them: start over,
+                    # as the local runner does (the trainer refuses to start fresh over existing rows)
+                    rewrite_jsonl(epochs, [])
+                log_path = folder / "train.log"
+                rc = self._run(argv, log_path, f"job {job_id}")
+        finally:
+            if place is not None:  # however node 0 ends, the other nodes learn it (see node0_marker)
+                with contextlib.suppress(OSError):
+                    node0_marker(folder, job_id).write_text(f"{_now()}\n")
         return self._outcome(folder, rc, log_path)
 
-    def _run(self, argv: list[str], log_path: Path, what: str) -> int:
-        """Start `argv` with its output appended to `log_path` after a header line; its exit status."""
+    def _run(self, argv: list[str], log_path: Path, what: str, watch: Path | None = None) -> int:
+        """Start `argv` with its output appended to `log_path` after a header line; its exit status.
+
+        `watch`: node 0's end marker; once it exists, the process is stopped if it still runs
+        `NODE0_GRACE_S` later (a node 0 gone before or during the rendezvous would hold it 600 s)."""
         print(f"{self.job.path}: {shlex.join(argv)}", flush=True)
         with open(log_path, "a") as log:
             log.write(f"=== bench slurm {_now()} {what} on {os.uname().nodename}: {shlex.join(argv)}\n")
@@ -237,12 +260,28 @@ class CellCommand:
                 start_new_session=True, preexec_fn=_child_setup(),
             )
             try:
-                return self._proc.wait()
+                return self._proc.wait() if watch is None else self._wait_watching(watch, log)
             except BaseException:  # submitit's requeue (SystemExit), Ctrl-C: never leave it running
                 self._stop()
                 raise
             finally:
                 self._proc = None
+
+    def _wait_watching(self, watch: Path, log: Any) -> int:
+        proc, seen = self._proc, None
+        while True:
+            try:
+                return proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass
+            if seen is None and watch.exists():
+                seen = time.monotonic()
+            if seen is not None and time.monotonic() - seen > NODE0_GRACE_S:
+                log.write(f"=== bench slurm {_now()}: node 0 ended over {NODE0_GRACE_S:g} s ago ({watch.name}) and "
+                          "this node's torchrun still runs: stopped\n")
+                log.flush()
+                self._stop()
+                return proc.wait()
 
     def _outcome(self, folder: Path, rc: int, log_path: Path) -> dict[str, Any]:
         s = _summary(folder) or {}
