@@ -114,7 +114,8 @@ def test_capturable_adam_with_a_tensor_lr_matches_eager_adam(tmp_path: Path) -> 
     assert max(r["mismatch"] for r in rows) < 1e-4, rows
 
 
-@pytest.mark.parametrize(("precision", "loss_rel", "bound"), [("fp32", 1e-5, 1e-3), ("amp-bf16", 5e-2, 0.5)])
+# amp-bf16's bounds leave room for another CPU's kernels (AVX2 vs AVX-512 round bf16 differently)
+@pytest.mark.parametrize(("precision", "loss_rel", "bound"), [("fp32", 1e-5, 1e-3), ("amp-bf16", 0.1, 0.8)])
 def test_another_memory_order_differs_by_rounding_alone(tmp_path: Path, precision: str, loss_rel: float,
                                                         bound: float) -> None:
     # channels_last runs other conv kernels with other summation orders: what rounding alone does to a step.
