@@ -13,6 +13,9 @@ from typing import Any
 
 from bench.store import read_jsonl, write_json
 
+LAUNCHES = "launches.jsonl"
+"""Per cell folder: one row per `bench train` process the runner started (wall time, epochs before/after)."""
+
 LOG_TAIL_LINES = 20
 """Lines of a failed cell's train.log shown to the user and stored in its summary."""
 

@@ -44,14 +44,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.cell_log import LAUNCHES
 from bench.collectors import environment
 from bench.planning import PlannedCell, Sizes, cell_sizes, cell_state, data_to_make
 from bench.status import format_duration
 from bench.store import read_json, read_jsonl
 from ddnet.config import ConfigError, TrainConfig, resolve_device
-
-LAUNCHES = "launches.jsonl"
-"""Per cell folder: one row per `bench train` process the runner started (wall time, epochs before/after)."""
 
 CAL_STEPS = 3
 """Training steps per calibration epoch (two epochs: a warm-up one and a timed one)."""

@@ -29,8 +29,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bench.cell_log import log_tail, record_failure
-from bench.estimate import LAUNCHES, Calibration, GridClock, PlanEstimate, estimate_plan
+from bench.cell_log import LAUNCHES, log_tail, record_failure
+from bench.estimate import Calibration, GridClock, PlanEstimate, estimate_plan
 from bench.grids import Grid
 from bench.planning import (
     Overrides,

@@ -21,7 +21,8 @@ import pytest
 from rich.console import Console
 
 from bench import planning
-from bench.estimate import LAUNCHES, machine_fingerprint
+from bench.cell_log import LAUNCHES
+from bench.estimate import machine_fingerprint
 from bench.planning import Overrides, code_version, plan_grid
 from bench.processes import run_grid
 from bench.store import read_json, read_jsonl, write_json

@@ -326,6 +326,10 @@ def test_wall_table_medians_each_part_over_repeats(tmp_path):
     a = [write_run(root, "g", "dense", _cfg(), _times(1.0, seed), QUAL, repeat=seed) for seed in range(3)]
     for run_dir, startup, epochs in zip(a, (1.0, 3.0, 2.0), (9.0, 11.0, 10.0), strict=True):
         _with_timeline(run_dir, startup=startup, epochs=epochs)
+        # bench run's record of the process: a failed first launch, then the one that finished (0.7 s more)
+        inside = startup + 2.0 + 0.5 + epochs + 1.0 + 3.0
+        (run_dir / "launches.jsonl").write_text(json.dumps({"wall_s": 99.0, "exit_code": 3}) + "\n"
+                                                + json.dumps({"wall_s": inside + 0.7, "exit_code": 0}) + "\n")
     b = write_run(root, "g", "graph", _cfg(graphs="cuda-graph"), _times(0.8, 7), QUAL)
     _with_timeline(b, startup=None, fit_other=5.0)
     write_run(root, "g", "old", _cfg(precision="amp-bf16"), _times(0.9, 8), QUAL)  # recorded before timeline_s
@@ -334,10 +338,11 @@ def test_wall_table_medians_each_part_over_repeats(tmp_path):
     assert set(rows) == {"dense", "graph"}
     d = rows["dense"]
     assert (d["startup_s"], d["build_s"], d["epochs_s"], d["validation_s"], d["other_s"]) == (2.0, 2.5, 10.0, 1.0, 3.0)
-    assert d["wall_s"] == pytest.approx(18.5) and d["epochs_share_pct"] == pytest.approx(100 * 10 / 18.5)
+    assert d["spawn_exit_s"] == pytest.approx(0.7)
+    assert d["wall_s"] == pytest.approx(19.2) and d["epochs_share_pct"] == pytest.approx(100 * 10 / 19.2)
     g = rows["graph"]
-    # an in-process run has no start-up: the wall is the parts that were measured
-    assert np.isnan(g["startup_s"]) and g["wall_s"] == pytest.approx(2.5 + 10 + 1 + 5)
+    # an in-process run has no start-up nor launch: the wall is the parts that were measured
+    assert np.isnan(g["startup_s"]) and np.isnan(g["spawn_exit_s"]) and g["wall_s"] == pytest.approx(2.5 + 10 + 1 + 5)
     assert (rep.out / "figures" / "wall.png").is_file()
     md = (rep.out / "tables" / "wall.md").read_text()
-    assert "| g | dense | 2.0 s | 2.5 s | 10.0 s | 1.0 s | 3.0 s | 18.5 s | 54.1 % |" in md
+    assert "| g | dense | 2.0 s | 2.5 s | 10.0 s | 1.0 s | 3.0 s | 700 ms | 19.2 s | 52.1 % |" in md

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.cell_log import LAUNCHES
 from bench.report.format import is_num
 from bench.report.setting import Setting, setting_from
 from bench.stats import median
@@ -91,6 +92,8 @@ class RunRecord:
     label: str
     damage: str | None = None
     """What is wrong with epochs.jsonl (unreadable lines, duplicated or missing epochs), or None."""
+    launches: list[dict[str, Any]] = field(default_factory=list)
+    """`bench run`'s record of each process it started for this run (launches.jsonl: wall_s, exit_code)."""
 
     @property
     def ok(self) -> bool:
@@ -294,7 +297,15 @@ def read_run(path: Path, root: Path) -> RunRecord:
         repeat=int(cell.get("repeat", 0) or 0),
         label=str(cell.get("label") or setting.label()),
         damage=damage,
+        launches=_launches(path),
     )
+
+
+def _launches(path: Path) -> list[dict[str, Any]]:
+    try:
+        return read_jsonl_checked(path / LAUNCHES)[0]
+    except OSError:  # a record for the wall-time table only: never a reason to mark the run unreadable
+        return []
 
 
 def _clean_epochs(raw: list[dict[str, Any]], bad_lines: list[int]) -> tuple[list[dict[str, Any]], str | None]:
