@@ -54,6 +54,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from bench.cell_log import error_line, exit_text, log_tail
 from bench.estimate import (
     CAL_STEPS,
     Calibration,
@@ -301,9 +302,8 @@ def calibrate(
             if rc == 0:
                 c = read_calibration(d / "run", time.monotonic() - t0)
             else:
-                tail = [ln.strip() for ln in (d / "train.log").read_text(errors="replace").splitlines() if ln.strip()]
-                line = next((ln for ln in reversed(tail) if ln.startswith("error:")), tail[-1] if tail else "")
-                why = f"took over {timeout_s:g} s" if rc is None else f"exited with code {rc}"
+                line = error_line(log_tail(d / "train.log"))
+                why = f"took over {timeout_s:g} s" if rc is None else exit_text(rc)
                 c = Calibration(error=why + (f": {line}" if line else ""))
             results.update(dict.fromkeys(users, c))
             what = f"{toggles_slug(cfg)}, {cfg.data.image_size} px, batch {cfg.batch_size}"
