@@ -48,7 +48,7 @@ from bench.cell_log import LAUNCHES
 from bench.collectors import environment
 from bench.planning import PlannedCell, Sizes, cell_sizes, cell_state, data_to_make
 from bench.status import format_duration
-from bench.store import read_json, read_jsonl
+from bench.store import epoch_phase, is_warmup, read_json, read_jsonl
 from ddnet.config import ConfigError, TrainConfig, resolve_device
 
 CAL_STEPS = 3
@@ -97,11 +97,6 @@ def machine_fingerprint() -> str:
 # ------------------------------------------------------------------ earlier runs
 
 
-def _is_warmup(row: dict[str, Any], cfg: TrainConfig) -> bool:
-    flag = row.get("warmup")
-    return bool(flag) if isinstance(flag, bool) else int(row.get("epoch") or 0) <= cfg.warmup_epochs
-
-
 def _num(v: Any) -> float:
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else 0.0
 
@@ -109,10 +104,6 @@ def _num(v: Any) -> float:
 def _wall(row: dict[str, Any]) -> float:
     """An epoch's wall time: training plus validation."""
     return _num(row.get("time_s")) + _num(row.get("val_time_s"))
-
-
-def _phase(row: dict[str, Any]) -> str:
-    return "sparse" if row.get("phase") == "sparse" else "dense"
 
 
 @dataclass
@@ -147,6 +138,7 @@ def _overhead(path: Path, rows: list[dict[str, Any]], cfg: TrainConfig, epoch_s:
               summary: dict[str, Any]) -> float:
     """Per-launch time beyond the steady epochs (see the module docstring)."""
     by_epoch = {int(r.get("epoch") or 0): r for r in rows}
+    config = {"warmup_epochs": cfg.warmup_epochs}
     found = []
     for launch in read_jsonl(path / LAUNCHES):
         before, after = int(launch.get("epochs_before") or 0), int(launch.get("epochs_after") or 0)
@@ -154,11 +146,11 @@ def _overhead(path: Path, rows: list[dict[str, Any]], cfg: TrainConfig, epoch_s:
             continue
         ran = [by_epoch[e] for e in range(before + 1, after + 1) if e in by_epoch]
         miss = _num(launch.get("data_load_s")) if launch.get("data_cache") == "miss" else 0.0
-        found.append(float(launch["wall_s"]) - sum(epoch_s(_phase(r)) for r in ran) - miss)
+        found.append(float(launch["wall_s"]) - sum(epoch_s(epoch_phase(r)) for r in ran) - miss)
     if found:
         return max(0.0, statistics.median(found))
     # no launch recorded: what the records hold, without process start
-    warm = sum(max(0.0, _wall(r) - epoch_s(_phase(r))) for r in rows if _is_warmup(r, cfg))
+    warm = sum(max(0.0, _wall(r) - epoch_s(epoch_phase(r))) for r in rows if is_warmup(r, config))
     extra = sum(_num(r.get("capture_time_s")) + _num(r.get("prune_time_s")) for r in rows)
     data = _num(summary.get("data_load_s")) if summary.get("data_cache") != "miss" else 0.0
     return warm + extra + data + _num(summary.get("staging_time_s"))
@@ -180,9 +172,9 @@ def read_measured(path: Path) -> Measured | None:
     device = _device_type(env.get("device")) or _device_type(summary.get("device")) or _device_type(cfg.device)
     if device is None:
         return None
-    steady = [r for r in rows if not _is_warmup(r, cfg)]
+    steady = [r for r in rows if not is_warmup(r, {"warmup_epochs": cfg.warmup_epochs})]
     used = steady or rows
-    by_phase = {ph: rs for ph in ("dense", "sparse") if (rs := [r for r in used if _phase(r) == ph])}
+    by_phase = {ph: rs for ph in ("dense", "sparse") if (rs := [r for r in used if epoch_phase(r) == ph])}
     train_s = {ph: statistics.median(_num(r.get("time_s")) for r in rs) for ph, rs in by_phase.items()}
     val_s = {ph: statistics.median(_num(r.get("val_time_s")) for r in rs) for ph, rs in by_phase.items()}
     sizes = cell_sizes(cfg)  # the steps and side it recorded, where it did
@@ -444,7 +436,7 @@ class GridClock:
         rows = [r for r in self.rows if isinstance(r.get("time_s"), int | float)]
         steady = [r for i, r in enumerate(rows) if r.get("warmup") is False or ("warmup" not in r and i > 0)]
         if steady:
-            live = statistics.median(_wall(r) for r in steady if _phase(r) == _phase(steady[-1]))
+            live = statistics.median(_wall(r) for r in steady if epoch_phase(r) == epoch_phase(steady[-1]))
             return max(0, self.epochs - len(rows)) * live
         if est is not None and est.seconds is not None:
             return max(0.0, est.seconds - (now - self.cell_t0))

@@ -28,7 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bench.slurm import latest_job_records
-from bench.store import read_jsonl_checked
+from bench.store import epoch_cost, read_jsonl_checked
 from ddnet.errors import UserError
 
 STATUSES = ("pending", "submitted", "queued", "running", "stopped", "finished", "failed", "skipped",
@@ -66,14 +66,9 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], str | None]:
     return rows, note
 
 
-def _num(v: Any) -> float:
-    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0.0
-
-
 def _time_used(rows: list[dict[str, Any]]) -> float:
     """Training time so far as the trainer totals it: epoch time plus graph capture and pruning."""
-    return sum(_num(r.get("time_s")) + _num(r.get("capture_time_s")) + _num(r.get("prune_time_s"))
-               for r in rows)
+    return sum(epoch_cost(r) for r in rows)
 
 
 def _first_line(v: Any) -> str:

@@ -7,6 +7,12 @@ Layout of one run folder (the contract `bench report` reads):
     epochs.jsonl   one JSON object per finished epoch, appended and fsynced
     summary.json   status and totals; written at start ('running') and at the end
     ckpt.pt        latest resumable checkpoint (atomic replace)
+
+The epoch-row rules live here, once, for every reader (the report, the estimates, `bench status`):
+an epoch's phase is its `phase` field ('dense' when absent); it is a warm-up epoch when its
+`warmup` flag says so, or, for rows without the flag, when its number is at most the config's
+`warmup_epochs` (default 1); the training time it cost is its `time_s` plus the graph capture and
+pruning done in it.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +120,27 @@ def rewrite_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
         os.fsync(f.fileno())
     os.chmod(tmp, _umask_mode())
     os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ an epoch row's rules (module docstring)
+
+
+def epoch_phase(row: dict[str, Any]) -> str:
+    """The training phase an epochs.jsonl row belongs to: 'dense' or 'sparse' ('dense' when not recorded)."""
+    return str(row.get("phase", "dense"))
+
+
+def is_warmup(row: dict[str, Any], config: Mapping[str, Any]) -> bool:
+    """Whether an epochs.jsonl row is a warm-up epoch: its `warmup` flag, else epoch <= config warmup_epochs."""
+    if "warmup" in row:
+        return bool(row["warmup"])
+    return int(row.get("epoch", 0)) <= int(config.get("warmup_epochs", 1))
+
+
+def _seconds(v: Any) -> float:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else 0.0
+
+
+def epoch_cost(row: dict[str, Any]) -> float:
+    """Training time an epoch cost: its timed part plus graph capture and pruning done in it."""
+    return _seconds(row.get("time_s")) + _seconds(row.get("capture_time_s")) + _seconds(row.get("prune_time_s"))

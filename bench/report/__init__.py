@@ -19,7 +19,8 @@ Layout (data flows down):
                     the paper lookups (opt_category, paper_vs_model, paper_vs_dense)
     artifact.py     Table, Artifact, Needs, and the ARTIFACTS registry (a plain dict, report order)
     artifacts/      one module per paper table or figure (table1, table2, fig8 (a, b), fig9a, fig9b,
-                    fig4c, fig4ab, memory, time_to_quality, sparsity); importing the package registers them
+                    fig4c, fig4ab, memory, time_to_quality, speed, sparsity, wall); importing the package
+                    registers them
     format.py       numbers, table cells and Markdown tables as text
     plotting.py     seaborn helpers shared by the artifacts' plots (bars_with_ci, quality_bars, draw)
     markdown.py     report.md and tables/<key>.md

@@ -4,10 +4,9 @@ A run folder is any folder holding `summary.json` (the contract in
 bench/store.py). Nothing here trains or imports the trainer: only the JSON
 files are read. Unreadable files make an 'unreadable' run, never an exception.
 
-The phase rule lives here, once: an epoch's phase is its `phase` field
-('dense' when absent), and it is a warm-up epoch when its `warmup` flag says
-so, or, for rows without the flag, when its number is at most the config's
-`warmup_epochs` (default 1). Steady-state times never include a warm-up epoch.
+The epoch-row rules (phase, warm-up, cost) are bench/store.py's, shared with the
+estimates and `bench status`; they are re-exported here for the artifacts.
+Steady-state times never include a warm-up epoch.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from bench.cell_log import LAUNCHES
 from bench.report.format import is_num
 from bench.report.setting import Setting, setting_from
 from bench.stats import median
-from bench.store import read_json, read_jsonl_checked
+from bench.store import epoch_cost, epoch_phase, is_warmup, read_json, read_jsonl_checked
 from ddnet.errors import UserError
 
 UNKNOWN_ENV = "unknown"
@@ -31,23 +30,6 @@ UNKNOWN_ENV = "unknown"
 # Config fields that change what is measured but are not optimizations: two
 # cells compare only when all of these agree (same data, net, epochs, batch).
 _CONTEXT_FIELDS = ("batch_size", "epochs", "nproc", "lr", "gamma", "warmup_epochs")
-
-
-def epoch_phase(row: dict[str, Any]) -> str:
-    """The training phase an epochs.jsonl row belongs to: 'dense' or 'sparse' ('dense' when not recorded)."""
-    return str(row.get("phase", "dense"))
-
-
-def is_warmup(row: dict[str, Any], config: dict[str, Any]) -> bool:
-    """Whether an epochs.jsonl row is a warm-up epoch: its `warmup` flag, else epoch <= config warmup_epochs."""
-    if "warmup" in row:
-        return bool(row["warmup"])
-    return int(row.get("epoch", 0)) <= int(config.get("warmup_epochs", 1))
-
-
-def epoch_cost(row: dict[str, Any]) -> float:
-    """Training time an epoch cost: its timed part plus graph capture and pruning done in it."""
-    return _f(row.get("time_s")) + _f(row.get("capture_time_s")) + _f(row.get("prune_time_s"))
 
 
 def _f(v: Any) -> float:
