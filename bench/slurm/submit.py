@@ -183,7 +183,7 @@ def sbatch_preview(jobs: Sequence[CellJob], options: SlurmOptions, log_dir: Path
             parts.append(f"# each task runs on {nodes} nodes: on each, torchrun --nnodes {nodes} --node-rank "
                          "<k> --master-addr <first host> around the command below, with --nproc <replicas "
                          "per node>; node 0 writes train.log, node k train.log.node<k>")
-        parts.append("# array tasks (cell folder: command; --resume is added at start when ckpt.pt exists)")
+        parts.append("# array tasks (cell folder: command; --resume is added at start when ckpt.pt or summary.json exists)")
         for task, i in enumerate(idx):
             parts.append(f"#  [{task}] {jobs[i].folder}: {shlex.join(jobs[i].command())}")
         parts.append("")
