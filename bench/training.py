@@ -156,11 +156,12 @@ class Timeline:
     """Where a training process's wall time went, for the summary's `timeline_s` (seconds).
 
     `startup`: from the process's start to the run folder's opening (interpreter, imports,
-    command line), for a process launched to train (`bench train`; None in-process); `build`: from there to the first record (destination checks, data read or
-    staged, model built, FLOPs counted); `record_env`: `env.json` (NVML, git, a CPU's peak
-    measurement); `fit`: from there to the summary, split into the `epochs` and `validation`
-    this process ran and `fit_other` (step build or capture, the input's quality, checkpoints,
-    the copy profile). What a launcher measures beyond `startup + build + record_env + fit` is
+    command line), for a process launched to train (`bench train`; None in-process);
+    `build`: from there to the first record (destination checks, data read or staged, model
+    built, FLOPs counted); `record_env`: `env.json` (NVML, git, a CPU's peak measurement);
+    `fit`: from there to the summary, split into the `epochs` and `validation` this process
+    ran and `fit_other` (step build or capture, the input's quality, checkpoints, the copy
+    profile). What a launcher measures beyond `startup + build + record_env + fit` is
     the process's spawn and exit.
     """
 

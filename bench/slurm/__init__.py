@@ -3,8 +3,9 @@
 Each cell is the same command the local runner starts (`python -m bench.cli train --config
 <cell>/config.request.json --out <cell> [--resume]`), run on a compute node by `CellCommand`, with its
 output appended to `<cell>/train.log`. A cell on N nodes (`SlurmOptions.nodes`) runs that command under
-torchrun on each node (`torchrun_command`), its replicas (the cell's nproc) split evenly over them. The run-folder contract does not change: `bench status` and
-`bench report` read the same folders whichever executor filled them.
+torchrun on each node (`torchrun_command`), its replicas (the cell's nproc) split evenly over them. The
+run-folder contract does not change: `bench status` and `bench report` read the same folders whichever
+executor filled them.
 
     jobs = [CellJob(folder, argv, nproc=1), ...]
     ids = submit(jobs, SlurmOptions(partition="gpu", time_min=240), log_dir=out / "slurm")
