@@ -64,6 +64,16 @@ def _mismatch(da: torch.Tensor, db: torch.Tensor) -> float:
     return num / den if den else (0.0 if num == 0 else float("inf"))
 
 
+def step_both(a: Run, b: Run, lq: torch.Tensor, hq: torch.Tensor) -> dict[str, float]:
+    """One step of each on the same batch, from equal weights: both losses (before the update), the update
+    mismatch and how far A moved (sum|dA|)."""
+    before = _flat(a)
+    assert torch.equal(before, _flat(b))
+    la, lb = float(a.step(lq, hq)), float(b.step(lq, hq))
+    da, db = _flat(a) - before, _flat(b) - before
+    return {"loss_a": la, "loss_b": lb, "mismatch": _mismatch(da, db), "moved": float(da.abs().sum())}
+
+
 def lockstep(a: Run, b: Run, steps: int) -> list[dict[str, float]]:
     """Per step: both losses (before the update) and the update mismatch sum|dA - dB| / sum|dA|.
 
@@ -74,11 +84,7 @@ def lockstep(a: Run, b: Run, steps: int) -> list[dict[str, float]]:
     for k, (lq, hq) in enumerate(itertools.islice(a.loader.epoch(0), steps)):
         if k:
             give_state(a, b)
-        before = _flat(a)
-        assert torch.equal(before, _flat(b))
-        la, lb = float(a.step(lq, hq)), float(b.step(lq, hq))
-        da, db = _flat(a) - before, _flat(b) - before
-        out.append({"loss_a": la, "loss_b": lb, "mismatch": _mismatch(da, db), "moved": float(da.abs().sum())})
+        out.append(step_both(a, b, lq, hq))
     return out
 
 
@@ -136,12 +142,7 @@ def test_lockstep_catches_a_wrong_learning_rate(tmp_path: Path) -> None:
 
 def lockstep_once(a: Run, b: Run) -> dict[str, float]:
     """One step from the states a and b hold now (b's not overwritten), on a's next batch."""
-    lq, hq = next(iter(a.loader.epoch(1)))
-    before = _flat(a)
-    assert torch.equal(before, _flat(b))
-    la, lb = float(a.step(lq, hq)), float(b.step(lq, hq))
-    da, db = _flat(a) - before, _flat(b) - before
-    return {"loss_a": la, "loss_b": lb, "mismatch": _mismatch(da, db)}
+    return step_both(a, b, *next(iter(a.loader.epoch(1))))
 
 
 def test_lockstep_catches_an_adam_step_count_off_by_one(tmp_path: Path) -> None:
