@@ -181,44 +181,12 @@ def ratio_ci(
     return stratified_ratio_ci([a], [1.0], [b], [1.0], level=level, stat=stat)
 
 
-def bootstrap_ratio_ci(
-    a: Sequence[float],
-    b: Sequence[float],
-    n_boot: int = 2000,
-    seed: int = 0,
-    stat: Callable[..., Any] = median,
-    level: float = 0.95,
-) -> tuple[float, float, float]:
-    """`ratio_ci` under its former name, kept for callers: no longer a bootstrap.
-
-    `n_boot` and `seed` are accepted and ignored (the interval needs no
-    resampling); see the module docstring for why the percentile bootstrap went.
-    """
-    return ratio_ci(a, b, level=level, stat=stat)
-
-
-def bootstrap_stratified_ratio_ci(
-    a: Sequence[Sequence[float]],
-    a_weights: Sequence[float],
-    b: Sequence[Sequence[float]],
-    b_weights: Sequence[float],
-    n_boot: int = 2000,
-    seed: int = 0,
-    stat: Callable[..., Any] = median,
-    level: float = 0.95,
-) -> tuple[float, float, float]:
-    """`stratified_ratio_ci` under its former name, kept for callers; `n_boot` and `seed` are ignored."""
-    return stratified_ratio_ci(a, a_weights, b, b_weights, level=level, stat=stat)
-
-
 def speedup_ci(
-    baseline: Sequence[float], arm: Sequence[float], n_boot: int = 2000, seed: int = 0,
-    stat: Callable[..., Any] = median,
+    baseline: Sequence[float], arm: Sequence[float], stat: Callable[..., Any] = median,
 ) -> tuple[float, float, float]:
     """Speedup stat(baseline) / stat(arm) of times with its t-interval: (point, lo, hi).
 
-    lo and hi are NaN below `MIN_SAMPLES_PER_ARM` samples per arm; `n_boot`
-    and `seed` are kept for callers and ignored.
+    lo and hi are NaN below `MIN_SAMPLES_PER_ARM` samples per arm.
     """
     return ratio_ci(arm, baseline, stat=stat)
 
@@ -287,16 +255,13 @@ def estimate_speedup(
     arm_weights: Sequence[float],
     method: str,
     point_x: float | None = None,
-    n_boot: int = 2000,
-    seed: int = 0,
 ) -> Speedup:
     """Speedup T(baseline) / T(arm) of stratified time samples, classified by its t-interval.
 
     `point_x` overrides the point estimate (the report passes the ratio of the
     values it displays). A stratum with 1 sample gets no interval
     (`NO_INTERVAL`), one with fewer than `MIN_SAMPLES_PER_ARM` no verdict
-    (`NO_VERDICT`), both with lo and hi None. `n_boot` and `seed` are kept for
-    callers and ignored.
+    (`NO_VERDICT`), both with lo and hi None.
     """
     nonempty = all(len(s) > 0 for s in [*baseline_strata, *arm_strata])
     if not nonempty or not baseline_strata or not arm_strata:
