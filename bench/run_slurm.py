@@ -6,7 +6,7 @@ What one invocation does, in order:
    folder names, same `grid.json`; a cell the *grid* skips is skipped, but this machine's own
    reasons (no CUDA on a login node) are not: the compute nodes decide;
 2. prepare every cell folder (`cell.json`, `config.request.json`);
-3. pick the cells to submit (`bench.slurm.pending_cells`): never a finished cell, nor one whose
+3. pick the cells to submit (`bench.slurm.submission_decisions`): never a finished cell, nor one whose
    latest job is queued or running; a cell whose job died is submitted again and continues from
    its checkpoint; a failed cell only with `--retry-failed`;
 4. submit them, one job array per resource shape (`bench.slurm.submit_jobs`), each task running
@@ -50,6 +50,7 @@ from bench.slurm import (
     SlurmOptions,
     job_states,
     latest_jobs,
+    pending_cells,
     record_jobs,
     sbatch_preview,
     submission_decisions,
@@ -149,7 +150,7 @@ def run_on_slurm(
         decisions = submission_decisions(statuses, recorded, states(list(latest_jobs(recorded).values())),
                                          retry_failed)
         console.print(_decision_table(decisions, {}, f"grid '{grid.name}' on Slurm: {len(order)} cells -> {out}"))
-        jobs = [cell_job(by_folder[f], out, command, options.nodes) for f, (go, _) in decisions.items() if go]
+        jobs = [cell_job(by_folder[f], out, command, options.nodes) for f in pending_cells(decisions)]
         if jobs:
             console.print(sbatch_preview(jobs, options, log_dir), markup=False, highlight=False)
         console.print(f"dry run: {len(jobs)} cell(s) would be submitted; nothing was written.",
@@ -164,7 +165,7 @@ def run_on_slurm(
         statuses = _statuses(planned, order, out)
         decisions = submission_decisions(statuses, record, states(list(latest_jobs(record).values())),
                                          retry_failed)
-        to_submit = [f for f, (go, _) in decisions.items() if go]
+        to_submit = pending_cells(decisions)
         jobs = [cell_job(by_folder[f], out, command, options.nodes) for f in to_submit]
         submitted = submit_jobs(jobs, options, log_dir, executor_factory)
         ids = {f: str(j.job_id) for f, j in zip(to_submit, submitted, strict=True)}

@@ -336,8 +336,8 @@ def test_a_killed_cell_is_picked_for_resubmission_and_resumes_from_its_checkpoin
 
     grid = record_jobs({"order": ["cell"]}, {"cell": first.job_id})
     statuses = {"cell": "running"}
-    assert pending_cells(statuses, grid, {first.job_id: "failed"}) == ["cell"]
-    assert pending_cells(statuses, grid, {first.job_id: "running"}) == []
+    assert pending_cells(submission_decisions(statuses, grid, {first.job_id: "failed"})) == ["cell"]
+    assert pending_cells(submission_decisions(statuses, grid, {first.job_id: "running"})) == []
 
     [second] = submit_jobs([job], options, tmp_path / "logs")
     assert second.result()["status"] == "ok"
@@ -435,15 +435,15 @@ def test_pending_cells_never_resubmits_live_or_finished_cells_and_resubmits_dead
                 "requeued_partial": "running", "never": None, "skipped": "skipped"}
     states = {"9_0": "queued", "9_1": "running", "9_2": "finished", "9_3": "failed", "9_4": "cancelled",
               "9_7": "finished", "9_8": "failed", "9_9": "queued", "1_0": "running"}
-    picked = pending_cells(statuses, grid, states, now=now)
+    picked = pending_cells(submission_decisions(statuses, grid, states, now=now))
     assert picked == ["failedjob", "cancelled", "gone", "completed_unfinished", "never"]
-    assert pending_cells(statuses, grid, states, retry_failed=True, now=now) == [
+    assert pending_cells(submission_decisions(statuses, grid, states, retry_failed=True, now=now)) == [
         "failedjob", "cancelled", "gone", "completed_unfinished", "failedcell", "never"]
     why = submission_decisions(statuses, grid, states, now=now)
     assert why["justnow"] == (False, "job 9_6 submitted 40 s ago, not listed by Slurm yet")
     assert why["cancelled"] == (True, "job 9_4 cancelled and the cell is unfinished")  # the latest job counts
     # without Slurm answering at all, a live job must not be taken for a dead one within the grace period
-    assert "justnow" not in pending_cells(statuses, grid, {}, now=now)
+    assert "justnow" not in pending_cells(submission_decisions(statuses, grid, {}, now=now))
 
 
 def test_record_jobs_keeps_history_and_latest_wins():

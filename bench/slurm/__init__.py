@@ -11,7 +11,7 @@ executor filled them.
     ids = submit(jobs, SlurmOptions(partition="gpu", time_min=240), log_dir=out / "slurm")
     grid = record_jobs(grid, dict(zip((j.folder.name for j in jobs), ids)))   # stored in grid.json
 
-Re-running `bench run --executor slurm` resubmits only what `pending_cells` picks: never a cell that
+Re-running `bench run --executor slurm` resubmits only what `submission_decisions` picks: never a cell that
 is finished or whose job is queued or running; a cell whose job died (failed, cancelled, gone) is
 submitted again and continues from its checkpoint. A preempted or timed-out job is requeued by
 submitit itself (`CellCommand.checkpoint`), with `--resume`.

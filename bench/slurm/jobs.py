@@ -186,14 +186,6 @@ def submission_decisions(
     return out
 
 
-def pending_cells(
-    statuses: Mapping[str, str | None],
-    grid_json: Mapping[str, Any],
-    states: Mapping[str, str],
-    retry_failed: bool = False,
-    unknown_grace_s: float = 300.0,
-    now: float | None = None,
-) -> list[str]:
-    """The cell folders to submit now, in the order of `statuses` (see `submission_decisions`)."""
-    decisions = submission_decisions(statuses, grid_json, states, retry_failed, unknown_grace_s, now)
+def pending_cells(decisions: Mapping[str, tuple[bool, str]]) -> list[str]:
+    """The cell folders to submit now, in the order of `submission_decisions`' answer."""
     return [folder for folder, (go, _) in decisions.items() if go]
