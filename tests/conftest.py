@@ -8,8 +8,11 @@ import pytest
 import torch.optim.adam as adam_mod
 import torch.optim.optimizer as optimizer_mod
 
+from bench.report.build import make_report
+from bench.report.options import Options
 from bench.store import read_jsonl
 from tests.fake_trainer import FAKE_TRAIN
+from tests.report_fakes import build_main
 
 
 @pytest.fixture()
@@ -38,3 +41,12 @@ def capturable_adam_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(optimizer_mod, "_get_capturable_supported_devices", with_cpu)
     if hasattr(adam_mod, "_get_capturable_supported_devices"):
         monkeypatch.setattr(adam_mod, "_get_capturable_supported_devices", with_cpu)
+
+
+@pytest.fixture(scope="session")
+def main_report(tmp_path_factory):
+    """The main fabricated grid (tests/report_fakes.py) and its report, built once for every test that
+    reads it (they only read it): (runs folder, Report)."""
+    root = tmp_path_factory.mktemp("runs")
+    build_main(root)
+    return root, make_report(root, root / "report", opts=Options())

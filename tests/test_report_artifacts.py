@@ -25,19 +25,10 @@ from tests.report_fakes import (
     _row,
     _rows,
     _times,
-    build_main,
     write_run,
 )
 
 # ---------------------------------------------------------------------------------- the fabricated grid
-
-
-@pytest.fixture(scope="module")
-def main_report(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    build_main(root)
-    rep = make_report(root, root / "report", opts=Options())
-    return root, rep
 
 
 def test_table1_numbers_match_the_folders(main_report):

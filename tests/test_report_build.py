@@ -7,15 +7,7 @@ import pytest
 
 from bench.report.build import make_report
 from bench.report.options import Options
-from tests.report_fakes import _csv, _rows, build_main
-
-
-@pytest.fixture(scope="module")
-def main_report(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    build_main(root)
-    rep = make_report(root, root / "report", opts=Options())
-    return root, rep
+from tests.report_fakes import _csv, _rows
 
 
 def test_report_markdown_header_plots_and_files(main_report):
