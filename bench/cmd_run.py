@@ -74,13 +74,12 @@ from bench.planning import (
     cell_state,
     dry_run_order,
     plan_grid,
-    read_summary,
 )
 from bench.processes import TRAIN_COMMAND, CellResult, run_grid
 from bench.run_slurm import run_on_slurm
 from bench.slurm import SlurmOptions
 from bench.status import format_duration
-from bench.store import read_json, read_jsonl, write_json
+from bench.store import read_json, read_jsonl, read_summary, write_json
 from ddnet.config import TrainConfig, resolve_device
 from ddnet.errors import UserError
 

@@ -34,7 +34,7 @@ import ddnet
 from bench.collectors import git_state
 from bench.grids import Cell, Grid
 from bench.status import format_duration
-from bench.store import read_json, read_jsonl, write_json
+from bench.store import read_json, read_jsonl, read_summary, write_json
 from ddnet.config import ConfigError, TrainConfig, check_runnable
 from ddnet.data import split_seed
 from ddnet.data.cache import cache_enabled, cache_root, list_entries, split_key
@@ -210,18 +210,6 @@ def cell_sizes(cfg: TrainConfig) -> Sizes:
             pass  # an unreadable folder fails in `bench train` with its own message; use the config's
     return Sizes(steps=n_train // cfg.batch_size, batch=cfg.batch_size, side=side, n_train=n_train, n_val=n_val,
                  val_batch=cfg.val_batch_size or cfg.batch_size)
-
-
-def read_summary(cell_dir: Path) -> dict[str, Any] | None:
-    """The cell folder's summary.json, or None when there is none (or it cannot be read)."""
-    path = cell_dir / "summary.json"
-    if not path.exists():
-        return None
-    try:
-        s = read_json(path)
-    except (OSError, json.JSONDecodeError):
-        s = None  # torn (write_json is atomic, so only a foreign writer or a damaged disk does this)
-    return s if isinstance(s, dict) else {"status": "damaged", "error": f"{path} is unreadable"}
 
 
 def cell_state(p: PlannedCell, out: Path, retry_failed: bool = False) -> tuple[str, int]:

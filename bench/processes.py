@@ -40,9 +40,8 @@ from bench.planning import (
     plan_grid,
     prepare_cell,
     prepare_out,
-    read_summary,
 )
-from bench.store import append_jsonl, read_jsonl, rewrite_jsonl
+from bench.store import append_jsonl, read_jsonl, read_summary, rewrite_jsonl
 from ddnet.errors import UserError
 
 TRAIN_COMMAND: tuple[str, ...] = (sys.executable, "-m", "bench.cli", "train")

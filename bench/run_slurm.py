@@ -41,7 +41,6 @@ from bench.planning import (
     plan_grid,
     prepare_cell,
     prepare_out,
-    read_summary,
     recorded_grid,
 )
 from bench.processes import TRAIN_COMMAND, CellResult, result_from_summary
@@ -56,7 +55,7 @@ from bench.slurm import (
     submission_decisions,
     submit_jobs,
 )
-from bench.store import read_json, write_json
+from bench.store import read_json, read_summary, write_json
 
 LOG_DIR = "slurm"
 """Under the grid's out folder: submitit's per-job folders (sbatch script, stdout, stderr, pickles)."""

@@ -68,6 +68,19 @@ def read_json(path: str | Path) -> Any:
         return json.load(f)
 
 
+def read_summary(folder: str | Path) -> dict[str, Any] | None:
+    """A run folder's summary.json: None when there is none, {"status": "damaged", "error": ...} when it
+    cannot be read as a JSON object (write_json is atomic: only a foreign writer or a bad disk tears it)."""
+    path = Path(folder) / "summary.json"
+    try:
+        s = read_json(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, bad UTF-8
+        return {"status": "damaged", "error": f"{path} is unreadable ({type(e).__name__})"}
+    return s if isinstance(s, dict) else {"status": "damaged", "error": f"{path} is not a JSON object"}
+
+
 def append_jsonl(path: str | Path, row: dict[str, Any]) -> None:
     """Append one row and flush it to disk before returning (a kill loses no finished epoch)."""
     with open(path, "a") as f:

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bench.collectors import MemoryCollector, TimeCollector, environment, profile_copies
 from bench.roofline import estimate_bytes_per_image, lookup_peak, measure_cpu_peak
-from bench.store import append_jsonl, read_json, read_jsonl, rewrite_jsonl, write_json
+from bench.store import append_jsonl, read_json, read_jsonl, read_summary, rewrite_jsonl, write_json
 from ddnet.config import ModelConfig, TrainConfig
 from ddnet.errors import UserError
 from ddnet.hooks import Instruments, InstrumentsFactory
@@ -53,16 +53,6 @@ RUN_FILES = frozenset({
 """What a run folder may hold; anything else (except hidden files and eval-* folders) is someone else's."""
 
 
-def _read_summary(path: Path) -> dict[str, Any] | None:
-    try:
-        s = read_json(path)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {"status": "damaged"}
-    return s if isinstance(s, dict) else {"status": "damaged"}
-
-
 def prepare_out_dir(out_dir: Path, config: dict[str, Any], resume: bool) -> None:
     """Refuse every folder this run must not write into, naming the fix (UserError); nothing is changed.
 
@@ -81,7 +71,7 @@ def prepare_out_dir(out_dir: Path, config: dict[str, Any], resume: bool) -> None
     if foreign and "config.json" not in names and "cell.json" not in names:
         raise UserError(f"{out_dir} holds files that are not a bench run ({', '.join(foreign[:3])}); "
                         "pass a new or empty --out folder.")
-    summary = _read_summary(out_dir / "summary.json") or {}
+    summary = read_summary(out_dir) or {}
     status = summary.get("status")
     if status == "ok":
         raise UserError(f"{out_dir} already holds a finished run; choose a new --out folder.")

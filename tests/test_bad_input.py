@@ -103,6 +103,8 @@ CASES: list[Case] = [
     ("train-out-foreign", lambda t, f: ["--out", str(_write(t / "mine" / "notes.txt", "x").parent)],
      ["train", *TINY], 2, "not a bench run"),
     ("train-init-missing", NONE, ["train", "--out", "{t}/o", *TINY, "--init", "{t}/w.pt"], 2, "does not exist"),
+    ("train-out-torn-summary", lambda t, f: ["--out", str(_torn_summary(t, f))], ["train", *TINY], 2,
+     "summary.json is damaged; add --resume"),
     ("train-resume-corrupt-ckpt", lambda t, f: ["--out", str(_corrupt_run(t, f))], ["train", *TINY, "--resume"], 2,
      "cannot be read as a checkpoint"),
     # ---------------------------------------------------------------- bench eval
@@ -167,6 +169,15 @@ def _overflow(t: Path) -> str:
     big[0, 0] = 1e300
     np.save(root / "train" / "HQ" / "s1.npy", big)
     return str(root)
+
+
+def _torn_summary(t: Path, finished: Path) -> Path:
+    run = t / "torn"
+    run.mkdir()
+    for name in ("config.json", "epochs.jsonl", "env.json", "ckpt.pt"):
+        (run / name).write_bytes((finished / name).read_bytes())
+    (run / "summary.json").write_text('{"status": "runn')
+    return run
 
 
 def _corrupt_run(t: Path, finished: Path) -> Path:

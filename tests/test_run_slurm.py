@@ -17,11 +17,11 @@ from typer.testing import CliRunner
 
 from bench.cmd_run import run_cmd
 from bench.grids import Cell, Grid, standard_factors
-from bench.planning import Overrides, read_summary
+from bench.planning import Overrides
 from bench.processes import run_grid
 from bench.run_slurm import LOG_DIR, plan_for_cluster, run_on_slurm
 from bench.slurm import SlurmOptions, latest_jobs, rendezvous_port
-from bench.store import read_json, read_jsonl
+from bench.store import read_json, read_jsonl, read_summary
 from ddnet.errors import UserError
 from tests.fake_trainer import make_grid, quiet, tiny_base
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bench.store import append_jsonl, read_json, read_jsonl, read_jsonl_checked, rewrite_jsonl, write_json
+from bench.store import (
+    append_jsonl,
+    read_json,
+    read_jsonl,
+    read_jsonl_checked,
+    read_summary,
+    rewrite_jsonl,
+    write_json,
+)
 
 
 def test_json_round_trip_and_non_finite(tmp_path: Path) -> None:
@@ -48,3 +56,14 @@ def test_every_valid_row_is_read_and_bad_lines_are_named(tmp_path):
     assert read_jsonl_checked(path, live=True) == (rows, [2, 4])
     path.write_text('{"epoch": 1}\n{"epoch": 2}\n\n')
     assert read_jsonl_checked(path, live=True) == ([{"epoch": 1}, {"epoch": 2}], [])
+
+
+def test_a_summary_is_none_when_absent_and_damaged_when_unreadable(tmp_path: Path) -> None:
+    assert read_summary(tmp_path) is None
+    write_json(tmp_path / "summary.json", {"status": "ok", "epochs": 3})
+    assert read_summary(tmp_path) == {"status": "ok", "epochs": 3}
+    for text, why in [('{"status": "o', "JSONDecodeError"), ("[1, 2]", "not a JSON object"),
+                      (b"\xff\xfe{}", "UnicodeDecodeError")]:
+        (tmp_path / "summary.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+        s = read_summary(tmp_path)
+        assert s["status"] == "damaged" and why in s["error"] and str(tmp_path) in s["error"], s

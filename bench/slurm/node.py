@@ -21,21 +21,13 @@ from typing import Any
 
 from bench.cell_log import exit_text, log_tail, record_failure
 from bench.slurm.options import CELL_LOCK, RESUME_FLAG, CellJob, _now
-from bench.store import read_json, rewrite_jsonl
+from bench.store import read_summary, rewrite_jsonl
 
 # ------------------------------------------------------------------ the job on the node
 
 
 class CellFailed(RuntimeError):
     """The cell's process did not finish with summary status 'ok' (the array task is marked failed)."""
-
-
-def _summary(folder: Path) -> dict[str, Any] | None:
-    try:
-        s = read_json(folder / "summary.json")
-    except (OSError, ValueError):
-        return None
-    return s if isinstance(s, dict) else None
 
 
 def _child_setup() -> Callable[[], None]:
@@ -212,7 +204,7 @@ class CellCommand:
         """Run the cell here. A multi-node cell runs once per node: node 0 holds the folder (lock, train.log,
         outcome); node k appends its torchrun's output to `train.log.node<k>` and returns its exit code."""
         folder = self.job.path
-        s = _summary(folder)
+        s = read_summary(folder)
         if s is not None and s.get("status") == "ok":
             print(f"{folder}: already finished; nothing to run", flush=True)
             return {"folder": str(folder), "status": "ok", "exit_code": None}
@@ -284,7 +276,7 @@ class CellCommand:
                 return proc.wait()
 
     def _outcome(self, folder: Path, rc: int, log_path: Path) -> dict[str, Any]:
-        s = _summary(folder) or {}
+        s = read_summary(folder) or {}
         if rc == 0 and s.get("status") == "ok":
             return {"folder": str(folder), "status": "ok", "exit_code": 0}
         if rc < 0:
