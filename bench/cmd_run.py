@@ -339,7 +339,17 @@ SLURM_FLAGS = {"partition": "--slurm-partition", "account": "--slurm-account", "
 """`bench.slurm.SlurmOptions` fields as `bench run` spells them (its refusals name the option to fix)."""
 
 
+def slurm_only_given(ctx: typer.Context) -> list[str]:
+    """The options that only apply with `--executor slurm` (--wait, --slurm-*) given on the command line or
+    from the environment, even at their default value, as their first spelling. (click's ParameterSource is
+    compared by name: recent typer vendors its own click, older typer uses the click package.)"""
+    return [p.opts[0] for p in ctx.command.params
+            if p.name is not None and (p.name == "wait" or p.name.startswith("slurm_"))
+            and getattr(ctx.get_parameter_source(p.name), "name", "DEFAULT") != "DEFAULT"]
+
+
 def run_cmd(
+    ctx: typer.Context,
     grid: str = typer.Option(..., "--grid", help="Grid name (see `bench grids`) or path to a grid .py file."),
     out: Path | None = typer.Option(None, "--out", help="Output folder (default results/runs/<grid>)."),
     epochs: int | None = typer.Option(None, "--epochs", help="Override the grid's epoch count."),
@@ -420,13 +430,7 @@ def run_cmd(
             if results is not None:
                 _finish(console, results, out_dir)
             return
-        given = [name for name, value, default in (
-            ("--wait", wait, False), ("--slurm-partition", slurm_partition, None), ("--slurm-account", slurm_account, None),
-            ("--slurm-qos", slurm_qos, None), ("--slurm-time", slurm_time, 240), ("--slurm-gpus-per-node", slurm_gpus, None),
-            ("--slurm-cpus-per-task", slurm_cpus, None), ("--slurm-mem-gb", slurm_mem, None),
-            ("--slurm-array-parallelism", slurm_parallel, None), ("--slurm-extra", list(slurm_extra), []),
-            ("--slurm-setup", list(slurm_setup), []), ("--slurm-cluster", slurm_cluster, "slurm"),
-            ("--slurm-nodes", slurm_nodes, 1)) if value != default]
+        given = slurm_only_given(ctx)
         if given:
             raise UserError(f"{', '.join(given)} only apply with --executor slurm; add it, or drop them.")
         calibrations: dict[tuple[str, str], Calibration] | None = None

@@ -137,6 +137,11 @@ def test_cli_slurm_nodes_is_checked_like_the_other_slurm_options(tmp_path):
     app.command()(run_cmd)
     res = CliRunner().invoke(app, ["--grid", "smoke", "--out", str(tmp_path / "r"), "--slurm-nodes", "2"])
     assert res.exit_code == 2 and "--slurm-nodes only apply with --executor slurm" in res.output
+    # given at its default value is still given (compared with the defaults, these once slipped through)
+    res = CliRunner().invoke(app, ["--grid", "smoke", "--out", str(tmp_path / "r"), "--slurm-time", "240",
+                                   "--wait", "--slurm-cluster", "slurm"])
+    assert res.exit_code == 2, res.output
+    assert "--wait, --slurm-time, --slurm-cluster only apply with --executor slurm" in res.output
     res = CliRunner().invoke(app, ["--grid", "smoke", "--out", str(tmp_path / "r"), "--executor", "slurm",
                                    "--slurm-nodes", "2", "--slurm-cluster", "local"])
     assert res.exit_code == 2 and "--slurm-nodes=2 needs cluster='slurm'" in res.output
