@@ -434,7 +434,8 @@ class GridClock:
     def _current_left(self, now: float) -> float | None:
         est = self.plan.cells.get(self.current or "")
         rows = [r for r in self.rows if isinstance(r.get("time_s"), int | float)]
-        steady = [r for i, r in enumerate(rows) if r.get("warmup") is False or ("warmup" not in r and i > 0)]
+        # the trainer flags every row; an unflagged one follows is_warmup's default (1 warm-up epoch)
+        steady = [r for r in rows if not is_warmup(r, {})]
         if steady:
             live = statistics.median(_wall(r) for r in steady if epoch_phase(r) == epoch_phase(steady[-1]))
             return max(0, self.epochs - len(rows)) * live

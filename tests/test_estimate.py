@@ -313,6 +313,9 @@ def test_grid_clock_counts_finished_cells_as_measured_and_follows_the_running_on
     row = {"time_s": 2.0, "val_time_s": 0.5}
     clock.cell_progress([{**row, "warmup": True}, {**row, "warmup": False}], 4)
     assert clock.remaining(106.0) == (2 * 2.5 + 20.0, 1)  # its own steady epochs now; the data is made
+    # rows without a warm-up flag follow bench.store.is_warmup: epoch 1 is the warm-up, epoch 2 is steady
+    clock.cell_progress([{**row, "epoch": 1, "time_s": 9.0}, {**row, "epoch": 2, "time_s": 3.0}], 4)
+    assert clock.remaining(106.0) == (2 * 3.5 + 20.0, 1)
     clock.cell_finished("a")  # took 30 s, not 10: the elapsed time says so, and a is out of the remaining
     assert clock.remaining(130.0) == (20.0, 1) and clock.text(130.0).startswith("elapsed 30.0 s, ~20.0 s left")
     clock.plan = plan_of(a=0.0, b=25.0, c=8.0)  # run_grid's refresh: a finished cell measured c's config
