@@ -61,13 +61,19 @@ class Dist:
                 "node": self.node, "host": self.host}
 
 
+def gather(value: Any, dist: Dist) -> list[tuple[Any, dict[str, Any]]]:
+    """Every rank's (value, place), in rank order, on every rank (a pickled all-gather; no collective alone)."""
+    if dist.world == 1:
+        return [(value, dist.record())]
+    gathered: list[Any] = [None] * dist.world
+    torch_dist.all_gather_object(gathered, (value, dist.record()))
+    return gathered
+
+
 def agree(refusal: str | None, dist: Dist) -> tuple[str | None, list[dict[str, Any]]]:
     """Every rank's refusal (None: none) and place, gathered on every rank: the first refusal, named by its
     rank and host, becomes every rank's, so all raise it together instead of some waiting in a collective."""
-    if dist.world == 1:
-        return refusal, [dist.record()]
-    gathered: list[Any] = [None] * dist.world
-    torch_dist.all_gather_object(gathered, (refusal, dist.record()))
+    gathered = gather(refusal, dist)
     first = next(((r, p) for r, p in gathered if r is not None), None)
     if first is not None:
         refusal = first[0] if first[1]["rank"] == 0 else f"rank {first[1]['rank']} on {first[1]['host']}: {first[0]}"

@@ -41,7 +41,7 @@ from ddnet.loaders import DeviceLoader, HostLoader, stage_on_device
 from ddnet.loss import DDNetLoss
 from ddnet.model import DDNet
 from ddnet.optim import GraphedStep, StepParts, build_step, make_optimizer, setup_precision
-from ddnet.replicas import Dist, agree, from_main
+from ddnet.replicas import Dist, agree, from_main, gather
 from ddnet.run_summary import ddp_records, run_summary
 from ddnet.sparsity import AutoSwitch, Masks, conform_to_state_dict_, count_flops, measure_sparsity, sparsify_
 from ddnet.validation import input_quality, validate
@@ -378,17 +378,13 @@ class Run:
         """
         if self._resumes is not None:
             return self._resumes
-        here = (self.out / "ckpt.pt").exists()
-        if self.dist.world > 1:
-            seen: list[Any] = [None] * self.dist.world
-            torch_dist.all_gather_object(seen, (here, self.dist.record()))
-            if seen[0][0] and not all(h for h, _ in seen):
-                blind = ", ".join(f"rank {p['rank']} on {p['host']}" for h, p in seen if not h)
-                raise UserError(f"--resume: {blind} cannot see {self.out / 'ckpt.pt'}, which every rank reads "
-                                "to resume; put --out on a filesystem all nodes mount.")
-            here = bool(seen[0][0])
-        self._resumes = here
-        return here
+        seen = gather((self.out / "ckpt.pt").exists(), self.dist)
+        if seen[0][0] and not all(h for h, _ in seen):
+            blind = ", ".join(f"rank {p['rank']} on {p['host']}" for h, p in seen if not h)
+            raise UserError(f"--resume: {blind} cannot see {self.out / 'ckpt.pt'}, which every rank reads "
+                            "to resume; put --out on a filesystem all nodes mount.")
+        self._resumes = bool(seen[0][0])
+        return self._resumes
 
     def _measured_sparsity(self) -> float:
         """Counted zeros of prunable weights (masked), or the fraction of parameters removed (structural)."""
