@@ -51,6 +51,12 @@ def test_data_grid_report_and_summary_on_a_cpu(tmp_path: Path) -> None:
     assert "./summary.txt" in names and "./data.log" in names and "./report/report.md" in names and "./gpu-check.log" in names
     assert sum(n.endswith("/summary.json") for n in names) == 32
     assert not [n for n in names if n.endswith((".pt", "trace.json")) or n.startswith("./data/")]
+    # the verdict step on this CPU folder: issue 10 not met, since every gpu test and cuda-graph cell skipped
+    res = gpu_check(out, GPU_CHECK_STEPS="verdict", GPU_CHECK_BUDGET_S="60", timeout=120)
+    assert res.returncode == 1 and "  verdict  FAILED, exit 1" in res.stdout, res.stdout[-2000:]
+    verdict = (out / "verdict.txt").read_text()
+    assert re.search(r"pytest -m gpu +FAIL +0 passed, 0 failed, 0 errors, \d+ skipped \(skipped: ", verdict)
+    assert "cuda-graph cells   FAIL  0 of 16 ok (" in verdict and verdict.endswith("fig9b)\n")
 
 
 def test_a_spent_budget_skips_the_steps_and_fails(tmp_path: Path) -> None:
