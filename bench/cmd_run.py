@@ -373,6 +373,10 @@ def run_cmd(
     cell_timeout: float | None = typer.Option(None, "--cell-timeout", min=1,
                                               help="Stop a cell after this many seconds and record it as failed "
                                                    "(default: no limit)."),
+    stall_timeout: float | None = typer.Option(None, "--stall-timeout", min=0,
+                                               help="Stop a cell that writes no new epoch for this many seconds "
+                                                    "(once it has written one) and record it as failed; 0: never "
+                                                    "(default: 10x its slowest epoch, at least 30 min)."),
     executor: str = typer.Option("local", "--executor",
                                  help="local: the cells run here, one after another; slurm: each cell is a "
                                       "Slurm array task (submitted now; re-run to resubmit dead ones)."),
@@ -411,9 +415,9 @@ def run_cmd(
         if executor not in ("local", "slurm"):
             raise UserError(f"--executor {executor!r}: choose local (cells run here) or slurm (each cell a job).")
         if executor == "slurm":
-            if calibrate_ or cell_timeout is not None:
-                raise UserError("--calibrate and --cell-timeout run here, not on Slurm; drop them (a job's limit "
-                                "is --slurm-time).")
+            if calibrate_ or cell_timeout is not None or stall_timeout is not None:
+                raise UserError("--calibrate, --cell-timeout and --stall-timeout run here, not on Slurm; drop them "
+                                "(a job's limit is --slurm-time).")
             try:
                 options = SlurmOptions(partition=slurm_partition, account=slurm_account, qos=slurm_qos,
                                        time_min=slurm_time, gpus_per_node=slurm_gpus, cpus_per_task=slurm_cpus,
@@ -450,8 +454,8 @@ def run_cmd(
 
         try:
             results = run_grid(g, out_dir, overrides, repeats, resume, retry_failed, console=console,
-                               cell_timeout_s=cell_timeout, on_plan=show_plan, calibrations=calibrations,
-                               estimate_from=also)
+                               cell_timeout_s=cell_timeout, stall_timeout_s=stall_timeout, on_plan=show_plan,
+                               calibrations=calibrations, estimate_from=also)
         except KeyboardInterrupt:
             console.print(f"interrupted; run the same command again to resume the grid in {out_dir}.",
                           markup=False, highlight=False)

@@ -4,8 +4,9 @@ Each cell runs `python -m bench.cli train --config <cell>/config.request.json
 --out <cell> [--resume]`, its output in `<cell>/train.log`. Re-running into the
 same folder resumes: finished cells are left alone, unfinished ones continue from
 their checkpoint, failed ones stay failed unless `--retry-failed`; nothing
-written is overwritten. A failing cell is recorded and the grid goes on. Ctrl-C
-or SIGTERM stops the running cell and leaves it resumable, not failed.
+written is overwritten. A failing cell is recorded and the grid goes on, as is one
+that stops making progress (`stall_limit_s`: no new epoch for 10x its slowest, at
+least 30 min). Ctrl-C or SIGTERM stops the running cell and leaves it resumable, not failed.
 
 Each launch is appended to `<cell>/launches.jsonl` (for `bench.estimate`); the display
 shows the grid's elapsed and remaining time (`GridClock`), re-estimated as cells finish.
@@ -41,7 +42,7 @@ from bench.planning import (
     prepare_cell,
     prepare_out,
 )
-from bench.store import append_jsonl, read_jsonl, read_summary, rewrite_jsonl
+from bench.store import append_jsonl, epoch_wall, read_jsonl, read_summary, rewrite_jsonl
 from ddnet.errors import UserError
 
 TRAIN_COMMAND: tuple[str, ...] = (sys.executable, "-m", "bench.cli", "train")
@@ -49,6 +50,10 @@ TRAIN_COMMAND: tuple[str, ...] = (sys.executable, "-m", "bench.cli", "train")
 
 POLL_S = 0.5
 """How often the runner looks at the running cell's epochs.jsonl."""
+STALL_FLOOR_S = 1800.0
+STALL_FACTOR = 10.0
+"""A cell that writes no new epoch for max(STALL_FLOOR_S, STALL_FACTOR x its slowest epoch) is taken for hung
+(`stall_limit_s`): a stuck GPU or collective must not hold an overnight grid forever."""
 
 
 # ------------------------------------------------------------------ one cell
@@ -151,6 +156,21 @@ def _stop_child(proc: subprocess.Popen) -> None:
             continue
 
 
+def stall_limit_s(rows: list[dict[str, Any]], since: int, setting: float | None = None) -> float | None:
+    """Seconds a running cell may go without a new epoch row before it is stopped as hung; None: not armed.
+
+    Armed once this launch has written a row (more than the `since` rows it started with): before that it
+    loads data, builds, compiles or captures, with nothing measured to compare against. `setting` 0 turns
+    the watch off and a positive one is the limit; None (the default) is max(STALL_FLOOR_S, STALL_FACTOR x
+    the slowest epoch so far, validation, capture and pruning included).
+    """
+    if setting == 0 or len(rows) <= since:
+        return None
+    if setting is not None:
+        return setting
+    return max(STALL_FLOOR_S, STALL_FACTOR * max(epoch_wall(r) for r in rows))
+
+
 def run_cell(
     p: PlannedCell,
     out: Path,
@@ -160,11 +180,13 @@ def run_cell(
     command: Sequence[str] = TRAIN_COMMAND,
     retry_failed: bool = False,
     timeout_s: float | None = None,
+    stall_timeout_s: float | None = None,
 ) -> CellResult:
     """Run (or skip, or reuse) one planned cell; never overwrites a finished result.
 
     `timeout_s`: stop the cell's process after this many seconds and record it as failed
-    (resumable later with --retry-failed, from its last checkpoint).
+    (resumable later with --retry-failed, from its last checkpoint). Likewise when it writes no
+    new epoch for `stall_limit_s(rows, ..., stall_timeout_s)` seconds (None: the default limit).
     """
     cell_dir = out / p.folder
     s = read_summary(cell_dir)
@@ -201,22 +223,25 @@ def run_cell(
             argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             preexec_fn=_die_with_parent_hook(),
         )
-        started = time.monotonic()
-        timed_out = False
+        started = progress_t = time.monotonic()
+        timed_out, stalled, limit = False, None, None
         try:
             seen = -1
             while True:
                 rows = read_jsonl(cell_dir / "epochs.jsonl")
                 if len(rows) != seen:
-                    seen = len(rows)
+                    seen, progress_t = len(rows), time.monotonic()
+                    limit = stall_limit_s(rows, epochs_before, stall_timeout_s)
                     display.epoch(rows, p.config.epochs)
                 display.tick()
                 try:
                     proc.wait(timeout=POLL_S)  # returns as soon as the cell ends
                     break
                 except subprocess.TimeoutExpired:
-                    if timeout_s is not None and time.monotonic() - started > timeout_s:
-                        timed_out = True
+                    now = time.monotonic()
+                    timed_out = timeout_s is not None and now - started > timeout_s
+                    stalled = limit if limit is not None and now - progress_t > limit else None
+                    if timed_out or stalled is not None:
                         _stop_child(proc)
                         break
         except (KeyboardInterrupt, _Interrupted):
@@ -229,6 +254,7 @@ def run_cell(
     s = read_summary(cell_dir) or {}
     append_jsonl(cell_dir / LAUNCHES, {  # what bench.estimate needs to tell the start-up from the epochs
         "started_utc": stamp, "wall_s": wall_s, "exit_code": rc, "resume": resume, "timed_out": timed_out,
+        "stalled": stalled is not None,
         "epochs_before": epochs_before, "epochs_after": len(rows), "data_load_s": s.get("data_load_s"),
         "data_cache": s.get("data_cache")})
     action = "resumed" if resume else "ran"
@@ -238,6 +264,9 @@ def run_cell(
     tail = log_tail(log_path)
     # the process may have died without recording its failure (crash, kill, user error): recorded here
     why = f"was stopped after the --cell-timeout of {timeout_s:g} s" if timed_out else None
+    if stalled is not None:
+        why = (f"wrote no new epoch for {stalled:g} s after epoch {len(rows)} and was stopped as hung "
+               "(--stall-timeout; --retry-failed resumes it)")
     s = record_failure(cell_dir, s, rc, tail, why)
     display.failure(p.folder, tail, log_path)
     return result_from_summary(p, s, action)
@@ -377,6 +406,7 @@ def run_grid(
     command: Sequence[str] = TRAIN_COMMAND,
     console: Console | None = None,
     cell_timeout_s: float | None = None,
+    stall_timeout_s: float | None = None,
     on_plan: Callable[[list[PlannedCell], list[str], PlanEstimate], None] | None = None,
     calibrations: dict[tuple[str, str], Calibration] | None = None,
     estimate_from: Sequence[Path] = (),
@@ -415,7 +445,7 @@ def run_grid(
                     clock.cell_started(folder, time.monotonic())
                     display.start(i, by_folder[folder])
                     r = run_cell(by_folder[folder], out, grid.name, version, display, command, retry_failed,
-                                 cell_timeout_s)
+                                 cell_timeout_s, stall_timeout_s)
                     clock.cell_finished(folder)
                     if r.action != "reused":  # a new measurement: better estimates for the cells to come
                         clock.plan = estimate() or clock.plan

@@ -157,3 +157,8 @@ def _seconds(v: Any) -> float:
 def epoch_cost(row: dict[str, Any]) -> float:
     """Training time an epoch cost: its timed part plus graph capture and pruning done in it."""
     return _seconds(row.get("time_s")) + _seconds(row.get("capture_time_s")) + _seconds(row.get("prune_time_s"))
+
+
+def epoch_wall(row: dict[str, Any]) -> float:
+    """An epoch's wall time as its row records it: `epoch_cost` plus its validation."""
+    return epoch_cost(row) + _seconds(row.get("val_time_s"))

@@ -17,8 +17,8 @@ from ddnet.config import DataConfig, ModelConfig, TrainConfig
 # A stand-in for `bench train` with the same folder contract: epochs.jsonl rows, a JSON "ckpt.pt"
 # written after each row, summary.json; --resume drops rows past the checkpoint. It logs each
 # launch to $FAKE_CALLS, crashes without a summary when its folder name contains $FAKE_CRASH,
-# records a failed run (as a NaN loss would) at epoch 1 when it contains $FAKE_FAIL, and sleeps
-# $FAKE_EPOCH_S per epoch.
+# records a failed run (as a NaN loss would) at epoch 1 when it contains $FAKE_FAIL, hangs (a stuck
+# GPU, say) in epoch 2 when it contains $FAKE_HANG, and sleeps $FAKE_EPOCH_S per epoch.
 FAKE_TRAIN = r'''
 import json, os, sys, time
 from pathlib import Path
@@ -47,6 +47,8 @@ for e in range(start + 1, cfg["epochs"] + 1):
     time.sleep(float(os.environ.get("FAKE_EPOCH_S", "0")))
     if os.environ.get("FAKE_CRASH") and os.environ["FAKE_CRASH"] in out.name and e == 2:
         print("segfault-like crash"); sys.stdout.flush(); os._exit(9)
+    if os.environ.get("FAKE_HANG") and os.environ["FAKE_HANG"] in out.name and e == 2:
+        time.sleep(3600)
     if os.environ.get("FAKE_FAIL") and os.environ["FAKE_FAIL"] in out.name and e == 1:
         put(summ, json.dumps({"status": "failed", "error": f"train loss became nan at epoch {e}",
                                     "epochs_completed": e - 1}))

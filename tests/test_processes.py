@@ -24,7 +24,7 @@ from bench import planning
 from bench.cell_log import LAUNCHES
 from bench.estimate import machine_fingerprint
 from bench.planning import Overrides, code_version, plan_grid
-from bench.processes import run_grid
+from bench.processes import STALL_FACTOR, STALL_FLOOR_S, run_grid, stall_limit_s
 from bench.store import read_json, read_jsonl, write_json
 from ddnet.config import TrainConfig
 from ddnet.errors import UserError
@@ -115,6 +115,38 @@ def test_failed_and_crashed_cells_are_recorded_and_the_grid_goes_on(tmp_path, fa
     assert [r.status for r in retried] == ["ok", "failed", "ok", "ok"]
     assert launched()[-1] == {"folder": results[2].folder, "resume": True}
     assert [r["epoch"] for r in read_jsonl(out / results[2].folder / "epochs.jsonl")] == [1, 2]
+
+
+def test_a_hung_cell_is_stopped_after_its_stall_limit_and_the_grid_goes_on(tmp_path, fake, monkeypatch):
+    cmd, launched = fake
+    monkeypatch.setenv("FAKE_HANG", "c0-")  # c0 hangs in epoch 2, after one row
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    results = run_grid(make_grid(2), out, Overrides(epochs=3), command=cmd, console=quiet(), stall_timeout_s=1.0)
+    assert time.monotonic() - t0 < 60  # not the hour it sleeps
+    assert [r.status for r in results] == ["failed", "ok"]
+    s = read_json(out / results[0].folder / "summary.json")
+    assert s["error"].startswith("cell process wrote no new epoch for 1 s after epoch 1 and was stopped as hung")
+    assert s["epochs_completed"] == 1
+    assert read_jsonl(out / results[0].folder / "launches.jsonl")[-1]["stalled"] is True
+    assert read_jsonl(out / results[1].folder / "launches.jsonl")[-1]["stalled"] is False
+    monkeypatch.delenv("FAKE_HANG")
+    retried = run_grid(make_grid(2), out, Overrides(epochs=3), command=cmd, console=quiet(), retry_failed=True)
+    assert [r.status for r in retried] == ["ok", "ok"] and launched()[-1] == {"folder": results[0].folder,
+                                                                              "resume": True}
+    assert [r["epoch"] for r in read_jsonl(out / results[0].folder / "epochs.jsonl")] == [1, 2, 3]
+
+
+def test_the_stall_limit_is_armed_by_the_launchs_first_epoch_and_scales_with_the_slowest():
+    rows = [{"time_s": 2.0, "val_time_s": 1.0}, {"time_s": 100.0, "capture_time_s": 50.0, "val_time_s": 30.0},
+            {"time_s": 1.0}]
+    assert stall_limit_s([], 0) is None  # loading, building, compiling: nothing to compare with yet
+    assert stall_limit_s(rows, 3) is None  # a resume: the rows it started with do not arm it
+    assert stall_limit_s(rows[:1], 0) == STALL_FLOOR_S  # 10 x 3 s is below the floor
+    assert stall_limit_s(rows, 2) == STALL_FACTOR * 180.0 == 1800.0
+    assert stall_limit_s([*rows, {"time_s": 400.0}], 0) == 4000.0
+    assert stall_limit_s(rows, 0, setting=5.0) == 5.0
+    assert stall_limit_s(rows, 0, setting=0) is None  # --stall-timeout 0: never
 
 
 def test_a_cell_past_its_timeout_is_stopped_recorded_and_resumable(tmp_path, fake, monkeypatch):
