@@ -1,8 +1,10 @@
-"""A cell's train.log read back, and the failure recorded for a cell process that ended without recording one.
+"""A cell's train.log read back, the failure recorded for a cell process that ended without recording one,
+and when a cell counts as hung.
 
 Both executors start the same `bench train` command into the same folder (the local runner,
-`bench.processes`; a Slurm node, `bench.slurm.node`), and both record the same failure when
-it ends badly without saying why in its summary.json.
+`bench.processes`; a Slurm node, `bench.slurm.node`), both stop it when it writes no new epoch
+for its stall limit, and both record the same failure when it ends badly without saying why in
+its summary.json.
 """
 
 from __future__ import annotations
@@ -11,10 +13,15 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from bench.store import read_jsonl, write_json
+from bench.store import epoch_wall, read_jsonl, write_json
 
 LAUNCHES = "launches.jsonl"
 """Per cell folder: one row per `bench train` process the runner started (wall time, epochs before/after)."""
+
+STALL_FLOOR_S = 1800.0
+STALL_FACTOR = 10.0
+"""A cell that writes no new epoch for max(STALL_FLOOR_S, STALL_FACTOR x its slowest epoch) is taken for hung
+(`stall_limit_s`): a stuck GPU or collective must not hold an overnight grid, or a node, forever."""
 
 LOG_TAIL_LINES = 20
 """Lines of a failed cell's train.log shown to the user and stored in its summary."""
@@ -67,3 +74,24 @@ def record_failure(cell_dir: Path, summary: dict[str, Any], rc: int, tail: list[
     }
     write_json(cell_dir / "summary.json", record)
     return record
+
+
+def stall_limit_s(rows: list[dict[str, Any]], since: int, setting: float | None = None) -> float | None:
+    """Seconds a running cell may go without a new epoch row before it is stopped as hung; None: not armed.
+
+    Armed once this launch has written a row (more than the `since` rows it started with): before that it
+    loads data, builds, compiles or captures, with nothing measured to compare against. `setting` 0 turns
+    the watch off and a positive one is the limit; None (the default) is max(STALL_FLOOR_S, STALL_FACTOR x
+    the slowest epoch so far, validation, capture and pruning included).
+    """
+    if setting == 0 or len(rows) <= since:
+        return None
+    if setting is not None:
+        return setting
+    return max(STALL_FLOOR_S, STALL_FACTOR * max(epoch_wall(r) for r in rows))
+
+
+def stall_error(limit_s: float, epochs: int) -> str:
+    """Why a hung cell was stopped (the error both runners record)."""
+    return (f"wrote no new epoch for {limit_s:g} s after epoch {epochs} and was stopped as hung "
+            "(--stall-timeout; --retry-failed resumes it)")

@@ -335,7 +335,8 @@ SLURM_FLAGS = {"partition": "--slurm-partition", "account": "--slurm-account", "
                "time_min": "--slurm-time", "gpus_per_node": "--slurm-gpus-per-node",
                "cpus_per_task": "--slurm-cpus-per-task", "mem_gb": "--slurm-mem-gb",
                "array_parallelism": "--slurm-array-parallelism", "extra_sbatch": "--slurm-extra",
-               "setup": "--slurm-setup", "cluster": "--slurm-cluster", "nodes": "--slurm-nodes"}
+               "setup": "--slurm-setup", "cluster": "--slurm-cluster", "nodes": "--slurm-nodes",
+               "stall_timeout_s": "--stall-timeout"}
 """`bench.slurm.SlurmOptions` fields as `bench run` spells them (its refusals name the option to fix)."""
 
 
@@ -415,15 +416,15 @@ def run_cmd(
         if executor not in ("local", "slurm"):
             raise UserError(f"--executor {executor!r}: choose local (cells run here) or slurm (each cell a job).")
         if executor == "slurm":
-            if calibrate_ or cell_timeout is not None or stall_timeout is not None:
-                raise UserError("--calibrate, --cell-timeout and --stall-timeout run here, not on Slurm; drop them "
-                                "(a job's limit is --slurm-time).")
+            if calibrate_ or cell_timeout is not None:
+                raise UserError("--calibrate and --cell-timeout run here, not on Slurm; drop them (a job's limit "
+                                "is --slurm-time).")
             try:
                 options = SlurmOptions(partition=slurm_partition, account=slurm_account, qos=slurm_qos,
                                        time_min=slurm_time, gpus_per_node=slurm_gpus, cpus_per_task=slurm_cpus,
                                        mem_gb=slurm_mem, array_parallelism=slurm_parallel,
                                        extra_sbatch=list(slurm_extra), setup=list(slurm_setup), cluster=slurm_cluster,
-                                       nodes=slurm_nodes)
+                                       nodes=slurm_nodes, stall_timeout_s=stall_timeout)
             except UserError as e:  # name the command-line option, not the API field
                 msg = str(e)
                 for field, flag in SLURM_FLAGS.items():

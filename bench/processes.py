@@ -5,8 +5,8 @@ Each cell runs `python -m bench.cli train --config <cell>/config.request.json
 same folder resumes: finished cells are left alone, unfinished ones continue from
 their checkpoint, failed ones stay failed unless `--retry-failed`; nothing
 written is overwritten. A failing cell is recorded and the grid goes on, as is one
-that stops making progress (`stall_limit_s`: no new epoch for 10x its slowest, at
-least 30 min). Ctrl-C or SIGTERM stops the running cell and leaves it resumable, not failed.
+that stops making progress (`bench.cell_log.stall_limit_s`: no new epoch for 10x its
+slowest, at least 30 min). Ctrl-C or SIGTERM stops the running cell and leaves it resumable, not failed.
 
 Each launch is appended to `<cell>/launches.jsonl` (for `bench.estimate`); the display
 shows the grid's elapsed and remaining time (`GridClock`), re-estimated as cells finish.
@@ -30,7 +30,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bench.cell_log import LAUNCHES, log_tail, record_failure
+from bench.cell_log import LAUNCHES, log_tail, record_failure, stall_error, stall_limit_s
 from bench.estimate import Calibration, GridClock, PlanEstimate, estimate_plan
 from bench.grids import Grid
 from bench.planning import (
@@ -42,7 +42,7 @@ from bench.planning import (
     prepare_cell,
     prepare_out,
 )
-from bench.store import append_jsonl, epoch_wall, read_jsonl, read_summary, rewrite_jsonl
+from bench.store import append_jsonl, read_jsonl, read_summary, rewrite_jsonl
 from ddnet.errors import UserError
 
 TRAIN_COMMAND: tuple[str, ...] = (sys.executable, "-m", "bench.cli", "train")
@@ -50,11 +50,6 @@ TRAIN_COMMAND: tuple[str, ...] = (sys.executable, "-m", "bench.cli", "train")
 
 POLL_S = 0.5
 """How often the runner looks at the running cell's epochs.jsonl."""
-STALL_FLOOR_S = 1800.0
-STALL_FACTOR = 10.0
-"""A cell that writes no new epoch for max(STALL_FLOOR_S, STALL_FACTOR x its slowest epoch) is taken for hung
-(`stall_limit_s`): a stuck GPU or collective must not hold an overnight grid forever."""
-
 
 # ------------------------------------------------------------------ one cell
 
@@ -156,21 +151,6 @@ def _stop_child(proc: subprocess.Popen) -> None:
             continue
 
 
-def stall_limit_s(rows: list[dict[str, Any]], since: int, setting: float | None = None) -> float | None:
-    """Seconds a running cell may go without a new epoch row before it is stopped as hung; None: not armed.
-
-    Armed once this launch has written a row (more than the `since` rows it started with): before that it
-    loads data, builds, compiles or captures, with nothing measured to compare against. `setting` 0 turns
-    the watch off and a positive one is the limit; None (the default) is max(STALL_FLOOR_S, STALL_FACTOR x
-    the slowest epoch so far, validation, capture and pruning included).
-    """
-    if setting == 0 or len(rows) <= since:
-        return None
-    if setting is not None:
-        return setting
-    return max(STALL_FLOOR_S, STALL_FACTOR * max(epoch_wall(r) for r in rows))
-
-
 def run_cell(
     p: PlannedCell,
     out: Path,
@@ -242,6 +222,11 @@ def run_cell(
                     timed_out = timeout_s is not None and now - started > timeout_s
                     stalled = limit if limit is not None and now - progress_t > limit else None
                     if timed_out or stalled is not None:
+                        why = (stall_error(stalled, len(rows)) if stalled is not None
+                               else f"ran past the --cell-timeout of {timeout_s:g} s and was stopped")
+                        log.write(f"=== bench run {datetime.now(timezone.utc).isoformat(timespec='seconds')}: "
+                                  f"the cell {why}\n")
+                        log.flush()
                         _stop_child(proc)
                         break
         except (KeyboardInterrupt, _Interrupted):
@@ -265,8 +250,7 @@ def run_cell(
     # the process may have died without recording its failure (crash, kill, user error): recorded here
     why = f"was stopped after the --cell-timeout of {timeout_s:g} s" if timed_out else None
     if stalled is not None:
-        why = (f"wrote no new epoch for {stalled:g} s after epoch {len(rows)} and was stopped as hung "
-               "(--stall-timeout; --retry-failed resumes it)")
+        why = stall_error(stalled, len(rows))
     s = record_failure(cell_dir, s, rc, tail, why)
     display.failure(p.folder, tail, log_path)
     return result_from_summary(p, s, action)

@@ -75,16 +75,17 @@ def plan_for_cluster(grid: Grid, overrides: Overrides, repeats: int, options: Sl
     return [p if p.config.device == "cpu" else replace(p, skip_reason=p.cell.skip_reason) for p in planned]
 
 
-def cell_job(p: PlannedCell, out: Path, command: Sequence[str] = TRAIN_COMMAND, nodes: int = 1) -> CellJob:
+def cell_job(p: PlannedCell, out: Path, command: Sequence[str], options: SlurmOptions) -> CellJob:
     """The array task of one cell: the local runner's command; one GPU per replica unless it runs on CPUs.
 
-    On `nodes` > 1 the cell's replicas (its nproc, the DDP world) are split evenly over the nodes: its
-    config, folder and global batch are those of the same cell on one node; only the placement differs.
+    On `options.nodes` > 1 the cell's replicas (its nproc, the DDP world) are split evenly over the nodes:
+    its config, folder and global batch are those of the same cell on one node; only the placement differs.
     """
     cell_dir = out / p.folder
     argv = [*command, "--config", str(cell_dir / "config.request.json"), "--out", str(cell_dir)]
     gpus = 0 if p.config.device == "cpu" else p.config.nproc
-    return CellJob(folder=cell_dir, argv=argv, nproc=gpus, nodes=nodes, replicas=p.config.nproc)
+    return CellJob(folder=cell_dir, argv=argv, nproc=gpus, nodes=options.nodes, replicas=p.config.nproc,
+                   stall_timeout_s=options.stall_timeout_s)
 
 
 def _statuses(planned: list[PlannedCell], order: list[str], out: Path) -> dict[str, str | None]:
@@ -140,7 +141,7 @@ def run_on_slurm(
     log_dir = out / LOG_DIR
     for p in planned:  # refuse a cell that cannot be split over the nodes before anything is written
         if not p.skip_reason:
-            cell_job(p, out, command, options.nodes)
+            cell_job(p, out, command, options)
 
     if dry_run:
         order = dry_run_order(planned, seed, out)
@@ -149,7 +150,7 @@ def run_on_slurm(
         decisions = submission_decisions(statuses, recorded, states(list(latest_jobs(recorded).values())),
                                          retry_failed)
         console.print(_decision_table(decisions, {}, f"grid '{grid.name}' on Slurm: {len(order)} cells -> {out}"))
-        jobs = [cell_job(by_folder[f], out, command, options.nodes) for f in pending_cells(decisions)]
+        jobs = [cell_job(by_folder[f], out, command, options) for f in pending_cells(decisions)]
         if jobs:
             console.print(sbatch_preview(jobs, options, log_dir), markup=False, highlight=False)
         console.print(f"dry run: {len(jobs)} cell(s) would be submitted; nothing was written.",
@@ -165,7 +166,7 @@ def run_on_slurm(
         decisions = submission_decisions(statuses, record, states(list(latest_jobs(record).values())),
                                          retry_failed)
         to_submit = pending_cells(decisions)
-        jobs = [cell_job(by_folder[f], out, command, options.nodes) for f in to_submit]
+        jobs = [cell_job(by_folder[f], out, command, options) for f in to_submit]
         submitted = submit_jobs(jobs, options, log_dir, executor_factory)
         ids = {f: str(j.job_id) for f, j in zip(to_submit, submitted, strict=True)}
         if ids:

@@ -137,8 +137,6 @@ CASES: list[Case] = [
      "only apply with --executor slurm"),
     ("run-slurm-calibrate", NONE, ["run", "--grid", "smoke", "--out", "{t}/r", "--executor", "slurm",
                                    "--calibrate"], 2, "--slurm-time"),
-    ("run-slurm-stall", NONE, ["run", "--grid", "smoke", "--out", "{t}/r", "--executor", "slurm",
-                               "--stall-timeout", "600"], 2, "--stall-timeout run here, not on Slurm"),
     ("run-stall-negative", NONE, ["run", "--grid", "smoke", "--out", "{t}/r", "--stall-timeout", "-1"], 2,
      "--stall-timeout"),
     ("run-slurm-partition", NONE, ["run", "--grid", "smoke", "--out", "{t}/r", "--executor", "slurm",

@@ -21,10 +21,10 @@ import pytest
 from rich.console import Console
 
 from bench import planning
-from bench.cell_log import LAUNCHES
+from bench.cell_log import LAUNCHES, STALL_FACTOR, STALL_FLOOR_S, stall_limit_s
 from bench.estimate import machine_fingerprint
 from bench.planning import Overrides, code_version, plan_grid
-from bench.processes import STALL_FACTOR, STALL_FLOOR_S, run_grid, stall_limit_s
+from bench.processes import run_grid
 from bench.store import read_json, read_jsonl, write_json
 from ddnet.config import TrainConfig
 from ddnet.errors import UserError
@@ -159,6 +159,8 @@ def test_a_cell_past_its_timeout_is_stopped_recorded_and_resumable(tmp_path, fak
     assert [r.status for r in results] == ["failed", "failed"]
     s = read_json(out / results[0].folder / "summary.json")
     assert "--cell-timeout of 1.5 s" in s["error"] and 1 <= s["epochs_completed"] < 50
+    assert "the cell ran past the --cell-timeout of 1.5 s and was stopped" in (
+        out / results[0].folder / "train.log").read_text()
     monkeypatch.setenv("FAKE_EPOCH_S", "0")
     retried = run_grid(make_grid(2), out, Overrides(epochs=50), command=cmd, console=quiet(), retry_failed=True)
     assert [r.status for r in retried] == ["ok", "ok"] and launched()[-1]["resume"] is True

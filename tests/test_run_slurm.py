@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,24 @@ def test_slurm_executor_fills_the_same_folders_as_the_local_runner(tmp_path, fak
     submitted = latest_jobs(record)
     assert sorted(submitted) == sorted(r.folder for r in local if r.status != "skipped")  # never the skipped cell
     assert (tmp_path / "slurm" / LOG_DIR).is_dir()
+
+
+def test_a_hung_cell_is_stopped_and_recorded_alike_by_both_runners(tmp_path, fake, monkeypatch):
+    command, _ = fake
+    monkeypatch.setenv("FAKE_HANG", "c0-")  # c0 hangs in its second epoch
+    grid = make_grid(2)
+    local = run_grid(grid, tmp_path / "local", command=command, console=quiet(), stall_timeout_s=1.0)
+    results = run_on_slurm(grid, tmp_path / "slurm", replace(LOCAL, stall_timeout_s=1.0), wait=True,
+                           console=quiet(), command=command, states=_no_slurm)
+    assert [r.status for r in local] == [r.status for r in results] == ["failed", "ok"]
+    for r in local:  # the same folders; the log tails differ only by each launcher's header line
+        slurm, here = _folder_record(tmp_path / "slurm" / r.folder), _folder_record(tmp_path / "local" / r.folder)
+        for rec in (slurm, here):
+            tail = rec["summary.json"].pop("log_tail", [])
+            assert ("stopped as hung" in "\n".join(tail)) == (r.status == "failed")
+        assert slurm == here
+    error = read_json(tmp_path / "slurm" / local[0].folder / "summary.json")["error"]
+    assert error.startswith("cell process wrote no new epoch for 1 s after epoch 1 and was stopped as hung")
 
 
 def test_a_rerun_submits_only_what_is_unfinished_and_retries_failed_cells_from_their_checkpoint(

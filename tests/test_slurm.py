@@ -8,6 +8,7 @@ No cluster: submitit's LocalExecutor runs the array tasks as real processes on t
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -48,7 +49,7 @@ from ddnet.errors import UserError
 # A stand-in for `bench train`: epochs.jsonl rows, a JSON "ckpt.pt" replaced after each epoch,
 # summary.json; --resume drops rows past the checkpoint; it refuses to start fresh over rows (as the
 # trainer does). Config keys: epochs, epoch_s, fail_at_epoch (records a failure, exit 3), crash_at_epoch
-# (exit 9 without a summary). Its pid goes to <out>/pid so a test can kill it.
+# (exit 9 without a summary), hang_at_epoch (sleeps an hour: a stuck GPU). Its pid goes to <out>/pid so a test can kill it.
 FAKE_TRAIN = r'''
 import json, os, sys, time
 from pathlib import Path
@@ -69,6 +70,8 @@ summ.write_text(json.dumps({"status": "running", "error": None}))
 print(f"start at epoch {start}", flush=True)
 for e in range(start + 1, cfg["epochs"] + 1):
     time.sleep(cfg.get("epoch_s", 0.0))
+    if cfg.get("hang_at_epoch") == e:
+        time.sleep(3600)
     if cfg.get("crash_at_epoch") == e:
         print("segfault-like crash", flush=True); os._exit(9)
     if cfg.get("fail_at_epoch") == e:
@@ -130,6 +133,7 @@ def headers(folder: Path) -> list[str]:
     ({"signal_delay_s": 600, "time_min": 10}, "not shorter than the 10-minute limit"),
     ({"cluster": "pbs"}, "choose one of slurm, local, debug"),
     ({"job_name": "my job"}, "job_name='my job'"),
+    ({"stall_timeout_s": -1}, "stall_timeout_s=-1: give seconds (>= 0; 0 turns the watch off)"),
 ])
 def test_options_refuse_bad_values_in_one_line_that_names_the_fix(kwargs, message):
     with pytest.raises(UserError, match=None) as e:
@@ -392,6 +396,19 @@ def test_cell_failures_are_recorded_like_the_local_runner(tmp_path, fake):
     s = json.loads((crashing.folder / "summary.json").read_text())
     assert s["status"] == "failed" and s["exit_code"] == 9 and s["epochs_completed"] == 1
     assert s["error"] == "cell process exited with code 9: segfault-like crash"
+
+
+def test_a_hung_cell_is_stopped_at_its_stall_limit_and_resumes_when_retried(tmp_path, fake):
+    job = dataclasses.replace(make_job(tmp_path, fake, "hung", epochs=3, hang_at_epoch=2), stall_timeout_s=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(CellFailed, match="wrote no new epoch for 1 s after epoch 1 and was stopped as hung"):
+        pickle.loads(pickle.dumps(CellCommand(job)))()  # as submitit ships it to the node
+    assert time.monotonic() - t0 < 60  # not the hour it sleeps
+    s = json.loads((job.folder / "summary.json").read_text())
+    assert s["status"] == "failed" and s["error"].startswith("cell process wrote no new epoch for 1 s after epoch 1")
+    assert epochs_of(job.folder) == [1] and any("stopped as hung" in h for h in headers(job.folder))
+    (job.folder / "config.request.json").write_text(json.dumps({"epochs": 3}))  # unstuck: retried, it resumes
+    assert CellCommand(job)()["status"] == "ok" and epochs_of(job.folder) == [1, 2, 3]
 
 
 def test_the_cell_process_ignores_slurms_checkpoint_signal(tmp_path):

@@ -19,9 +19,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench.cell_log import exit_text, log_tail, record_failure
+from bench.cell_log import exit_text, log_tail, record_failure, stall_error, stall_limit_s
 from bench.slurm.options import CELL_LOCK, RESUME_FLAG, CellJob, _now
-from bench.store import read_summary, rewrite_jsonl
+from bench.store import read_jsonl, read_summary, rewrite_jsonl
 
 # ------------------------------------------------------------------ the job on the node
 
@@ -189,13 +189,13 @@ class CellCommand:
     def __init__(self, job: CellJob) -> None:
         self.job = job
         self._proc: subprocess.Popen | None = None
+        self._stalled: tuple[float, int] | None = None  # (stall limit s, epochs) when node 0 stopped it as hung
 
     def __getstate__(self) -> dict[str, Any]:
         return {"job": self.job}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.job = state["job"]
-        self._proc = None
+        self.__init__(state["job"])
 
     def __repr__(self) -> str:
         return f"CellCommand({self.job.folder})"
@@ -229,18 +229,22 @@ class CellCommand:
                     # as the local runner does (the trainer refuses to start fresh over existing rows)
                     rewrite_jsonl(epochs, [])
                 log_path = folder / "train.log"
-                rc = self._run(argv, log_path, f"job {job_id}")
+                since = len(read_jsonl(epochs)) if RESUME_FLAG in argv else 0
+                rc = self._run(argv, log_path, f"job {job_id}", since=since)
         finally:
             if place is not None:  # however node 0 ends, the other nodes learn it (see node0_marker)
                 with contextlib.suppress(OSError):
                     node0_marker(folder, job_id).write_text(f"{_now()}\n")
         return self._outcome(folder, rc, log_path)
 
-    def _run(self, argv: list[str], log_path: Path, what: str, watch: Path | None = None) -> int:
+    def _run(self, argv: list[str], log_path: Path, what: str, watch: Path | None = None,
+             since: int | None = None) -> int:
         """Start `argv` with its output appended to `log_path` after a header line; its exit status.
 
-        `watch`: node 0's end marker; once it exists, the process is stopped if it still runs
-        `NODE0_GRACE_S` later (a node 0 gone before or during the rendezvous would hold it 600 s)."""
+        `watch` (node k > 0): node 0's end marker; once it exists, the process is stopped if it still runs
+        `NODE0_GRACE_S` later (a node 0 gone before or during the rendezvous would hold it 600 s).
+        `since` (node 0): the epoch rows the folder held at the start; the process is stopped as hung when
+        it writes no new one for its stall limit (`bench.cell_log.stall_limit_s`)."""
         print(f"{self.job.path}: {shlex.join(argv)}", flush=True)
         with open(log_path, "a") as log:
             log.write(f"=== bench slurm {_now()} {what} on {os.uname().nodename}: {shlex.join(argv)}\n")
@@ -252,23 +256,42 @@ class CellCommand:
                 start_new_session=True, preexec_fn=_child_setup(),
             )
             try:
-                return self._proc.wait() if watch is None else self._wait_watching(watch, log)
+                return self._wait_watching(log, watch, since)
             except BaseException:  # submitit's requeue (SystemExit), Ctrl-C: never leave it running
                 self._stop()
                 raise
             finally:
                 self._proc = None
 
-    def _wait_watching(self, watch: Path, log: Any) -> int:
+    def _wait_watching(self, log: Any, watch: Path | None, since: int | None) -> int:
         proc, seen = self._proc, None
+        epochs, size, rows, progress_t, limit = self.job.path / "epochs.jsonl", -1, 0, time.monotonic(), None
         while True:
             try:
                 return proc.wait(timeout=1.0)
             except subprocess.TimeoutExpired:
                 pass
+            now = time.monotonic()
+            if since is not None:
+                try:
+                    grown = epochs.stat().st_size
+                except OSError:  # not written yet
+                    grown = 0
+                if grown != size:  # a new row (or the trainer's rewrite on resume): read them again
+                    size, progress_t = grown, now
+                    read = read_jsonl(epochs)
+                    rows, limit = len(read), stall_limit_s(read, since, self.job.stall_timeout_s)
+                if limit is not None and now - progress_t > limit:
+                    self._stalled = (limit, rows)
+                    log.write(f"=== bench slurm {_now()}: the cell {stall_error(limit, rows)}\n")
+                    log.flush()
+                    self._stop()
+                    return proc.wait()
+            if watch is None:
+                continue
             if seen is None and watch.exists():
-                seen = time.monotonic()
-            if seen is not None and time.monotonic() - seen > NODE0_GRACE_S:
+                seen = now
+            if seen is not None and now - seen > NODE0_GRACE_S:
                 log.write(f"=== bench slurm {_now()}: node 0 ended over {NODE0_GRACE_S:g} s ago ({watch.name}) and "
                           "this node's torchrun still runs: stopped\n")
                 log.flush()
@@ -279,6 +302,9 @@ class CellCommand:
         s = read_summary(folder) or {}
         if rc == 0 and s.get("status") == "ok":
             return {"folder": str(folder), "status": "ok", "exit_code": 0}
+        if self._stalled is not None:  # stopped as hung: failed (not resubmitted) unless --retry-failed
+            s = record_failure(folder, s, rc, log_tail(log_path), stall_error(*self._stalled))
+            raise CellFailed(f"{folder}: {s.get('error')} (see {log_path})")
         if rc < 0:
             # killed by a signal: scancel, preemption without requeue, the OOM killer, node trouble. The
             # folder stays resumable; the next `bench run --executor slurm` resubmits it.

@@ -80,6 +80,9 @@ class SlurmOptions:
     """Seconds before the time limit at which Slurm signals the job to checkpoint and requeue itself."""
     cluster: str = "slurm"
     """submitit executor: 'slurm', or 'local' / 'debug' to try the same path on this machine."""
+    stall_timeout_s: float | None = None
+    """Stop a cell that writes no new epoch for this long (once it has written one) and record it as failed,
+    as the local runner does (`bench.cell_log.stall_limit_s`); None: its default limit, 0: never."""
 
     def __post_init__(self) -> None:
         def whole(name: str, least: int, none_ok: bool = False) -> None:
@@ -104,6 +107,10 @@ class SlurmOptions:
         if self.nodes > 1 and self.cluster != "slurm":
             raise UserError(f"SlurmOptions.nodes={self.nodes} needs cluster='slurm' (submitit's {self.cluster} "
                             "executor runs one node); use one node to try the path here.")
+        stall = self.stall_timeout_s
+        if stall is not None and (isinstance(stall, bool) or not isinstance(stall, int | float) or not stall >= 0):
+            raise UserError(f"SlurmOptions.stall_timeout_s={stall!r}: give seconds (>= 0; 0 turns the watch off), "
+                            "or leave it unset for the default limit.")
         mem = self.mem_gb
         if mem is not None and (isinstance(mem, bool) or not isinstance(mem, int | float) or not mem > 0):
             raise UserError(f"SlurmOptions.mem_gb={mem!r}: give the memory per node in GB (> 0), "
@@ -167,6 +174,9 @@ class CellJob:
     replicas: int | None = None
     """Replicas the cell trains with (its config's nproc, the DDP world size); None: `nproc`, or 1 for a
     CPU cell. Only a multi-node cell reads it: each node starts `replicas / nodes` of them."""
+    stall_timeout_s: float | None = None
+    """Node 0 stops the cell when it writes no new epoch for this long (`bench.cell_log.stall_limit_s`: None,
+    the default limit; 0, never) and records it failed."""
 
     def __post_init__(self) -> None:
         self.folder = Path(self.folder)
