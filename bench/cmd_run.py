@@ -60,8 +60,8 @@ from bench.estimate import (
     Calibration,
     PlanEstimate,
     estimate_plan,
-    exact_match,
     machine_fingerprint,
+    phase_match,
     phase_split,
     scan_runs,
     timing_key,
@@ -220,9 +220,9 @@ def calibration_jobs(planned: list[PlannedCell], out: Path, retry_failed: bool =
                      also: tuple[Path, ...] = ()) -> dict[str, tuple[TrainConfig, list[tuple[str, str]]]]:
     """The calibrations a plan needs: {calibration key: (config to run, [(cell timing key, phase), ...])}.
 
-    Only cells that will run and have no measured earlier run of their own configuration (under
-    `out` or the `also` folders); one run per distinct configuration and phase, shared by every
-    cell that needs it.
+    Only the phases left of cells that will run that no earlier run measured (under `out` or the
+    `also` folders; `bench.estimate.phase_match`); one run per distinct configuration and phase,
+    shared by every cell that needs it.
     """
     runs = scan_runs(out, *also)
     fp = machine_fingerprint()
@@ -233,10 +233,8 @@ def calibration_jobs(planned: list[PlannedCell], out: Path, retry_failed: bool =
             continue
         device, sizes = resolve_device(p.config.device), cell_sizes(p.config)
         key = timing_key(p.config, device, sizes)
-        if exact_match(runs, key, fp, p) is not None:
-            continue
         for phase, n in phase_split(p.config, done).items():
-            if n == 0:
+            if n == 0 or phase_match(runs, p, fp, phase) is not None:  # measured already (bench.estimate)
                 continue
             cal = calibration_config(p.config, phase)
             cal_key = timing_key(cal, device, cell_sizes(cal))

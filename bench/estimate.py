@@ -18,7 +18,12 @@ Where they come from, best first (`CellEstimate.source`):
    this machine (env.json's `fingerprint` and device), of the same timing configuration
    (`timing_key`: all but epochs, seeds, lr, schedule, data generation settings): the
    cell's own folder ("from 3 earlier epochs of this cell"), else one of the same cell (a
-   shorter run, say), else the most epochs ("from 3 earlier epochs of <folder>");
+   shorter run, say), else the most epochs ("from 3 earlier epochs of <folder>"). When no
+   such run measured every phase the cell has left, each phase may come from its own run
+   (`phase_key`): a sparse phase from a run of the same configuration, a dense phase from
+   any run of the same configuration but its sparsity (a hybrid cell's dense epochs are a
+   dense model's), or from a calibration of that phase ("by phase: dense from <folder>,
+   sparse calibrated"); only where every phase is measured is it 'measured';
 2. calibrated (`bench run --calibrate`, `bench.cmd_run.calibrate`): two epochs of
    `CAL_STEPS` steps of each distinct configuration and phase; a full epoch is the timed
    one plus a median step per further step, validation per slice ("calibrated: 3 steps").
@@ -49,7 +54,7 @@ from bench.collectors import environment
 from bench.planning import PlannedCell, Sizes, cell_sizes, cell_state, data_to_make
 from bench.status import format_duration
 from bench.store import epoch_phase, is_warmup, read_json, read_jsonl
-from ddnet.config import ConfigError, TrainConfig, resolve_device
+from ddnet.config import ConfigError, SparsityConfig, TrainConfig, resolve_device
 
 CAL_STEPS = 3
 """Training steps per calibration epoch (two epochs: a warm-up one and a timed one)."""
@@ -82,6 +87,14 @@ def timing_key(cfg: TrainConfig, device: str, sizes: Sizes) -> str:
     """`family_key` plus the sizes: what must match for an earlier run's epoch time to be used as is."""
     return json.dumps({"family": family_key(cfg, device), "num_workers": cfg.num_workers,
                        "sizes": [sizes.steps, sizes.batch, sizes.side, sizes.n_val, sizes.val_batch]})
+
+
+def phase_key(cfg: TrainConfig, device: str, sizes: Sizes, phase: str) -> str:
+    """`timing_key` of `cfg`'s `phase` epochs: for the dense phase without the sparsity settings (nothing of
+    them runs before the switch), so that a dense run's epochs and a hybrid run's dense ones stand for it."""
+    if phase == "dense":
+        cfg = dataclasses.replace(cfg, sparsity=SparsityConfig())
+    return timing_key(cfg, device, sizes)
 
 
 def _device_type(name: Any) -> str | None:
@@ -298,14 +311,52 @@ def phase_split(cfg: TrainConfig, done: int) -> dict[str, int]:
     return {"dense": dense_left, "sparse": cfg.epochs - done - dense_left}
 
 
-def exact_match(runs: list[Measured], key: str, fp: str, p: PlannedCell) -> Measured | None:
+def exact_match(runs: list[Measured], key: str | None, fp: str, p: PlannedCell) -> Measured | None:
     """The best earlier run of exactly this timing configuration on this machine: the cell's own folder first,
-    then a folder of the same cell (other epochs, say), then steady before warm-up-only, then the most epochs."""
-    same = [m for m in runs if m.fingerprint == fp and timing_key(m.config, m.device, m.sizes) == key]
+    then a folder of the same cell (other epochs, say), then steady before warm-up-only, then the most epochs.
+    `key` None: every run of `runs` on this machine is a candidate."""
+    same = [m for m in runs if m.fingerprint == fp and (key is None or timing_key(m.config, m.device, m.sizes) == key)]
     if not same:
         return None
     return max(same, key=lambda m: (m.path.name == p.folder, m.cell == p.cell.name, not m.warmup_only,
                                     m.n_epochs, str(m.path)))
+
+
+def phase_match(runs: list[Measured], p: PlannedCell, fp: str, phase: str) -> Measured | None:
+    """The best earlier run on this machine that measured steady (or warm-up) `phase` epochs of `p`'s
+    configuration for that phase (`phase_key`), chosen as `exact_match` chooses."""
+    device, sizes = resolve_device(p.config.device), cell_sizes(p.config)
+    key = phase_key(p.config, device, sizes, phase)
+    same = [m for m in runs if phase in m.train_s and phase_key(m.config, m.device, m.sizes, phase) == key]
+    return exact_match(same, None, fp, p)
+
+
+@dataclass
+class PhaseSource:
+    """Where one phase's steady epoch time comes from: an earlier run that measured it, or its calibration."""
+
+    run: Measured | None = None
+    calibration: Calibration | None = None
+
+    def epoch_s(self, phase: str, sizes: Sizes) -> float:
+        return self.run.epoch_s(phase) if self.run is not None else self.calibration.epoch_s(sizes)
+
+    def text(self, p: PlannedCell) -> str:
+        if self.run is None:
+            return f"calibrated ({self.calibration.steps} steps)"
+        return f"from {'this cell' if self.run.path.name == p.folder else self.run.path.name}"
+
+
+def _phase_sources(runs: list[Measured], p: PlannedCell, fp: str, phases: list[str], key: str,
+                   calibrations: dict[tuple[str, str], Calibration] | None) -> dict[str, PhaseSource]:
+    """{phase: its source} for the `phases` that have one (`phase_match`, else a calibration without error)."""
+    out: dict[str, PhaseSource] = {}
+    for ph in phases:
+        if (m := phase_match(runs, p, fp, ph)) is not None:
+            out[ph] = PhaseSource(run=m)
+        elif calibrations and (c := calibrations.get((key, ph))) is not None and c.error is None:
+            out[ph] = PhaseSource(calibration=c)
+    return out
 
 
 def _closest(runs: list[Measured], cfg: TrainConfig, device: str, sizes: Sizes, fp: str) -> Measured | None:
@@ -350,17 +401,24 @@ def estimate_cell(p: PlannedCell, out: Path, runs: list[Measured], fp: str, retr
     key = timing_key(p.config, device, sizes)
     split = phase_split(p.config, done)
     m = exact_match(runs, key, fp, p)
-    if m is not None:
+    left = [ph for ph, n in split.items() if n]
+    sources = _phase_sources(runs, p, fp, left, key, calibrations)
+    # the exact run when it measured every phase left, or when nothing better covers them (its measured phase
+    # then stands in for the other); else each phase from its own run or calibration
+    if m is not None and (all(ph in m.train_s for ph in left) or len(sources) < len(left)):
         est.epochs_s, est.epoch_s = _split_s(split, m.epoch_s)
         est.overhead_s, est.kind = m.overhead_s, "measured"
         what = "warm-up epoch(s)" if m.warmup_only else "earlier epochs"
         est.source = f"from {m.n_epochs} {what} of {'this cell' if m.path.name == p.folder else m.path.name}"
-    elif calibrations and any(split.values()) and all(
-            (key, ph) in calibrations and calibrations[(key, ph)].error is None for ph, n in split.items() if n):
-        cals = {ph: calibrations[(key, ph)] for ph, n in split.items() if n}
-        est.epochs_s, est.epoch_s = _split_s(split, lambda ph: cals[ph].epoch_s(sizes))
-        est.overhead_s = statistics.median(c.overhead_s for c in cals.values())
-        est.kind, est.source = "calibrated", f"calibrated: {next(iter(cals.values())).steps} steps"
+    elif left and len(sources) == len(left):
+        est.epochs_s, est.epoch_s = _split_s(split, lambda ph: sources[ph].epoch_s(ph, sizes))
+        cals = [src.calibration for src in sources.values() if src.calibration is not None]
+        first = sources[left[0]]  # the launch starts in this phase: its start-up and warm-up
+        est.overhead_s = (first.run.overhead_s if first.run is not None
+                          else statistics.median(c.overhead_s for c in cals))
+        est.kind = "calibrated" if cals else "measured"
+        est.source = (f"calibrated: {cals[0].steps} steps" if len(cals) == len(sources)
+                      else "by phase: " + ", ".join(f"{ph} {src.text(p)}" for ph, src in sources.items()))
     elif (m := _closest(runs, p.config, device, sizes, fp)) is not None:
         f_train = _work(sizes) / _work(m.sizes)
         f_val = (sizes.n_val * sizes.side ** 2) / max(1, m.sizes.n_val * m.sizes.side ** 2)

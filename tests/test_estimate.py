@@ -22,7 +22,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from bench.cli import app
-from bench.cmd_run import calibrate, calibration_config, total_line
+from bench.cmd_run import calibrate, calibration_config, calibration_jobs, total_line
 from bench.estimate import (
     CAL_STEPS,
     LAUNCHES,
@@ -216,6 +216,44 @@ def test_hybrid_cells_are_estimated_per_phase_and_a_resumed_cell_by_its_epochs_l
     assert e.epochs_left == 7 and e.source == "from 2 earlier epochs of this cell"
     # its only launch was killed, so its start-up is what its records hold: the warm-up excess (10 - 4 s)
     assert e.epochs_s == 7 * 2.0 and e.overhead_s == 6.0
+
+
+def test_each_phase_comes_from_a_run_that_measured_it_or_from_its_calibration(tmp_path):
+    base = tiny_base().replace(epochs=10)
+    dense_rows = [{"epoch": 1, "phase": "dense", "time_s": 9.0, "val_time_s": 1.0, "warmup": True},
+                  {"epoch": 2, "phase": "dense", "time_s": 3.0, "val_time_s": 1.0, "warmup": False}]
+    sparse_rows = [{"epoch": 1, "phase": "sparse", "time_s": 5.0, "val_time_s": 1.0, "warmup": True},
+                   {"epoch": 2, "phase": "sparse", "time_s": 1.5, "val_time_s": 0.5, "warmup": False}]
+    launch = [{"wall_s": 20.0, "exit_code": 0, "epochs_before": 0, "epochs_after": 2}]
+    out = tmp_path / "out"
+    make_run(out / "dense", base, dense_rows, launch)  # a dense model: 4.0 s a steady epoch, start-up 12 s
+    pruned = base.replace(**{"sparsity.kind": "random", "sparsity.dense_epochs": 0})
+    make_run(out / "from-start", pruned, sparse_rows, launch)  # random, pruned before training: 2.0 s
+
+    def hybrid(kind: str) -> Cell:
+        cfg = base.replace(**{"sparsity.kind": kind, "sparsity.dense_epochs": 2})
+        return Cell(kind, kind, {"sparsity": kind}, cfg)
+
+    grid = Grid(name="g", description="", source="test", defaults_fn=lambda: base,
+                cells_fn=lambda b: [hybrid("random"), hybrid("structured")])
+    rnd, struct = plan_grid(grid)
+    est = estimate_plan([rnd, struct], out)
+    # random: its 2 dense epochs are a dense model's, its 8 sparse ones the pruned-from-start run's
+    e = est.cells[rnd.folder]
+    assert (e.kind, e.source) == ("measured", "by phase: dense from dense, sparse from from-start")
+    assert (e.epochs_s, e.epoch_s, e.overhead_s, e.seconds) == (2 * 4.0 + 8 * 2.0, 2.0, 12.0, 36.0)
+    # structured: nothing measured its sparse phase (masks are not structured pruning), so it is unknown ...
+    assert est.cells[struct.folder].source == "unknown"
+    # ... and --calibrate times only that phase; the dense one is measured
+    jobs = calibration_jobs([rnd, struct], out)
+    assert [[ph for _, ph in users] for _, users in jobs.values()] == [["sparse"]]
+    (cal_cfg, [(key, _)]), = jobs.values()
+    assert cal_cfg.sparsity.kind == "structured" and cal_cfg.sparsity.dense_epochs == 0
+    cal = Calibration(train_s=0.9, step_s=0.3, val_s=0.5, n_val=2, overhead_s=7.0)
+    e = estimate_plan([struct], out, calibrations={(key, "sparse"): cal}).cells[struct.folder]
+    assert (e.kind, e.source) == ("calibrated", f"by phase: dense from dense, sparse calibrated ({CAL_STEPS} steps)")
+    # a sparse epoch of 2 steps: the timed 3-step epoch less a median step, and validation
+    assert e.epochs_s == pytest.approx(2 * 4.0 + 8 * (0.9 - 0.3 + 0.5)) and e.overhead_s == 12.0  # it starts dense
 
 
 def test_other_sizes_are_scaled_from_the_closest_run_and_other_machines_are_ignored(tmp_path):
