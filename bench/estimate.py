@@ -35,7 +35,8 @@ Where they come from, best first (`CellEstimate.source`):
    costs dominate (tiny images on a GPU);
 4. unknown.
 
-Everything here reads folders and returns values; `GridClock` takes the time as an argument.
+Everything here reads folders and returns values. While a grid runs, `bench.grid_clock.GridClock`
+keeps its elapsed and remaining time from these estimates.
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ from typing import Any
 from bench.cell_log import LAUNCHES
 from bench.collectors import environment
 from bench.planning import PlannedCell, Sizes, cell_sizes, cell_state, data_to_make
-from bench.status import format_duration
 from bench.store import epoch_phase, is_warmup, read_json, read_jsonl
 from ddnet.config import ConfigError, SparsityConfig, TrainConfig, resolve_device
 
@@ -451,76 +451,3 @@ def estimate_plan(planned: list[PlannedCell], out: Path, retry_failed: bool = Fa
     here = {resolve_device(p.config.device) for p in planned}
     others = sum(1 for m in runs if m.fingerprint != fp or m.device not in here)
     return PlanEstimate(cells=cells, data_s=data_s, data_note=note, other_machines=others)
-
-
-# ------------------------------------------------------------------ while it runs
-
-
-class GridClock:
-    """Elapsed and estimated remaining time of a running grid: finished cells count with their measured time
-    (elapsed) and leave the remaining estimate; the running cell's follows its own steady epochs once it has
-    one; the cells to come use the plan's estimates (`plan`: run_grid refreshes it as cells finish)."""
-
-    def __init__(self, plan: PlanEstimate, now: float) -> None:
-        self.plan = plan
-        self.t0 = now
-        self.finished: set[str] = set()
-        self.current: str | None = None
-        self.cell_t0 = now
-        self.rows: list[dict[str, Any]] = []
-        self.epochs = 0
-        self.baseline: int | None = None
-        self.data_pending = True  # the plan's data generation is ahead (no launched cell finished an epoch)
-
-    def cell_started(self, folder: str, now: float) -> None:
-        """A cell's turn has come (it may still be reused rather than run)."""
-        self.current, self.cell_t0, self.rows, self.epochs, self.baseline = folder, now, [], 0, None
-
-    def cell_progress(self, rows: list[dict[str, Any]], epochs: int) -> None:
-        """The running cell's epoch rows so far (those from before a resume included)."""
-        self.rows, self.epochs = list(rows), epochs
-        if self.baseline is None:
-            self.baseline = len(rows)
-        elif len(rows) > self.baseline:
-            self.data_pending = False  # data comes before the first epoch of a launched cell
-
-    def cell_finished(self, folder: str) -> None:
-        """The cell is over: its time is in the elapsed time, and no longer in the remaining one."""
-        self.finished.add(folder)
-        self.current = None
-
-    def _current_left(self, now: float) -> float | None:
-        est = self.plan.cells.get(self.current or "")
-        rows = [r for r in self.rows if isinstance(r.get("time_s"), int | float)]
-        # the trainer flags every row; an unflagged one follows is_warmup's default (1 warm-up epoch)
-        steady = [r for r in rows if not is_warmup(r, {})]
-        if steady:
-            live = statistics.median(_wall(r) for r in steady if epoch_phase(r) == epoch_phase(steady[-1]))
-            return max(0, self.epochs - len(rows)) * live
-        if est is not None and est.seconds is not None:
-            return max(0.0, est.seconds - (now - self.cell_t0))
-        if rows:
-            return max(0, self.epochs - len(rows)) * statistics.median(_wall(r) for r in rows)
-        return None
-
-    def remaining(self, now: float) -> tuple[float, int]:
-        """(seconds of the known part, cells whose time is unknown), the data generation included."""
-        left, unknown = 0.0, 0
-        for folder, c in self.plan.cells.items():
-            if folder not in self.finished and c.state == "to run":
-                s = self._current_left(now) if folder == self.current else c.seconds
-                left, unknown = (left, unknown + 1) if s is None else (left + s, unknown)
-        if self.data_pending and left + unknown > 0:
-            left += self.plan.data_s
-        return left, unknown
-
-    def text(self, now: float) -> str:
-        """'elapsed 3m02s, ~12m05s left', '... + 2 cell(s) of unknown time' or 'remaining unknown (2 cells)'."""
-        left, unknown = self.remaining(now)
-        if unknown and left < 1.0:  # a known second or less beside unknown cells says nothing
-            rest = f"remaining unknown ({unknown} cell(s))"
-        elif unknown:
-            rest = f"~{format_duration(left)} left + {unknown} cell(s) of unknown time"
-        else:
-            rest = f"~{format_duration(left)} left" if left else "nothing left"
-        return f"elapsed {format_duration(now - self.t0)}, {rest}"

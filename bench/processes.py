@@ -31,7 +31,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bench.cell_log import LAUNCHES, log_tail, record_failure, stall_error, stall_limit_s
-from bench.estimate import Calibration, GridClock, PlanEstimate, estimate_plan
+from bench.estimate import Calibration, PlanEstimate, estimate_plan
+from bench.grid_clock import GridClock
 from bench.grids import Grid
 from bench.planning import (
     Overrides,

@@ -28,12 +28,12 @@ from bench.estimate import (
     LAUNCHES,
     Calibration,
     CellEstimate,
-    GridClock,
     PlanEstimate,
     estimate_plan,
     machine_fingerprint,
     scan_runs,
 )
+from bench.grid_clock import GridClock
 from bench.grids import Cell, Grid, paper_base, registry
 from bench.planning import Overrides, cell_sizes, plan_grid
 from bench.processes import run_grid
