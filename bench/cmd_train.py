@@ -297,6 +297,10 @@ def _worker(rank: int, cfg_dict: dict, out: str, resume: bool, progress: bool, p
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cfg = TrainConfig.from_dict(cfg_dict)
     _replica(cfg, Path(out), resume, progress, Dist(rank, cfg.nproc))  # one node: local rank = rank
+    # done: leave before the interpreter finalizes, as a torchrun replica does (`_hard_exit`); gloo's threads
+    # can abort a finishing process, which the spawner reports as a replica killed by SIGABRT (seen in CI).
+    # A failure needs no such exit: the spawner reads the exception from the file it wrote first.
+    _hard_exit(0)
 
 
 def _spawn(cfg: TrainConfig, out: Path, resume: bool, progress: bool) -> None:
