@@ -146,6 +146,16 @@ class Measured:
         p = phase if phase in self.train_s else next(iter(self.train_s))
         return self.train_s[p] + self.val_s[p]
 
+    @functools.cached_property
+    def timing_key(self) -> str:
+        """Its `timing_key` (computed once: a plan compares it with every cell's)."""
+        return timing_key(self.config, self.device, self.sizes)
+
+    @functools.cached_property
+    def phase_keys(self) -> dict[str, str]:
+        """`phase_key` of each phase it measured (computed once, likewise)."""
+        return {ph: phase_key(self.config, self.device, self.sizes, ph) for ph in self.train_s}
+
 
 def _overhead(path: Path, rows: list[dict[str, Any]], cfg: TrainConfig, epoch_s: Any,
               summary: dict[str, Any]) -> float:
@@ -315,7 +325,7 @@ def exact_match(runs: list[Measured], key: str | None, fp: str, p: PlannedCell) 
     """The best earlier run of exactly this timing configuration on this machine: the cell's own folder first,
     then a folder of the same cell (other epochs, say), then steady before warm-up-only, then the most epochs.
     `key` None: every run of `runs` on this machine is a candidate."""
-    same = [m for m in runs if m.fingerprint == fp and (key is None or timing_key(m.config, m.device, m.sizes) == key)]
+    same = [m for m in runs if m.fingerprint == fp and (key is None or m.timing_key == key)]
     if not same:
         return None
     return max(same, key=lambda m: (m.path.name == p.folder, m.cell == p.cell.name, not m.warmup_only,
@@ -327,7 +337,7 @@ def phase_match(runs: list[Measured], p: PlannedCell, fp: str, phase: str) -> Me
     configuration for that phase (`phase_key`), chosen as `exact_match` chooses."""
     device, sizes = resolve_device(p.config.device), cell_sizes(p.config)
     key = phase_key(p.config, device, sizes, phase)
-    same = [m for m in runs if phase in m.train_s and phase_key(m.config, m.device, m.sizes, phase) == key]
+    same = [m for m in runs if m.phase_keys.get(phase) == key]
     return exact_match(same, None, fp, p)
 
 
