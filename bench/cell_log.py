@@ -91,6 +91,26 @@ def stall_limit_s(rows: list[dict[str, Any]], since: int, setting: float | None 
     return max(STALL_FLOOR_S, STALL_FACTOR * max(epoch_wall(r) for r in rows))
 
 
+class StallWatch:
+    """A running cell's progress, as both runners watch it: `seen(rows, now)` with its epoch rows at each look,
+    `stalled(now)` the limit it has gone past without a new row (None while it makes progress)."""
+
+    def __init__(self, since: int, setting: float | None, now: float) -> None:
+        self.since, self.setting = since, setting
+        self.rows, self.changed_at, self.limit = -1, now, None
+
+    def seen(self, rows: list[dict[str, Any]], now: float) -> bool:
+        """Note the rows the cell holds now; whether their count changed since the last look."""
+        if len(rows) == self.rows:
+            return False
+        self.rows, self.changed_at = len(rows), now
+        self.limit = stall_limit_s(rows, self.since, self.setting)
+        return True
+
+    def stalled(self, now: float) -> float | None:
+        return self.limit if self.limit is not None and now - self.changed_at > self.limit else None
+
+
 def stall_error(limit_s: float, epochs: int) -> str:
     """Why a hung cell was stopped (the error both runners record)."""
     return (f"wrote no new epoch for {limit_s:g} s after epoch {epochs} and was stopped as hung "

@@ -30,7 +30,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bench.cell_log import LAUNCHES, log_tail, record_failure, stall_error, stall_limit_s
+from bench.cell_log import LAUNCHES, StallWatch, log_tail, record_failure, stall_error
 from bench.estimate import Calibration, PlanEstimate, estimate_plan
 from bench.grid_clock import GridClock
 from bench.grids import Grid
@@ -204,15 +204,13 @@ def run_cell(
             argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             preexec_fn=_die_with_parent_hook(),
         )
-        started = progress_t = time.monotonic()
-        timed_out, stalled, limit = False, None, None
+        started = time.monotonic()
+        watch = StallWatch(epochs_before, stall_timeout_s, started)
+        timed_out, stalled, stop_why = False, None, None
         try:
-            seen = -1
             while True:
                 rows = read_jsonl(cell_dir / "epochs.jsonl")
-                if len(rows) != seen:
-                    seen, progress_t = len(rows), time.monotonic()
-                    limit = stall_limit_s(rows, epochs_before, stall_timeout_s)
+                if watch.seen(rows, time.monotonic()):
                     display.epoch(rows, p.config.epochs)
                 display.tick()
                 try:
@@ -221,12 +219,12 @@ def run_cell(
                 except subprocess.TimeoutExpired:
                     now = time.monotonic()
                     timed_out = timeout_s is not None and now - started > timeout_s
-                    stalled = limit if limit is not None and now - progress_t > limit else None
+                    stalled = watch.stalled(now)
                     if timed_out or stalled is not None:
-                        why = (stall_error(stalled, len(rows)) if stalled is not None
-                               else f"ran past the --cell-timeout of {timeout_s:g} s and was stopped")
+                        stop_why = (stall_error(stalled, len(rows)) if stalled is not None
+                                    else f"was stopped after the --cell-timeout of {timeout_s:g} s")
                         log.write(f"=== bench run {datetime.now(timezone.utc).isoformat(timespec='seconds')}: "
-                                  f"the cell {why}\n")
+                                  f"the cell {stop_why}\n")
                         log.flush()
                         _stop_child(proc)
                         break
@@ -248,11 +246,9 @@ def run_cell(
         return result_from_summary(p, s, action)
 
     tail = log_tail(log_path)
-    # the process may have died without recording its failure (crash, kill, user error): recorded here
-    why = f"was stopped after the --cell-timeout of {timeout_s:g} s" if timed_out else None
-    if stalled is not None:
-        why = stall_error(stalled, len(rows))
-    s = record_failure(cell_dir, s, rc, tail, why)
+    # the process may have died without recording its failure (crash, kill, user error): recorded here, with
+    # the runner's own reason when it stopped the cell
+    s = record_failure(cell_dir, s, rc, tail, stop_why)
     display.failure(p.folder, tail, log_path)
     return result_from_summary(p, s, action)
 

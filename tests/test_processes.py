@@ -159,7 +159,7 @@ def test_a_cell_past_its_timeout_is_stopped_recorded_and_resumable(tmp_path, fak
     assert [r.status for r in results] == ["failed", "failed"]
     s = read_json(out / results[0].folder / "summary.json")
     assert "--cell-timeout of 1.5 s" in s["error"] and 1 <= s["epochs_completed"] < 50
-    assert "the cell ran past the --cell-timeout of 1.5 s and was stopped" in (
+    assert "the cell was stopped after the --cell-timeout of 1.5 s" in (
         out / results[0].folder / "train.log").read_text()
     monkeypatch.setenv("FAKE_EPOCH_S", "0")
     retried = run_grid(make_grid(2), out, Overrides(epochs=50), command=cmd, console=quiet(), retry_failed=True)

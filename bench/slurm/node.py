@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench.cell_log import exit_text, log_tail, record_failure, stall_error, stall_limit_s
+from bench.cell_log import StallWatch, exit_text, log_tail, record_failure, stall_error
 from bench.slurm.options import CELL_LOCK, RESUME_FLAG, CellJob, _now
 from bench.store import read_jsonl, read_summary, rewrite_jsonl
 
@@ -264,26 +264,26 @@ class CellCommand:
                 self._proc = None
 
     def _wait_watching(self, log: Any, watch: Path | None, since: int | None) -> int:
-        proc, seen = self._proc, None
-        epochs, size, rows, progress_t, limit = self.job.path / "epochs.jsonl", -1, 0, time.monotonic(), None
+        proc, seen, size = self._proc, None, -1
+        epochs = self.job.path / "epochs.jsonl"
+        progress = StallWatch(since, self.job.stall_timeout_s, time.monotonic()) if since is not None else None
         while True:
             try:
                 return proc.wait(timeout=1.0)
             except subprocess.TimeoutExpired:
                 pass
             now = time.monotonic()
-            if since is not None:
+            if progress is not None:
                 try:
                     grown = epochs.stat().st_size
                 except OSError:  # not written yet
                     grown = 0
-                if grown != size:  # a new row (or the trainer's rewrite on resume): read them again
-                    size, progress_t = grown, now
-                    read = read_jsonl(epochs)
-                    rows, limit = len(read), stall_limit_s(read, since, self.job.stall_timeout_s)
-                if limit is not None and now - progress_t > limit:
-                    self._stalled = (limit, rows)
-                    log.write(f"=== bench slurm {_now()}: the cell {stall_error(limit, rows)}\n")
+                if grown != size:  # rows appended (or rewritten on resume): read them (a shared disk: not every second)
+                    size = grown
+                    progress.seen(read_jsonl(epochs), now)
+                if (limit := progress.stalled(now)) is not None:
+                    self._stalled = (limit, progress.rows)
+                    log.write(f"=== bench slurm {_now()}: the cell {stall_error(*self._stalled)}\n")
                     log.flush()
                     self._stop()
                     return proc.wait()
