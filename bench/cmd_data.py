@@ -32,7 +32,7 @@ from ddnet.data import split_seed
 from ddnet.data.cache import cache_root, clear, list_entries
 from ddnet.data.readers import check_shape
 from ddnet.data.synthetic import MODES, PHANTOMS, generate, generation_pool, pool_workers
-from ddnet.errors import UserError
+from ddnet.errors import UserError, make_folder
 
 data_app = typer.Typer(
     help="Datasets: `synth` writes a synthetic dataset that --data DIR reads; `cache` lists or clears made data.",
@@ -112,7 +112,7 @@ def synth_cmd(
     check_shape(size, size, f"--size {size}")
     counts = split_counts(n, val_frac, test_frac)
     _check_out(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(out.parent, "pass an --out folder in a writable place.")
 
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     psnr: list[float] = []

@@ -32,7 +32,7 @@ from bench.store import read_json, write_json
 from ddnet.config import DataConfig, resolve_device
 from ddnet.convert import load_model_weights
 from ddnet.data import load_split
-from ddnet.errors import UserError
+from ddnet.errors import UserError, make_folder
 from ddnet.loss import choose_msssim, slice_metrics
 from ddnet.precision import set_fp32_precision
 
@@ -165,10 +165,8 @@ def _out_dir(checkpoint: Path, out: Path | None, split: str) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists and is not empty; pass another --out or delete it "
                         "(an earlier evaluation is never overwritten).")
-    try:  # made now, empty, so an unwritable place fails before any work (an empty folder is reusable)
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create {out} ({e.strerror}); pass a writable --out folder.") from None
+    # made now, empty, so an unwritable place fails before any work (an empty folder is reusable)
+    make_folder(out, "pass a writable --out folder.")
     return out
 
 

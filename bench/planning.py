@@ -41,7 +41,7 @@ from ddnet.data.cache import cache_enabled, cache_root, list_entries, split_key
 from ddnet.data.errors import DataError
 from ddnet.data.readers import find_split, list_images, read_image
 from ddnet.data.synthetic import SECONDS_PER_512_SLICE, pool_workers
-from ddnet.errors import UserError
+from ddnet.errors import UserError, make_folder
 
 try:
     import fcntl
@@ -358,8 +358,12 @@ def exclusive(out: Path) -> Iterator[None]:
     if fcntl is None:  # pragma: no cover - not POSIX
         yield
         return
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".bench-run.lock", "w") as f:
+    make_folder(out, "pass a writable --out folder for the grid.")
+    try:
+        f = open(out / ".bench-run.lock", "w")  # noqa: SIM115 - closed below, after the grid
+    except OSError as e:
+        raise UserError(f"cannot write in {out} ({e.strerror or e}); pass a writable --out folder.") from None
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

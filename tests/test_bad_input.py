@@ -115,6 +115,8 @@ CASES: list[Case] = [
     ("eval-device", lambda t, f: ["--checkpoint", str(f / "ckpt.pt")], ["eval", "--device", "tpu"], 2, "--device"),
     ("eval-out-taken", lambda t, f: ["--checkpoint", str(f / "ckpt.pt"), "--out",
                                      str(_write(t / "ev" / "keep.txt", "x").parent)], ["eval"], 2, "not empty"),
+    ("eval-out-under-file", lambda t, f: ["--checkpoint", str(f / "ckpt.pt"), "--out",
+                                          str(_write(t / "afile", "x") / "ev")], ["eval"], 2, "Not a directory"),
     # 8 px: too small for DDNet's four poolings (any side it accepts, >= 16, has at least 2 MS-SSIM scales)
     ("eval-image-too-small", lambda t, f: ["--checkpoint", str(f / "ckpt.pt")], ["eval", "--image-size", "8"],
      2, "divisible by 16"),
@@ -124,6 +126,8 @@ CASES: list[Case] = [
     ("synth-dose", NONE, ["data", "synth", "--out", "{t}/d", "--dose", "2", "--n", "4"], 2, "--dose"),
     ("synth-out-taken", lambda t, f: ["--out", str(_write(t / "dd" / "keep.txt", "x").parent)],
      ["data", "synth", "--n", "4", "--size", "32"], 2, "dd"),
+    ("synth-out-under-file", lambda t, f: ["--out", str(_write(t / "afile", "x") / "sub" / "d")],
+     ["data", "synth", "--n", "4", "--size", "32"], 2, "(Not a directory)"),
     # ---------------------------------------------------------------- bench run
     ("run-unknown-grid", NONE, ["run", "--grid", "nosuchgrid", "--out", "{t}/r"], 2, "unknown grid"),
     ("run-grid-raises", lambda t, f: ["--grid", _grid(t, "def cells(base):\n    raise RuntimeError('boom')\n")],
@@ -149,11 +153,17 @@ CASES: list[Case] = [
     ("run-data-missing", NONE, ["run", "--grid", "smoke", "--out", "{t}/r", "--data", "{t}/nodata"], 2, "nodata"),
     ("run-impossible-override", NONE, ["run", "--grid", "table2", "--out", "{t}/r", "--image-size", "40",
                                        "--dry-run"], 2, "divisible by 16"),
+    ("run-out-file", lambda t, f: ["--out", str(_write(t / "afile", "x"))], ["run", "--grid", "smoke"], 2,
+     "afile is a file, not a folder"),
+    ("run-out-under-file", lambda t, f: ["--out", str(_write(t / "afile", "x") / "r")], ["run", "--grid", "smoke"],
+     2, "cannot create"),
     # ---------------------------------------------------------------- bench report / status
     ("report-missing", NONE, ["report", "{t}/noresults"], 2, "does not exist"),
     ("report-empty", lambda t, f: [str(_write(t / "empty" / "x.txt", "x").parent)], ["report"], 2,
      "no run folders"),
     ("report-target", lambda t, f: [str(f.parent)], ["report", "--target", "most"], 2, "--target 'most'"),
+    ("report-out-under-file", lambda t, f: [str(f.parent), "--out", str(_write(t / "afile", "x") / "rep")],
+     ["report"], 2, "cannot create"),
     ("status-missing", NONE, ["status", "{t}/nothing"], 2, "is not a folder"),
     ("unknown-command", NONE, ["trian"], 2, "No such command"),
 ]

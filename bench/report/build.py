@@ -35,7 +35,7 @@ from bench.report.options import DEFAULT_RESULTS, Options
 from bench.report.plotting import draw
 from bench.report.runs import load_runs
 from bench.report.setting import setting_from
-from ddnet.errors import UserError
+from ddnet.errors import UserError, make_folder
 
 
 @dataclass
@@ -73,7 +73,7 @@ def _prepare_out(out: Path, force: bool) -> None:
                     "refusing to delete it even with --force: choose another --out."
                 )
             shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, "pass a writable --out folder for the report.")
 
 
 def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
