@@ -67,6 +67,32 @@ def test_profile_copies_no_out_dir_and_bad_steps() -> None:
         profile_copies(run_steps, n_steps=0, out_dir=None, device=CPU)
 
 
+def test_cpu_trace_parser_counts_outermost_ops_per_thread() -> None:
+    """The CPU view reads the trace's 'Input Dims'/'Input type' (torch 2.11's FunctionEvents lack dtypes):
+    an op enclosed by another data-moving op on its thread is not counted again; another thread's is."""
+    def op(name, ts, dur, tid, dims=((64, 64),), types=("float",)):
+        return {"ph": "X", "cat": "cpu_op", "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": tid,
+                "args": {"Input Dims": [list(d) for d in dims], "Input type": list(types)}}
+    events = [
+        op("aten::copy_", 100.0, 50.0, tid=1, types=("float", "double")),  # a dtype-converting copy_ ...
+        op("aten::copy_", 110.0, 20.0, tid=1),  # ... calling another: counted once
+        op("aten::copy_", 120.0, 10.0, tid=2, types=("c10::BFloat16",)),  # same time, other thread: counted
+        op("aten::zero_", 200.0, 5.0, tid=1, dims=((8,),), types=("double",)),
+        op("aten::fill_", 201.0, 2.0, tid=1, dims=((8,),), types=("double",)),  # inside zero_
+        op("aten::copy_", 300.0, 4.0, tid=1, types=("c10::Float8_e4m3fn",)),
+        op("aten::copy_", 400.0, 4.0, tid=1, types=("SomeNewType",)),  # size unknown: unsized
+        op("aten::add_", 500.0, 4.0, tid=1),  # not data movement
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD (Pageable -> Device)", "dur": 9.0,
+         "args": {"bytes": 4096}},  # device activities are the GPU view's
+    ]
+    totals, unsized = copies._cpu_copies(events)
+    row = copies._copy_row(totals, copies.CPU_COPY_KINDS)
+    assert row["copies_HtoH_count"] == 4 and unsized == 1
+    assert row["copies_HtoH_bytes"] == 64 * 64 * 4 + 64 * 64 * 2 + 64 * 64 * 1
+    assert row["copies_HtoH_time_ms"] == pytest.approx((50 + 10 + 4 + 4) / 1e3)
+    assert row["copies_Memset_count"] == 1 and row["copies_Memset_bytes"] == 8 * 8
+
+
 def test_gpu_trace_parser_on_a_kineto_shaped_trace(tmp_path: Path) -> None:
     """The GPU path parses kineto's trace; check it on events shaped like kineto's output."""
     events = [
@@ -85,7 +111,7 @@ def test_gpu_trace_parser_on_a_kineto_shaped_trace(tmp_path: Path) -> None:
     ]  # fmt: skip
     trace = tmp_path / "t.json"
     trace.write_text(json.dumps({"traceEvents": events}))
-    totals, unsized = copies._gpu_copies_from_trace(trace)
+    totals, unsized = copies._gpu_copies(copies._trace_events(trace))
     row = copies._copy_row(totals, copies.GPU_COPY_KINDS)
     assert row["copies_HtoD_count"] == 2 and row["copies_HtoD_bytes"] == 8192
     assert row["copies_HtoD_time_ms"] == pytest.approx(0.15)

@@ -98,10 +98,8 @@ def profile_copies(
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="ddnet-prof-"))
             trace = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace))
-        if cuda:
-            totals, unsized = _gpu_copies_from_trace(trace)
-        else:
-            totals, unsized = _cpu_copies_from_events(prof.events())
+        events = _trace_events(trace)
+        totals, unsized = _gpu_copies(events) if cuda else _cpu_copies(events)
 
     kinds = GPU_COPY_KINDS if cuda else CPU_COPY_KINDS
     out = _copy_row(totals, kinds)
@@ -118,18 +116,21 @@ def _new_totals(kinds: tuple[str, ...]) -> dict[str, dict[str, float]]:
     return {k: {"time_ms": 0.0, "bytes": 0, "count": 0} for k in kinds}
 
 
-def _gpu_copies_from_trace(trace: Path) -> tuple[dict[str, dict[str, float]], int]:
-    """Sum device memcpy/memset activities of a kineto Chrome trace, by kind."""
+def _trace_events(trace: Path) -> list[dict[str, Any]]:
+    """The complete ('ph': 'X') events of a kineto Chrome trace."""
     try:
         data = json.loads(Path(trace).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise RuntimeError(f"cannot read the profiler trace {trace}: {exc}") from exc
     events = data["traceEvents"] if isinstance(data, dict) else data
+    return [ev for ev in events if isinstance(ev, dict) and ev.get("ph") == "X"]
+
+
+def _gpu_copies(events: list[dict[str, Any]]) -> tuple[dict[str, dict[str, float]], int]:
+    """Sum device memcpy/memset activities of a kineto trace's events, by kind."""
     totals = _new_totals(GPU_COPY_KINDS)
     unsized = 0
     for ev in events:
-        if ev.get("ph") != "X":
-            continue
         name = str(ev.get("name", ""))
         cat = str(ev.get("cat", "")).lower()
         if name.startswith("Memset") and cat in ("gpu_memset", "memset", ""):
@@ -150,18 +151,30 @@ def _gpu_copies_from_trace(trace: Path) -> tuple[dict[str, dict[str, float]], in
     return totals, unsized
 
 
-def _cpu_copies_from_events(events: Any) -> tuple[dict[str, dict[str, float]], int]:
-    """Sum the outermost data-moving aten ops (copy_, fill_, zero_) of a CPU profile."""
+def _cpu_copies(events: list[dict[str, Any]]) -> tuple[dict[str, dict[str, float]], int]:
+    """Sum the outermost data-moving aten ops (copy_, fill_, zero_) of a kineto trace's CPU events.
+
+    Read from the trace, not from `prof.events()`: torch 2.11's FunctionEvents carry no input dtypes,
+    while the trace's 'Input type' and 'Input Dims' are there in every version (2.11 to 2.13 checked).
+    An op is outermost when no other data-moving op on its thread encloses it in time (a `.to` or
+    `.clone` ends in one copy_; a dtype-converting copy_ may call another).
+    """
     totals = _new_totals(CPU_COPY_KINDS)
     unsized = 0
-    for ev in events:
-        kind = _CPU_OPS.get(ev.name)
-        if kind is None or _has_ancestor_in(ev, _CPU_OPS):
-            continue
-        t = totals[kind]
-        t["time_ms"] += float(ev.cpu_time_total) / 1e3  # FunctionEvent times are in microseconds
+    ops = sorted((ev for ev in events if ev.get("name") in _CPU_OPS and ev.get("cat", "cpu_op") == "cpu_op"),
+                 key=lambda ev: (ev.get("pid"), ev.get("tid"), float(ev.get("ts", 0.0)), -float(ev.get("dur", 0.0))))
+    thread, outer_end = None, float("-inf")
+    for ev in ops:
+        start, dur = float(ev.get("ts", 0.0)), float(ev.get("dur", 0.0))
+        if (ev.get("pid"), ev.get("tid")) != thread:
+            thread, outer_end = (ev.get("pid"), ev.get("tid")), float("-inf")
+        if start < outer_end:
+            continue  # inside an outer copy_/fill_ on this thread, counted there
+        outer_end = start + dur
+        t = totals[_CPU_OPS[ev["name"]]]
+        t["time_ms"] += dur / 1e3  # chrome trace durations are in microseconds (inclusive)
         t["count"] += 1
-        nbytes = _dest_bytes(ev)
+        nbytes = _dest_bytes(ev.get("args") or {})
         if nbytes is None:
             unsized += 1
         else:
@@ -169,19 +182,9 @@ def _cpu_copies_from_events(events: Any) -> tuple[dict[str, dict[str, float]], i
     return totals, unsized
 
 
-def _has_ancestor_in(ev: Any, names: dict[str, str]) -> bool:
-    parent = ev.cpu_parent
-    while parent is not None:
-        if parent.name in names:
-            return True
-        parent = parent.cpu_parent
-    return False
-
-
-def _dest_bytes(ev: Any) -> int | None:
+def _dest_bytes(args: dict[str, Any]) -> int | None:
     """Bytes written by an in-place op: its first input (the destination) numel x element size."""
-    shapes = getattr(ev, "input_shapes", None) or []
-    dtypes = getattr(ev, "input_dtypes", None) or []
+    shapes, dtypes = args.get("Input Dims") or [], args.get("Input type") or []
     if not shapes or not dtypes or not isinstance(shapes[0], list | tuple):
         return None
     size = _itemsize(str(dtypes[0]))
