@@ -1,4 +1,4 @@
-"""nox sessions: `nox -s tests`, `nox -s lint`, `nox -s gpu` (on a CUDA machine)."""
+"""nox sessions: `nox -s tests`, `nox -s lint`, `nox -s oldest` (torch 2.6), `nox -s gpu` (on a CUDA machine)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,21 @@ import nox
 
 nox.options.sessions = ["lint", "tests"]
 TORCH_CPU = "torch==2.13.0"  # the CPU build; a bare `torch` would pull the multi-GB CUDA wheels
+TORCH_OLDEST = "torch==2.6.0"  # pyproject's lower bound (tests/test_layout.py keeps the two equal)
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
     """The CPU test suite (what CI runs)."""
     session.install(TORCH_CPU)
+    session.install("-e", ".[dev]")
+    session.run("pytest", "-q", *session.posargs)
+
+
+@nox.session
+def oldest(session: nox.Session) -> None:
+    """The CPU test suite against the oldest torch pyproject admits (PyPI's CUDA build: about 4 GB)."""
+    session.install(TORCH_OLDEST)
     session.install("-e", ".[dev]")
     session.run("pytest", "-q", *session.posargs)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,11 @@ def test_no_module_is_over_about_450_lines(package: str) -> None:
     sizes = {str(p.relative_to(REPO)): len(p.read_text().splitlines()) for p in (REPO / package).rglob("*.py")}
     too_big = {k: v for k, v in sizes.items() if v > MAX_LINES}
     assert too_big == {}, too_big
+
+
+def test_the_oldest_torch_session_tests_pyprojects_lower_bound() -> None:
+    """`nox -s oldest` runs the suite on the torch release pyproject.toml names as its lower bound."""
+    bound = re.search(r'"torch>=([\d.]+),', (REPO / "pyproject.toml").read_text())
+    oldest = re.search(r'TORCH_OLDEST = "torch==([\d.]+)"', (REPO / "noxfile.py").read_text())
+    assert bound and oldest
+    assert oldest.group(1).split(".")[:2] == bound.group(1).split(".")[:2], (oldest.group(1), bound.group(1))
