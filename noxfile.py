@@ -12,15 +12,17 @@ TORCH_OLDEST = "torch==2.6.0"  # pyproject's lower bound (tests/test_layout.py k
 @nox.session
 def tests(session: nox.Session) -> None:
     """The CPU test suite (what CI runs)."""
-    session.install(TORCH_CPU)
-    session.install("-e", ".[dev]")
-    session.run("pytest", "-q", *session.posargs)
+    _suite(session, TORCH_CPU)
 
 
 @nox.session
 def oldest(session: nox.Session) -> None:
     """The CPU test suite against the oldest torch pyproject admits (PyPI's CUDA build: about 4 GB)."""
-    session.install(TORCH_OLDEST)
+    _suite(session, TORCH_OLDEST)
+
+
+def _suite(session: nox.Session, torch: str) -> None:
+    session.install(torch)  # first: `.[dev]`'s torch range is then met and installs nothing more
     session.install("-e", ".[dev]")
     session.run("pytest", "-q", *session.posargs)
 

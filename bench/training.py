@@ -25,7 +25,7 @@ from bench.collectors import MemoryCollector, TimeCollector, environment, profil
 from bench.roofline import estimate_bytes_per_image, lookup_peak, measure_cpu_peak
 from bench.store import append_jsonl, read_json, read_jsonl, read_summary, rewrite_jsonl, write_json
 from ddnet.config import ModelConfig, TrainConfig
-from ddnet.errors import UserError
+from ddnet.errors import UserError, make_folder
 from ddnet.hooks import Instruments, InstrumentsFactory
 from ddnet.model import DDNet
 from ddnet.trainer import Dist, Run
@@ -208,10 +208,10 @@ class RunFolder:
     def open(self, config: dict[str, Any], resume: bool) -> None:
         self._clock.mark("open")
         prepare_out_dir(self.out, config, resume)
+        self._made = not self.out.exists()
+        make_folder(self.out, "pass a writable --out folder.")
+        self._lock_made = not (self.out / LOCK_NAME).exists()
         try:
-            self._made = not self.out.exists()
-            self.out.mkdir(parents=True, exist_ok=True)
-            self._lock_made = not (self.out / LOCK_NAME).exists()
             lock = open(self.out / LOCK_NAME, "w")  # noqa: SIM115 - held for the run's lifetime, closed in release()
         except OSError as e:
             raise UserError(f"cannot create {self.out} ({e.strerror}); pass a writable --out folder.") from None

@@ -155,7 +155,7 @@ def _cpu_copies(events: list[dict[str, Any]]) -> tuple[dict[str, dict[str, float
     """Sum the outermost data-moving aten ops (copy_, fill_, zero_) of a kineto trace's CPU events.
 
     Read from the trace, not from `prof.events()`: torch 2.11's FunctionEvents carry no input dtypes,
-    while the trace's 'Input type' and 'Input Dims' are there in every version (2.11 to 2.13 checked).
+    while the trace's 'Input type' and 'Input Dims' are there in every version (2.6 to 2.13 checked).
     An op is outermost when no other data-moving op on its thread encloses it in time (a `.to` or
     `.clone` ends in one copy_; a dtype-converting copy_ may call another).
     """
