@@ -53,7 +53,7 @@ from typing import Any
 from bench.cell_log import LAUNCHES
 from bench.collectors import environment
 from bench.planning import PlannedCell, Sizes, cell_sizes, cell_state, data_to_make
-from bench.store import epoch_phase, is_warmup, read_json, read_jsonl
+from bench.store import epoch_phase, is_warmup, read_json, read_jsonl, seconds
 from ddnet.config import ConfigError, SparsityConfig, TrainConfig, resolve_device
 
 CAL_STEPS = 3
@@ -110,13 +110,9 @@ def machine_fingerprint() -> str:
 # ------------------------------------------------------------------ earlier runs
 
 
-def _num(v: Any) -> float:
-    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else 0.0
-
-
 def _wall(row: dict[str, Any]) -> float:
     """An epoch's wall time: training plus validation."""
-    return _num(row.get("time_s")) + _num(row.get("val_time_s"))
+    return seconds(row.get("time_s")) + seconds(row.get("val_time_s"))
 
 
 @dataclass
@@ -168,15 +164,15 @@ def _overhead(path: Path, rows: list[dict[str, Any]], cfg: TrainConfig, epoch_s:
         if launch.get("exit_code") != 0 or not isinstance(launch.get("wall_s"), int | float) or after <= before:
             continue
         ran = [by_epoch[e] for e in range(before + 1, after + 1) if e in by_epoch]
-        miss = _num(launch.get("data_load_s")) if launch.get("data_cache") == "miss" else 0.0
+        miss = seconds(launch.get("data_load_s")) if launch.get("data_cache") == "miss" else 0.0
         found.append(float(launch["wall_s"]) - sum(epoch_s(epoch_phase(r)) for r in ran) - miss)
     if found:
         return max(0.0, statistics.median(found))
     # no launch recorded: what the records hold, without process start
     warm = sum(max(0.0, _wall(r) - epoch_s(epoch_phase(r))) for r in rows if is_warmup(r, config))
-    extra = sum(_num(r.get("capture_time_s")) + _num(r.get("prune_time_s")) for r in rows)
-    data = _num(summary.get("data_load_s")) if summary.get("data_cache") != "miss" else 0.0
-    return warm + extra + data + _num(summary.get("staging_time_s"))
+    extra = sum(seconds(r.get("capture_time_s")) + seconds(r.get("prune_time_s")) for r in rows)
+    data = seconds(summary.get("data_load_s")) if summary.get("data_cache") != "miss" else 0.0
+    return warm + extra + data + seconds(summary.get("staging_time_s"))
 
 
 def read_measured(path: Path) -> Measured | None:
@@ -198,8 +194,8 @@ def read_measured(path: Path) -> Measured | None:
     steady = [r for r in rows if not is_warmup(r, {"warmup_epochs": cfg.warmup_epochs})]
     used = steady or rows
     by_phase = {ph: rs for ph in ("dense", "sparse") if (rs := [r for r in used if epoch_phase(r) == ph])}
-    train_s = {ph: statistics.median(_num(r.get("time_s")) for r in rs) for ph, rs in by_phase.items()}
-    val_s = {ph: statistics.median(_num(r.get("val_time_s")) for r in rs) for ph, rs in by_phase.items()}
+    train_s = {ph: statistics.median(seconds(r.get("time_s")) for r in rs) for ph, rs in by_phase.items()}
+    val_s = {ph: statistics.median(seconds(r.get("val_time_s")) for r in rs) for ph, rs in by_phase.items()}
     sizes = cell_sizes(cfg)  # the steps and side it recorded, where it did
     steps = next((r["steps"] for r in rows if isinstance(r.get("steps"), int) and r["steps"] > 0), sizes.steps)
     side = summary["image_side"] if isinstance(summary.get("image_side"), int) else sizes.side

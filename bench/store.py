@@ -150,15 +150,16 @@ def is_warmup(row: dict[str, Any], config: Mapping[str, Any]) -> bool:
     return int(row.get("epoch", 0)) <= int(config.get("warmup_epochs", 1))
 
 
-def _seconds(v: Any) -> float:
+def seconds(v: Any) -> float:
+    """A recorded duration as a float: 0.0 for a missing, non-numeric (bools too) or non-finite value."""
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else 0.0
 
 
 def epoch_cost(row: dict[str, Any]) -> float:
     """Training time an epoch cost: its timed part plus graph capture and pruning done in it."""
-    return _seconds(row.get("time_s")) + _seconds(row.get("capture_time_s")) + _seconds(row.get("prune_time_s"))
+    return seconds(row.get("time_s")) + seconds(row.get("capture_time_s")) + seconds(row.get("prune_time_s"))
 
 
 def epoch_wall(row: dict[str, Any]) -> float:
     """An epoch's wall time as its row records it: `epoch_cost` plus its validation."""
-    return epoch_cost(row) + _seconds(row.get("val_time_s"))
+    return epoch_cost(row) + seconds(row.get("val_time_s"))

@@ -21,7 +21,7 @@ from bench.cell_log import LAUNCHES
 from bench.report.format import is_num
 from bench.report.setting import Setting, setting_from
 from bench.stats import median
-from bench.store import epoch_cost, epoch_phase, is_warmup, read_json, read_jsonl_checked
+from bench.store import epoch_cost, epoch_phase, is_warmup, read_json, read_jsonl_checked, seconds
 from ddnet.errors import UserError
 
 UNKNOWN_ENV = "unknown"
@@ -30,10 +30,6 @@ UNKNOWN_ENV = "unknown"
 # Config fields that change what is measured but are not optimizations: two
 # cells compare only when all of these agree (same data, net, epochs, batch).
 _CONTEXT_FIELDS = ("batch_size", "epochs", "nproc", "lr", "gamma", "warmup_epochs")
-
-
-def _f(v: Any) -> float:
-    return float(v) if is_num(v) else 0.0
 
 
 def _context_of(config: dict[str, Any], setting: Setting) -> str:
@@ -132,7 +128,7 @@ class RunRecord:
             return float(v)
         if not self.epochs:
             return None
-        return float(sum(epoch_cost(r) for r in self.epochs) + _f(self.summary.get("staging_time_s")))
+        return float(sum(epoch_cost(r) for r in self.epochs) + seconds(self.summary.get("staging_time_s")))
 
     def final_quality(self) -> tuple[float | None, float | None]:
         """Final validation MS-SSIM mean and std over slices (percent)."""
@@ -156,7 +152,7 @@ class RunRecord:
 
     def time_to_target(self, target_pct: float) -> tuple[int, float] | None:
         """(first epoch with val_ms_ssim >= target, training time spent up to its end incl. staging), or None."""
-        spent = _f(self.summary.get("staging_time_s"))
+        spent = seconds(self.summary.get("staging_time_s"))
         for row in self.epochs:
             spent += epoch_cost(row)
             v = row.get("val_ms_ssim")
