@@ -23,6 +23,10 @@ STALL_FACTOR = 10.0
 """A cell that writes no new epoch for max(STALL_FLOOR_S, STALL_FACTOR x its slowest epoch) is taken for hung
 (`stall_limit_s`): a stuck GPU or collective must not hold an overnight grid, or a node, forever."""
 
+EXIT_NO_SPACE = 4
+"""`bench train`'s exit status when a write failed because the disk (or quota) is full. Nothing is recorded
+as failed: both executors leave the cell resumable and stop starting cells on that disk (`out_of_space`)."""
+
 LOG_TAIL_LINES = 20
 """Lines of a failed cell's train.log shown to the user and stored in its summary."""
 

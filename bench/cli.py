@@ -6,11 +6,13 @@ from `COMMANDS` alone, so it imports no command module and no torch. A new
 command is one function (or one typer sub-app) in its module plus one line here.
 
 Every command turns a `UserError` (bad input, impossible combination) into one
-line on stderr and exit status 2; no traceback reaches the user for those.
+line on stderr and exit status 2, and a write that failed for a full disk into one
+line and exit status 4; no traceback reaches the user for those.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 from typing import Any, NamedTuple
@@ -150,6 +152,15 @@ def main(argv: list[str] | None = None) -> None:
         if kind == "abort":
             typer.echo("aborted", err=True)
             sys.exit(130)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # ddnet.errors.NO_SPACE_ERRNOS
+            from bench.cell_log import EXIT_NO_SPACE  # noqa: PLC0415 - bench.cli imports no command module early
+
+            where = f"cannot write {e.filename}" if e.filename else "a write failed"
+            kept = (": finished cells are kept and the cell that stopped resumes from its last checkpoint"
+                    if args[:1] == ["run"] else "")
+            typer.echo(f"error: {where}: the disk (or your quota) is full ({e.strerror}); free some space, then run "
+                       f"the same command again{kept}.", err=True)
+            sys.exit(EXIT_NO_SPACE)
         if not _is_user_error(e):
             raise
         typer.echo(f"error: {e}", err=True)

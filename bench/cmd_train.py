@@ -34,10 +34,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import typer
 
+from bench.cell_log import EXIT_NO_SPACE
 from bench.training import train
 from ddnet.config import ConfigError, TrainConfig, check_runnable, resolve_device
 from ddnet.config_fields import ConfigField, config_fields
-from ddnet.errors import UserError
+from ddnet.errors import UserError, out_of_space
 from ddnet.trainer import Dist, TrainingFailed
 
 DIST_TIMEOUT_S = 600
@@ -217,6 +218,10 @@ def _run_training(cfg: TrainConfig, out: Path, resume: bool, progress: bool, me:
         sys.exit(EXIT_FAILED)
     except OSError as e:  # a full disk, a folder turned read-only: one line, never a traceback
         where = e.filename or out
+        if out_of_space(e):  # nothing recorded as failed: the run resumes from its last checkpoint
+            typer.echo(f"error: cannot write {where} (the disk is full: {e.strerror or e}); free some space, "
+                       f"then run the same command with --resume to continue from the last checkpoint.", err=True)
+            sys.exit(EXIT_NO_SPACE)
         typer.echo(f"error: cannot write {where} ({e.strerror or e}); free some space or choose a writable "
                    f"--out, then add --resume to continue.", err=True)
         sys.exit(EXIT_FAILED)

@@ -6,7 +6,8 @@ same folder resumes: finished cells are left alone, unfinished ones continue fro
 their checkpoint, failed ones stay failed unless `--retry-failed`; nothing
 written is overwritten. A failing cell is recorded and the grid goes on, as is one
 that stops making progress (`bench.cell_log.stall_limit_s`: no new epoch for 10x its
-slowest, at least 30 min). Ctrl-C or SIGTERM stops the running cell and leaves it resumable, not failed.
+slowest, at least 30 min). Ctrl-C or SIGTERM stops the running cell and leaves it resumable, not failed;
+so does a full disk (the cell exits EXIT_NO_SPACE), which also stops the grid: every later cell would fail alike.
 
 Each launch is appended to `<cell>/launches.jsonl` (for `bench.estimate`); the display
 shows the grid's elapsed and remaining time (`GridClock`), re-estimated as cells finish.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import signal
 import subprocess
@@ -30,7 +32,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bench.cell_log import LAUNCHES, StallWatch, log_tail, record_failure, stall_error
+from bench.cell_log import EXIT_NO_SPACE, LAUNCHES, StallWatch, log_tail, record_failure, stall_error
 from bench.estimate import Calibration, PlanEstimate, estimate_plan
 from bench.grid_clock import GridClock
 from bench.grids import Grid
@@ -241,6 +243,9 @@ def run_cell(
         "stalled": stalled is not None,
         "epochs_before": epochs_before, "epochs_after": len(rows), "data_load_s": s.get("data_load_s"),
         "data_cache": s.get("data_cache")})
+    if rc == EXIT_NO_SPACE:  # every later cell would fail alike: stop the grid, leave this cell resumable
+        display.failure(p.folder, log_tail(log_path), log_path, "stopped: the disk is full")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(cell_dir))
     action = "resumed" if resume else "ran"
     if rc == 0 and s.get("status") == "ok":
         return result_from_summary(p, s, action)
@@ -301,8 +306,8 @@ class _Display:
         detail = f" ({r.error})" if r.status == "skipped" and r.error else ""
         self._print(f"    -> {r.status} [{r.action}]{detail}; grid {self.done}/{self.total} cells, {self.grid_time()}")
 
-    def failure(self, folder: str, tail: list[str], log: Path) -> None:
-        self._print(f"    {folder} failed; last lines of {log}:")
+    def failure(self, folder: str, tail: list[str], log: Path, what: str = "failed") -> None:
+        self._print(f"    {folder} {what}; last lines of {log}:")
         for line in tail:
             self._print(f"    | {line}")
 
@@ -357,8 +362,8 @@ class _LiveDisplay(_Display):
             self.progress.console.print(f"{r.folder}: {r.status} [{r.action}]{detail}", markup=False, highlight=False)
         self.tick()
 
-    def failure(self, folder: str, tail: list[str], log: Path) -> None:
-        self.progress.console.print(f"[red]{folder} failed[/red]; last lines of {log}:")
+    def failure(self, folder: str, tail: list[str], log: Path, what: str = "failed") -> None:
+        self.progress.console.print(f"[red]{folder} {what}[/red]; last lines of {log}:")
         for line in tail:
             self.progress.console.print(f"  | {line}", markup=False, highlight=False)
 
@@ -397,7 +402,8 @@ def run_grid(
     `on_plan(planned, order, estimate)` is called once the run order is fixed, before the first cell
     (`bench run` prints the plan with it); the estimates read the run folders under `out` and
     `estimate_from`, and `calibrations` (`bench.cmd_run.calibrate`).
-    Raises KeyboardInterrupt when interrupted (the running cell is stopped and stays resumable).
+    Raises KeyboardInterrupt when interrupted (the running cell is stopped and stays resumable), and an
+    OSError (ENOSPC) when a cell, or the runner, could not write for a full disk (the cell stays resumable).
     """
     console = console or Console()
     overrides = overrides or Overrides()

@@ -126,13 +126,17 @@ def rewrite_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
     """Atomically replace a JSONL file with `rows` (used to drop rows past a resumed checkpoint)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        for row in rows:
-            f.write(json.dumps(_clean(row), sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, _umask_mode())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            for row in rows:
+                f.write(json.dumps(_clean(row), sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)  # a full disk leaves no temporary file behind to fill it further
+        raise
 
 
 # ------------------------------------------------------------------ an epoch row's rules (module docstring)

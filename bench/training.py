@@ -25,7 +25,7 @@ from bench.collectors import MemoryCollector, TimeCollector, environment, profil
 from bench.roofline import estimate_bytes_per_image, lookup_peak, measure_cpu_peak
 from bench.store import append_jsonl, read_json, read_jsonl, read_summary, rewrite_jsonl, write_json
 from ddnet.config import ModelConfig, TrainConfig
-from ddnet.errors import UserError, make_folder
+from ddnet.errors import UserError, make_folder, out_of_space
 from ddnet.hooks import Instruments, InstrumentsFactory
 from ddnet.model import DDNet
 from ddnet.trainer import Dist, Run
@@ -214,6 +214,8 @@ class RunFolder:
         try:
             lock = open(self.out / LOCK_NAME, "w")  # noqa: SIM115 - held for the run's lifetime, closed in release()
         except OSError as e:
+            if out_of_space(e):
+                raise
             raise UserError(f"cannot create {self.out} ({e.strerror}); pass a writable --out folder.") from None
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -6,6 +6,7 @@ only files the trainer writes itself; every other record goes to the harness's s
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import uuid
@@ -44,18 +45,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file of this call's own, then rename over `path`.
+    """torch.save into memory, then write a temporary file of this call's own, fsync it and rename it over `path`.
 
-    A kill never leaves a torn `path`; two writers never share a temporary file; a failed
-    save (disk full) removes its temporary file instead of leaving it to fill the disk.
+    A kill (or a power cut, thanks to the fsync) never leaves a torn `path`; two writers never share a
+    temporary file. Serialising first makes a full disk an OSError (ENOSPC) from the write, where torch's
+    own file writer says "unexpected pos ..."; a failed save removes its temporary file instead of
+    leaving it to fill the disk.
     """
     path = Path(path)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            f.write(buf.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write names no file: name the one saved
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 
 

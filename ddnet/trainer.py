@@ -35,7 +35,7 @@ from ddnet.checkpoint import (
 from ddnet.config import TrainConfig, check_runnable, resolve_device
 from ddnet.convert import load_model_weights
 from ddnet.data import SliceDataset, load_split
-from ddnet.errors import UserError
+from ddnet.errors import UserError, out_of_space
 from ddnet.hooks import InstrumentsFactory, RunSink
 from ddnet.loaders import DeviceLoader, HostLoader, stage_on_device
 from ddnet.loss import DDNetLoss
@@ -463,6 +463,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, sink: RunSink, make_instrume
     except UserError:
         raise
     except Exception as e:  # NaN/inf loss, CUDA OOM, any crash: recorded, then reported as a failed run
+        if out_of_space(e):  # the disk's fault, not the run's: left resumable ('running'), as a kill leaves it
+            raise
         if dist.main:
             sink.fail(f"{type(e).__name__}: {e}", traceback.format_exc(limit=8))
         raise TrainingFailed(f"{type(e).__name__}: {e}") from e

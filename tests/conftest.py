@@ -23,6 +23,7 @@ def fake(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_CALLS", str(calls))
     monkeypatch.delenv("FAKE_CRASH", raising=False)
     monkeypatch.delenv("FAKE_FAIL", raising=False)
+    monkeypatch.delenv("FAKE_FULL", raising=False)
 
     def launched() -> list[dict]:
         return read_jsonl(calls)

@@ -18,7 +18,8 @@ from ddnet.config import DataConfig, ModelConfig, TrainConfig
 # written after each row, summary.json; --resume drops rows past the checkpoint. It logs each
 # launch to $FAKE_CALLS, crashes without a summary when its folder name contains $FAKE_CRASH,
 # records a failed run (as a NaN loss would) at epoch 1 when it contains $FAKE_FAIL, hangs (a stuck
-# GPU, say) in epoch 2 when it contains $FAKE_HANG, and sleeps $FAKE_EPOCH_S per epoch.
+# GPU, say) in epoch 2 when it contains $FAKE_HANG, stops as `bench train` does on a full disk (exit 4,
+# nothing recorded as failed) in epoch 2 when it contains $FAKE_FULL, and sleeps $FAKE_EPOCH_S per epoch.
 FAKE_TRAIN = r'''
 import json, os, sys, time
 from pathlib import Path
@@ -49,6 +50,8 @@ for e in range(start + 1, cfg["epochs"] + 1):
         print("segfault-like crash"); sys.stdout.flush(); os._exit(9)
     if os.environ.get("FAKE_HANG") and os.environ["FAKE_HANG"] in out.name and e == 2:
         time.sleep(3600)
+    if os.environ.get("FAKE_FULL") and os.environ["FAKE_FULL"] in out.name and e == 2:
+        print(f"error: cannot write {ck} (the disk is full: No space left on device)"); sys.exit(4)
     if os.environ.get("FAKE_FAIL") and os.environ["FAKE_FAIL"] in out.name and e == 1:
         put(summ, json.dumps({"status": "failed", "error": f"train loss became nan at epoch {e}",
                                     "epochs_completed": e - 1}))

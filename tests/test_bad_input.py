@@ -163,7 +163,7 @@ CASES: list[Case] = [
      "no run folders"),
     ("report-target", lambda t, f: [str(f.parent)], ["report", "--target", "most"], 2, "--target 'most'"),
     ("report-out-under-file", lambda t, f: [str(f.parent), "--out", str(_write(t / "afile", "x") / "rep")],
-     ["report"], 2, "cannot create"),
+     ["report"], 2, "afile is a file, not a folder"),
     ("status-missing", NONE, ["status", "{t}/nothing"], 2, "is not a folder"),
     ("unknown-command", NONE, ["trian"], 2, "No such command"),
 ]

@@ -6,6 +6,7 @@ run-folder contract without torch; tests/test_cmd_run.py has the real trainer.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import io
 import json
@@ -115,6 +116,24 @@ def test_failed_and_crashed_cells_are_recorded_and_the_grid_goes_on(tmp_path, fa
     assert [r.status for r in retried] == ["ok", "failed", "ok", "ok"]
     assert launched()[-1] == {"folder": results[2].folder, "resume": True}
     assert [r["epoch"] for r in read_jsonl(out / results[2].folder / "epochs.jsonl")] == [1, 2]
+
+
+def test_a_full_disk_stops_the_grid_and_leaves_the_cell_resumable(tmp_path, fake, monkeypatch):
+    cmd, launched = fake
+    monkeypatch.setenv("FAKE_FULL", "c1-")  # c1 cannot write its epoch-2 checkpoint: bench train exits 4
+    out = tmp_path / "out"
+    with pytest.raises(OSError) as err:
+        run_grid(make_grid(3), out, command=cmd, console=quiet())
+    assert err.value.errno == errno.ENOSPC and "c1-" in err.value.filename
+    (d1,) = out.glob("c1-*")
+    assert read_json(d1 / "summary.json")["status"] == "running"  # not failed: the disk's fault
+    assert [r["epoch"] for r in read_jsonl(d1 / "epochs.jsonl")] == [1]
+    assert [c["folder"][:3] for c in launched()] == ["c0-", "c1-"]  # c2 never started: it would fail alike
+    # space freed: the same command resumes c1 from its checkpoint (no --retry-failed needed) and runs c2
+    monkeypatch.delenv("FAKE_FULL")
+    results = run_grid(make_grid(3), out, command=cmd, console=quiet())
+    assert [(r.status, r.action) for r in results] == [("ok", "reused"), ("ok", "resumed"), ("ok", "ran")]
+    assert [r["epoch"] for r in read_jsonl(d1 / "epochs.jsonl")] == [1, 2]
 
 
 def test_a_hung_cell_is_stopped_after_its_stall_limit_and_the_grid_goes_on(tmp_path, fake, monkeypatch):

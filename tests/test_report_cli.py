@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +66,35 @@ def test_existing_report_is_not_overwritten_without_force(tmp_path, capsys):
     with pytest.raises(UserError, match="not a report folder"):
         make_report(root, other, force=True)
     assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_a_report_that_fails_midway_leaves_the_earlier_one_whole(tmp_path, capsys, monkeypatch):
+    import bench.report.build as build  # noqa: PLC0415
+
+    root = tmp_path / "runs"
+    write_run(root, "g", "fp32-host-off-dense", _cfg(), _times(10.0, 1), QUAL)
+    assert _cli(["report", str(root)], capsys)[0] == 0
+    before = {p.relative_to(root): p.read_bytes() for p in (root / "report").rglob("*") if p.is_file()}
+    assert Path("report/report.md") in before
+    real, written = build._write_csv, []
+
+    def fills_up(path, rows):  # the disk fills after the first CSV
+        if written:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written.append(path)
+        return real(path, rows)
+
+    monkeypatch.setattr(build, "_write_csv", fills_up)
+    code, _, err = _cli(["report", str(root), "--force"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 4 and lines[-1].startswith("error: a write failed: the disk") and "Traceback" not in err
+    assert written and written[0].parent.parent.name.startswith(".report.tmp-")  # written aside ...
+    after = {p.relative_to(root): p.read_bytes() for p in (root / "report").rglob("*") if p.is_file()}
+    assert after == before  # ... so the earlier report is untouched
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == []  # and nothing is left aside
+    monkeypatch.undo()  # space freed: the same command works
+    code, _, _ = _cli(["report", str(root), "--force"], capsys)
+    assert code == 0 and {p.relative_to(root) for p in (root / "report").rglob("*") if p.is_file()} == set(before)
 
 
 # ---------------------------------------------------------------------------------- end to end

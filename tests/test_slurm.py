@@ -49,7 +49,8 @@ from ddnet.errors import UserError
 # A stand-in for `bench train`: epochs.jsonl rows, a JSON "ckpt.pt" replaced after each epoch,
 # summary.json; --resume drops rows past the checkpoint; it refuses to start fresh over rows (as the
 # trainer does). Config keys: epochs, epoch_s, fail_at_epoch (records a failure, exit 3), crash_at_epoch
-# (exit 9 without a summary), hang_at_epoch (sleeps an hour: a stuck GPU). Its pid goes to <out>/pid so a test can kill it.
+# (exit 9 without a summary), full_at_epoch (exit 4 as on a full disk, nothing recorded), hang_at_epoch
+# (sleeps an hour: a stuck GPU). Its pid goes to <out>/pid so a test can kill it.
 FAKE_TRAIN = r'''
 import json, os, sys, time
 from pathlib import Path
@@ -74,6 +75,8 @@ for e in range(start + 1, cfg["epochs"] + 1):
         time.sleep(3600)
     if cfg.get("crash_at_epoch") == e:
         print("segfault-like crash", flush=True); os._exit(9)
+    if cfg.get("full_at_epoch") == e:
+        print(f"error: cannot write {ck} (the disk is full: No space left on device)", flush=True); sys.exit(4)
     if cfg.get("fail_at_epoch") == e:
         err = f"train loss became nan at epoch {e}\nmore"
         summ.write_text(json.dumps({"status": "failed", "error": err}))
@@ -396,6 +399,16 @@ def test_cell_failures_are_recorded_like_the_local_runner(tmp_path, fake):
     s = json.loads((crashing.folder / "summary.json").read_text())
     assert s["status"] == "failed" and s["exit_code"] == 9 and s["epochs_completed"] == 1
     assert s["error"] == "cell process exited with code 9: segfault-like crash"
+
+
+def test_a_full_disk_leaves_the_cell_resumable_not_failed(tmp_path, fake):
+    job = make_job(tmp_path, fake, "full", epochs=3, full_at_epoch=2)
+    with pytest.raises(CellFailed, match="the disk is full .*cannot write .*ckpt.pt.*; free some space"):
+        CellCommand(job)()
+    assert json.loads((job.folder / "summary.json").read_text())["status"] == "running"  # not failed
+    (job.folder / "config.request.json").write_text(json.dumps({"epochs": 3}))  # space freed: the next submission
+    assert CellCommand(dataclasses.replace(job, argv=[*job.argv, "--resume"]))()["status"] == "ok"
+    assert epochs_of(job.folder) == [1, 2, 3]
 
 
 def test_a_hung_cell_is_stopped_at_its_stall_limit_and_resumes_when_retried(tmp_path, fake):

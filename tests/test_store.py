@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
+
+import pytest
 
 from bench.store import (
     append_jsonl,
@@ -31,6 +34,23 @@ def test_files_follow_the_umask_not_mkstemp(tmp_path: Path) -> None:
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "b.jsonl").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_full_disk_leaves_the_file_as_it_was_and_no_temporary(tmp_path: Path, monkeypatch) -> None:
+    write_json(tmp_path / "a.json", {"v": 1})
+    rewrite_jsonl(tmp_path / "b.jsonl", [{"epoch": 1}])
+
+    def full(fd: int) -> None:  # a delayed-allocation filesystem reports the full disk at fsync
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space"):
+        write_json(tmp_path / "a.json", {"v": 2})
+    with pytest.raises(OSError, match="No space"):
+        rewrite_jsonl(tmp_path / "b.jsonl", [{"epoch": 1}, {"epoch": 2}])
+    monkeypatch.undo()
+    assert read_json(tmp_path / "a.json") == {"v": 1} and read_jsonl(tmp_path / "b.jsonl") == [{"epoch": 1}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.jsonl"]
 
 
 def test_jsonl_ignores_a_torn_last_line(tmp_path: Path) -> None:

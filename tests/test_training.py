@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import bench.training as training
+import ddnet.checkpoint as checkpoint
 import ddnet.trainer as trainer
 from bench.cli import main
 from bench.store import read_json, read_jsonl
@@ -145,20 +146,60 @@ def test_resumed_after_its_last_epoch_the_summary_is_complete(tmp_path: Path) ->
     assert (out / "weights.pt").is_file()
 
 
-def test_disk_full_mid_run_is_a_recorded_failure_with_no_temp_file(tmp_path: Path, monkeypatch) -> None:
-    real = training.append_jsonl
+class _FillsUp:
+    """A file opened for writing on a disk that fills up: it takes half of the first write, then fails."""
 
-    def full_at_epoch_2(path, row):
-        if row["epoch"] == 2:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        real(path, row)
+    def __init__(self, path, mode):
+        self.f = open(path, mode)  # noqa: SIM115 - closed in __exit__
 
-    monkeypatch.setattr(training, "append_jsonl", full_at_epoch_2)
-    with pytest.raises(TrainingFailed, match="No space left"):
-        train(tiny_cfg(epochs=3), tmp_path / "r", progress=False)
-    s = read_json(tmp_path / "r" / "summary.json")
-    assert s["status"] == "failed" and "No space left" in s["error"] and s["epochs_completed"] == 1
-    assert not [p for p in (tmp_path / "r").iterdir() if p.name.endswith(".tmp")]
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def write(self, data):
+        self.f.write(bytes(data)[: len(data) // 2])
+        self.f.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+@pytest.mark.parametrize("where", ["epoch row", "checkpoint"])
+def test_a_full_disk_mid_run_leaves_it_resumable_with_no_temp_file(tmp_path: Path, monkeypatch, where: str) -> None:
+    if where == "epoch row":
+        real = training.append_jsonl
+
+        def full_at_epoch_2(path, row):
+            if row["epoch"] == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            real(path, row)
+
+        monkeypatch.setattr(training, "append_jsonl", full_at_epoch_2)
+    else:  # the epoch-2 checkpoint is half written when the disk fills
+        saves = []
+
+        def fills_at_the_second(path, mode="r", *args, **kwargs):
+            saves.append(path)
+            return _FillsUp(path, mode) if len(saves) == 2 else open(path, mode, *args, **kwargs)
+
+        monkeypatch.setattr(checkpoint, "open", fills_at_the_second, raising=False)
+    out = tmp_path / "r"
+    with pytest.raises(OSError) as err:
+        train(tiny_cfg(epochs=3), out, progress=False)
+    assert err.value.errno == errno.ENOSPC  # as itself: not a TrainingFailed, and never torch's "unexpected pos"
+    # not recorded as failed (a rerun with --resume continues; `bench run` needs no --retry-failed)
+    assert read_json(out / "summary.json") == {"status": "running", "error": None}
+    assert torch.load(out / "ckpt.pt", weights_only=False)["epoch"] == 1
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # the half-written checkpoint is gone
+    monkeypatch.undo()  # space freed
+    resumed = train(tiny_cfg(epochs=3), out, resume=True, progress=False)
+    assert resumed["status"] == "ok" and [r["epoch"] for r in read_jsonl(out / "epochs.jsonl")] == [1, 2, 3]
+    train(tiny_cfg(epochs=3), tmp_path / "whole", progress=False)
+    ours, whole = (torch.load(d / "weights.pt", weights_only=False)["model"] for d in (out, tmp_path / "whole"))
+    assert all(torch.equal(ours[k], whole[k]) for k in whole)  # the resume lost nothing
 
 
 def test_disk_full_at_the_start_is_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
@@ -167,7 +208,8 @@ def test_disk_full_at_the_start_is_one_line(tmp_path: Path, capsys, monkeypatch)
 
     monkeypatch.setattr(training, "write_json", full)
     code, err = run_cli(["train", "--out", str(tmp_path / "r"), "--epochs", "1", *TINY_ARGS], capsys)
-    assert code == 3 and "No space left on device" in one_error_line(err)
+    line = one_error_line(err)
+    assert code == 4 and "No space left on device" in line and "--resume" in line
 
 
 def test_a_nan_validation_metric_is_a_failure_never_ok(tmp_path: Path, monkeypatch) -> None:

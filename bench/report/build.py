@@ -1,6 +1,7 @@
 """Making a report: read the run folders, build every registered artifact per environment, write the files.
 
-Writes, into a fresh report folder:
+Writes, into a fresh report folder (made aside and renamed into place when complete, so a failure
+leaves the earlier report, if any, as it was):
 
     report.md                 everything below, embedded, with the environments in a header
     tables/<key>.md, .csv     one per artifact (CSV: numeric, every environment, units in column names)
@@ -14,10 +15,11 @@ run are listed with the grids that would fill them.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +35,9 @@ from bench.report.envview import EnvView
 from bench.report.markdown import render, table_file
 from bench.report.options import DEFAULT_RESULTS, Options
 from bench.report.plotting import draw
-from bench.report.runs import load_runs
+from bench.report.runs import RunRecord, load_runs
 from bench.report.setting import setting_from
-from ddnet.errors import UserError, make_folder
+from ddnet.errors import UserError, make_folder, out_of_space
 
 
 @dataclass
@@ -59,8 +61,8 @@ class Report:
         return None
 
 
-def _prepare_out(out: Path, force: bool) -> None:
-    """Create an empty report folder; refuse to clobber one unless --force, and never delete non-reports."""
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse an --out that is a file, an earlier report without --force, or a folder that is not a report."""
     if out.exists():
         if not out.is_dir():
             raise UserError(f"--out {out} is a file; choose a folder for the report.")
@@ -72,8 +74,17 @@ def _prepare_out(out: Path, force: bool) -> None:
                     f"{out} is not a report folder (no report.md, or it holds run folders); "
                     "refusing to delete it even with --force: choose another --out."
                 )
-            shutil.rmtree(out)
-    make_folder(out, "pass a writable --out folder for the report.")
+
+
+def _swap_in(work: Path, out: Path) -> None:
+    """Put the finished report `work` at `out`, replacing the one there (checked by `_check_out`)."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    work.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
@@ -143,7 +154,30 @@ def make_report(
     runs = load_runs(results_dir)
     paper = load_paper()
     out = Path(out) if out is not None else results_dir / "report"
-    _prepare_out(out, force)
+    _check_out(out, force)
+    # written aside and renamed into place when complete: a failure (a full disk, a crash) leaves the earlier
+    # report as it was and no half-written one, so the same command can simply be run again
+    make_folder(out.parent, "pass a writable --out folder for the report.")
+    work = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    make_folder(work, "pass a writable --out folder for the report.")
+    try:
+        rep = _write(results_dir, runs, paper, opts, work)
+        _swap_in(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    def moved(path: Path) -> Path:
+        return out / path.relative_to(work)
+
+    for e in rep.environments:
+        for t in e.tables:
+            t.plots = [moved(p) for p in t.plots]
+    return replace(rep, out=out, report_md=moved(rep.report_md), files=[moved(f) for f in rep.files])
+
+
+def _write(results_dir: Path, runs: list[RunRecord], paper: dict[str, Any], opts: Options, out: Path) -> Report:
+    """Every table, figure and report.md of `runs` into the empty folder `out`."""
     tables_dir, figs_dir = out / "tables", out / "figures"
     files: list[Path] = []
 
@@ -163,6 +197,8 @@ def make_report(
             try:
                 png = draw(art.plot, t, figs_dir / f"{art.key}{suffix}.png")
             except Exception as exc:  # noqa: BLE001
+                if out_of_space(exc):  # not this plot's problem: every later file would fail alike
+                    raise
                 e.problems.append(f"{t.title}: plot could not be drawn ({type(exc).__name__}: {exc})")
                 png = None
             if png is not None:

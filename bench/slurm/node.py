@@ -19,7 +19,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench.cell_log import StallWatch, exit_text, log_tail, record_failure, stall_error
+from bench.cell_log import (
+    EXIT_NO_SPACE,
+    StallWatch,
+    error_line,
+    exit_text,
+    log_tail,
+    record_failure,
+    stall_error,
+)
 from bench.slurm.options import CELL_LOCK, RESUME_FLAG, CellJob, _now
 from bench.store import read_jsonl, read_summary, rewrite_jsonl
 
@@ -305,6 +313,9 @@ class CellCommand:
         if self._stalled is not None:  # stopped as hung: failed (not resubmitted) unless --retry-failed
             s = record_failure(folder, s, rc, log_tail(log_path), stall_error(*self._stalled))
             raise CellFailed(f"{folder}: {s.get('error')} (see {log_path})")
+        if rc == EXIT_NO_SPACE:  # the trainer recorded nothing as failed: the next submission resumes it
+            raise CellFailed(f"{folder}: the disk is full ({error_line(log_tail(log_path))}); free some space, the "
+                             f"cell stays resumable (see {log_path})")
         if rc < 0:
             # killed by a signal: scancel, preemption without requeue, the OOM killer, node trouble. The
             # folder stays resumable; the next `bench run --executor slurm` resubmits it.
