@@ -24,7 +24,7 @@ Where they come from, best first (`CellEstimate.source`):
    any run of the same configuration but its sparsity (a hybrid cell's dense epochs are a
    dense model's), or from a calibration of that phase ("by phase: dense from <folder>,
    sparse calibrated"); only where every phase is measured is it 'measured';
-2. calibrated (`bench run --calibrate`, `bench.cmd_run.calibrate`): two epochs of
+2. calibrated (`bench run --calibrate`, `bench.calibrate.calibrate`): two epochs of
    `CAL_STEPS` steps of each distinct configuration and phase; a full epoch is the timed
    one plus a median step per further step, validation per slice ("calibrated: 3 steps").
    A data-bound host loader is underestimated;

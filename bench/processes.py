@@ -401,7 +401,7 @@ def run_grid(
 
     `on_plan(planned, order, estimate)` is called once the run order is fixed, before the first cell
     (`bench run` prints the plan with it); the estimates read the run folders under `out` and
-    `estimate_from`, and `calibrations` (`bench.cmd_run.calibrate`).
+    `estimate_from`, and `calibrations` (`bench.calibrate.calibrate`).
     Raises KeyboardInterrupt when interrupted (the running cell is stopped and stays resumable), and an
     OSError (ENOSPC) when a cell, or the runner, could not write for a full disk (the cell stays resumable).
     """

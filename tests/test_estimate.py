@@ -21,8 +21,9 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
+from bench.calibrate import calibrate, calibration_config, calibration_jobs
 from bench.cli import app
-from bench.cmd_run import calibrate, calibration_config, calibration_jobs, total_line
+from bench.cmd_run import total_line
 from bench.estimate import (
     CAL_STEPS,
     LAUNCHES,
