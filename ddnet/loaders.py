@@ -10,12 +10,16 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ddnet.config import TrainConfig
+from ddnet.data import SliceDataset, SliceSet, load_split
 from ddnet.errors import UserError
+from ddnet.replicas import Dist, agree
 
 
 def epoch_permutation(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
@@ -197,3 +201,65 @@ def _check_fits(need: int, free: int, device: torch.device, where: str) -> None:
             f"of {total / 2**30:.2f} GiB is free{' ' + where if where else ''} on {device}; use --loader host "
             "or fewer/smaller slices."
         )
+
+
+# ----------------------------------------------------------------- a run's data
+
+
+@dataclass
+class RunData:
+    """What one run trains and validates on, as `load_run_data` built it on this rank."""
+
+    loader: HostLoader | DeviceLoader
+    image_side: int
+    read_files: bool
+    """Whether this rank read the files (global rank 0; every rank with the host loader)."""
+    placement: list[dict[str, Any]]
+    """Where every rank runs (rank, host, node, local rank): gathered while the ranks agree on the data."""
+    data_load: dict[str, Any]
+    """Seconds spent reading or generating the slices (`data_load_s`) and the data cache's verdict."""
+    staging: dict[str, Any] = field(default_factory=lambda: {"staging_time_s": 0.0, "staging_bytes": 0})
+    val: SliceSet | None = None
+    """The validation set, on global rank 0 only (it alone validates)."""
+
+
+def load_run_data(cfg: TrainConfig, device: torch.device, me: Dist) -> RunData:
+    """Read the splits, agree over the group that every rank could, then build the loader (`me`: this rank).
+
+    Who reads files: DoLL under DDP reads the training set on global rank 0 only and
+    broadcasts it to every rank, across nodes too (`stage_on_device`); the host loader
+    reads its own full copy on every rank (each node needs the data at --data, or its own
+    synthetic cache). Validation data is read on global rank 0 only (it alone validates).
+    """
+    read_here = me.main or cfg.loader == "host"
+    train, val, refusal = None, None, None
+    data_load: dict[str, Any] = {"data_load_s": 0.0}
+    try:
+        if read_here:
+            train = load_split(cfg.data, "train")
+            data_load = dict(train.load)
+        if me.main:
+            val = load_split(cfg.data, "val")
+            data_load["data_load_s"] += val.load["data_load_s"]  # reading or generating, apart from training
+        if train is not None and len(train) < cfg.batch_size:
+            raise UserError(
+                f"the training set has {len(train)} slices, fewer than --batch-size {cfg.batch_size}; "
+                "lower --batch-size or add data (--n-train)."
+            )
+    except UserError as e:
+        refusal = str(e)
+    # Under DDP a data refusal on one rank must reach the others, which would otherwise wait in the
+    # staging broadcast until the collective timeout; the same gather tells every rank where the others run.
+    refusal, placement = agree(refusal, me)
+    if refusal is not None:
+        raise UserError(refusal)
+    common = {"read_files": read_here, "placement": placement, "data_load": data_load, "val": val}
+    if cfg.loader == "device":
+        lq_d, hq_d, staging = stage_on_device(
+            train.lq if train is not None else None, train.hq if train is not None else None,
+            device, cfg.channels_last, me.rank, me.world,
+        )
+        return RunData(DeviceLoader(lq_d, hq_d, cfg, me.rank, me.world), int(min(lq_d.shape[-2:])),
+                       staging=staging, **common)
+    return RunData(HostLoader(SliceDataset(train), cfg, device, me.rank, me.world),
+                   int(min(train.lq.shape[-2:])), **common)

@@ -34,10 +34,9 @@ from ddnet.checkpoint import (
 )
 from ddnet.config import TrainConfig, check_runnable, resolve_device
 from ddnet.convert import load_model_weights
-from ddnet.data import SliceDataset, load_split
 from ddnet.errors import UserError, out_of_space
 from ddnet.hooks import InstrumentsFactory, RunSink
-from ddnet.loaders import DeviceLoader, HostLoader, stage_on_device
+from ddnet.loaders import load_run_data
 from ddnet.loss import DDNetLoss
 from ddnet.model import DDNet
 from ddnet.optim import GraphedStep, StepParts, build_step, make_optimizer, setup_precision
@@ -84,8 +83,9 @@ class Run:
         self.fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
         tools = make_instruments(self.device, cfg, self.dist.main)
         self.timer, self.memory, self.profile = tools.timer, tools.memory, tools.profile_copies
-        self.staging: dict[str, Any] = {"staging_time_s": 0.0, "staging_bytes": 0}
-        self._load_data()
+        data = load_run_data(cfg, self.device, self.dist)
+        self.loader, self.val, self.image_side, self.read_files = data.loader, data.val, data.image_side, data.read_files
+        self.data_load, self.staging, self.placement = data.data_load, data.staging, data.placement
         self.model = self._build_model()
         # TF32 guard around the loss only where the process runs in TF32 (decided once, not per step)
         self.loss_fn = DDNetLoss(self.image_side, guard_tf32=cfg.precision == "tf32")
@@ -116,49 +116,6 @@ class Run:
             torch.cuda.set_device(index)
             return torch.device("cuda", index)
         return torch.device("cpu")
-
-    def _load_data(self) -> None:
-        """Read the splits, agree over the group that every rank could, then build the loader.
-
-        Who reads files: DoLL under DDP reads the training set on global rank 0 only and
-        broadcasts it to every rank, across nodes too (`stage_on_device`); the host loader
-        reads its own full copy on every rank (each node needs the data at --data, or its own
-        synthetic cache). Validation data is read on global rank 0 only (it alone validates).
-        """
-        cfg, dist = self.cfg, self.dist
-        read_here = dist.main or cfg.loader == "host"
-        self.read_files = read_here
-        train, refusal = None, None
-        self.data_load: dict[str, Any] = {"data_load_s": 0.0}
-        try:
-            if read_here:
-                train = load_split(cfg.data, "train")
-                self.data_load = dict(train.load)
-            if dist.main:
-                self.val = load_split(cfg.data, "val")
-                self.data_load["data_load_s"] += self.val.load["data_load_s"]  # reading or generating, apart from training
-            if train is not None and len(train) < cfg.batch_size:
-                raise UserError(
-                    f"the training set has {len(train)} slices, fewer than --batch-size {cfg.batch_size}; "
-                    "lower --batch-size or add data (--n-train)."
-                )
-        except UserError as e:
-            refusal = str(e)
-        # Under DDP a data refusal on one rank must reach the others, which would otherwise wait in the
-        # staging broadcast until the collective timeout; the same gather tells every rank where the others run.
-        refusal, self.placement = agree(refusal, dist)
-        if refusal is not None:
-            raise UserError(refusal)
-        if cfg.loader == "device":
-            lq_d, hq_d, self.staging = stage_on_device(
-                train.lq if train is not None else None, train.hq if train is not None else None,
-                self.device, cfg.channels_last, dist.rank, dist.world,
-            )
-            self.loader = DeviceLoader(lq_d, hq_d, cfg, dist.rank, dist.world)
-            self.image_side = int(min(lq_d.shape[-2:]))
-        else:
-            self.loader = HostLoader(SliceDataset(train), cfg, self.device, dist.rank, dist.world)
-            self.image_side = int(min(train.lq.shape[-2:]))
 
     def _build_model(self) -> nn.Module:
         model = DDNet(self.cfg.model)
