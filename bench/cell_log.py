@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.store import epoch_wall, read_jsonl, write_json
+from ddnet.errors import UserError
 
 LAUNCHES = "launches.jsonl"
 """Per cell folder: one row per `bench train` process the runner started (wall time, epochs before/after)."""
@@ -26,6 +27,20 @@ STALL_FACTOR = 10.0
 EXIT_NO_SPACE = 4
 """`bench train`'s exit status when a write failed because the disk (or quota) is full. Nothing is recorded
 as failed: both executors leave the cell resumable and stop starting cells on that disk (`out_of_space`)."""
+
+EXIT_NO_DEVICE = 5
+"""`bench train`'s exit status when the grid that started it was planned on a GPU and none is visible now (a GPU
+that failed or was taken away): it must not fall back to the CPU. The cell is left resumable and the grid stops."""
+
+PLANNED_DEVICE_ENV = "DDNET_BENCH_PLANNED_DEVICE"
+"""Set by the local runner for each cell: the device ('cuda' or 'cpu') this machine had when the grid started."""
+
+
+class DeviceGone(UserError):
+    """The grid's GPU is no longer visible: one line, exit status `EXIT_NO_DEVICE`."""
+
+    exit_code = EXIT_NO_DEVICE
+
 
 LOG_TAIL_LINES = 20
 """Lines of a failed cell's train.log shown to the user and stored in its summary."""

@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         if not _is_user_error(e):
             raise
         typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))  # a UserError may name its own (bench.cell_log.DeviceGone)
     if isinstance(code, int) and code != 0:
         sys.exit(code)
 

@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import typer
 
-from bench.cell_log import EXIT_NO_SPACE
+from bench.cell_log import EXIT_NO_SPACE, PLANNED_DEVICE_ENV, DeviceGone
 from bench.training import train
 from ddnet.config import ConfigError, TrainConfig, check_runnable, resolve_device
 from ddnet.config_fields import ConfigField, config_fields
@@ -162,6 +162,10 @@ train_cmd.__signature__, train_cmd.__annotations__ = _signature()  # type: ignor
 
 def run_training(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True) -> None:
     """Run in this process, under torchrun, or spawn `cfg.nproc` replicas; exit 3 if training failed."""
+    if os.environ.get(PLANNED_DEVICE_ENV) == "cuda" and cfg.device != "cpu" and not torch.cuda.is_available():
+        # a grid cell planned on a GPU that is gone: never fall back to the CPU (hours a cell, another machine)
+        raise DeviceGone("this cell's grid was planned on a CUDA device but none is visible now (the GPU failed "
+                         "or was taken away); check it (nvidia-smi), then run the same command again.")
     check_runnable(cfg)  # refuse before spawning anything
     if not ("RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1):
         _run_training(cfg, out, resume, progress, None)

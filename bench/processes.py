@@ -7,7 +7,8 @@ their checkpoint, failed ones stay failed unless `--retry-failed`; nothing
 written is overwritten. A failing cell is recorded and the grid goes on, as is one
 that stops making progress (`bench.cell_log.stall_limit_s`: no new epoch for 10x its
 slowest, at least 30 min). Ctrl-C or SIGTERM stops the running cell and leaves it resumable, not failed;
-so does a full disk (the cell exits EXIT_NO_SPACE), which also stops the grid: every later cell would fail alike.
+so does a full disk (the cell exits EXIT_NO_SPACE) or a GPU gone (EXIT_NO_DEVICE: the grid started with one and a
+cell sees none), which also stop the grid: every later cell would fail alike, or fall back to the CPU.
 
 Each launch is appended to `<cell>/launches.jsonl` (for `bench.estimate`); the display
 shows the grid's elapsed and remaining time (`GridClock`), re-estimated as cells finish.
@@ -30,11 +31,21 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bench.cell_log import EXIT_NO_SPACE, LAUNCHES, StallWatch, log_tail, record_failure, stall_error
+from bench.cell_log import (
+    EXIT_NO_DEVICE,
+    EXIT_NO_SPACE,
+    LAUNCHES,
+    PLANNED_DEVICE_ENV,
+    DeviceGone,
+    StallWatch,
+    log_tail,
+    record_failure,
+    stall_error,
+)
 from bench.estimate import Calibration, PlanEstimate, estimate_plan
 from bench.grid_clock import GridClock
+from bench.grid_display import GridDisplay, LiveGridDisplay
 from bench.grids import Grid
 from bench.planning import (
     Overrides,
@@ -46,6 +57,7 @@ from bench.planning import (
     prepare_out,
 )
 from bench.store import append_jsonl, read_jsonl, read_summary, rewrite_jsonl
+from ddnet.config import resolve_device
 from ddnet.errors import UserError
 
 TRAIN_COMMAND: tuple[str, ...] = (sys.executable, "-m", "bench.cli", "train")
@@ -159,11 +171,12 @@ def run_cell(
     out: Path,
     grid_name: str,
     version: str,
-    display: _Display,
+    display: GridDisplay,
     command: Sequence[str] = TRAIN_COMMAND,
     retry_failed: bool = False,
     timeout_s: float | None = None,
     stall_timeout_s: float | None = None,
+    machine_device: str = "cpu",
 ) -> CellResult:
     """Run (or skip, or reuse) one planned cell; never overwrites a finished result.
 
@@ -196,7 +209,7 @@ def run_cell(
         rewrite_jsonl(epochs_path, [])
     argv = [*command, "--config", str(request), "--out", str(cell_dir)] + (["--resume"] if resume else [])
     log_path = cell_dir / "train.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", PLANNED_DEVICE_ENV: machine_device}
     epochs_before = len(read_jsonl(epochs_path)) if resume else 0
     with open(log_path, "a") as log:
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -246,6 +259,11 @@ def run_cell(
     if rc == EXIT_NO_SPACE:  # every later cell would fail alike: stop the grid, leave this cell resumable
         display.failure(p.folder, log_tail(log_path), log_path, "stopped: the disk is full")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(cell_dir))
+    if rc == EXIT_NO_DEVICE:  # likewise: no cell may fall back to the CPU
+        display.failure(p.folder, log_tail(log_path), log_path, "stopped: the GPU is gone")
+        raise DeviceGone(f"the grid's GPU is no longer visible ({p.folder} could not start on it); check it "
+                         "(nvidia-smi), then run the same command again: finished cells are kept and this one "
+                         "resumes from its last checkpoint.")
     action = "resumed" if resume else "ran"
     if rc == 0 and s.get("status") == "ok":
         return result_from_summary(p, s, action)
@@ -256,127 +274,6 @@ def run_cell(
     s = record_failure(cell_dir, s, rc, tail, stop_why)
     display.failure(p.folder, tail, log_path)
     return result_from_summary(p, s, action)
-
-
-# ------------------------------------------------------------------ display
-
-
-class _Display:
-    """Progress for a grid: plain lines (not a TTY, CI) or a rich live display; each with the grid's elapsed and
-    estimated remaining time (`clock`: run_grid tells it when cells start and finish)."""
-
-    def __init__(self, console: Console, total: int, clock: GridClock) -> None:
-        self.console = console
-        self.total = total
-        self.clock = clock
-        self.done = 0
-        self.current = ""
-        self.shown = 0
-
-    def __enter__(self) -> _Display:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def grid_time(self) -> str:
-        """'elapsed 3m02s, ~12m05s left'."""
-        return self.clock.text(time.monotonic())
-
-    def _print(self, text: str) -> None:
-        self.console.print(text, markup=False, highlight=False)
-
-    def start(self, index: int, p: PlannedCell) -> None:
-        self.current = p.folder
-        self.shown = 0
-        self._print(f"[{index}/{self.total}] {p.folder}: {p.cell.label}  (grid: {self.grid_time()})")
-
-    def epoch(self, rows: list[dict[str, Any]], epochs: int) -> None:
-        self.clock.cell_progress(rows, epochs)
-        # one line per epoch row, each once (rows from before a resume included)
-        for row in rows[self.shown:]:
-            self._print(f"    {_epoch_text(row, epochs)}  | grid {self.grid_time()}")
-        self.shown = max(self.shown, len(rows))
-
-    def tick(self) -> None:
-        pass
-
-    def finish(self, r: CellResult) -> None:
-        self.done += 1
-        detail = f" ({r.error})" if r.status == "skipped" and r.error else ""
-        self._print(f"    -> {r.status} [{r.action}]{detail}; grid {self.done}/{self.total} cells, {self.grid_time()}")
-
-    def failure(self, folder: str, tail: list[str], log: Path, what: str = "failed") -> None:
-        self._print(f"    {folder} {what}; last lines of {log}:")
-        for line in tail:
-            self._print(f"    | {line}")
-
-
-class _LiveDisplay(_Display):
-    """Rich progress bars: cells done/total with the grid's elapsed and remaining time, and the current cell's
-    epochs with loss and MS-SSIM."""
-
-    def __init__(self, console: Console, total: int, clock: GridClock) -> None:
-        super().__init__(console, total, clock)
-        # auto_refresh=False: no refresh thread, so forking the cell process stays safe
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[info]}"),
-            console=console, auto_refresh=False, transient=False,
-        )
-        self.grid_task = self.progress.add_task("cells", total=total, info=self.grid_time())
-        self.cell_task = self.progress.add_task("epochs", total=1, info="", visible=False)
-
-    def __enter__(self) -> _Display:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.refresh()
-        self.progress.stop()
-
-    def tick(self) -> None:
-        # the grid's bar: the running cell, elapsed and remaining (which moves between epochs too)
-        self.progress.update(self.grid_task, info=f"{self.current}  {self.grid_time()}".strip())
-        self.progress.refresh()
-
-    def start(self, index: int, p: PlannedCell) -> None:
-        self.current = p.folder
-        self.progress.reset(self.cell_task, total=p.config.epochs, completed=0, visible=True,
-                            description=f"  {p.cell.name}", info="starting")
-        self.tick()
-
-    def epoch(self, rows: list[dict[str, Any]], epochs: int) -> None:
-        self.clock.cell_progress(rows, epochs)
-        info = _epoch_text(rows[-1], epochs) if rows else "waiting for epoch 1"
-        self.progress.update(self.cell_task, completed=len(rows), total=epochs, info=info)
-        self.tick()
-
-    def finish(self, r: CellResult) -> None:
-        self.done += 1
-        self.current = ""
-        self.progress.update(self.grid_task, completed=self.done)
-        self.progress.update(self.cell_task, visible=False)
-        if r.action not in ("reused",):
-            detail = f" ({r.error})" if r.status == "skipped" and r.error else ""
-            self.progress.console.print(f"{r.folder}: {r.status} [{r.action}]{detail}", markup=False, highlight=False)
-        self.tick()
-
-    def failure(self, folder: str, tail: list[str], log: Path, what: str = "failed") -> None:
-        self.progress.console.print(f"[red]{folder} {what}[/red]; last lines of {log}:")
-        for line in tail:
-            self.progress.console.print(f"  | {line}", markup=False, highlight=False)
-
-
-def _epoch_text(row: dict[str, Any], epochs: int) -> str:
-    def fmt(v: Any, spec: str) -> str:
-        return format(v, spec) if isinstance(v, int | float) else "-"
-
-    return (
-        f"epoch {row.get('epoch', '?')}/{epochs} {row.get('phase', '')} "
-        f"loss {fmt(row.get('train_loss'), '.4g')} MS-SSIM {fmt(row.get('val_ms_ssim'), '.2f')}% "
-        f"{fmt(row.get('time_s'), '.1f')} s"
-    )
 
 
 # ------------------------------------------------------------------ the grid
@@ -402,8 +299,9 @@ def run_grid(
     `on_plan(planned, order, estimate)` is called once the run order is fixed, before the first cell
     (`bench run` prints the plan with it); the estimates read the run folders under `out` and
     `estimate_from`, and `calibrations` (`bench.calibrate.calibrate`).
-    Raises KeyboardInterrupt when interrupted (the running cell is stopped and stays resumable), and an
-    OSError (ENOSPC) when a cell, or the runner, could not write for a full disk (the cell stays resumable).
+    Raises KeyboardInterrupt when interrupted (the running cell is stopped and stays resumable), an
+    OSError (ENOSPC) when a cell, or the runner, could not write for a full disk, and DeviceGone when the
+    GPU this machine had at the start is no longer visible to a cell (either way the cell stays resumable).
     """
     console = console or Console()
     overrides = overrides or Overrides()
@@ -412,6 +310,7 @@ def run_grid(
     by_folder = {p.folder: p for p in planned}
     seed = overrides.seed if overrides.seed is not None else grid.base().seed
     results: list[CellResult] = []
+    machine_device = resolve_device("auto")  # once: a GPU that vanishes mid-grid must not turn cells into CPU runs
     with exclusive(out):
         order = prepare_out(out, grid, planned, seed, resume, version)
 
@@ -425,14 +324,14 @@ def run_grid(
         if on_plan is not None:
             on_plan(planned, order, plan)
         clock = GridClock(plan, time.monotonic())
-        display_cls = _LiveDisplay if console.is_terminal else _Display
+        display_cls = LiveGridDisplay if console.is_terminal else GridDisplay
         with _sigterm_as_interrupt(), display_cls(console, len(order), clock) as display:
             try:
                 for i, folder in enumerate(order, start=1):
                     clock.cell_started(folder, time.monotonic())
                     display.start(i, by_folder[folder])
                     r = run_cell(by_folder[folder], out, grid.name, version, display, command, retry_failed,
-                                 cell_timeout_s, stall_timeout_s)
+                                 cell_timeout_s, stall_timeout_s, machine_device)
                     clock.cell_finished(folder)
                     if r.action != "reused":  # a new measurement: better estimates for the cells to come
                         clock.plan = estimate() or clock.plan

@@ -19,7 +19,8 @@ from ddnet.config import DataConfig, ModelConfig, TrainConfig
 # launch to $FAKE_CALLS, crashes without a summary when its folder name contains $FAKE_CRASH,
 # records a failed run (as a NaN loss would) at epoch 1 when it contains $FAKE_FAIL, hangs (a stuck
 # GPU, say) in epoch 2 when it contains $FAKE_HANG, stops as `bench train` does on a full disk (exit 4,
-# nothing recorded as failed) in epoch 2 when it contains $FAKE_FULL, and sleeps $FAKE_EPOCH_S per epoch.
+# nothing recorded as failed) in epoch 2 when it contains $FAKE_FULL, stops as a GPU gone (exit 5) in epoch 2
+# when it contains $FAKE_NO_GPU, and sleeps $FAKE_EPOCH_S per epoch.
 FAKE_TRAIN = r'''
 import json, os, sys, time
 from pathlib import Path
@@ -28,7 +29,8 @@ cfg = json.loads(Path(args[args.index("--config") + 1]).read_text())
 out = Path(args[args.index("--out") + 1])
 resume = "--resume" in args
 with open(os.environ["FAKE_CALLS"], "a") as f:
-    f.write(json.dumps({"folder": out.name, "resume": resume}) + "\n")
+    f.write(json.dumps({"folder": out.name, "resume": resume,
+                        "planned_device": os.environ.get("DDNET_BENCH_PLANNED_DEVICE")}) + "\n")
 summ, rows_path, ck = out / "summary.json", out / "epochs.jsonl", out / "ckpt.pt"
 def put(path, text):  # atomic, as the real trainer writes: a kill never leaves a torn file
     tmp = path.with_name("." + path.name + ".tmp")
@@ -50,6 +52,8 @@ for e in range(start + 1, cfg["epochs"] + 1):
         print("segfault-like crash"); sys.stdout.flush(); os._exit(9)
     if os.environ.get("FAKE_HANG") and os.environ["FAKE_HANG"] in out.name and e == 2:
         time.sleep(3600)
+    if os.environ.get("FAKE_NO_GPU") and os.environ["FAKE_NO_GPU"] in out.name and e == 2:
+        print("error: this cell's grid was planned on a CUDA device but none is visible now"); sys.exit(5)
     if os.environ.get("FAKE_FULL") and os.environ["FAKE_FULL"] in out.name and e == 2:
         print(f"error: cannot write {ck} (the disk is full: No space left on device)"); sys.exit(4)
     if os.environ.get("FAKE_FAIL") and os.environ["FAKE_FAIL"] in out.name and e == 1:

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from bench import planning
-from bench.cell_log import LAUNCHES, STALL_FACTOR, STALL_FLOOR_S, stall_limit_s
+from bench import planning, processes
+from bench.cell_log import LAUNCHES, STALL_FACTOR, STALL_FLOOR_S, DeviceGone, stall_limit_s
 from bench.estimate import machine_fingerprint
 from bench.planning import Overrides, code_version, plan_grid
 from bench.processes import run_grid
@@ -114,7 +114,7 @@ def test_failed_and_crashed_cells_are_recorded_and_the_grid_goes_on(tmp_path, fa
     monkeypatch.delenv("FAKE_CRASH")
     retried = run_grid(make_grid(4), out, command=cmd, console=quiet(), retry_failed=True)
     assert [r.status for r in retried] == ["ok", "failed", "ok", "ok"]
-    assert launched()[-1] == {"folder": results[2].folder, "resume": True}
+    assert launched()[-1] == {"folder": results[2].folder, "resume": True, "planned_device": "cpu"}
     assert [r["epoch"] for r in read_jsonl(out / results[2].folder / "epochs.jsonl")] == [1, 2]
 
 
@@ -136,6 +136,24 @@ def test_a_full_disk_stops_the_grid_and_leaves_the_cell_resumable(tmp_path, fake
     assert [r["epoch"] for r in read_jsonl(d1 / "epochs.jsonl")] == [1, 2]
 
 
+def test_a_gpu_gone_mid_grid_stops_it_and_no_cell_falls_back_to_the_cpu(tmp_path, fake, monkeypatch):
+    cmd, launched = fake
+    # the grid starts on a machine with a GPU: every cell is told so (bench train then refuses to run without one)
+    monkeypatch.setattr(processes, "resolve_device", lambda name: "cuda")
+    monkeypatch.setenv("FAKE_NO_GPU", "c1-")  # c1's process finds no GPU: bench train exits 5
+    out = tmp_path / "out"
+    with pytest.raises(DeviceGone, match="GPU is no longer visible .*c1-.*run the same command again") as err:
+        run_grid(make_grid(3), out, command=cmd, console=quiet())
+    assert err.value.exit_code == 5
+    assert [(c["folder"][:3], c["planned_device"]) for c in launched()] == [("c0-", "cuda"), ("c1-", "cuda")]
+    (d1,) = out.glob("c1-*")
+    assert read_json(d1 / "summary.json")["status"] == "running"  # resumable, not failed
+    monkeypatch.delenv("FAKE_NO_GPU")  # the GPU is back
+    results = run_grid(make_grid(3), out, command=cmd, console=quiet())
+    assert [(r.status, r.action) for r in results] == [("ok", "reused"), ("ok", "resumed"), ("ok", "ran")]
+    assert [r["epoch"] for r in read_jsonl(d1 / "epochs.jsonl")] == [1, 2]
+
+
 def test_a_hung_cell_is_stopped_after_its_stall_limit_and_the_grid_goes_on(tmp_path, fake, monkeypatch):
     cmd, launched = fake
     monkeypatch.setenv("FAKE_HANG", "c0-")  # c0 hangs in epoch 2, after one row
@@ -151,8 +169,8 @@ def test_a_hung_cell_is_stopped_after_its_stall_limit_and_the_grid_goes_on(tmp_p
     assert read_jsonl(out / results[1].folder / "launches.jsonl")[-1]["stalled"] is False
     monkeypatch.delenv("FAKE_HANG")
     retried = run_grid(make_grid(2), out, Overrides(epochs=3), command=cmd, console=quiet(), retry_failed=True)
-    assert [r.status for r in retried] == ["ok", "ok"] and launched()[-1] == {"folder": results[0].folder,
-                                                                              "resume": True}
+    assert [r.status for r in retried] == ["ok", "ok"]
+    assert launched()[-1] == {"folder": results[0].folder, "resume": True, "planned_device": "cpu"}
     assert [r["epoch"] for r in read_jsonl(out / results[0].folder / "epochs.jsonl")] == [1, 2, 3]
 
 

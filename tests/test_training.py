@@ -212,6 +212,18 @@ def test_disk_full_at_the_start_is_one_line(tmp_path: Path, capsys, monkeypatch)
     assert code == 4 and "No space left on device" in line and "--resume" in line
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a visible GPU")
+def test_a_cell_planned_on_a_gpu_never_falls_back_to_the_cpu(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("DDNET_BENCH_PLANNED_DEVICE", "cuda")  # bench run saw a GPU when the grid started
+    args = ["train", "--out", str(tmp_path / "r"), "--epochs", "1", *TINY_ARGS]
+    auto = [a if a != "cpu" else "auto" for a in args]  # --device auto: would resolve to this CPU
+    code, err = run_cli(auto, capsys)
+    assert code == 5 and "planned on a CUDA device but none is visible now" in one_error_line(err)
+    assert not (tmp_path / "r").exists()
+    code, err = run_cli(args, capsys)  # a cell that asked for the CPU runs on it
+    assert code == 0 and read_json(tmp_path / "r" / "summary.json")["status"] == "ok"
+
+
 def test_a_nan_validation_metric_is_a_failure_never_ok(tmp_path: Path, monkeypatch) -> None:
     real = trainer.validate
 
