@@ -11,7 +11,8 @@ Statuses (one per cell):
     submitted   a job is recorded, no summary yet, and its Slurm state was not asked for
     queued      its job waits in the queue (a requeued cell shows the epochs it resumes from)
     running     epochs under way ('epoch k/N'); without job states, any unfinished started cell
-    stopped     unfinished, and its job ended (failed, cancelled, gone): `bench run` resubmits it
+    stopped     unfinished, and its job ended (failed, cancelled, gone): `bench run` resubmits it; or,
+                without job states, the process its summary names ran on this host and has ended
     finished    summary.json status 'ok'
     failed      summary.json status 'failed' (its error's first line)
     skipped     summary.json status 'skipped' (the reason)
@@ -28,7 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bench.slurm import latest_job_records
-from bench.store import epoch_cost, read_jsonl_checked
+from bench.store import epoch_cost, read_jsonl_checked, writer_alive
 from ddnet.errors import UserError
 
 STATUSES = ("pending", "submitted", "queued", "running", "stopped", "finished", "failed", "skipped",
@@ -131,6 +132,10 @@ def _cell_row(folder: Path, record: dict[str, Any] | None, states: dict[str, str
             detail = f"job {job} {state} at epoch {of}; `bench run` resubmits it"
         elif state == "unknown":
             status, detail = "submitted", f"job {job}, not listed by Slurm"
+        elif state is None and kind == "running" and writer_alive(s.get("writer")) is False:
+            # a local run whose process has ended (interrupted, killed, a full disk, the machine rebooted)
+            status = "stopped"
+            detail = f"at epoch {of}; its process has ended: `bench run` (or `bench train --resume`) resumes it"
         elif kind == "running" or done or state == "running":
             status = "running"
             last = rows[-1].get("phase") if rows else None

@@ -5,7 +5,7 @@ Layout of one run folder (the contract `bench report` reads):
     config.json    the TrainConfig as a dict
     env.json       the environment (bench.collectors.environment())
     epochs.jsonl   one JSON object per finished epoch, appended and fsynced
-    summary.json   status and totals; written at start ('running') and at the end
+    summary.json   status and totals; written at start ('running', with its `writer`) and at the end
     ckpt.pt        latest resumable checkpoint (atomic replace)
 
 The epoch-row rules live here, once, for every reader (the report, the estimates, `bench status`):
@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -60,6 +61,33 @@ def write_json(path: str | Path, obj: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def writer_record() -> dict[str, Any]:
+    """Who writes a run folder now, for its 'running' summary: host, pid and the process's creation time."""
+    import psutil  # noqa: PLC0415 - only the writer and `bench status` need it
+
+    return {"host": socket.gethostname(), "pid": os.getpid(), "created": psutil.Process().create_time()}
+
+
+def writer_alive(writer: Any) -> bool | None:
+    """Whether the process a 'running' summary names (`writer_record`) still runs: None when that cannot be told
+    from here (no record: an older folder; another host: a Slurm node), else True or False (a pid reused by
+    another process has another creation time)."""
+    import psutil  # noqa: PLC0415 - see writer_record
+
+    if not isinstance(writer, dict) or writer.get("host") != socket.gethostname():
+        return None
+    pid, created = writer.get("pid"), writer.get("created")
+    if not isinstance(pid, int) or not isinstance(created, int | float):
+        return None
+    try:
+        proc = psutil.Process(pid)
+        return abs(proc.create_time() - created) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return None
 
 
 def read_json(path: str | Path) -> Any:

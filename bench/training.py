@@ -23,7 +23,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bench.collectors import MemoryCollector, TimeCollector, environment, profile_copies
 from bench.roofline import estimate_bytes_per_image, lookup_peak, measure_cpu_peak
-from bench.store import append_jsonl, read_json, read_jsonl, read_summary, rewrite_jsonl, write_json
+from bench.store import (
+    append_jsonl,
+    read_json,
+    read_jsonl,
+    read_summary,
+    rewrite_jsonl,
+    write_json,
+    writer_record,
+)
 from ddnet.config import ModelConfig, TrainConfig
 from ddnet.errors import UserError, make_folder, out_of_space
 from ddnet.hooks import Instruments, InstrumentsFactory
@@ -250,7 +258,7 @@ class RunFolder:
         write_json(self.out / "config.json", config)
         write_json(self.out / "env.json", {**environment(env), "device_peak": device_peak(str(env.get("device", "cpu")))})
         self._clock.mark("recorded")
-        write_json(self.out / "summary.json", {"status": "running", "error": None})
+        write_json(self.out / "summary.json", {"status": "running", "error": None, "writer": writer_record()})
         if self.progress:
             self._bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                                  TextColumn("{task.fields[info]}"))

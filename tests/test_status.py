@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from typer.testing import CliRunner
 from bench.cli import app, main
 from bench.slurm import record_jobs
 from bench.status import cell_status_rows, format_duration, recorded_jobs, status_table, status_totals
+from bench.store import writer_record
 from ddnet.errors import UserError
 
 ORDER = ["fin-1", "fail-2", "part-3", "skip-4", "dmg-5", "wait-6", "later-7"]
@@ -95,6 +98,26 @@ def test_job_states_refine_unfinished_cells_only(grid_dir, states, part, wait):
     assert (r["part-3"]["status"], r["part-3"]["detail"]) == part
     assert (r["wait-6"]["status"], r["wait-6"]["detail"]) == wait
     assert r["fin-1"]["status"] == "finished" and r["fail-2"]["status"] == "failed"  # the folder wins
+
+
+def test_a_local_cell_whose_process_has_ended_is_stopped_not_running(grid_dir):
+    gone = subprocess.run([sys.executable, "-c", "import json, psutil, socket, os; print(json.dumps({'host': "
+                           "socket.gethostname(), 'pid': os.getpid(), 'created': psutil.Process().create_time()}))"],
+                          capture_output=True, text=True, check=True)
+    ended = json.loads(gone.stdout)  # what `bench train` records as its summary's writer, of a process now ended
+    for writer, expected in [(ended, "stopped"), (writer_record(), "running"),  # this process: alive
+                             ({**writer_record(), "created": 1.0}, "stopped"),  # its pid, reused by another process
+                             ({**ended, "host": "another-node"}, "running"),  # cannot be told from here
+                             (None, "running")]:  # an older folder: no writer recorded
+        write(grid_dir / "part-3" / "summary.json", {"status": "running", "error": None, "writer": writer})
+        part = by_cell(cell_status_rows(grid_dir))["part-3"]
+        assert part["status"] == expected, writer
+    assert part["detail"] == "epoch 2/5 (dense)"
+    write(grid_dir / "part-3" / "summary.json", {"status": "running", "error": None, "writer": ended})
+    part = by_cell(cell_status_rows(grid_dir))["part-3"]
+    assert part["detail"] == "at epoch 2/5; its process has ended: `bench run` (or `bench train --resume`) resumes it"
+    # with Slurm job states the job's state decides, as before
+    assert by_cell(cell_status_rows(grid_dir, job_states={"77_2": "running"}))["part-3"]["status"] == "running"
 
 
 def test_damaged_files_are_reported_never_raised(grid_dir):
