@@ -41,7 +41,7 @@ from ddnet.data.cache import cache_enabled, cache_root, list_entries, split_key
 from ddnet.data.errors import DataError
 from ddnet.data.readers import find_split, list_images, read_image
 from ddnet.data.synthetic import SECONDS_PER_512_SLICE, pool_workers
-from ddnet.errors import UserError, make_folder
+from ddnet.errors import UserError, make_folder, out_of_space
 
 try:
     import fcntl
@@ -362,6 +362,8 @@ def exclusive(out: Path) -> Iterator[None]:
     try:
         f = open(out / ".bench-run.lock", "w")  # noqa: SIM115 - closed below, after the grid
     except OSError as e:
+        if out_of_space(e):
+            raise
         raise UserError(f"cannot write in {out} ({e.strerror or e}); pass a writable --out folder.") from None
     with f:
         try:
