@@ -233,9 +233,15 @@ def run_eval(
         "batch_size": batch_size,
         "time_s": elapsed,
     }
-    _write_csv(folder / "slices.csv", list(slices.names), per_slice)
-    write_json(folder / "eval.json", result)
-    write_strip(folder / "strip.png", slices.lq, outputs, slices.hq, list(slices.names), per_slice)
+    written = [folder / "slices.csv", folder / "eval.json", folder / "strip.png"]
+    try:
+        _write_csv(written[0], list(slices.names), per_slice)
+        write_json(written[1], result)
+        write_strip(written[2], slices.lq, outputs, slices.hq, list(slices.names), per_slice)
+    except BaseException:  # a full disk, say: leave the folder empty, as made, so the same command can run again
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     return result, folder
 
 

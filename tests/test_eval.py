@@ -4,7 +4,9 @@ reads the original DDNet weights, and refuses bad input with one line."""
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -117,6 +119,25 @@ def test_an_earlier_evaluation_is_never_overwritten(trained: Path, tmp_path: Pat
     assert (folder / "eval.json").read_bytes() == before
     result = json.loads(before)
     assert result["data"]["split"] == "test" and result["batch_size"] == 3
+
+
+def test_a_full_disk_leaves_the_folder_empty_and_the_same_command_then_works(trained: Path, tmp_path: Path,
+                                                                              capsys, monkeypatch) -> None:
+    import bench.cmd_eval as cmd_eval  # noqa: PLC0415
+
+    def full(path, *args):  # the disk fills while the strip (the last file) is written
+        Path(path).write_bytes(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    folder = tmp_path / "ev"
+    args = ["eval", "--checkpoint", str(trained / "ckpt.pt"), "--device", "cpu", "--out", str(folder)]
+    monkeypatch.setattr(cmd_eval, "write_strip", full)
+    code, _, err = run_cli(args, capsys)
+    assert code == 4 and err.strip().startswith("error: a write failed: the disk") and len(err.strip().splitlines()) == 1
+    assert folder.is_dir() and not list(folder.iterdir())  # nothing half written is left to refuse a rerun
+    monkeypatch.undo()  # space freed
+    assert run_cli(args, capsys)[0] == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["eval.json", "slices.csv", "strip.png"]
 
 
 def test_normalisation_override_is_recorded(trained: Path, tmp_path: Path, capsys) -> None:
