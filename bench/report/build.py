@@ -82,7 +82,12 @@ def _swap_in(work: Path, out: Path) -> None:
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)
-    work.rename(out)
+    try:
+        work.rename(out)
+    except BaseException:
+        if old is not None:
+            old.rename(out)  # the earlier report back where it was
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
