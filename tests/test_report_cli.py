@@ -93,7 +93,11 @@ def test_a_report_that_fails_midway_leaves_the_earlier_one_whole(tmp_path, capsy
     assert after == before  # ... so the earlier report is untouched
     assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == []  # and nothing is left aside
     monkeypatch.undo()  # space freed: the same command works
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = root / f".report.tmp-{int(dead.stdout)}"  # what a `bench report` killed mid-way leaves
+    (stale / "tables").mkdir(parents=True)
     code, _, _ = _cli(["report", str(root), "--force"], capsys)
+    assert not stale.exists()
     assert code == 0 and {p.relative_to(root) for p in (root / "report").rglob("*") if p.is_file()} == set(before)
 
 

@@ -76,6 +76,24 @@ def _check_out(out: Path, force: bool) -> None:
                 )
 
 
+def _drop_stale(out: Path) -> None:
+    """Remove what a killed `bench report` left beside `out` (`.<name>.tmp-<pid>`, `.<name>.old-<pid>`)."""
+    for path in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = path.name[len(out.name) + 2:].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
 def _swap_in(work: Path, out: Path) -> None:
     """Put the finished report `work` at `out`, replacing the one there (checked by `_check_out`)."""
     old = None
@@ -163,6 +181,7 @@ def make_report(
     # written aside and renamed into place when complete: a failure (a full disk, a crash) leaves the earlier
     # report as it was and no half-written one, so the same command can simply be run again
     make_folder(out.parent, "pass a writable --out folder for the report.")
+    _drop_stale(out)
     work = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     make_folder(work, "pass a writable --out folder for the report.")
