@@ -8,7 +8,8 @@ written is overwritten. A failing cell is recorded and the grid goes on, as is o
 that stops making progress (`bench.cell_log.stall_limit_s`: no new epoch for 10x its
 slowest, at least 30 min). Ctrl-C or SIGTERM stops the running cell and leaves it resumable, not failed;
 so does a full disk (the cell exits EXIT_NO_SPACE) or a GPU gone (EXIT_NO_DEVICE: the grid started with one and a
-cell sees none), which also stop the grid: every later cell would fail alike, or fall back to the CPU.
+cell sees none), which also stop the grid: every later cell would fail alike, or fall back to the CPU. After a
+GPU cell fails, a one-tensor probe in a fresh process tells a broken GPU (stop the grid) from a broken cell (go on).
 
 Each launch is appended to `<cell>/launches.jsonl` (for `bench.estimate`); the display
 shows the grid's elapsed and remaining time (`GridClock`), re-estimated as cells finish.
@@ -39,6 +40,7 @@ from bench.cell_log import (
     PLANNED_DEVICE_ENV,
     DeviceGone,
     StallWatch,
+    exit_text,
     log_tail,
     record_failure,
     stall_error,
@@ -65,6 +67,26 @@ TRAIN_COMMAND: tuple[str, ...] = (sys.executable, "-m", "bench.cli", "train")
 
 POLL_S = 0.5
 """How often the runner looks at the running cell's epochs.jsonl."""
+
+GPU_PROBE: tuple[str, ...] = (sys.executable, "-c", "import torch; x = torch.ones(8, device='cuda'); "
+                              "torch.cuda.synchronize(); assert float(x.sum()) == 8.0; print('gpu ok')")
+"""Run after a GPU cell fails: does this machine's GPU still compute, in a fresh process? (`gpu_broken`)"""
+GPU_PROBE_TIMEOUT_S = 120.0
+
+
+def gpu_broken(probe: Sequence[str] | None = None) -> str | None:
+    """None when a fresh process can still compute on the GPU (`probe`, default GPU_PROBE), else why not."""
+    try:
+        res = subprocess.run(probe or GPU_PROBE, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                             timeout=GPU_PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"a one-tensor CUDA probe hung for {GPU_PROBE_TIMEOUT_S:g} s"
+    except OSError as e:
+        return f"the CUDA probe could not start ({e})"
+    if res.returncode == 0:
+        return None
+    lines = [ln.strip() for ln in (res.stderr + res.stdout).splitlines() if ln.strip()]
+    return lines[-1][:200] if lines else exit_text(res.returncode)
 
 # ------------------------------------------------------------------ one cell
 
@@ -301,7 +323,8 @@ def run_grid(
     `estimate_from`, and `calibrations` (`bench.calibrate.calibrate`).
     Raises KeyboardInterrupt when interrupted (the running cell is stopped and stays resumable), an
     OSError (ENOSPC) when a cell, or the runner, could not write for a full disk, and DeviceGone when the
-    GPU this machine had at the start is no longer visible to a cell (either way the cell stays resumable).
+    GPU this machine had at the start is no longer visible to a cell (either way the cell stays resumable)
+    or no longer computes after a cell failed on it (`gpu_broken`; that cell stays failed).
     """
     console = console or Console()
     overrides = overrides or Overrides()
@@ -337,6 +360,13 @@ def run_grid(
                         clock.plan = estimate() or clock.plan
                     display.finish(r)
                     results.append(r)
+                    p = by_folder[folder]
+                    if (r.status == "failed" and r.action != "reused" and machine_device == "cuda"
+                            and p.config.device != "cpu" and (why := gpu_broken()) is not None):
+                        # a GPU in a bad state (Xid, ECC, fallen off the bus) would fail every cell after this one
+                        raise DeviceGone(f"the GPU stopped working after {folder} failed ({why}); check it "
+                                         "(nvidia-smi), then run the same command with --retry-failed: finished "
+                                         f"cells are kept and {folder} resumes from its last checkpoint.")
             except _Interrupted as e:
                 raise KeyboardInterrupt(str(e)) from None
     return results

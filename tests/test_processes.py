@@ -154,6 +154,38 @@ def test_a_gpu_gone_mid_grid_stops_it_and_no_cell_falls_back_to_the_cpu(tmp_path
     assert [r["epoch"] for r in read_jsonl(d1 / "epochs.jsonl")] == [1, 2]
 
 
+@pytest.mark.parametrize("gpu_works", [True, False])
+def test_after_a_gpu_cell_fails_a_probe_tells_a_broken_gpu_from_a_broken_cell(tmp_path, fake, monkeypatch,
+                                                                             gpu_works):
+    cmd, launched = fake
+    monkeypatch.setattr(processes, "resolve_device", lambda name: "cuda")  # the grid starts on a GPU machine
+    broken = "RuntimeError: CUDA error: uncorrectable ECC error encountered"
+    probe = [sys.executable, "-c", "print('gpu ok')" if gpu_works else f"import sys; sys.exit({broken!r})"]
+    monkeypatch.setattr(processes, "GPU_PROBE", tuple(probe))
+    monkeypatch.setenv("FAKE_FAIL", "c1-")  # c1 fails (its summary says so, exit 3)
+    out = tmp_path / "out"
+    auto = Overrides(device="auto")  # cells that would run on the GPU
+    if gpu_works:  # a cell's own failure (NaN, OOM): recorded, and the grid goes on
+        results = run_grid(make_grid(3), out, auto, command=cmd, console=quiet())
+        assert [r.status for r in results] == ["ok", "failed", "ok"]
+        return
+    # cells that asked for the CPU do not depend on the GPU: no probe, the grid goes on
+    on_cpu = run_grid(make_grid(3), tmp_path / "cpu", command=cmd, console=quiet())
+    assert [r.status for r in on_cpu] == ["ok", "failed", "ok"]
+    n = len(launched())
+    with pytest.raises(DeviceGone, match=r"GPU stopped working after c1-\w+ failed \(RuntimeError: CUDA error: "
+                                         r"uncorrectable ECC .*--retry-failed"):
+        run_grid(make_grid(3), out, auto, command=cmd, console=quiet())
+    assert [c["folder"][:3] for c in launched()[n:]] == ["c0-", "c1-"]  # c2 never started on the broken GPU
+
+
+def test_the_gpu_probe_reports_why_it_failed():
+    assert processes.gpu_broken([sys.executable, "-c", "print('fine')"]) is None
+    assert processes.gpu_broken([sys.executable, "-c", "raise RuntimeError('no CUDA GPUs are available')"]) == (
+        "RuntimeError: no CUDA GPUs are available")
+    assert processes.gpu_broken([sys.executable, "-c", "import sys; sys.exit(7)"]) == "exited with code 7"
+
+
 def test_a_hung_cell_is_stopped_after_its_stall_limit_and_the_grid_goes_on(tmp_path, fake, monkeypatch):
     cmd, launched = fake
     monkeypatch.setenv("FAKE_HANG", "c0-")  # c0 hangs in epoch 2, after one row
