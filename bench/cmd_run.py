@@ -321,7 +321,7 @@ def run_cmd(
             raise typer.Exit(130) from None
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(getattr(e, "exit_code", 2)) from None  # DeviceGone: 5
     _finish(console, results, out_dir)
 
 

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from bench import planning, processes
+from bench import cmd_run, planning, processes
 from bench.cell_log import LAUNCHES, STALL_FACTOR, STALL_FLOOR_S, DeviceGone, stall_limit_s
+from bench.cli import main as cli_main
 from bench.estimate import machine_fingerprint
 from bench.planning import Overrides, code_version, plan_grid
 from bench.processes import run_grid
@@ -177,6 +178,23 @@ def test_after_a_gpu_cell_fails_a_probe_tells_a_broken_gpu_from_a_broken_cell(tm
                                          r"uncorrectable ECC .*--retry-failed"):
         run_grid(make_grid(3), out, auto, command=cmd, console=quiet())
     assert [c["folder"][:3] for c in launched()[n:]] == ["c0-", "c1-"]  # c2 never started on the broken GPU
+
+
+@pytest.mark.parametrize(("fault", "code", "says"), [
+    ("FAKE_FULL", 4, "the disk (or your quota) is full"), ("FAKE_NO_GPU", 5, "GPU is no longer visible")])
+def test_bench_run_answers_a_full_disk_or_a_gpu_gone_with_one_line_and_its_exit_status(
+        tmp_path, fake, monkeypatch, capsys, fault, code, says):
+    cmd, _ = fake
+    real = processes.run_grid
+    monkeypatch.setattr(cmd_run, "load_grid", lambda name: make_grid(3))
+    monkeypatch.setattr(cmd_run, "run_grid", lambda *a, **k: real(*a, **{**k, "command": cmd}))
+    monkeypatch.setattr(processes, "resolve_device", lambda name: "cuda")
+    monkeypatch.setenv(fault, "c1-")
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["run", "--grid", "fake", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert exc.value.code == code and len(lines) == 1 and says in lines[0] and "Traceback" not in err, err
 
 
 def test_the_gpu_probe_reports_why_it_failed():
