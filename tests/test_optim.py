@@ -17,7 +17,7 @@ from ddnet.config import ConfigError, DataConfig, ModelConfig, TrainConfig, chec
 from ddnet.loaders import DeviceLoader
 from ddnet.loss import DDNetLoss, _product
 from ddnet.model import DDNet
-from ddnet.optim import StepParts, build_step, graph_body, make_optimizer, setup_precision
+from ddnet.optim import GraphedStep, StepParts, build_step, graph_body, make_optimizer, setup_precision
 from ddnet.sparsity import topk_prune_
 
 TINY = ModelConfig(base_width=4, growth=4, bottleneck=8)
@@ -220,6 +220,22 @@ def test_graph_captures_beside_host_loader_workers(tmp_path: Path) -> None:
     # pinned-memory thread and workers alive during capture: thread-local capture mode keeps them out
     summary = train(_gpu_cfg(loader="host", graphs="cuda-graph", num_workers=2), tmp_path, progress=False)
     assert summary["status"] == "ok" and summary["epochs_completed"] == 2
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_the_compiled_model_inside_a_captured_step_trains_like_eager(tmp_path: Path) -> None:
+    # --graphs compile-cuda-graph (the speed grid's all-compile-cuda-graph cell): compiled in the capture's
+    # warm-up, then replayed as one graph
+    losses, runs = {}, {}
+    for graphs in ("off", "compile-cuda-graph"):
+        runs[graphs] = run = _gpu_run(tmp_path / graphs, loader="device", graphs=graphs)
+        losses[graphs] = [float(run.step(lq, hq)) for lq, hq in itertools.islice(run.loader.epoch(0), 4)]
+    assert isinstance(runs["compile-cuda-graph"].step, GraphedStep)
+    assert runs["compile-cuda-graph"].step.capture_time_s > 0
+    # before any update and after the first: the same arithmetic but for Inductor's fused kernels' rounding
+    assert losses["compile-cuda-graph"][:2] == pytest.approx(losses["off"][:2], rel=1e-3)
+    assert losses["compile-cuda-graph"][-1] < losses["compile-cuda-graph"][0]
 
 
 # ------------------------------------------------------------------- fast-path toggles (CPU semantics)
