@@ -88,6 +88,7 @@ def gpu_broken(probe: Sequence[str] | None = None) -> str | None:
     lines = [ln.strip() for ln in (res.stderr + res.stdout).splitlines() if ln.strip()]
     return lines[-1][:200] if lines else exit_text(res.returncode)
 
+
 # ------------------------------------------------------------------ one cell
 
 
