@@ -54,6 +54,37 @@ def test_dry_run_in_cli_writes_nothing_and_shows_state(tmp_path, fake, monkeypat
 
 # ------------------------------------------------------------------ slow: the real trainer
 
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a visible GPU")
+def test_a_real_cell_planned_on_a_gpu_that_is_gone_stops_the_grid_resumable(tmp_path, monkeypatch):
+    from bench import processes  # noqa: PLC0415
+
+    grid_file = tmp_path / "g.py"
+    grid_file.write_text(
+        "from bench.grids import Cell, standard_factors\n"
+        "from ddnet.config import TrainConfig, DataConfig, ModelConfig\n"
+        "NAME = 'g'\n"
+        "def defaults():\n"
+        "    return TrainConfig(model=ModelConfig(base_width=4, growth=4, bottleneck=8),\n"
+        "        data=DataConfig(image_size=32, n_train=8, n_val=2), epochs=2, batch_size=4, num_workers=0, device='auto')\n"
+        "def cells(base):\n"
+        "    return [Cell(n, n, standard_factors(base.replace(lr=lr)), base.replace(lr=lr))\n"
+        "            for n, lr in (('a', 1e-4), ('b', 2e-4))]\n"
+    )
+    monkeypatch.setattr(processes, "resolve_device", lambda name: "cuda")  # this runner saw a GPU at the start
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["run", "--grid", str(grid_file), "--out", str(out)])
+    # the first cell's real `bench train` finds no GPU: it exits 5 before training, nothing runs on the CPU
+    assert res.exit_code == 5, res.output
+    assert "the grid's GPU is no longer visible" in res.output and "exited" not in res.output
+    started = [d for d in out.iterdir() if (d / "train.log").exists()]
+    assert len(started) == 1 and not (started[0] / "epochs.jsonl").exists()
+    assert "planned on a CUDA device but none is visible now" in (started[0] / "train.log").read_text()
+    monkeypatch.undo()  # the same grid on a machine that had no GPU: it runs on the CPU, as asked ('auto')
+    res = CliRunner().invoke(app, ["run", "--grid", str(grid_file), "--out", str(out)])
+    assert res.exit_code == 0 and "2 ok" in res.output, res.output
+
+
 KILL_GRID = '''
 from bench.grids import Cell, standard_factors
 from ddnet.config import DataConfig, ModelConfig, TrainConfig
