@@ -23,20 +23,27 @@ from bench.store import read_json, read_jsonl
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_dry_run_in_cli_writes_nothing_and_shows_state(tmp_path, fake, monkeypatch):
-    cmd, _ = fake
-    monkeypatch.setenv("DDNET_BENCH_CACHE", str(tmp_path / "cache"))  # no split made yet
-    grid_file = tmp_path / "g.py"
-    grid_file.write_text(
+def tiny_grid_file(folder: Path, device: str, cells: str) -> Path:
+    """A grid file `g.py` of tiny 32 px cells on `device`; `cells`: the expression `cells(base)` returns."""
+    path = folder / "g.py"
+    path.write_text(
         "from bench.grids import Cell, standard_factors\n"
         "from ddnet.config import TrainConfig, DataConfig, ModelConfig\n"
         "NAME = 'g'\n"
         "def defaults():\n"
         "    return TrainConfig(model=ModelConfig(base_width=4, growth=4, bottleneck=8),\n"
-        "        data=DataConfig(image_size=32, n_train=8, n_val=2), epochs=2, batch_size=4, num_workers=0, device='cpu')\n"
+        "        data=DataConfig(image_size=32, n_train=8, n_val=2), epochs=2, batch_size=4, num_workers=0, "
+        f"device={device!r})\n"
         "def cells(base):\n"
-        "    return [Cell('only', 'only', standard_factors(base), base)]\n"
+        f"    return {cells}\n"
     )
+    return path
+
+
+def test_dry_run_in_cli_writes_nothing_and_shows_state(tmp_path, fake, monkeypatch):
+    cmd, _ = fake
+    monkeypatch.setenv("DDNET_BENCH_CACHE", str(tmp_path / "cache"))  # no split made yet
+    grid_file = tiny_grid_file(tmp_path, "cpu", "[Cell('only', 'only', standard_factors(base), base)]")
     out = tmp_path / "out"
     res = CliRunner().invoke(app, ["run", "--grid", str(grid_file), "--out", str(out), "--dry-run"])
     assert res.exit_code == 0 and "to run" in res.output and not out.exists()
@@ -59,18 +66,8 @@ def test_dry_run_in_cli_writes_nothing_and_shows_state(tmp_path, fake, monkeypat
 def test_a_real_cell_planned_on_a_gpu_that_is_gone_stops_the_grid_resumable(tmp_path, monkeypatch):
     from bench import processes  # noqa: PLC0415
 
-    grid_file = tmp_path / "g.py"
-    grid_file.write_text(
-        "from bench.grids import Cell, standard_factors\n"
-        "from ddnet.config import TrainConfig, DataConfig, ModelConfig\n"
-        "NAME = 'g'\n"
-        "def defaults():\n"
-        "    return TrainConfig(model=ModelConfig(base_width=4, growth=4, bottleneck=8),\n"
-        "        data=DataConfig(image_size=32, n_train=8, n_val=2), epochs=2, batch_size=4, num_workers=0, device='auto')\n"
-        "def cells(base):\n"
-        "    return [Cell(n, n, standard_factors(base.replace(lr=lr)), base.replace(lr=lr))\n"
-        "            for n, lr in (('a', 1e-4), ('b', 2e-4))]\n"
-    )
+    grid_file = tiny_grid_file(tmp_path, "auto", "[Cell(n, n, standard_factors(base.replace(lr=lr)), "
+                               "base.replace(lr=lr)) for n, lr in (('a', 1e-4), ('b', 2e-4))]")
     monkeypatch.setattr(processes, "resolve_device", lambda name: "cuda")  # this runner saw a GPU at the start
     out = tmp_path / "out"
     res = CliRunner().invoke(app, ["run", "--grid", str(grid_file), "--out", str(out)])
