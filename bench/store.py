@@ -45,15 +45,13 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically: a temporary file in the same folder, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text`: a temporary file in the same folder, fsync, rename. A failure (a full disk)
+    leaves `path` as it was and no temporary file behind to fill the disk further."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(_clean(obj), f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _umask_mode())
@@ -61,6 +59,13 @@ def write_json(path: str | Path, obj: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically (`_write_atomic`), making the folder if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, json.dumps(_clean(obj), indent=2, sort_keys=True) + "\n")
 
 
 def writer_record() -> dict[str, Any]:
@@ -152,19 +157,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 def rewrite_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
     """Atomically replace a JSONL file with `rows` (used to drop rows past a resumed checkpoint)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            for row in rows:
-                f.write(json.dumps(_clean(row), sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)  # a full disk leaves no temporary file behind to fill it further
-        raise
+    _write_atomic(Path(path), "".join(json.dumps(_clean(row), sort_keys=True) + "\n" for row in rows))
 
 
 # ------------------------------------------------------------------ an epoch row's rules (module docstring)
