@@ -12,7 +12,6 @@ line and exit status 4; no traceback reaches the user for those.
 
 from __future__ import annotations
 
-import errno
 import importlib
 import sys
 from typing import Any, NamedTuple
@@ -152,7 +151,9 @@ def main(argv: list[str] | None = None) -> None:
         if kind == "abort":
             typer.echo("aborted", err=True)
             sys.exit(130)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # ddnet.errors.NO_SPACE_ERRNOS
+        from ddnet.errors import out_of_space  # noqa: PLC0415 - an error path; `bench --help` imports no ddnet
+
+        if out_of_space(e):
             from bench.cell_log import EXIT_NO_SPACE  # noqa: PLC0415 - bench.cli imports no command module early
 
             where = f"cannot write {e.filename}" if e.filename else "a write failed"
