@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import psutil
 
 from bench.grids import registry
 from bench.paper import load_paper
@@ -80,18 +81,8 @@ def _drop_stale(out: Path) -> None:
     """Remove what a killed `bench report` left beside `out` (`.<name>.tmp-<pid>`, `.<name>.old-<pid>`)."""
     for path in out.parent.glob(f".{out.name}.*-*"):
         kind, _, pid = path.name[len(out.name) + 2:].partition("-")
-        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+        if kind in ("tmp", "old") and pid.isdigit() and not psutil.pid_exists(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process: alive
-        return True
-    return True
 
 
 def _swap_in(work: Path, out: Path) -> None:
