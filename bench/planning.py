@@ -34,14 +34,14 @@ import ddnet
 from bench.collectors import git_state
 from bench.grids import Cell, Grid
 from bench.status import format_duration
-from bench.store import read_json, read_jsonl, read_summary, write_json
+from bench.store import read_json, read_jsonl, read_summary, take_lock, write_json
 from ddnet.config import ConfigError, TrainConfig, check_runnable
 from ddnet.data import split_seed
 from ddnet.data.cache import cache_enabled, cache_root, list_entries, split_key
 from ddnet.data.errors import DataError
 from ddnet.data.readers import find_split, list_images, read_image
 from ddnet.data.synthetic import SECONDS_PER_512_SLICE, pool_workers
-from ddnet.errors import UserError, make_folder, out_of_space
+from ddnet.errors import UserError, make_folder
 
 try:
     import fcntl
@@ -359,17 +359,8 @@ def exclusive(out: Path) -> Iterator[None]:
         yield
         return
     make_folder(out, "pass a writable --out folder for the grid.")
-    try:
-        f = open(out / ".bench-run.lock", "w")  # noqa: SIM115 - closed below, after the grid
-    except OSError as e:
-        if out_of_space(e):
-            raise
-        raise UserError(f"cannot write in {out} ({e.strerror or e}); pass a writable --out folder.") from None
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"another `bench run` is using {out}; wait for it or pick another --out.") from None
+    with take_lock(out / ".bench-run.lock", "pass a writable --out folder.",
+                   f"another `bench run` is using {out}; wait for it or pick another --out."):
         yield
 
 

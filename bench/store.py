@@ -24,7 +24,9 @@ import socket
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from ddnet.errors import UserError, out_of_space
 
 
 def _clean(obj: Any) -> Any:
@@ -93,6 +95,26 @@ def writer_alive(writer: Any) -> bool | None:
         return False
     except psutil.Error:
         return None
+
+
+def take_lock(path: Path, fix: str, busy: str) -> IO[str]:
+    """Open `path` and take its exclusive flock without waiting; the open file holds the lock until closed (the
+    lock dies with the process, even on SIGKILL). A place that cannot be written is one UserError ending in
+    `fix`, a lock another process holds is the UserError `busy`, a full disk the OSError it is."""
+    import fcntl  # noqa: PLC0415 - POSIX only, and only the writers need it
+
+    try:
+        f = open(path, "w")  # noqa: SIM115 - returned, the caller closes it
+    except OSError as e:
+        if out_of_space(e):
+            raise
+        raise UserError(f"cannot write in {path.parent} ({e.strerror or e}); {fix}") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise UserError(busy) from None
+    return f
 
 
 def read_json(path: str | Path) -> Any:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import os
 import time
 from pathlib import Path
@@ -29,11 +28,12 @@ from bench.store import (
     read_jsonl,
     read_summary,
     rewrite_jsonl,
+    take_lock,
     write_json,
     writer_record,
 )
 from ddnet.config import ModelConfig, TrainConfig
-from ddnet.errors import UserError, make_folder, out_of_space
+from ddnet.errors import UserError, make_folder
 from ddnet.hooks import Instruments, InstrumentsFactory
 from ddnet.model import DDNet
 from ddnet.trainer import Dist, Run
@@ -219,18 +219,8 @@ class RunFolder:
         self._made = not self.out.exists()
         make_folder(self.out, "pass a writable --out folder.")
         self._lock_made = not (self.out / LOCK_NAME).exists()
-        try:
-            lock = open(self.out / LOCK_NAME, "w")  # noqa: SIM115 - held for the run's lifetime, closed in release()
-        except OSError as e:
-            if out_of_space(e):
-                raise
-            raise UserError(f"cannot create {self.out} ({e.strerror}); pass a writable --out folder.") from None
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            raise UserError(f"another `bench train` is writing {self.out}; wait for it or choose another --out.") from None
-        self._lock = lock
+        self._lock = take_lock(self.out / LOCK_NAME, "pass a writable --out folder.",  # closed in release()
+                               f"another `bench train` is writing {self.out}; wait for it or choose another --out.")
         prepare_out_dir(self.out, config, resume)  # again, now that no one else can change the folder
 
     def release(self, keep: bool = True) -> None:
