@@ -88,8 +88,21 @@ def lockstep(a: Run, b: Run, steps: int) -> list[dict[str, float]]:
     return out
 
 
+FP16_INIT_SCALE = 2.0 ** 10
+"""The GradScaler's first scale in the fp16 GPU tests. From its default, 2**16, this tiny net's scaled
+gradients overflow for the first 4-5 steps, which are then skipped (an H200 saw no update in 5 steps; on
+the CPU the first came at step 5, at 2**11), so those tests would compare runs that had not moved."""
+
+
+def low_fp16_scale(run: Run) -> Run:
+    """`run` with its GradScaler (amp-fp16 only) starting at FP16_INIT_SCALE; before `_build_step`."""
+    if run.precision.scaler.is_enabled():
+        run.precision.scaler = torch.amp.GradScaler(run.device.type, init_scale=FP16_INIT_SCALE)
+    return run
+
+
 def _built(cfg: TrainConfig, folder: Path) -> Run:
-    run = build_run(cfg, folder)
+    run = low_fp16_scale(build_run(cfg, folder))
     run._build_step()
     return run
 
@@ -188,6 +201,6 @@ def test_graphed_step_matches_eager_in_lockstep(tmp_path: Path, precision: str, 
     # from rounding, which reached 0.37 in bf16 with other kernels on a CPU (test above)
     assert all(r["loss_b"] == pytest.approx(r["loss_a"], rel=loss_rel) for r in rows), rows
     assert max(r["mismatch"] for r in rows) < bound, rows
-    # fp16: the GradScaler skips the steps whose scaled gradients overflow (both runs alike) until its
-    # scale has come down from 2**16; the trajectory test saw the fp16 loss fall within 5 steps
-    assert sum(r["moved"] > 0 for r in rows) >= 2, rows
+    # fp16: the GradScaler skips a step whose scaled gradients overflow (both runs alike); from
+    # FP16_INIT_SCALE at most one or two of the 8 steps may be skipped, not most of them
+    assert sum(r["moved"] > 0 for r in rows) >= 6, rows

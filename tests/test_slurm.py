@@ -23,7 +23,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import submitit
 
 from bench.slurm import (
     CELL_LOCK,
@@ -268,7 +267,7 @@ def fake_slurm(tmp_path: Path, monkeypatch) -> Path:
 
 
 def test_submit_to_slurm_writes_the_previewed_script_one_array_per_shape(tmp_path, fake, fake_slurm):
-    pytest.importorskip("submitit")
+    submitit = pytest.importorskip("submitit")
     jobs = [make_job(tmp_path, fake, "a", nproc=1), make_job(tmp_path, fake, "b", nproc=2),
             make_job(tmp_path, fake, "c", nproc=1)]
     log_dir = tmp_path / "slurm"
