@@ -55,7 +55,7 @@ from bench.slurm import (
     submission_decisions,
     submit_jobs,
 )
-from bench.store import read_json, read_summary, write_json
+from bench.store import read_json, read_jsonl, read_summary, write_json
 
 LOG_DIR = "slurm"
 """Under the grid's out folder: submitit's per-job folders (sbatch script, stdout, stderr, pickles)."""
@@ -201,5 +201,8 @@ def _wait(planned: list[PlannedCell], order: list[str], out: Path, jobs: dict[st
         if s is None:
             results.append(CellResult(folder, p.cell.label, "pending", "submitted", 0, p.config.epochs))
         else:
-            results.append(result_from_summary(p, s, "submitted" if folder in jobs else "reused"))
+            result = result_from_summary(p, s, "submitted" if folder in jobs else "reused")
+            if s.get("status") == "running":  # its job ended unfinished: the epochs its rows hold so far
+                result.epochs_completed = len(read_jsonl(out / folder / "epochs.jsonl"))
+            results.append(result)
     return results

@@ -89,6 +89,14 @@ def test_a_hung_cell_is_stopped_and_recorded_alike_by_both_runners(tmp_path, fak
     assert error.startswith("cell process wrote no new epoch for 1 s after epoch 1 and was stopped as hung")
 
 
+def test_the_wait_summary_counts_the_epochs_of_a_cell_whose_job_ended_unfinished(tmp_path, fake, monkeypatch):
+    command, _ = fake
+    monkeypatch.setenv("FAKE_FULL", "c0-")  # c0 stops in its second epoch, resumable (as at a time limit)
+    results = run_on_slurm(make_grid(2), tmp_path / "g", LOCAL, wait=True, console=quiet(), command=command,
+                           states=_no_slurm)
+    assert [(r.status, r.epochs_completed, r.epochs) for r in results] == [("running", 1, 2), ("ok", 2, 2)]
+
+
 def test_a_rerun_submits_only_what_is_unfinished_and_retries_failed_cells_from_their_checkpoint(
         tmp_path, fake, monkeypatch):
     command, launched = fake
