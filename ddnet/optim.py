@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -273,10 +274,60 @@ def build_step(cfg: TrainConfig, parts: StepParts, sample: tuple[torch.Tensor, t
     if cfg.graphs == "compile":
         # compilation happens lazily on the first call and is counted in the next epoch (marked warm-up)
         if cfg.compile_scope == "step":  # forward, loss, backward and Adam step (graph breaks at backward)
-            return torch.compile(eager_step(parts), mode=mode), {"capture_time_s": 0.0, "warmup_next_epoch": True}
-        return (eager_step(parts, torch.compile(parts.model, mode=mode)),
-                {"capture_time_s": 0.0, "warmup_next_epoch": True})
+            compiled = torch.compile(eager_step(parts), mode=mode)
+        else:
+            compiled = eager_step(parts, torch.compile(parts.model, mode=mode))
+        return checked_first_call(compiled, parts, COMPILE_CHECK_REL[cfg.precision]), \
+            {"capture_time_s": 0.0, "warmup_next_epoch": True}
     return eager_step(parts), {"capture_time_s": 0.0, "warmup_next_epoch": False}
+
+
+COMPILE_CHECK_REL = {"fp32": 1e-2, "tf32": 2e-2, "amp-bf16": 5e-2, "amp-fp16": 5e-2}
+"""How far a compiled step's first loss may lie from eager PyTorch's on the same batch, relative: far above
+rounding and kernel choice (1e-6 to 1e-3), far below what wrong generated code gives (torch 2.13's CPU
+Inductor, this net at 64 px in train mode: a BatchNorm output off by up to 8, the loss by a factor)."""
+
+
+class CompileMismatch(RuntimeError):
+    """torch.compile's code computed another loss than eager PyTorch on the same batch: a compiler bug."""
+
+
+def checked_first_call(step: StepFn, parts: StepParts, rel: float) -> StepFn:
+    """`step` (a compiled one) whose first call is checked against an eager forward on the same batch.
+
+    Before that call the eager model computes the loss of the batch without gradients; BatchNorm's running
+    statistics, which that forward moves, are put back, so training goes on exactly as unchecked. A loss
+    further than `rel` from eager's raises CompileMismatch (the run is recorded failed) instead of training
+    a model the compiler got wrong. Non-finite losses are left to the trainer's own check.
+    """
+    checked = False
+
+    def first_checked(lq: torch.Tensor, hq: torch.Tensor) -> torch.Tensor:
+        nonlocal checked
+        if checked:
+            return step(lq, hq)
+        with torch.no_grad():
+            saved = [b.detach().clone() for b in parts.model.buffers()]
+            with parts.precision.autocast(parts.device.type):
+                out = parts.model(lq)
+            eager = float(parts.loss_fn(out, hq))
+            for b, v in zip(parts.model.buffers(), saved, strict=True):
+                b.copy_(v)
+        loss = step(lq, hq)
+        checked = True
+        got = float(loss)
+        if math.isfinite(got) and math.isfinite(eager) and not math.isclose(got, eager, rel_tol=rel):
+            hint = (" (on a CPU, torch 2.13's Inductor gets this net's train-mode BatchNorm wrong at 64 px and "
+                    "up; torch._inductor.config.cpp.simdlen = 1 avoids that)") if parts.device.type == "cpu" else ""
+            raise CompileMismatch(
+                f"torch.compile's first step computed loss {got:.6g} where eager PyTorch computes {eager:.6g} "
+                f"on the same batch ({abs(got - eager) / max(abs(eager), 1e-30):.1%} apart, allowed {rel:.0%}; torch "
+                f"{torch.__version__} on {parts.device.type}): its generated code is wrong for this model here, "
+                f"so the run stopped rather than train a wrong model{hint}. Use --graphs off (or cuda-graph on a "
+                "GPU), or another torch release.")
+        return loss
+
+    return first_checked
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:

@@ -12,6 +12,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.collectors import profile_copies
+from bench.store import read_json, read_jsonl
 from bench.training import build_run, train
 from ddnet.config import ConfigError, DataConfig, ModelConfig, TrainConfig, check_runnable
 from ddnet.loaders import DeviceLoader
@@ -19,6 +20,7 @@ from ddnet.loss import DDNetLoss, _product
 from ddnet.model import DDNet
 from ddnet.optim import GraphedStep, StepParts, build_step, graph_body, make_optimizer, setup_precision
 from ddnet.sparsity import topk_prune_
+from ddnet.trainer import TrainingFailed
 
 TINY = ModelConfig(base_width=4, growth=4, bottleneck=8)
 SYNC_OPS = ("aten::item", "aten::_local_scalar_dense")
@@ -327,3 +329,40 @@ def test_fast_path_combinations_that_cannot_work_are_refused(changes: dict, need
 def test_compile_inside_a_cuda_graph_needs_cuda() -> None:
     with pytest.raises(ConfigError, match="--graphs compile-cuda-graph needs a CUDA device"):
         check_runnable(_cfg(graphs="compile-cuda-graph"))
+
+
+# ----------------------------------------------------------------- the compiled step's first-call check
+
+
+def _compile_as(wrong: bool):
+    """A stand-in for torch.compile: the model itself (a compiler that is right), or its output x1.5."""
+    def fake(model, mode=None):
+        return (lambda x: model(x) * 1.5) if wrong else model
+    return fake
+
+
+def test_a_compiler_that_gets_the_model_wrong_stops_the_run_at_its_first_step(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "compile", _compile_as(wrong=True))
+    cfg = _cfg(**{"data.n_train": 8, "data.image_size": 32}).replace(graphs="compile", epochs=2)
+    with pytest.raises(TrainingFailed, match=r"^CompileMismatch: torch.compile's first step computed loss "):
+        train(cfg, tmp_path, progress=False)
+    summary = read_json(tmp_path / "summary.json")
+    assert summary["status"] == "failed" and read_jsonl(tmp_path / "epochs.jsonl") == []
+    got, eager = map(float, re.search(r"computed loss (\S+) where eager PyTorch computes (\S+) ",
+                                      summary["error"]).groups())
+    assert got != pytest.approx(eager, rel=1e-2) and "allowed 1%" in summary["error"]
+
+
+def test_the_first_call_check_changes_no_number(tmp_path, monkeypatch):
+    # a compiler that is right: the checked run must train exactly as the eager one (the check's own forward
+    # moves BatchNorm's running statistics, which it puts back)
+    cfg = _cfg(**{"data.n_train": 8, "data.image_size": 32}).replace(epochs=2)
+    train(cfg, tmp_path / "eager", progress=False)
+    monkeypatch.setattr(torch, "compile", _compile_as(wrong=False))
+    train(cfg.replace(graphs="compile"), tmp_path / "checked", progress=False)
+    fields = ("train_loss", "val_loss", "val_ms_ssim")
+    rows = [[{k: r[k] for k in fields} for r in read_jsonl(tmp_path / d / "epochs.jsonl")] for d in ("eager", "checked")]
+    assert rows[0] == rows[1]
+    weights = [torch.load(tmp_path / d / "weights.pt", weights_only=False)["model"] for d in ("eager", "checked")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # running statistics included
