@@ -53,6 +53,19 @@ def median(x: Any, axis: int | None = None) -> Any:
     return np.median(np.asarray(x, dtype=float), axis=axis)
 
 
+def censored_median(values: Sequence[float | None]) -> float | None:
+    """Median of `values` where None means 'never' (a run that did not reach a goal), or None.
+
+    A None counts as an infinitely late value, so the median is finite only when more than half
+    of the values are numbers: never biased towards the runs that succeeded, as a median over
+    those alone would be (1 success in 3 repeats would read as that one run's time).
+    """
+    if not values:
+        return None
+    m = float(np.median([math.inf if v is None else float(v) for v in values]))
+    return m if math.isfinite(m) else None
+
+
 def summarize(values: Sequence[float]) -> dict[str, float | int | None]:
     """p50, p90, mean, std (sample), min, max and n of `values`; None entries when empty."""
     x = np.asarray([float(v) for v in values], dtype=float)

@@ -151,14 +151,32 @@ class RunRecord:
         return (float(v), None) if is_num(v) else (None, None)
 
     def time_to_target(self, target_pct: float) -> tuple[int, float] | None:
-        """(first epoch with val_ms_ssim >= target, training time spent up to its end incl. staging), or None."""
-        spent = seconds(self.summary.get("staging_time_s"))
-        for row in self.epochs:
-            spent += epoch_cost(row)
+        """(epoch from which val_ms_ssim stays >= target to the last validation, training time up to its end
+        incl. staging), or None when the run did not end at the target.
+
+        Validation MS-SSIM swings from epoch to epoch: the first epoch that touches the target can be a spike
+        the run falls back from, so the target counts as reached only where it is held (`first_touch` keeps
+        the first epoch that touched it).
+        """
+        held = None
+        for i, row in enumerate(self.epochs):
+            v = row.get("val_ms_ssim")
+            if is_num(v):
+                held = (i if held is None else held) if float(v) >= target_pct else None
+        return self._spent_to(held) if held is not None else None
+
+    def first_touch(self, target_pct: float) -> tuple[int, float] | None:
+        """(first epoch with val_ms_ssim >= target, training time up to its end incl. staging), held or not."""
+        for i, row in enumerate(self.epochs):
             v = row.get("val_ms_ssim")
             if is_num(v) and float(v) >= target_pct:
-                return int(row.get("epoch", 0)), spent
+                return self._spent_to(i)
         return None
+
+    def _spent_to(self, i: int) -> tuple[int, float]:
+        """(epoch number of row i, staging + the cost of every epoch up to and including row i)."""
+        spent = seconds(self.summary.get("staging_time_s")) + sum(epoch_cost(r) for r in self.epochs[: i + 1])
+        return int(self.epochs[i].get("epoch", 0)), spent
 
     def memory(self) -> dict[str, Any]:
         """Whole-run memory peaks: summary 'memory', else the max of each mem_* field over epochs."""

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.report.artifact import Artifact, Table, register
+from bench.report.artifacts.time_to_quality import reach
 from bench.report.cells import CellRuns
-from bench.report.envview import EnvView
+from bench.report.envview import EnvView, ratio
 from bench.report.format import fmt_num, fmt_speedup, fmt_time, is_num
 from bench.report.plotting import figure, save
 from bench.report.runs import is_warmup
@@ -73,12 +74,10 @@ def _row(env: EnvView, c: CellRuns) -> dict[str, Any]:
                            "flops_fwd_bwd_per_image": flops}
     row.update(env.time_cols(c, base))
     target, how = env.target_for(c)
-    hits, _ = env.ttq(c, target) if target is not None else ([], 0)
-    bhits = env.ttq(base, target)[0] if base is not None and target is not None else []
-    row["ttq_s"] = float(median([h[1] for h in hits])) if hits else None
+    # the time-to-quality table's rule: the target reached and held, a repeat that did not counting as never
+    row["ttq_s"] = reach(c, target).seconds()
     row["ttq_target_pct"], row["ttq_rule"] = target, how
-    row["speedup_ttq_x"] = (float(median([h[1] for h in bhits])) / row["ttq_s"]
-                            if bhits and is_num(row["ttq_s"]) and row["ttq_s"] > 0 else None)
+    row["speedup_ttq_x"] = ratio(reach(base, target).seconds(), row["ttq_s"])
     peak = _peak(c)
     bytes_est = c.med(lambda r: r.summary.get("bytes_per_image_est"))
     if is_num(ips) and is_num(flops):
