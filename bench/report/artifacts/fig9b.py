@@ -1,4 +1,12 @@
-"""Fig. 9(b) of the paper: per-epoch time with and without graphs, capture time shown separately."""
+"""Fig. 9(b) of the paper: per-epoch time with and without graphs, capture time shown separately.
+
+The paper's claim is about the mean epoch with the tracing in it ("the initial
+five epochs are slower, but the overall mean per epoch time is faster"), so the
+mean here is of each epoch's whole cost: time_s plus the graph capture and
+pruning done in it (`epoch_cost`). torch.compile's compilation is inside its
+first epoch's time_s; CUDA graph capture is recorded apart from time_s and
+added. The median is of the steady epochs' time_s alone, as elsewhere.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +23,7 @@ from bench.report.cells import CellRuns
 from bench.report.envview import EnvView
 from bench.report.format import fmt_num, fmt_speedup, fmt_time, is_num
 from bench.report.plotting import figure, save, short
-from bench.report.runs import epoch_phase, is_warmup
+from bench.report.runs import epoch_cost, epoch_phase, is_warmup
 from bench.report.setting import Setting
 from bench.stats import median
 
@@ -26,7 +34,8 @@ def needs(s: Setting, _p: int) -> bool:
 
 
 def _per_epoch(cell: CellRuns) -> list[dict[str, Any]]:
-    """Per epoch: median over finished repeats of time_s and capture_time_s, with the warm-up flag and phase."""
+    """Per epoch: median over finished repeats of time_s, capture_time_s and the epoch's whole cost
+    (time_s + capture + pruning), with the warm-up flag and phase."""
     # (row, config of its run): the warm-up rule falls back to the run's warmup_epochs
     by_epoch: dict[int, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
     for r in cell.ok_runs:
@@ -37,11 +46,13 @@ def _per_epoch(cell: CellRuns) -> list[dict[str, Any]]:
         rows = [row for row, _ in by_epoch[e]]
         t = [float(x["time_s"]) for x in rows if is_num(x.get("time_s"))]
         cap = [float(x.get("capture_time_s") or 0.0) for x in rows]
+        cost = [epoch_cost(x) for x in rows if is_num(x.get("time_s"))]
         first, config = by_epoch[e][0]
         out.append({
             "epoch": e,
             "time_s": float(median(t)) if t else None,
             "capture_time_s": float(median(cap)) if cap else 0.0,
+            "cost_s": float(median(cost)) if cost else None,
             "warmup": is_warmup(first, config),
             "phase": epoch_phase(first),
         })
@@ -65,8 +76,8 @@ def build(env: EnvView) -> Table | None:
         row = {**env.head(c), "pair": pair, "eager_cell": off.name if off else None,
                "epoch_time_s_p50": c.epoch_time_p50(),
                "eager_epoch_time_s_p50": off.epoch_time_p50() if off else None,
-               "epoch_time_s_mean": _mean([e["time_s"] for e in _per_epoch(c)]),
-               "eager_epoch_time_s_mean": _mean([e["time_s"] for e in _per_epoch(off)]) if off else None,
+               "epoch_cost_s_mean": _mean([e["cost_s"] for e in _per_epoch(c)]),
+               "eager_epoch_cost_s_mean": _mean([e["cost_s"] for e in _per_epoch(off)]) if off else None,
                "capture_time_s": c.med(lambda r: r.summary.get("capture_time_s")
                                        if is_num(r.summary.get("capture_time_s"))
                                        else sum(float(x.get("capture_time_s") or 0) for x in r.epochs))}
@@ -78,8 +89,9 @@ def build(env: EnvView) -> Table | None:
             "status": row["status"],
             "epoch p50 eager / graphs": f"{fmt_time(row['eager_epoch_time_s_p50'])} / "
                                         f"{fmt_time(row['epoch_time_s_p50'])}",
-            "epoch mean eager / graphs": f"{fmt_time(row['eager_epoch_time_s_mean'])} / "
-                                         f"{fmt_time(row['epoch_time_s_mean'])}",
+            # two decimals: the capture a graph arm pays back is often a few hundredths of a second per epoch
+            "epoch mean incl. capture eager / graphs": f"{fmt_num(row['eager_epoch_cost_s_mean'], 2, ' s')} / "
+                                                       f"{fmt_num(row['epoch_cost_s_mean'], 2, ' s')}",
             "capture total": fmt_time(row["capture_time_s"]),
             "speedup, epochs (95% CI)": fmt_speedup(row),
             "speedup, total time": fmt_speedup(row, "speedup_total"),
@@ -95,6 +107,9 @@ def build(env: EnvView) -> Table | None:
     notes = [
         "Per-epoch times are medians over finished repeats; capture_time_s is graph capture/recapture spent in "
         "that epoch, outside time_s (stacked on top in the plot).",
+        "Epoch mean incl. capture: the mean over all epochs (warm-up too) of time_s + capture_time_s + "
+        "prune_time_s, the per-epoch cost the paper's claim is about; torch.compile's compilation is inside its "
+        "first epoch's time_s. Epoch p50: the median of the steady epochs' time_s, capture left out.",
         "Paper (Fig. 9b): the first five epochs with GCO are slower (tracing), the mean epoch is faster; 1.16x.",
     ]
     return Table("fig9b", "Fig. 9(b) analogue: per-epoch time with and without graphs", csv, md,
