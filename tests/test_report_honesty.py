@@ -10,6 +10,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+import bench.report.artifacts.fig9b as fig9b
 from bench.report.build import make_report
 from bench.report.options import Options
 from bench.stats import censored_median
@@ -120,3 +121,24 @@ def test_fig9b_mean_epoch_includes_graph_capture(tmp_path):
     assert row["epoch_time_s_p50"] == pytest.approx((2.804 + 2.813) / 2)  # steady epochs' time_s, no capture
     md = (rep.out / "tables" / "fig9b.md").read_text()
     assert "epoch mean incl. capture eager / graphs" in md and "| 3.08 s / 3.15 s |" in md
+
+
+def test_fig9b_plot_draws_every_pair(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    graphs = {"fp32": ("cuda-graph", "compile"), "amp-bf16": ("cuda-graph",), "amp-fp16": ("cuda-graph",),
+              "tf32": ("cuda-graph",)}
+    for prec, modes in graphs.items():
+        write_run(root, "g", f"{prec}-off", _cfg(precision=prec, epochs=5), BASE_T, BASE_Q)
+        for mode in modes:
+            write_run(root, "g", f"{prec}-{mode}", _cfg(precision=prec, graphs=mode, epochs=5), GRAPH_T, BASE_Q,
+                      capture=GRAPH_CAPTURE)
+    figs = []
+    save = fig9b.save
+    monkeypatch.setattr(fig9b, "save", lambda fig, path: (figs.append(fig), save(fig, path))[1])
+    rep = make_report(root, opts=Options())
+    assert len(pd.read_csv(rep.out / "tables" / "fig9b.csv")) == 5
+    titles = [ax.get_title() for ax in figs[0].axes if ax.get_visible()]
+    # five pairs in a 2 x 3 grid (it drew the first three only)
+    assert len(titles) == 5 and len(figs[0].axes) == 6
+    assert {t.split(" vs ")[0] for t in titles} == {"fp32-cuda-graph", "fp32-compile", "amp-bf16-cuda-graph",
+                                                     "amp-fp16-cuda-graph", "tf32-cuda-graph"}

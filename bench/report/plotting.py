@@ -37,11 +37,11 @@ def draw(plot: Callable[[Table, Path], Path | None] | None, table: Table, path: 
         return plot(table, path)
 
 
-def figure(width: float = 8.0, height: float = 4.5, ncols: int = 1) -> tuple[Figure, Any]:
-    """A constrained-layout Figure on an Agg canvas with `ncols` axes side by side."""
+def figure(width: float = 8.0, height: float = 4.5, ncols: int = 1, nrows: int = 1) -> tuple[Figure, Any]:
+    """A constrained-layout Figure on an Agg canvas with `nrows` x `ncols` axes (one row: side by side)."""
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)  # Agg: PNG without a display
-    axes = fig.subplots(1, ncols)
+    axes = fig.subplots(nrows, ncols)
     return fig, axes
 
 

@@ -10,6 +10,7 @@ added. The median is of the steady epochs' time_s alone, as elsewhere.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -122,8 +123,13 @@ def plot(table: Table, path: Path) -> Path | None:
     if not ep:
         return None
     pairs = list(dict.fromkeys(e["pair"] for e in ep))
-    fig, axes = figure(6 * min(len(pairs), 3), 4.2, ncols=min(len(pairs), 3))
-    axes = np.atleast_1d(axes)
+    # every pair, three to a row
+    ncols = min(len(pairs), 3)
+    nrows = math.ceil(len(pairs) / ncols)
+    fig, axes = figure(6 * ncols, 4.2 * nrows, ncols=ncols, nrows=nrows)
+    axes = list(np.atleast_1d(axes).ravel())
+    for ax in axes[len(pairs):]:
+        ax.set_visible(False)  # the empty places of the last row
     for ax, pair in zip(axes, pairs, strict=False):
         sub = pd.DataFrame([e for e in ep if e["pair"] == pair])
         sns.lineplot(data=sub, x="epoch", y="time_s", hue="arm", style="arm", markers=True, dashes=False, ax=ax)
