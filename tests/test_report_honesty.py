@@ -7,6 +7,8 @@ the numbers the report prints against values worked out here by hand.
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -142,3 +144,33 @@ def test_fig9b_plot_draws_every_pair(tmp_path, monkeypatch):
     assert len(titles) == 5 and len(figs[0].axes) == 6
     assert {t.split(" vs ")[0] for t in titles} == {"fp32-cuda-graph", "fp32-compile", "amp-bf16-cuda-graph",
                                                      "amp-fp16-cuda-graph", "tf32-cuda-graph"}
+
+
+def _with_peak(run_dir, peak: dict, flops_per_image: float = 1e10) -> None:
+    """Give a fabricated run a recorded device peak and a training step's FLOPs per image."""
+    env = json.loads((run_dir / "env.json").read_text())
+    (run_dir / "env.json").write_text(json.dumps({**env, "device_peak": peak}))
+    s = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").write_text(json.dumps({**s, "flops_fwd_bwd_per_image_before_pruning": flops_per_image}))
+
+
+CPU_PEAK = {"name": "cpu (measured)", "flops_tflops": {"fp32": 0.2, "tf32": 0.2, "amp-bf16": 1.0},
+            "bandwidth_tbs": 0.03, "source": "measured at start (test)", "measured": True}
+
+
+def test_speed_table_keeps_every_row_when_a_cell_has_no_steady_epoch(tmp_path):
+    root = tmp_path / "runs"
+    _with_peak(write_run(root, "demo", "dense", _cfg(epochs=5), BASE_T, BASE_Q, extra_row={"images_per_s": 10.0}),
+               CPU_PEAK)
+    # `bench train --epochs 1`: its only epoch is a warm-up, so it has no steady images/s
+    _with_peak(write_run(root, "demo", "one-epoch", _cfg(epochs=1), [23.4], [15.6], extra_row={"images_per_s": 2.7}),
+               CPU_PEAK)
+    rep = make_report(root, opts=Options())
+    assert not any("Speed" in p for e in rep.environments for p in e.problems)
+    df = pd.read_csv(rep.out / "tables" / "speed.csv")
+    assert list(df["cell"]) == ["dense", "one-epoch"]
+    dense, one = df.iloc[0], df.iloc[1]
+    # 1e10 FLOP x 10 images/s = 0.1 TFLOP/s of a 0.2 TFLOP/s peak: 50 %
+    assert dense["images_per_s"] == pytest.approx(10.0) and dense["pct_of_peak_flops"] == pytest.approx(50.0)
+    assert pd.isna(one["images_per_s"]) and pd.isna(one["pct_of_peak_flops"])
+    assert one["peak_source"] == "measured at start (test)"

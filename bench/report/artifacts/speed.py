@@ -82,7 +82,8 @@ def _row(env: EnvView, c: CellRuns) -> dict[str, Any]:
     bytes_est = c.med(lambda r: r.summary.get("bytes_per_image_est"))
     if is_num(ips) and is_num(flops):
         row.update(roofline_row(flops, bytes_est, ips, c.setting.precision, peak))
-    row["peak_device"] = peak.name if peak else None
+    # the peak is named even for a cell without a steady epoch (no roofline columns): the notes read it
+    row["peak_device"], row["peak_source"] = (peak.name, peak.source) if peak else (None, None)
     return row
 
 
