@@ -174,3 +174,20 @@ def test_speed_table_keeps_every_row_when_a_cell_has_no_steady_epoch(tmp_path):
     assert dense["images_per_s"] == pytest.approx(10.0) and dense["pct_of_peak_flops"] == pytest.approx(50.0)
     assert pd.isna(one["images_per_s"]) and pd.isna(one["pct_of_peak_flops"])
     assert one["peak_source"] == "measured at start (test)"
+
+
+def test_speed_table_says_why_a_cell_has_no_time_to_quality(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "fig8a", "dense", _cfg(epochs=5), BASE_T, BASE_Q)
+    write_run(root, "fig8a", "spike", _cfg(precision="amp-bf16", epochs=5), SPIKE_T, SPIKE_Q)
+    write_run(root, "fig8a", "low", _cfg(precision="amp-fp16", epochs=5), SPIKE_T, [q - 20 for q in BASE_Q])
+    # a grid without its own dense fp32 baseline: there is no target at all, which is not 'not reached'
+    write_run(root, "fig8b", "combined", _cfg(precision="amp-bf16", loader="device", epochs=5), SPIKE_T, FP16_Q)
+    rep = make_report(root, opts=Options())
+    df = pd.read_csv(rep.out / "tables" / "speed.csv")
+    assert _row(df, "combined")["ttq_missing"] == "no target: no finished dense fp32 baseline to set a target"
+    assert _row(df, "spike")["ttq_missing"] == "reached at epoch 2, not held"
+    assert _row(df, "low")["ttq_missing"] == "never reached (1 repeat)"
+    assert pd.isna(_row(df, "dense")["ttq_missing"]) and _row(df, "dense")["ttq_s"] == pytest.approx(sum(BASE_T))
+    md = (rep.out / "tables" / "speed.md").read_text()
+    assert "no target: no finished dense fp32 baseline to set a target" in md and "not reached" not in md

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.report.artifact import Artifact, Table, register
-from bench.report.artifacts.time_to_quality import reach
+from bench.report.artifacts.time_to_quality import reach, reached_text
 from bench.report.cells import CellRuns
 from bench.report.envview import EnvView, ratio
 from bench.report.format import fmt_num, fmt_speedup, fmt_time, is_num
@@ -75,8 +75,11 @@ def _row(env: EnvView, c: CellRuns) -> dict[str, Any]:
     row.update(env.time_cols(c, base))
     target, how = env.target_for(c)
     # the time-to-quality table's rule: the target reached and held, a repeat that did not counting as never
-    row["ttq_s"] = reach(c, target).seconds()
+    r = reach(c, target)
+    row["ttq_s"] = r.seconds()
     row["ttq_target_pct"], row["ttq_rule"] = target, how
+    # why there is no time: no target at all (no baseline to set one), or a target not reached and held
+    row["ttq_missing"] = None if is_num(row["ttq_s"]) else f"no target: {how}" if target is None else reached_text(r)
     row["speedup_ttq_x"] = ratio(reach(base, target).seconds(), row["ttq_s"])
     peak = _peak(c)
     bytes_est = c.med(lambda r: r.summary.get("bytes_per_image_est"))
@@ -103,7 +106,7 @@ def build(env: EnvView) -> Table | None:
             "images/s": fmt_num(row["images_per_s"], 1),
             "vs dense fp32 (95% CI)": fmt_speedup(row),
             "time to quality (rank)": (f"{fmt_time(row['ttq_s'])} ({row['rank_ttq']})" if is_num(row.get("ttq_s"))
-                                       else "not reached"),
+                                       else row["ttq_missing"]),
             "TFLOP/s (% of peak)": _with_pct(row.get("achieved_tflops"), row.get("pct_of_peak_flops")),
             "GB/image (est.)": fmt_num(row.get("bytes_per_image_gb"), 2),
             "TB/s (% of bandwidth)": _with_pct(row.get("achieved_bandwidth_tbs"), row.get("pct_of_peak_bandwidth")),
