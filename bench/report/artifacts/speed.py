@@ -7,7 +7,8 @@ forward + backward = 3x the counted forward, times images/s) as a % of the
 device's peak for the precision used, and the estimated bytes a step moves per
 image as a % of the device's memory bandwidth. The peaks come from the run's
 env.json (`device_peak`: a datasheet figure for a known GPU, measured at start
-on a CPU); an unknown device leaves those columns empty.
+on a CPU), one per environment (a CPU's: the median of its runs' measurements);
+an unknown device leaves those columns empty.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from bench.report.cells import CellRuns
 from bench.report.envview import EnvView, ratio
 from bench.report.format import fmt_num, fmt_speedup, fmt_time, is_num
 from bench.report.plotting import figure, save
-from bench.report.runs import is_warmup
+from bench.report.runs import RunRecord, is_warmup
 from bench.roofline import DevicePeak, lookup_peak, roofline_row
 from bench.stats import median
 
@@ -55,19 +56,43 @@ def _flops(summary: dict[str, Any], key: str) -> float | None:
     return 3.0 * fwd if is_num(fwd) else None
 
 
-def _peak(cell: CellRuns) -> DevicePeak | None:
+def _run_peak(r: RunRecord) -> DevicePeak | None:
     """The run's recorded device peak, else (older runs) the datasheet table's entry for its GPU model."""
-    for r in cell.ok_runs:
-        p = r.env.get("device_peak")
-        if isinstance(p, dict) and not p.get("unknown") and "flops_tflops" in p:
-            return DevicePeak(**{k: p[k] for k in ("name", "flops_tflops", "bandwidth_tbs", "source", "measured")})
-        models = r.env.get("gpu_models") or []
-        if models and str(r.summary.get("device", "")).startswith("cuda"):
-            return lookup_peak(str(models[0]))
+    p = r.env.get("device_peak")
+    if isinstance(p, dict) and not p.get("unknown") and "flops_tflops" in p:
+        return DevicePeak(**{k: p[k] for k in ("name", "flops_tflops", "bandwidth_tbs", "source", "measured")})
+    models = r.env.get("gpu_models") or []
+    if models and str(r.summary.get("device", "")).startswith("cuda"):
+        return lookup_peak(str(models[0]))
     return None
 
 
-def _row(env: EnvView, c: CellRuns) -> dict[str, Any]:
+def env_peak(cells: list[CellRuns]) -> DevicePeak | None:
+    """One peak for the whole environment, so that every cell's '% of peak' divides by the same number.
+
+    A datasheet peak is the same for every run of one machine. A CPU's peak is measured at each run's
+    start and moves with the load on a shared machine (0.09 to 0.23 TFLOP/s fp32 among six runs of
+    one grid); dividing each cell by its own would rank the measurements, not the cells. So: per
+    precision, the median over the runs' measurements, the range named in the source.
+    """
+    peaks = [p for c in cells for r in c.ok_runs if (p := _run_peak(r)) is not None]
+    measured = [p for p in peaks if p.measured]
+    if not measured:
+        return peaks[0] if peaks else None
+    keys = sorted({k for p in measured for k in p.flops_tflops})
+    flops = {k: float(median([p.flops_tflops[k] for p in measured if k in p.flops_tflops])) for k in keys}
+    bw = [p.bandwidth_tbs for p in measured]
+
+    def spread(values: list[float], unit: str) -> str:
+        return f"{float(median(values)):.3g} {unit} (runs {min(values):.3g}-{max(values):.3g})"
+
+    parts = [f"{k} {spread([p.flops_tflops[k] for p in measured if k in p.flops_tflops], 'TFLOP/s')}" for k in keys]
+    source = (f"median of {len(measured)} runs' measurements: {', '.join(parts)}, bandwidth {spread(bw, 'TB/s')}; "
+              f"each {measured[0].source}")
+    return DevicePeak(measured[0].name, flops, float(median(bw)), source, True)
+
+
+def _row(env: EnvView, c: CellRuns, peak: DevicePeak | None) -> dict[str, Any]:
     base = env.baseline(c)
     ips, flops = _steady(c)
     row: dict[str, Any] = {**env.head(c), "optimizations": c.setting.opt_label(), "images_per_s": ips,
@@ -81,7 +106,6 @@ def _row(env: EnvView, c: CellRuns) -> dict[str, Any]:
     # why there is no time: no target at all (no baseline to set one), or a target not reached and held
     row["ttq_missing"] = None if is_num(row["ttq_s"]) else f"no target: {how}" if target is None else reached_text(r)
     row["speedup_ttq_x"] = ratio(reach(base, target).seconds(), row["ttq_s"])
-    peak = _peak(c)
     bytes_est = c.med(lambda r: r.summary.get("bytes_per_image_est"))
     if is_num(ips) and is_num(flops):
         row.update(roofline_row(flops, bytes_est, ips, c.setting.precision, peak))
@@ -95,7 +119,8 @@ def build(env: EnvView) -> Table | None:
     cells = [c for c in env.cells if c.has_numbers]
     if not cells:
         return None
-    csv = sorted((_row(env, c) for c in cells), key=lambda r: -(r["images_per_s"] or 0.0))
+    peak = env_peak(cells)
+    csv = sorted((_row(env, c, peak) for c in cells), key=lambda r: -(r["images_per_s"] or 0.0))
     ttq_rank = {id(r): i + 1 for i, r in enumerate(sorted((r for r in csv if is_num(r.get("ttq_s"))),
                                                            key=lambda r: r["ttq_s"]))}
     md = []
@@ -112,7 +137,6 @@ def build(env: EnvView) -> Table | None:
             "TB/s (% of bandwidth)": _with_pct(row.get("achieved_bandwidth_tbs"), row.get("pct_of_peak_bandwidth")),
             "bandwidth floor, images/s": fmt_num(row.get("bandwidth_floor_images_per_s"), 0),
         })
-    sources = sorted({f"{r['peak_device']}: {r['peak_source']}" for r in csv if r.get("peak_device")})
     notes = [
         "Ranked by steady images/s (non-warm-up epochs, median over repeats); time to quality ranks separately "
         "(target as in the time-to-quality table).",
@@ -120,7 +144,9 @@ def build(env: EnvView) -> Table | None:
         "device's dense peak for the cell's precision. GB/image: estimated traffic of a step (activations x3 + "
         "Adam's parameters, `bench.roofline`); the bandwidth floor is the device's bandwidth / that, an upper "
         "bound on images/s. Both are models, not counter readings.",
-        "Peaks: " + ("; ".join(sources) if sources else "unknown device: columns left empty rather than guessed") + ".",
+        "Peak, one for every cell of this environment: " + (f"{peak.name}: {peak.source}" if peak
+                                                            else "unknown device: columns left empty rather "
+                                                                 "than guessed") + ".",
     ]
     return Table("speed", "Speed and distance to the limit", csv, md, list(md[0].keys()), notes)
 
