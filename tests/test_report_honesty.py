@@ -7,12 +7,14 @@ the numbers the report prints against values worked out here by hand.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pandas as pd
 import pytest
 
 import bench.report.artifacts.fig9b as fig9b
+from bench.report.artifacts import ARTIFACTS
 from bench.report.build import make_report
 from bench.report.options import Options
 from bench.stats import censored_median
@@ -211,3 +213,42 @@ def test_a_cpu_gets_one_peak_the_median_of_its_runs_measurements(tmp_path):
     md = (rep.out / "tables" / "speed.md").read_text()
     assert "median of 3 runs' measurements: amp-bf16 1 TFLOP/s (runs 0.5-1.5), fp32 0.2 TFLOP/s (runs 0.1-0.3)" in md
     assert "bandwidth 0.02 TB/s (runs 0.01-0.03)" in md
+
+
+def test_an_epoch_with_time_zero_is_dropped_alone_and_flagged(tmp_path, capsys):
+    root = tmp_path / "runs"
+    write_run(root, "fig8a", "dense", _cfg(epochs=5), BASE_T, BASE_Q)
+    write_run(root, "fig8a", "amp-fp16", _cfg(precision="amp-fp16", epochs=5), FP16_T, FP16_Q)
+    tf32_t = [3.475, 2.584, 0.0, 2.599, 2.496]  # the H200 tf32 run with epoch 3's time_s set to 0.0
+    write_run(root, "fig8a", "tf32", _cfg(precision="tf32", epochs=5), tf32_t, BASE_Q)
+    rep = make_report(root, opts=Options())
+    assert not any(e.problems for e in rep.environments)
+    f8 = pd.read_csv(rep.out / "tables" / "fig8a.csv")
+    # 5 x median(2.92, 2.85, 2.89, 2.88) over 5 x median(2.584, 2.599, 2.496): epoch 3 left out, not the table
+    assert _row(f8, "tf32")["speedup_vs_model_x"] == pytest.approx(2.885 / 2.584)
+    assert _row(f8, "amp-fp16")["speedup_vs_model_x"] == pytest.approx(2.885 / 1.915)
+    assert "epochs.jsonl damaged: epoch 3 (time_s 0) not > 0: left out of the times" in _row(f8, "tf32")["status"]
+    assert set(pd.read_csv(rep.out / "tables" / "speed.csv")["cell"]) == {"dense", "amp-fp16", "tf32"}
+    raw = pd.read_csv(rep.out / "tables" / "epochs_raw.csv")
+    e3 = raw[(raw["cell"] == "tf32") & (raw["epoch"] == 3)].iloc[0]
+    assert pd.isna(e3["time_s"]) and e3["time_s_invalid"] == 0.0 and e3["val_ms_ssim"] == BASE_Q[2]
+    assert "fig8a" not in rep.not_run
+    assert "tf32-r0: epoch 3 (time_s 0) not > 0" in capsys.readouterr().err
+
+
+def test_a_table_that_fails_to_render_is_not_listed_as_not_run(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    write_run(root, "fig8a", "dense", _cfg(epochs=5), BASE_T, BASE_Q)
+    write_run(root, "fig8a", "amp-fp16", _cfg(precision="amp-fp16", epochs=5), FP16_T, FP16_Q)
+
+    def boom(env):
+        raise KeyError("peak_source")
+
+    monkeypatch.setitem(ARTIFACTS, "fig8a", dataclasses.replace(ARTIFACTS["fig8a"], build=boom))
+    rep = make_report(root, opts=Options())
+    label = rep.environments[0].label
+    assert rep.failed == {"fig8a": [label]} and "fig8a" not in rep.not_run
+    md = (rep.out / "report.md").read_text()
+    assert "## Could not be rendered\n\nTheir runs are there" in md and f"- Fig. 8(a) analogue: on {label}." in md
+    not_run = md.split("## Not run", 1)[1].split("## Paper sources", 1)[0]
+    assert "Fig. 8(a)" not in not_run and "Fig. 8(b) analogue: not run" in not_run

@@ -19,7 +19,7 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from bench.report.artifacts import ARTIFACTS
 from bench.report.cells import group_cells
 from bench.report.environments import Environment, environments
 from bench.report.envview import EnvView
+from bench.report.format import is_num
 from bench.report.markdown import render, table_file
 from bench.report.options import DEFAULT_RESULTS, Options
 from bench.report.plotting import draw
@@ -49,8 +50,10 @@ class Report:
     report_md: Path
     environments: list[Environment]
     not_run: dict[str, list[str]]
-    """Table key -> grids that would fill it, for tables no environment filled."""
+    """Table key -> grids that would fill it, for tables no environment filled and none failed to render."""
     files: list[Path]
+    failed: dict[str, list[str]] = field(default_factory=dict)
+    """Table key -> environments where its cells are there but the table could not be rendered."""
 
     def table(self, key: str, env: str | None = None) -> Table | None:
         """The table `key` of environment label `env` (default: the first environment that has it)."""
@@ -119,9 +122,31 @@ def _status_rows(envs: list[Environment]) -> list[dict[str, Any]]:
             })
     return rows
 
-_RAW_FIELDS = ("epoch", "phase", "warmup", "time_s", "capture_time_s", "prune_time_s", "val_time_s",
+_RAW_FIELDS = ("epoch", "phase", "warmup", "time_s", "time_s_invalid", "capture_time_s", "prune_time_s", "val_time_s",
                "images_per_s", "step_time_ms_p50", "step_time_ms_p90", "train_loss", "val_loss", "loss_change",
                "val_ms_ssim", "val_ms_ssim_std", "val_psnr", "sparsity", "lr")
+
+
+def drop_bad_times(runs: list[RunRecord]) -> list[str]:
+    """Take out every epoch time_s <= 0 (a clock that went wrong) and flag its run; one warning per run.
+
+    Only the time goes: the row keeps its validation and its place in the phase's epoch count, and the
+    value read is kept as `time_s_invalid`. One such epoch used to cost whole tables (the interval is
+    on log times) and every valid row in them.
+    """
+    warnings = []
+    for r in runs:
+        bad = [row for row in r.epochs if is_num(row.get("time_s")) and row["time_s"] <= 0]
+        if not bad:
+            continue
+        for row in bad:
+            row["time_s_invalid"], row["time_s"] = row["time_s"], None
+        what = (f"epoch{'s' if len(bad) > 1 else ''} "
+                + ", ".join(f"{row.get('epoch', '?')} (time_s {row['time_s_invalid']:g})" for row in bad)
+                + " not > 0: left out of the times")
+        r.damage = f"{r.damage}; {what}" if r.damage else f"epochs.jsonl damaged: {what}"
+        warnings.append(f"{r.rel}: {what}")
+    return warnings
 
 
 def _raw_epoch_rows(envs: list[Environment]) -> list[dict[str, Any]]:
@@ -196,7 +221,10 @@ def _write(results_dir: Path, runs: list[RunRecord], paper: dict[str, Any], opts
     tables_dir, figs_dir = out / "tables", out / "figures"
     files: list[Path] = []
 
+    for msg in drop_bad_times(runs):
+        print(f"warning: {msg}", file=sys.stderr)
     envs = environments(runs, group_cells(runs))
+    failed: dict[str, list[str]] = {}
     for e in envs:
         view = EnvView(e.fingerprint, e.label, e.cells, opts, paper)
         for art in ARTIFACTS.values():
@@ -205,6 +233,7 @@ def _write(results_dir: Path, runs: list[RunRecord], paper: dict[str, Any], opts
                 t = art.build(view)
             except Exception as exc:  # noqa: BLE001
                 e.problems.append(f"{art.title}: could not be rendered ({type(exc).__name__}: {exc})")
+                failed.setdefault(art.key, []).append(e.label)
                 continue
             if t is None:
                 continue
@@ -242,11 +271,12 @@ def _write(results_dir: Path, runs: list[RunRecord], paper: dict[str, Any], opts
     files.append(_write_csv(tables_dir / "environments.csv", env_rows))
 
     filled = {t.key for e in envs for t in e.tables}
-    unfilled = [a.key for a in ARTIFACTS.values() if a.needs is not None and a.key not in filled]
+    # a table whose cells are there but that failed to render is not 'not run': running its grid won't fill it
+    unfilled = [a.key for a in ARTIFACTS.values() if a.needs is not None and a.key not in filled | set(failed)]
     fills = grid_fills() if unfilled else {}
     not_run = {k: fills.get(k, []) for k in unfilled}
 
     report_md = out / "report.md"
-    report_md.write_text(render(results_dir, runs, envs, env_rows, status, not_run, paper, opts))
+    report_md.write_text(render(results_dir, runs, envs, env_rows, status, not_run, paper, opts, failed))
     files.append(report_md)
-    return Report(out, report_md, envs, not_run, files)
+    return Report(out, report_md, envs, not_run, files, failed)

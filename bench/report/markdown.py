@@ -50,8 +50,10 @@ def how_to_read(opts: Options) -> list[str]:
 
 
 def render(results_dir: Path, runs: list[RunRecord], envs: list[Environment], env_rows: list[dict[str, Any]],
-           status: list[dict[str, Any]], not_run: dict[str, list[str]], paper: dict[str, Any], opts: Options) -> str:
-    """report.md: header, environments, run status, how to read, each environment's tables, not run, sources."""
+           status: list[dict[str, Any]], not_run: dict[str, list[str]], paper: dict[str, Any], opts: Options,
+           failed: dict[str, list[str]] | None = None) -> str:
+    """report.md: header, environments, run status, how to read, each environment's tables, the tables that
+    could not be rendered, not run, sources."""
     counts: dict[str, int] = {}
     for r in runs:
         counts[r.status] = counts.get(r.status, 0) + 1
@@ -100,6 +102,11 @@ def render(results_dir: Path, runs: list[RunRecord], envs: list[Environment], en
             lines.append(bullets([*t.notes, files_note]))
             for p in t.plots:
                 lines.append(f"\n![{t.title}]({p.relative_to(p.parents[1]).as_posix()})\n")
+    if failed:
+        lines.append("## Could not be rendered\n")
+        lines.append("Their runs are there, but building the table failed (the error is under 'Rendering "
+                     "problems' in the environment's section); running more cells will not fill them.\n")
+        lines.append(bullets([f"{ARTIFACTS[key].title}: on {', '.join(labels)}." for key, labels in failed.items()]))
     if not_run:
         lines.append("## Not run\n")
         items = []
