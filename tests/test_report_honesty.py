@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 import bench.report.artifacts.fig9b as fig9b
+import bench.report.artifacts.table1 as table1
 from bench.report.artifacts import ARTIFACTS
 from bench.report.build import make_report
 from bench.report.options import Options
@@ -252,3 +253,31 @@ def test_a_table_that_fails_to_render_is_not_listed_as_not_run(tmp_path, monkeyp
     assert "## Could not be rendered\n\nTheir runs are there" in md and f"- Fig. 8(a) analogue: on {label}." in md
     not_run = md.split("## Not run", 1)[1].split("## Paper sources", 1)[0]
     assert "Fig. 8(a)" not in not_run and "Fig. 8(b) analogue: not run" in not_run
+
+
+def test_quality_plot_compares_the_paper_with_our_paper_scale_value(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    paper_scale = {"val_ms_ssim_paper_code": 79.0, "val_ms_ssim_paper_code_std": 0.5}
+    write_run(root, "table1", "dense", _cfg(batch_size=1, epochs=5), BASE_T, [50, 52, 55, 56, 57.93],
+              extra_row=paper_scale)
+    write_run(root, "table1", "random-sparse", _cfg(batch_size=1, kind="random", dense_epochs=0, epochs=5), FP16_T,
+              [30, 35, 38, 40, 41.0], extra_row={"val_ms_ssim_paper_code": 60.0})
+    figs = []
+    save = table1.save
+    monkeypatch.setattr(table1, "save", lambda fig, path: (figs.append(fig), save(fig, path))[1])
+    make_report(root, opts=Options())
+    quality, speed = figs[0].axes[:2]
+    heights = {c.get_label(): [round(b.get_height(), 2) for b in c] for c in quality.containers
+               if c.get_label() and not c.get_label().startswith("_")}
+    # the demo's dense cell: 57.93 standard, 79.00 on the paper's scale, beside the paper's 97.22
+    assert heights["ours, paper's scale (± std over slices)"] == [79.0, 60.0]
+    assert heights["ours, standard (± std over slices)"] == [57.93, 41.0]
+    assert heights["paper"] == [97.22, 42.39]
+    scale = next(c for c in quality.containers if c.get_label().startswith("ours, paper's scale"))
+    # the sparse run recorded no spread on the paper's scale: its bar is hatched, the dense one is not
+    assert [b.get_hatch() for b in scale] == [None, "//"]
+    assert "hatched: no spread recorded" in [t.get_text() for t in quality.get_legend().get_texts()]
+    # one repeat each: the total-time speedup has no interval, and its bar says so
+    assert [round(p.get_height(), 2) for p in speed.patches if p.get_hatch() == "//" and p.get_height() > 0] == [
+        round(sum(BASE_T) / sum(FP16_T), 2)]  # the sparse bar; the baseline's 1.0 is no estimate
+    assert "hatched: no CI" in [t.get_text() for t in speed.get_legend().get_texts()]

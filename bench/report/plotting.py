@@ -1,8 +1,10 @@
 """Plot helpers shared by the artifacts: seaborn on the Agg backend (no display needed).
 
 Every plot puts the paper's number beside ours where the paper has one (black
-diamonds or dashed lines) and shows our spread (bootstrap 95% intervals for
-speedups, std over validation slices for MS-SSIM). Figures are created as
+diamonds or dashed lines) and shows our spread (95% intervals for speedups,
+std over validation slices for MS-SSIM); a bar without one is hatched. MS-SSIM
+bars compare the paper's numbers with ours on the paper code's scale, the
+standard MS-SSIM beside them. Figures are created as
 `matplotlib.figure.Figure` with an Agg canvas, so no global pyplot state or
 interactive backend is touched.
 
@@ -12,6 +14,7 @@ command does so (through the artifacts), never the CLI at start-up.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,10 +24,13 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from bench.report.artifact import Table
 from bench.report.format import is_num
 
+NO_CI_HATCH = "//"
+"""Hatching of a bar that has no interval (or no spread)."""
 PAPER_STYLE = {"marker": "D", "color": "black", "s": 36, "zorder": 5, "label": "paper"}
 
 
@@ -81,6 +87,7 @@ def bars_with_ci(ax: Any, rows: list[dict[str, Any]], x: str, hue: str, y: str, 
     sns.barplot(data=df, x=x, y=y, hue=hue, order=xs, hue_order=hs, errorbar=None, ax=ax)
     lookup = {(str(r[x]), str(r[hue])): r for r in rows}
     paper_pts: list[tuple[float, float]] = []
+    no_ci = False
     # seaborn draws one container per hue level (levels without data are dropped above), bars at x index +- dodge.
     for h, container in zip(hs, ax.containers, strict=False):
         for patch in container.patches:
@@ -95,28 +102,56 @@ def bars_with_ci(ax: Any, rows: list[dict[str, Any]], x: str, hue: str, y: str, 
             if lo and hi and is_num(r.get(lo)) and is_num(r.get(hi)):
                 ax.errorbar(cx, v, yerr=[[v - float(r[lo])], [float(r[hi]) - v]], fmt="none", ecolor="black",
                             capsize=3, lw=1)
+            elif lo and hi and r.get(f"{y.removesuffix('_x')}_verdict") != "baseline":
+                # a bar without an interval must not look like one whose interval is tiny
+                patch.set_hatch(NO_CI_HATCH)
+                no_ci = True
             if paper and is_num(r.get(paper)):
                 paper_pts.append((cx, float(r[paper])))
     if paper_pts:
         ax.scatter([p[0] for p in paper_pts], [p[1] for p in paper_pts], **PAPER_STYLE)
     ax.set_xticks(range(len(xs)), [short(s) for s in xs], rotation=20, ha="right")
+    _legend(ax, "hatched: no CI" if no_ci else None)
+
+
+def _legend(ax: Any, hatched: str | None) -> None:
+    """The axes' legend, with a hatched swatch that explains hatched bars when there are some.
+
+    The swatch is an artist on the axes (at NaN, so it draws nothing), not a legend-only handle:
+    a caller that adds a line and calls `ax.legend()` again keeps it.
+    """
+    if hatched:
+        ax.add_patch(Rectangle((math.nan, math.nan), 0, 0, facecolor="white", edgecolor="black",
+                               hatch=NO_CI_HATCH, label=hatched))
     ax.legend(fontsize=7, loc="best")
 
 
 def quality_bars(ax: Any, rows: list[dict[str, Any]], x: str) -> None:
-    """Final MS-SSIM bars by `x`, ours (± std over slices) beside the paper's (light grey)."""
+    """Final MS-SSIM bars by `x`: ours on the paper code's scale beside the paper's, our standard one beside them.
+
+    The paper's MS-SSIM was most likely computed with its code's MS-SSIM, which reads higher than the
+    standard one (`ddnet.paper_msssim`): ours on that scale is the bar to compare with the paper's.
+    Error bars: std over validation slices; a bar without one is hatched.
+    """
     labels = [short(str(r[x])) for r in rows]
     pos = np.arange(len(rows))
-    ours = [float(r["ms_ssim_pct"]) for r in rows]
-    err = [float(r["ms_ssim_std_pct"]) if is_num(r.get("ms_ssim_std_pct")) else 0.0 for r in rows]
     pal = sns.color_palette()
-    ax.bar(pos - 0.2, ours, 0.4, yerr=err, capsize=3, color=pal[0], label="ours (± std over slices)")
-    pv = [r.get("paper_ms_ssim_pct") for r in rows]
-    pe = [r.get("paper_ms_ssim_std_pct") for r in rows]
-    if any(is_num(v) for v in pv):
-        ax.bar(pos + 0.2, [v if is_num(v) else 0 for v in pv], 0.4,
-               yerr=[e if is_num(e) else 0 for e in pe], capsize=3, color="lightgrey", edgecolor="black",
-               label="paper")
+    series = [(key, label, style) for key, label, style in (
+        ("ms_ssim_paper_code", "ours, paper's scale (± std over slices)", {"color": pal[0]}),
+        ("ms_ssim", "ours, standard (± std over slices)", {"color": pal[1]}),
+        ("paper_ms_ssim", "paper", {"color": "lightgrey", "edgecolor": "black"}),
+    ) if any(is_num(r.get(f"{key}_pct")) for r in rows)]
+    width = 0.8 / max(len(series), 1)
+    hatched = False
+    for i, (key, label, style) in enumerate(series):
+        vals = [r.get(f"{key}_pct") for r in rows]
+        errs = [r.get(f"{key}_std_pct") for r in rows]
+        bars = ax.bar(pos + (i - (len(series) - 1) / 2) * width, [float(v) if is_num(v) else 0.0 for v in vals],
+                      width, yerr=[float(e) if is_num(e) else 0.0 for e in errs], capsize=3, label=label, **style)
+        for bar, v, e in zip(bars, vals, errs, strict=True):
+            if is_num(v) and not is_num(e):
+                bar.set_hatch(NO_CI_HATCH)
+                hatched = True
     ax.set_xticks(pos, labels, rotation=20, ha="right")
     ax.set_ylabel("final validation MS-SSIM (%)")
-    ax.legend(fontsize=7)
+    _legend(ax, "hatched: no spread recorded" if hatched else None)

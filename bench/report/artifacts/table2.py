@@ -73,7 +73,7 @@ def plot(table: Table, path: Path) -> Path | None:
     quality_bars(a2, rows, "type")
     base = next((r["baseline_ms_ssim_pct"] for r in rows if is_num(r.get("baseline_ms_ssim_pct"))), None)
     if base is not None:
-        a2.axhline(base, color="black", ls="--", lw=1, label="dense baseline (ours)")
+        a2.axhline(base, color="black", ls="--", lw=1, label="dense baseline (ours, standard)")
         a2.legend(fontsize=7)
     fig.suptitle(table.title, fontsize=10)
     return save(fig, path)
