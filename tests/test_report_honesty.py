@@ -281,3 +281,15 @@ def test_quality_plot_compares_the_paper_with_our_paper_scale_value(tmp_path, mo
     assert [round(p.get_height(), 2) for p in speed.patches if p.get_hatch() == "//" and p.get_height() > 0] == [
         round(sum(BASE_T) / sum(FP16_T), 2)]  # the sparse bar; the baseline's 1.0 is no estimate
     assert "hatched: no CI" in [t.get_text() for t in speed.get_legend().get_texts()]
+
+
+def test_the_papers_gpu_is_named_as_the_paper_names_it(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "fig8a", "dense", _cfg(epochs=5), BASE_T, BASE_Q)
+    write_run(root, "fig8a", "amp-fp16", _cfg(precision="amp-fp16", epochs=5), FP16_T, FP16_Q)
+    rep = make_report(root, opts=Options())
+    md = (rep.out / "report.md").read_text()
+    # the paper says "Nvidia Ampere GPU"; A100 is an inference
+    assert "Paper columns quote Chaturvedi, Cao, Feng on an Ampere GPU (likely A100;" in md
+    assert "Paper (Fig. 8, Ampere GPU (likely A100)): MP 1.49x" in md
+    assert "(A100," not in md and "Fig. 8, A100" not in md

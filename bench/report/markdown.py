@@ -44,7 +44,8 @@ def how_to_read(opts: Options) -> list[str]:
         f"target (default: the dense fp32 baseline's final value minus {opts.tolerance_pp:g} pp), time summed up "
         "to it; a run that touches the target and falls back has not reached it ('not held'). Over repeats, a "
         "repeat that did not hold it counts as never: a time only when most repeats held it.",
-        "Paper columns quote Chaturvedi, Cao, Feng (A100, 512x512 chest CT, 50 epochs); small synthetic runs "
+        "Paper columns quote Chaturvedi, Cao, Feng on an Ampere GPU (likely A100; the paper names only an "
+        "\"Nvidia Ampere GPU\"), 512x512 chest CT, 50 epochs; small synthetic runs "
         "on other hardware are not expected to match them, the columns are there to compare shapes and ratios.",
     ]
 

@@ -62,7 +62,7 @@ def _build(env: EnvView, key: str, pred: CellPredicate, title: str) -> Table | N
                                                 else None),
         })
     notes = [
-        "Paper (Fig. 8, A100): MP 1.49x dense / 1.34x sparse; DoLL 1.21x both; GCO 1.16x; "
+        "Paper (Fig. 8, Ampere GPU (likely A100)): MP 1.49x dense / 1.34x sparse; DoLL 1.21x both; GCO 1.16x; "
         "all three 1.7x dense / 1.6x sparse; all three with the hybrid 25+25 schedule 1.94x vs the dense baseline.",
         "The paper's MP is matched by amp-fp16/amp-bf16 and its GCO by graphs cuda-graph only; tf32, compile and "
         "channels-last have no paper number.",
