@@ -293,3 +293,23 @@ def test_the_papers_gpu_is_named_as_the_paper_names_it(tmp_path):
     assert "Paper columns quote Chaturvedi, Cao, Feng on an Ampere GPU (likely A100;" in md
     assert "Paper (Fig. 8, Ampere GPU (likely A100)): MP 1.49x" in md
     assert "(A100," not in md and "Fig. 8, A100" not in md
+
+
+def test_structural_pruning_shows_the_fraction_of_parameters_removed(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "g", "dense", _cfg(epochs=5), BASE_T, BASE_Q)
+    d = write_run(root, "g", "structured-hybrid2", _cfg(kind="structured", dense_epochs=2, epochs=5), BASE_T, BASE_Q)
+    # the H200 run's record: narrowed layers hold no zeros (overall 0.0), 566,451 -> 287,459 parameters
+    s = json.loads((d / "summary.json").read_text())
+    s["params"] = 287459
+    s["sparsity"].update(overall=0.0, report={"params_before": 566451, "params_after": 287459,
+                                              "params_removed": 278992})
+    (d / "summary.json").write_text(json.dumps(s))
+    write_run(root, "g", "random-hybrid2", _cfg(kind="random", dense_epochs=2, epochs=5), BASE_T, BASE_Q)
+    rep = make_report(root, opts=Options())
+    df = pd.read_csv(rep.out / "tables" / "sparsity.csv")
+    st = _row(df, "structured-hybrid2")
+    assert st["params_removed_fraction"] == pytest.approx(278992 / 566451)  # 0.493, not 0.000
+    assert pd.isna(_row(df, "random-hybrid2")["params_removed_fraction"])
+    md = (rep.out / "tables" / "sparsity.md").read_text()
+    assert "| 0.493 of params removed |" in md and "| 0.500 |" in md  # masked: the zeros' share, as before
