@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import pickle
+import re
 import shlex
 import signal
 import stat
@@ -367,10 +368,15 @@ def test_time_limit_signal_checkpoints_and_requeues_the_cell_with_resume(tmp_pat
                         executor_factory=lambda folder: ShortLimitLocalExecutor(folder, max_num_timeout=3))
     assert sub.result()["status"] == "ok"
     assert epochs_of(job.folder) == list(range(1, 25))
-    runs = headers(job.folder)
+    lines = headers(job.folder)
+    runs = [h for h in lines if " for Slurm's time limit or a preemption" not in h]
     assert len(runs) >= 2 and not runs[0].endswith("--resume")
     assert all(r.endswith("--resume") for r in runs[1:])
     assert "checkpoint -> requeued with" in (sub.stdout() or "")
+    # the cell's own log says why each run before the last stopped, and where
+    stops = [int(re.search(r": stopped after epoch (\d+) for", h).group(1)) for h in lines if h not in runs]
+    assert len(stops) == len(runs) - 1 and stops == sorted(stops) and 0 <= stops[0] < 24
+    assert [h in runs for h in lines] == [True, False] * (len(runs) - 1) + [True]  # start, stop, start, ...
 
 
 # ------------------------------------------------------------------ CellCommand in this process

@@ -350,6 +350,12 @@ class CellCommand:
         self._stop()
         argv = self.job.command()
         print(f"{self.job.path}: checkpoint -> requeued with {shlex.join(argv)}", flush=True)
+        if self.job.nodes == 1 or node_place(self.job).node == 0:  # the cell's own log says why it stopped
+            done = len(read_jsonl(self.job.path / "epochs.jsonl"))
+            with contextlib.suppress(OSError), open(self.job.path / "train.log", "a") as log:
+                log.write(f"=== bench slurm {_now()}: stopped after epoch {done} for Slurm's time limit or a "
+                          "preemption; submitit requeues the job (same id) to resume here, unless its requeues "
+                          "are spent: then `bench run` resubmits it\n")
         return DelayedSubmission(CellCommand(replace(self.job, argv=argv)))
 
 

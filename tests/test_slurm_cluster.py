@@ -1,0 +1,227 @@
+"""`bench run --executor slurm` against a real Slurm cluster: sbatch job arrays, squeue and sacct, scancel, the
+time-limit signal and submitit's requeue, with the real trainer.
+
+Run only when DDNET_BENCH_TEST_SLURM=1 and `sinfo` answers: `.ci/slurm-cluster start` makes a one-node cluster
+on this machine (CI does), and the opt-in keeps a developer's machine from submitting to a production cluster.
+Each test compares what ran on Slurm with the same cell trained here without interruption: a cancel or a
+requeue must cost time only, never a number.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.grids import load_grid_file
+from bench.run_slurm import run_on_slurm
+from bench.slurm import SlurmOptions, job_states, latest_jobs
+from bench.store import read_json, read_jsonl
+from tests.fake_trainer import quiet
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cluster_ready() -> bool:
+    if os.environ.get("DDNET_BENCH_TEST_SLURM") != "1" or shutil.which("sinfo") is None:
+        return False
+    try:
+        res = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return res.returncode == 0 and any(s in res.stdout for s in ("idle", "mixed", "allocated"))
+
+
+pytestmark = [pytest.mark.slurm_cluster, pytest.mark.slow,
+              pytest.mark.skipif(importlib.util.find_spec("submitit") is None or not _cluster_ready(),
+                                 reason="needs submitit, a Slurm cluster and DDNET_BENCH_TEST_SLURM=1 "
+                                        "(.ci/slurm-cluster start makes one here)")]
+
+GRID = '''
+from bench.grids import Cell, standard_factors
+from ddnet.config import DataConfig, ModelConfig, TrainConfig
+
+NAME = "real_slurm"
+
+
+def defaults():
+    return TrainConfig(model=ModelConfig(base_width=4, growth=4, bottleneck=8),
+                       data=DataConfig(image_size=32, n_train=8, n_val=2), epochs={epochs}, batch_size=4, lr=1e-3,
+                       num_workers=0, device="cpu")
+
+
+def cells(base):
+    return [Cell(name, name, standard_factors(base.replace(**changes)), base.replace(**changes))
+            for name, changes in {cells}]
+'''
+
+COMPARED = ("epoch", "train_loss", "val_loss", "val_ms_ssim", "lr")
+"""Epoch-row fields that must not depend on how the run was scheduled (timings do)."""
+
+
+def write_grid(folder: Path, epochs: int, cells: str) -> Path:
+    path = folder / "real_slurm.py"
+    path.write_text(GRID.format(epochs=epochs, cells=cells))
+    return path
+
+
+def bench(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "COLUMNS": "200", **(env or {})})
+
+
+def cell_dir(out: Path, name: str) -> Path:
+    (d,) = [p for p in out.iterdir() if p.name.startswith(name + "-") and (p / "cell.json").exists()]
+    return d
+
+
+def rows(d: Path, upto: int | None = None) -> list[dict]:
+    return [{k: r[k] for k in COMPARED} for r in read_jsonl(d / "epochs.jsonl")][:upto]
+
+
+def trained_here(cell: Path, tmp: Path, epochs: int | None = None) -> list[dict]:
+    """The same cell trained here in one go (`epochs` overrides its count), its comparable epoch rows."""
+    ref = tmp / f"ref-{cell.name}-{epochs}"
+    extra = ["--epochs", str(epochs)] if epochs else []
+    res = bench("train", "--config", str(cell / "config.request.json"), "--out", str(ref), *extra)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return rows(ref)
+
+
+def job_of(out: Path, cell: Path) -> str:
+    return latest_jobs(read_json(out / "grid.json"))[cell.name]
+
+
+def wait_until(what: str, check, timeout_s: float, every_s: float = 0.2):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def n_rows(d: Path) -> int:
+    try:
+        return len(read_jsonl(d / "epochs.jsonl"))
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.fixture
+def out(tmp_path):
+    """The grid's --out; every job it records is cancelled when the test ends, whatever happened."""
+    out = tmp_path / "out"
+    yield out
+    try:
+        record = read_json(out / "grid.json")
+    except (OSError, ValueError):
+        return
+    jobs = read_json_jobs(record)
+    if jobs:
+        subprocess.run(["scancel", *jobs], capture_output=True, timeout=30)
+
+
+def read_json_jobs(record: dict) -> list[str]:
+    """Every Slurm job id (array ids without the task) a grid.json records, resubmissions included."""
+    return sorted({str(r["job_id"]).split("_")[0] for recs in record.get("jobs", {}).values() for r in recs})
+
+
+def test_a_grid_runs_as_a_real_job_array_and_status_reads_the_scheduler(tmp_path, out):
+    grid = write_grid(tmp_path, 3, '(("a", {}), ("b", {"lr": 2e-3}), ("broken", {"lr": 3e-3}))')
+    nan = {"DDNET_BENCH_INJECT_NAN_EPOCH": "2", "DDNET_BENCH_INJECT_ONLY": f"{os.sep}broken-"}  # reaches the job
+
+    res = bench("run", "--grid", str(grid), "--out", str(out), "--executor", "slurm", "--slurm-time", "10",
+                "--wait", env=nan)
+
+    assert res.returncode == 1, res.stdout + res.stderr  # the broken cell failed
+    cells = {name: cell_dir(out, name) for name in ("a", "b", "broken")}
+    jobs = {name: job_of(out, d) for name, d in cells.items()}
+    array = {j.split("_")[0] for j in jobs.values()}
+    assert len(array) == 1 and all("_" in j for j in jobs.values()), jobs  # one sbatch array, a task per cell
+    assert job_states(list(jobs.values())) == {jobs["a"]: "finished", jobs["b"]: "finished",
+                                               jobs["broken"]: "failed"}  # what sacct says, parsed by us
+    for name in ("a", "b"):
+        assert read_json(cells[name] / "summary.json")["status"] == "ok"
+        assert rows(cells[name]) == trained_here(cells[name], tmp_path)  # Slurm changes no number
+    broken = read_json(cells["broken"] / "summary.json")
+    assert broken["status"] == "failed" and "nan" in broken["error"].lower()
+
+    status = bench("status", str(out))
+    assert status.returncode == 0, status.stderr
+    for name in ("a", "b"):
+        assert f"{jobs[name]} (finished)" in status.stdout
+    assert f"{jobs['broken']} (failed)" in status.stdout
+
+    again = bench("run", "--grid", str(grid), "--out", str(out), "--executor", "slurm", "--slurm-time", "10")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "submitted 0 cell(s);" in again.stdout, again.stdout  # finished and failed cells stay as they are
+    assert latest_jobs(read_json(out / "grid.json")) == {d.name: jobs[n] for n, d in cells.items()}
+
+
+def test_a_cancelled_job_is_resubmitted_by_the_next_run_and_resumes_exactly(tmp_path, out):
+    epochs = 200
+    grid = write_grid(tmp_path, epochs, '(("long", {}),)')
+    argv = ("run", "--grid", str(grid), "--out", str(out), "--executor", "slurm", "--slurm-time", "10")
+
+    res = bench(*argv)
+    assert res.returncode == 0, res.stdout + res.stderr
+    cell = cell_dir(out, "long")
+    job = job_of(out, cell)
+    wait_until("two epochs and a checkpoint", lambda: n_rows(cell) >= 2 and (cell / "ckpt.pt").exists(), 180)
+    subprocess.run(["scancel", job], check=True, timeout=30)
+    wait_until(f"job {job} cancelled", lambda: job_states([job]).get(job) == "cancelled", 60, every_s=1)
+    done_before = n_rows(cell)
+    assert 2 <= done_before < epochs, done_before
+    assert read_json(cell / "summary.json")["status"] == "running"  # resumable, not failed
+
+    status = bench("status", str(out))
+    assert f"{job} (cancelled)" in status.stdout and "stopped" in status.stdout, status.stdout
+
+    res = bench(*argv, "--wait")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"job {job} cancelled and the cell is unfinished" in " ".join(res.stdout.split()), res.stdout
+    new_job = job_of(out, cell)
+    assert new_job != job
+    assert read_json(cell / "summary.json")["status"] == "ok"
+    log = (cell / "train.log").read_text()
+    assert log.count("=== bench slurm") == 2 and "--resume" in log.split("=== bench slurm")[2]
+    assert rows(cell) == trained_here(cell, tmp_path)  # every epoch once, as if never cancelled
+
+
+def test_a_job_at_its_time_limit_is_requeued_and_resumes_exactly(tmp_path, out):
+    grid = load_grid_file(write_grid(tmp_path, 100_000, '(("endless", {}),)'))
+    # a 2-minute limit signalled 90 s early: Slurm signals within its ~30 s check period, submitit's handler
+    # stops the cell and requeues the job, which Slurm starts again after cred_expire (.ci/slurm-cluster: 10 s)
+    options = SlurmOptions(cluster="slurm", time_min=2, signal_delay_s=90, max_requeues=5)
+    assert run_on_slurm(grid, out, options, console=quiet()) is None
+    cell = cell_dir(out, "endless")
+    job = job_of(out, cell)
+    log = cell / "train.log"
+
+    def starts() -> list[str]:
+        return [h for h in log.read_text().splitlines() if h.startswith("=== bench slurm") and ": stopped after epoch" not in h] \
+            if log.exists() else []
+
+    wait_until("the requeued job's start", lambda: len(starts()) >= 2, 240, every_s=1)
+    at_requeue = n_rows(cell)
+    wait_until("the requeued job's third epoch", lambda: n_rows(cell) >= at_requeue + 3, 150, every_s=0.5)
+    subprocess.run(["scancel", job.split("_")[0]], check=True, timeout=30)
+    wait_until(f"job {job} to end", lambda: job_states([job]).get(job) not in ("queued", "running"), 60, every_s=1)
+
+    first, second = starts()[:2]
+    assert not first.endswith("--resume") and second.endswith("--resume")
+    stop = re.search(r": stopped after epoch (\d+) for Slurm's time limit", log.read_text())
+    assert stop is not None and 1 <= int(stop.group(1)) <= at_requeue
+    assert job_of(out, cell) == job  # a requeue keeps the job id; no resubmission
+    got = rows(cell)
+    assert [r["epoch"] for r in got] == list(range(1, len(got) + 1))  # no epoch lost or written twice
+    assert got == trained_here(cell, tmp_path, epochs=len(got))  # the interruption changed no number
