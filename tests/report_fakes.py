@@ -17,6 +17,14 @@ import numpy as np
 import pandas as pd
 
 from bench.cli import main
+from bench.paper import load_paper
+from bench.report.artifact import Table
+from bench.report.artifacts import ARTIFACTS
+from bench.report.cells import group_cells
+from bench.report.environments import environments
+from bench.report.envview import EnvView
+from bench.report.options import Options
+from bench.report.runs import load_runs
 from ddnet.config import DataConfig, ModelConfig, SparsityConfig, TrainConfig
 
 FP_A = "aaaaaaaaaaaaaaaa"
@@ -217,3 +225,26 @@ def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
         code = int(e.code or 0)
     cap = capsys.readouterr()
     return code, cap.out, cap.err
+
+
+def views(root: Path, opts: Options | None = None) -> list[EnvView]:
+    """Each environment's view of the runs under `root`, as `bench report` builds it (no files, no plots)."""
+    runs = load_runs(root)
+    paper = load_paper()
+    return [EnvView(e.fingerprint, e.label, e.cells, opts or Options(), paper)
+            for e in environments(runs, group_cells(runs))]
+
+
+def table(root: Path, key: str, opts: Options | None = None) -> Table:
+    """Artifact `key` of the only environment under `root`, built in memory (fast: nothing is drawn)."""
+    (view,) = views(root, opts)
+    t = ARTIFACTS[key].build(view)
+    assert t is not None, f"{key} has no rows"
+    return t
+
+
+def by_cell(t: Table, cell: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The (CSV row, Markdown row) of `cell` in table `t` (exactly one)."""
+    hits = [i for i, r in enumerate(t.csv_rows) if r["cell"] == cell]
+    assert len(hits) == 1, f"expected one row for {cell}, got {len(hits)}: {[r['cell'] for r in t.csv_rows]}"
+    return t.csv_rows[hits[0]], t.md_rows[hits[0]]

@@ -13,7 +13,7 @@ from bench.report.build import make_report
 from bench.report.cells import group_cells
 from bench.report.options import Options
 from bench.report.runs import epoch_phase, is_warmup, load_runs, read_run
-from tests.report_fakes import FP_A, FP_B, QUAL, _cfg, _row, _rows, _times, write_run
+from tests.report_fakes import FP_A, FP_B, QUAL, _cfg, _est, _row, _rows, _times, by_cell, table, write_run
 
 
 def test_partial_failed_and_skipped_runs_are_named(tmp_path):
@@ -109,3 +109,39 @@ def test_a_damaged_epochs_file_is_read_whole_and_flagged(tmp_path):
     assert "damaged" in md and "epoch 6 missing" in md
     status = pd.read_csv(rep.out / "tables" / "status.csv").iloc[0]
     assert "recorded twice" in status["damage"] and status["epochs_done"] == 29
+
+
+def test_runs_of_one_cell_name_with_other_epochs_are_two_cells_never_pooled(tmp_path):
+    """The audit's fixture e5: a grid run at 5 epochs, its baseline run again at 10 (same name, same folder tree).
+
+    Pooled as repeats, the baseline's estimate was the median of 50 s and 100 s and MP read 2.27x; the
+    5-epoch MP cell must be compared with the 5-epoch baseline only (1.52x).
+    """
+    root = tmp_path / "runs"
+    b5 = write_run(root, "gpu_quick", "dense-baseline", _cfg(epochs=5), [30.0, 10.0, 10.2, 9.8, 10.0], QUAL[:5])
+    b10 = write_run(root / "later", "gpu_quick", "dense-baseline", _cfg(epochs=10),
+                    [30.0, 10.0, 10.2, 9.8, 10.0] * 2, QUAL[:5] * 2)
+    mp = write_run(root, "gpu_quick", "dense-amp-fp16", _cfg(precision="amp-fp16", epochs=5),
+                   [20.0, 6.6, 6.7, 6.5, 6.6], QUAL[:5])
+    cells = group_cells(load_runs(root))
+    assert sorted((c.name, len(c.runs)) for c in cells) == [
+        ("dense-amp-fp16", 1), ("dense-baseline [epochs 10]", 1), ("dense-baseline [epochs 5]", 1)]
+    base5 = next(c for c in cells if c.name == "dense-baseline [epochs 5]")
+    assert base5.status_text() == "ok (1 repeat) [not pooled with 1 other cell(s) of this name: they differ in epochs]"
+    assert base5.train_time_est_s() == pytest.approx(_est(b5)) == pytest.approx(50.0)
+    row, md = by_cell(table(root, "fig8a"), "dense-amp-fp16")
+    assert row["dense_baseline_cell"] == "dense-baseline [epochs 5]"
+    assert row["speedup_vs_model_x"] == pytest.approx(_est(b5) / _est(mp)) == pytest.approx(50.0 / 33.0)
+    assert _est(b10) == pytest.approx(100.0)  # the 10-epoch baseline, had it been pooled: median(50, 100) / 33
+    t = table(root, "ttq")
+    assert {r["cell"] for r in t.csv_rows} >= {"dense-baseline [epochs 5]", "dense-baseline [epochs 10]"}
+
+
+def test_a_run_without_any_config_joins_the_one_cell_of_its_name(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "g", "fp32-host-off-dense", _cfg(), _times(10.0, 1), QUAL)
+    d = write_run(root, "g", "fp32-host-off-dense", _cfg(), [], [], repeat=1, status="skipped", reason="no time")
+    (d / "config.json").unlink()
+    cells = group_cells(load_runs(root))
+    assert [(c.name, len(c.runs)) for c in cells] == [("fp32-host-off-dense", 2)]
+    assert cells[0].status_text() == "1/2 ok; skipped: no time"

@@ -1,8 +1,13 @@
 """Cells of repeats for `bench report`: all runs of one cell on one machine, the unit of a table row.
 
-Runs are grouped by environment fingerprint, grid and cell name, so repeats of
-one cell become one row and machines are never mixed. CellRuns measures are
-medians over finished repeats of the per-run measures in `bench.report.runs`.
+Runs are grouped by environment fingerprint, grid, cell name and context (the
+config fields that must agree for two runs to be compared: data, net, epochs,
+batch, optimizer), so repeats of one cell become one row, machines are never
+mixed, and two runs of one cell name with other epochs (a grid run twice with
+another --epochs) are two cells, never pooled as repeats. Such cells have what
+differs in their name ('dense-baseline [epochs 10]') and say so in their status.
+CellRuns measures are medians over finished repeats of the per-run measures in
+`bench.report.runs`.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.report.runs import RunRecord
+from bench.report.runs import _CONTEXT_FIELDS, RunRecord
 from bench.report.setting import Setting
 from bench.stats import median
 
@@ -27,6 +32,8 @@ class CellRuns:
     setting: Setting
     context: str
     runs: list[RunRecord] = field(default_factory=list)
+    clash: str | None = None
+    """Set when other runs of this cell name on this machine have another context: what differs."""
 
     @property
     def profile_steps(self) -> int:
@@ -47,16 +54,24 @@ class CellRuns:
         return bool(self.ok_runs)
 
     def status_text(self) -> str:
-        """'ok (3 repeats)' or what is missing: partial, failed, skipped runs with their messages."""
+        """'ok (3 repeats)' or what is missing: partial, failed, skipped runs with their messages; flags appended."""
         ok = self.ok_runs
         others = [r for r in self.runs if not r.ok]
-        damaged = sorted({r.damage for r in ok if r.damage})
+        flags = sorted({r.damage for r in ok if r.damage}) + self._flags()
         if not others:
             text = f"ok ({len(ok)} repeat{'s' if len(ok) != 1 else ''})"
-            return text + (f" [{'; '.join(damaged)}]" if damaged else "")
+            return text + (f" [{'; '.join(flags)}]" if flags else "")
         msgs = sorted({r.status_text() for r in others})
         head = f"{len(ok)}/{len(self.runs)} ok; " if ok else ""
-        return head + "; ".join(msgs)
+        return head + "; ".join(msgs) + (f" [{'; '.join(self._flags())}]" if self._flags() else "")
+
+    def _flags(self) -> list[str]:
+        """What a reader must know beside the numbers: a name shared with other settings, mixed code versions."""
+        flags = [self.clash] if self.clash else []
+        versions = sorted({_code_version(r) for r in self.ok_runs} - {""})
+        if len(versions) > 1:
+            flags.append(f"repeats from {len(versions)} code versions: {', '.join(versions)}")
+        return flags
 
     # -------------------------------------------------------------- cell measures
     def values(self, fn: Any) -> list[float]:
@@ -110,16 +125,66 @@ class CellRuns:
         return [phases[k] for k in keys], [float(median(counts[k])) for k in keys]
 
 
+def _code_version(r: RunRecord) -> str:
+    """The code a run measured: cell.json's code_version, else env.json's commit ('' when unrecorded)."""
+    v = r.cell.get("code_version") or str(r.env.get("git_commit") or "")[:12]
+    return str(v)
+
+
+def context_fields(r: RunRecord) -> dict[str, Any]:
+    """The run's context as flat fields ('epochs', 'data.n_train', ...): what `RunRecord.context` hashes."""
+    if not r.config:
+        return {"batch_size": r.setting.batch_size, "epochs": r.setting.epochs}
+    out: dict[str, Any] = {k: r.config.get(k) for k in _CONTEXT_FIELDS}
+    for part in ("model", "data"):
+        value = r.config.get(part)
+        for k, v in (value.items() if isinstance(value, dict) else [("", value)]):
+            out[f"{part}.{k}" if k else part] = v
+    return out
+
+
+def _what_differs(cells: list[CellRuns]) -> tuple[list[str], dict[int, str]]:
+    """The context fields in which cells of one name differ, and per cell (by id) its values: 'epochs 10'."""
+    fields = {id(c): context_fields(next((r for r in c.runs if r.config), c.runs[0])) for c in cells}
+    keys = sorted({k for f in fields.values() for k in f})
+    differ = [k for k in keys if len({repr(f.get(k)) for f in fields.values()}) > 1]
+    if not differ:  # hashes differ but the fields read alike (a hand-edited config): name the hashes
+        return ["context"], {id(c): f"context {c.context}" for c in cells}
+    return differ, {id(c): ", ".join(f"{k} {str(fields[id(c)].get(k))[:40]}" for k in differ) for c in cells}
+
+
 def group_cells(runs: Iterable[RunRecord]) -> list[CellRuns]:
-    """Group runs into cells by (fingerprint, grid, cell name); order: grid, then first appearance."""
-    cells: dict[tuple[str, str, str], CellRuns] = {}
+    """Group runs into cells by (fingerprint, grid, cell name, context); sorted by fingerprint, grid, name.
+
+    A run with no config at all (a cell skipped before `bench run` wrote one) joins the one cell of its name
+    that has a context, when there is exactly one. Cells of one name with different contexts keep apart:
+    each gets what differs in its name and a status flag, so that a folder holding both reads plainly.
+    """
+    runs = list(runs)
+    contexts: dict[tuple[str, str, str], set[str]] = {}
     for r in runs:
-        key = (r.fingerprint, r.grid, r.cell_name)
+        if r.config:
+            contexts.setdefault((r.fingerprint, r.grid, r.cell_name), set()).add(r.context)
+    cells: dict[tuple[str, str, str, str], CellRuns] = {}
+    for r in runs:
+        known = contexts.get((r.fingerprint, r.grid, r.cell_name), set())
+        context = next(iter(known)) if not r.config and len(known) == 1 else r.context
+        key = (r.fingerprint, r.grid, r.cell_name, context)
         if key not in cells:
-            cells[key] = CellRuns(r.fingerprint, r.grid, r.cell_name, r.label, r.setting, r.context)
+            cells[key] = CellRuns(r.fingerprint, r.grid, r.cell_name, r.label, r.setting, context)
         c = cells[key]
         c.runs.append(r)
         # A finished run's config is the best description of the cell (a skipped one may lack it).
         if r.ok and r.config and not any(x.ok for x in c.runs[:-1]):
-            c.setting, c.context, c.label = r.setting, r.context, r.label
+            c.setting, c.label = r.setting, r.label
+    by_name: dict[tuple[str, str, str], list[CellRuns]] = {}
+    for c in cells.values():
+        by_name.setdefault((c.fingerprint, c.grid, c.name), []).append(c)
+    for same in by_name.values():
+        if len(same) > 1:
+            differ, what = _what_differs(same)
+            for c in same:
+                c.clash = (f"not pooled with {len(same) - 1} other cell(s) of this name: they differ in "
+                           f"{', '.join(differ)}")
+                c.name = f"{c.name} [{what[id(c)]}]"
     return sorted(cells.values(), key=lambda c: (c.fingerprint, c.grid, c.name))
