@@ -106,18 +106,42 @@ class EnvView:
         return [c for c in self.cells if pred(c.setting, c.profile_steps)]
 
     def find(self, like: CellRuns, **changes: Any) -> CellRuns | None:
-        """The cell of the same grid and context whose setting is `like`'s with `changes`; prefer finished ones."""
+        """The cell of the same context and machine whose setting is `like`'s with `changes`.
+
+        Finished cells first, then a cell of `like`'s own grid before one of another grid: a grid without
+        baseline cells of its own (ablations/fig8b.py: 'baselines in fig8a') is compared with another grid's,
+        run on the same machine (this view) with the same data, net, epochs and batch (the context).
+        """
         want = like.setting.replace(**changes)
         key = (want.arch_key, want.model_key)
         hits = [
             c for c in self.cells
-            if c.grid == like.grid and c.context == like.context and (c.setting.arch_key, c.setting.model_key) == key
+            if c.context == like.context and (c.setting.arch_key, c.setting.model_key) == key
         ]
-        hits.sort(key=lambda c: (not c.has_numbers, c.name))
+        hits.sort(key=lambda c: (not c.has_numbers, c.grid != like.grid, c.grid, c.name))
         return hits[0] if hits else None
 
+    @staticmethod
+    def ref(cell: CellRuns | None, like: CellRuns) -> str | None:
+        """How a row names the cell it is compared with: its name, 'grid/name' when it is of another grid."""
+        if cell is None:
+            return None
+        return cell.name if cell.grid == like.grid else f"{cell.grid or '-'}/{cell.name}"
+
+    @staticmethod
+    def borrowed_note(pairs: list[tuple[CellRuns, CellRuns | None]]) -> list[str]:
+        """A note for each grid whose rows were compared with another grid's cells: (cell, its comparison)."""
+        lent: dict[str, set[str]] = {}
+        for c, other in pairs:
+            if other is not None and other.grid != c.grid:
+                lent.setdefault(c.grid or "-", set()).add(other.grid or "-")
+        return [f"Grid {g} lacks some of the cells its rows are compared with: "
+                f"those come from grid {' and '.join(sorted(src))}, run on the same machine with the same data, "
+                "net, epochs and batch size; the CSV names them 'grid/cell'."
+                for g, src in sorted(lent.items())]
+
     def baseline(self, cell: CellRuns) -> CellRuns | None:
-        """The dense fp32/host/eager cell of the same grid, context and machine."""
+        """The dense fp32/host/eager cell of the same context and machine (of the same grid when it has one)."""
         return self.find(cell, **ARCH_BASELINE, sparsity="none", dense_epochs=0)
 
     def model_baseline(self, cell: CellRuns) -> CellRuns | None:
@@ -170,7 +194,7 @@ class EnvView:
                        f"repeats ({len(b)} vs {len(a)})")
 
     def target_for(self, cell: CellRuns) -> tuple[float | None, str]:
-        """Time-to-quality target for the cell's grid and context, and how it was set."""
+        """Time-to-quality target for the cell's context (its baseline's), and how it was set."""
         if self.opts.target_pct is not None:
             return self.opts.target_pct, f"--target {self.opts.target_pct:g}%"
         base = self.baseline(cell)
@@ -238,7 +262,7 @@ class EnvView:
             "epoch_time_sparse_s_p50": cell.phase_p50("sparse"),
             "train_time_est_s": cell.train_time_est_s(),
             "total_time_s": cell.total_time_s(),
-            "baseline_cell": base.name if base is not None else None,
+            "baseline_cell": self.ref(base, cell),
         }
         if base is cell:
             row.update(BASELINE.to_dict("speedup"))

@@ -26,13 +26,13 @@ def _build(env: EnvView, key: str, pred: CellPredicate, title: str) -> Table | N
     if not cells:
         return None
     paper = env.paper
-    csv, md = [], []
+    csv, md, pairs = [], [], []
     for c in sorted(cells, key=lambda c: (c.grid, c.setting.model_key != ("none",), str(c.setting.model_key),
                                          c.setting.opt_label())):
         mbase, dbase = env.model_baseline(c), env.baseline(c)
+        pairs += [(c, mbase), (c, dbase)]
         row = {**env.head(c), "model": c.setting.model_label(), "optimizations": c.setting.opt_label(),
-               "model_baseline_cell": mbase.name if mbase else None,
-               "dense_baseline_cell": dbase.name if dbase else None}
+               "model_baseline_cell": env.ref(mbase, c), "dense_baseline_cell": env.ref(dbase, c)}
         row["epoch_time_s_p50"] = c.epoch_time_p50()
         row["train_time_est_s"] = c.train_time_est_s()
         row["total_time_s"] = c.total_time_s()
@@ -66,6 +66,7 @@ def _build(env: EnvView, key: str, pred: CellPredicate, title: str) -> Table | N
         "all three 1.7x dense / 1.6x sparse; all three with the hybrid 25+25 schedule 1.94x vs the dense baseline.",
         "The paper's MP is matched by amp-fp16/amp-bf16 and its GCO by graphs cuda-graph only; tf32, compile and "
         "channels-last have no paper number.",
+        *env.borrowed_note(pairs),
     ]
     return Table(key, title, csv, md, list(md[0].keys()), notes)
 

@@ -23,9 +23,10 @@ def build(env: EnvView) -> Table | None:
     if not cells:
         return None
     paper = env.paper
-    csv, md = [], []
+    csv, md, pairs = [], [], []
     for c in sorted(cells, key=lambda c: (c.grid, c.setting.sparsity, str(c.setting.dense_epochs), c.name)):
         base = env.baseline(c)
+        pairs.append((c, base))
         p = table2_row(paper, c.setting.sparsity)
         row = {**env.head(c), **env.quality_cols(c, base), **env.time_cols(c, base)}
         row["switch_epoch"] = c.med(lambda r: r.summary.get("switch_epoch"))
@@ -53,6 +54,7 @@ def build(env: EnvView) -> Table | None:
         "Paper: 25 dense + 25 sparse epochs, 50% of conv/deconv weights pruned, batch 32; all three types 1.14x.",
         "Speedup (epochs) = (dense epochs x median dense-phase epoch + sparse epochs x median sparse-phase epoch) "
         "of the dense baseline over the same of this cell; total time includes capture, pruning and staging.",
+        *env.borrowed_note(pairs),
     ]
     return Table("table2", "Table 2 analogue: sparsity types on the hybrid schedule", csv, md, list(md[0].keys()), notes)
 
