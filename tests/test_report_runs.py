@@ -9,11 +9,25 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bench.report.artifacts import ARTIFACTS
 from bench.report.build import make_report
 from bench.report.cells import group_cells
 from bench.report.options import Options
-from bench.report.runs import epoch_phase, is_warmup, load_runs, read_run
-from tests.report_fakes import FP_A, FP_B, QUAL, _cfg, _est, _row, _rows, _times, by_cell, table, write_run
+from bench.report.runs import UNKNOWN_ENV, epoch_phase, is_warmup, load_runs, read_run
+from tests.report_fakes import (
+    FP_A,
+    FP_B,
+    QUAL,
+    _cfg,
+    _est,
+    _row,
+    _rows,
+    _times,
+    by_cell,
+    table,
+    views,
+    write_run,
+)
 
 
 def test_partial_failed_and_skipped_runs_are_named(tmp_path):
@@ -145,3 +159,27 @@ def test_a_run_without_any_config_joins_the_one_cell_of_its_name(tmp_path):
     cells = group_cells(load_runs(root))
     assert [(c.name, len(c.runs)) for c in cells] == [("fp32-host-off-dense", 2)]
     assert cells[0].status_text() == "1/2 ok; skipped: no time"
+
+
+def test_a_finished_run_without_env_json_is_not_put_on_another_machine(tmp_path):
+    """The audit's fixture e4: an MP run whose env.json was gone was counted on the baseline's machine (1.51x).
+
+    Only a run that never ran an epoch (skipped, not started) is placed on its grid's machine.
+    """
+    root = tmp_path / "runs"
+    write_run(root, "g", "fp32-host-off-dense", _cfg(), _times(10.0, 1), QUAL)
+    write_run(root, "g", "amp-fp16-host-off-dense", _cfg(precision="amp-fp16"), _times(6.0, 2), QUAL, write_env=False)
+    write_run(root, "g", "fp32-host-cuda-graph-dense", _cfg(graphs="cuda-graph"), [], [], status="skipped",
+              reason="--graphs cuda-graph needs a CUDA device", write_env=False)
+    runs = {r.cell_name: r for r in load_runs(root)}
+    assert runs["amp-fp16-host-off-dense"].fingerprint == UNKNOWN_ENV
+    assert runs["fp32-host-cuda-graph-dense"].fingerprint == FP_A
+    known, unknown = views(root)
+    assert (known.fingerprint, unknown.fingerprint) == (FP_A, UNKNOWN_ENV)
+    assert [r["cell"] for r in ARTIFACTS["fig8a"].build(known).csv_rows] == ["fp32-host-cuda-graph-dense"]
+    (row,) = ARTIFACTS["fig8a"].build(unknown).csv_rows
+    assert row["cell"] == "amp-fp16-host-off-dense" and row["speedup_vs_model_x"] is None
+    assert row["speedup_vs_model_ci_method"] == "no baseline cell"
+    assert row["status"] == "ok (1 repeat) [no env.json: machine unknown, compared only with other runs without one]"
+    md = make_report(root, opts=Options()).report_md.read_text()
+    assert "`unknown`: runs without env.json" in md and "fingerprint `unknown`" in md

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.report.runs import _CONTEXT_FIELDS, RunRecord
+from bench.report.runs import _CONTEXT_FIELDS, UNKNOWN_ENV, RunRecord
 from bench.report.setting import Setting
 from bench.stats import median
 
@@ -68,6 +68,8 @@ class CellRuns:
     def _flags(self) -> list[str]:
         """What a reader must know beside the numbers: a name shared with other settings, mixed code versions."""
         flags = [self.clash] if self.clash else []
+        if self.fingerprint == UNKNOWN_ENV and any(r.epochs for r in self.runs):
+            flags.append("no env.json: machine unknown, compared only with other runs without one")
         versions = sorted({_code_version(r) for r in self.ok_runs} - {""})
         if len(versions) > 1:
             flags.append(f"repeats from {len(versions)} code versions: {', '.join(versions)}")

@@ -363,7 +363,12 @@ def load_runs(results_dir: str | Path) -> list[RunRecord]:
 
 
 def _attribute_missing_env(runs: list[RunRecord]) -> None:
-    """A run without env.json (skipped before it started) belongs to its grid's machine when that is unambiguous."""
+    """A run without env.json belongs to its grid's machine only if it never ran an epoch (skipped, not started).
+
+    Such a run has no numbers, only a status row to place, so its grid's machine (or the folder's only one)
+    is safe. A run with epochs but no env.json may have run anywhere: it goes under `UNKNOWN_ENV`, never in
+    a ratio with a known machine's runs, and its cells say so in their status.
+    """
     by_grid: dict[str, set[str]] = {}
     for r in runs:
         if r.fingerprint:
@@ -372,6 +377,5 @@ def _attribute_missing_env(runs: list[RunRecord]) -> None:
     for r in runs:
         if r.fingerprint:
             continue
-        fps = by_grid.get(r.grid) or every
+        fps = (by_grid.get(r.grid) or every) if not r.epochs else set()
         r.fingerprint = next(iter(fps)) if len(fps) == 1 else UNKNOWN_ENV
-
