@@ -47,8 +47,9 @@ def test_table1_numbers_match_the_folders(main_report):
     assert sparse["speedup_total_x"] == pytest.approx(total(dd) / total(sd))
     assert sparse["drop_pp"] == pytest.approx(55.0)
     assert sparse["drop_rel_pct"] == pytest.approx(100 * 55.0 / 97.0)
-    # One run per arm: 5 vs 5 non-warm-up epochs are bootstrapped.
-    assert sparse["speedup_ci_method"] == "epochs (5 vs 5)"
+    # One run per arm: the interval is over 5 vs 5 non-warm-up epochs of those runs, and says so.
+    assert sparse["speedup_ci_method"] == "epochs (5 vs 5), within one run per arm"
+    assert sparse["speedup_verdict"].endswith("(within one run)")
     assert sparse["speedup_lo_x"] <= sparse["speedup_x"] <= sparse["speedup_hi_x"]
     # The 'full' grid at batch 4 has no cell pruned before training: it is not in Table 1.
     assert set(df["grid"]) == {"table1"}
@@ -76,7 +77,7 @@ def test_table2_speedups_and_drops_match_the_folders(main_report):
     ]))
     assert rnd["epoch_time_sparse_s_p50"] == pytest.approx(sparse_p50)
     assert d0.exists()
-    topk = _row(df, "fp32-host-off-topk-hybrid3")  # 1 repeat vs 3: epochs are bootstrapped
+    topk = _row(df, "fp32-host-off-topk-hybrid3")  # 1 repeat vs 3: epochs of the median baseline run
     assert topk["speedup_x"] == pytest.approx(base / _est(root / "full" / "fp32-host-off-topk-hybrid3-r0"))
     assert topk["speedup_ci_method"].startswith("epochs (")
     assert topk["paper_accuracy_drop_pct"] == 0.02

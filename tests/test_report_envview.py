@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats as sps
 
 from bench.report.build import make_report
 from bench.report.options import Options
+from bench.stats import NO_VERDICT
 from tests.report_fakes import (
     FP_A,
     FP_B,
@@ -15,6 +20,7 @@ from tests.report_fakes import (
     _epoch_p50,
     _est,
     _row,
+    _rows,
     _times,
     by_cell,
     table,
@@ -116,3 +122,70 @@ def test_fig8b_speedups_come_from_the_one_other_grid_with_a_baseline(tmp_path):
     assert row["speedup_vs_dense_x"] == pytest.approx(_est(base) / _est(combo))
     assert row["speedup_vs_model_x"] == pytest.approx(_est(base) / _est(combo))
     assert md["vs dense fp32 (95% CI)"].startswith(f"{_est(base) / _est(combo):.2f}x [")
+
+
+def _welch_on_logs(base: list[float], arm: list[float], point: float) -> tuple[float, float]:
+    """Welch's 95% t-interval for median(base) / median(arm) on log times, widened to hold `point`."""
+    lb, la = np.log(base), np.log(arm)
+    vb, va = lb.var(ddof=1) / lb.size, la.var(ddof=1) / la.size
+    df = (va + vb) ** 2 / (va**2 / (la.size - 1) + vb**2 / (lb.size - 1))
+    half = float(sps.t.ppf(0.975, df)) * math.sqrt(va + vb)
+    centre = float(lb.mean() - la.mean())
+    return min(math.exp(centre - half), point), max(math.exp(centre + half), point)
+
+
+def _steady(d) -> list[float]:
+    return [r["time_s"] for r in _rows(d) if not r["warmup"]]
+
+
+def test_one_repeat_intervals_are_marked_as_within_one_run(tmp_path):
+    """Audit D7: one run per arm gives an interval over that run's epochs; it must never read as a verdict
+    over runs: its verdict, method and table text say 'within one run', and a note explains it."""
+    root = tmp_path / "runs"
+    base = write_run(root, "g", "fp32-host-off-dense", _cfg(), _times(10.0, 1), QUAL)
+    gco = write_run(root, "g", "fp32-host-cuda-graph-dense", _cfg(graphs="cuda-graph"), _times(9.0, 2), QUAL)
+    t = table(root, "fig8a")
+    row, md = by_cell(t, "fp32-host-cuda-graph-dense")
+    point = _epoch_p50(base) / _epoch_p50(gco)
+    lo, hi = _welch_on_logs(_steady(base), _steady(gco), point)
+    assert row["speedup_vs_model_x"] == pytest.approx(point)
+    assert (row["speedup_vs_model_lo_x"], row["speedup_vs_model_hi_x"]) == (pytest.approx(lo), pytest.approx(hi))
+    assert lo > 1.0 and row["speedup_vs_model_verdict"] == "faster (within one run)"
+    assert row["speedup_vs_model_ci_method"] == "epochs (5 vs 5), within one run per arm"
+    assert md["vs same model (95% CI)"] == f"{point:.2f}x [{lo:.2f}, {hi:.2f}] (within one run)"
+    assert any(n.startswith("'(within one run)'") and "--repeats 3" in n for n in t.notes), t.notes
+
+
+def test_two_repeats_are_never_pooled_as_independent_epochs(tmp_path):
+    """Audit D7 (fixture e2): an arm with 2 repeats 30% apart read [1.18, 1.49] from 8 pooled epochs; two runs
+    are too few for an interval over runs, and their epochs are not independent samples: no interval."""
+    root = tmp_path / "runs"
+    base = write_run(root, "g", "fp32-host-off-dense", _cfg(), _times(10.0, 1), QUAL)
+    amp = [write_run(root, "g", "amp-bf16-host-off-dense", _cfg(precision="amp-bf16"), _times(10.0 / f, 2 + i), QUAL,
+                     repeat=i) for i, f in enumerate((1.0, 1.3))]
+    t = table(root, "fig8a")
+    row, md = by_cell(t, "amp-bf16-host-off-dense")
+    point = _est(base) / float(np.median([_est(d) for d in amp]))
+    assert row["speedup_vs_model_x"] == pytest.approx(point)
+    assert row["speedup_vs_model_lo_x"] is None and row["speedup_vs_model_hi_x"] is None
+    assert row["speedup_vs_model_verdict"] == NO_VERDICT
+    assert "exactly 2 repeats" in row["speedup_vs_model_ci_method"]
+    assert md["vs same model (95% CI)"] == f"{point:.2f}x (no CI)"
+    assert any("exactly 2 repeats" in n for n in t.notes)
+
+
+def test_three_repeats_against_one_take_the_median_run_only(tmp_path):
+    """3 baseline repeats (run-to-run factors 0.9, 1.0, 1.1) against 1 arm run: the within-run interval is over
+    the median baseline run's epochs, not over the 15 epochs of three processes pooled as one sample."""
+    root = tmp_path / "runs"
+    base = [write_run(root, "g", "fp32-host-off-dense", _cfg(), _times(10.0 * f, 10 + i), QUAL, repeat=i)
+            for i, f in enumerate((0.9, 1.0, 1.1))]
+    dev = write_run(root, "g", "fp32-device-off-dense", _cfg(loader="device"), _times(9.0, 20), QUAL)
+    row, md = by_cell(table(root, "fig8a"), "fp32-device-off-dense")
+    mid = base[1]
+    point = _est(mid) / _est(dev)
+    lo, hi = _welch_on_logs(_steady(mid), _steady(dev), point)
+    assert row["speedup_vs_model_x"] == pytest.approx(point)
+    assert (row["speedup_vs_model_lo_x"], row["speedup_vs_model_hi_x"]) == (pytest.approx(lo), pytest.approx(hi))
+    assert row["speedup_vs_model_ci_method"] == "epochs (5 vs 5), within one run per arm"
+    assert md["vs same model (95% CI)"].endswith("(within one run)")

@@ -39,6 +39,12 @@ def test_speedup_and_drop_texts():
                         "speedup_total_verdict": "no measurable change"},
                        "speedup_total") == "1.00x [0.90, 1.10] no measurable change"
     assert fmt_x(1.5, verdict=NO_INTERVAL) == "1.50x (no CI)"
+    # an interval over one run's epochs never reads as one over runs
+    assert fmt_speedup({"speedup_x": 1.06, "speedup_lo_x": 1.04, "speedup_hi_x": 1.07,
+                        "speedup_verdict": "faster (within one run)"}) == "1.06x [1.04, 1.07] (within one run)"
+    assert fmt_speedup({"speedup_x": 1.0, "speedup_lo_x": 0.98, "speedup_hi_x": 1.02,
+                        "speedup_verdict": "no measurable change (within one run)"}) \
+        == "1.00x [0.98, 1.02] no measurable change (within one run)"
     assert fmt_pp(-0.001) == "+0.00 pp" and fmt_pp(None) == "—"
     assert fmt_drop({"drop_pp": 0.2, "drop_rel_pct": 100 * 0.2 / 90}) == "+0.20 pp (+0.22%)"
     assert fmt_drop({"drop_pp": 0.0, "drop_rel_pct": None}) == "+0.00 pp"

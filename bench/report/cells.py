@@ -114,17 +114,11 @@ class CellRuns:
         """Median over repeats of the median non-warm-up epoch time of one phase."""
         return self.med(lambda r: median(r.phase_times()[phase]) if r.phase_times().get(phase) else None)
 
-    def pooled_phase_times(self) -> tuple[list[list[float]], list[float]]:
-        """Non-warm-up epoch times pooled over repeats, per phase, with each phase's epoch count as weight."""
-        phases: dict[str, list[float]] = {}
-        counts: dict[str, list[int]] = {}
-        for r in self.ok_runs:
-            for p, t in r.phase_times().items():
-                phases.setdefault(p, []).extend(t)
-            for p, c in r.phase_counts().items():
-                counts.setdefault(p, []).append(c)
-        keys = sorted(phases)
-        return [phases[k] for k in keys], [float(median(counts[k])) for k in keys]
+    def middle_run(self) -> RunRecord | None:
+        """The finished run whose training-time estimate is the median (the lower middle for an even count)."""
+        runs = sorted((r for r in self.ok_runs if r.train_time_est_s() is not None),
+                      key=lambda r: (r.train_time_est_s(), r.repeat, r.rel))
+        return runs[(len(runs) - 1) // 2] if runs else None
 
 
 def _code_version(r: RunRecord) -> str:

@@ -7,8 +7,13 @@ Speedups are ratios of robust training-time estimates: per phase (dense,
 sparse), the number of epochs times the median non-warm-up epoch time. For a
 cell without a sparse phase that is the ratio of median epoch times. The 95%
 interval is Welch's t-interval on log times (`bench.stats`), over repeats when
-both arms have at least 3 finished ones, else over the non-warm-up epochs
-within each phase; below 3 samples per arm it gives no verdict.
+both arms have at least 3 finished ones. Otherwise it is over the non-warm-up
+epochs of ONE run per arm (the run with the median estimate), marked `WITHIN_RUN`
+in its verdict and method: it shows how steady the epochs inside one process
+were, not the run-to-run spread a comparison needs, so it is never a verdict
+over runs. Epochs of several runs are never pooled as if independent, and an
+arm with exactly 2 repeats (too few for an interval over runs, and no run in
+the middle) gets no interval. Below 3 samples per arm there is no verdict.
 """
 
 from __future__ import annotations
@@ -18,13 +23,17 @@ from typing import Any
 
 from bench.paper import table1_row, table2_row
 from bench.report.cells import CellRuns
-from bench.report.format import is_num
+from bench.report.format import WITHIN_RUN, is_num
 from bench.report.options import Options
+from bench.report.runs import RunRecord
 from bench.report.setting import ARCH_BASELINE, ARCH_KEYS, PAPER_MP, Setting
 from bench.stats import (
+    FASTER,
     MIN_SAMPLES_PER_ARM,
+    NO_CHANGE,
     NO_INTERVAL,
     NO_VERDICT,
+    SLOWER,
     Speedup,
     classify_ratio,
     cover,
@@ -40,9 +49,43 @@ BASELINE = Speedup(1.0, None, None, "baseline", "baseline")
 """What a baseline row shows against itself (not a bootstrap of a run against itself)."""
 
 
+TWO_REPEATS = ("no interval: an arm has exactly 2 repeats, too few for an interval over runs, and epochs of "
+               "different runs are not independent samples; --repeats 3 gives one")
+"""The method of a speedup with an arm of exactly 2 finished repeats (it has a point but no interval)."""
+
+
 def ratio(a: Any, b: Any) -> float | None:
     """a / b for two numbers (b non-zero), else None."""
     return float(a) / float(b) if is_num(a) and is_num(b) and b != 0 else None
+
+
+def _strata(run: RunRecord) -> tuple[list[list[float]], list[float]]:
+    """One run's non-warm-up epoch times per phase, with the phase's epoch count as its weight."""
+    times, counts = run.phase_times(), run.phase_counts()
+    keys = sorted(times)
+    return [times[k] for k in keys], [float(counts[k]) for k in keys]
+
+
+def within_run(res: Speedup) -> Speedup:
+    """`res` with `WITHIN_RUN` on its verdict: an interval from one run's epochs is no verdict over runs."""
+    if res.verdict not in (FASTER, SLOWER, NO_CHANGE):
+        return res
+    return Speedup(res.point_x, res.lo_x, res.hi_x, f"{res.verdict}{WITHIN_RUN}", res.method)
+
+
+def interval_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """Notes for a table whose speedups (any `*_ci_method` column) have within-run intervals or 2 repeats."""
+    methods = [str(v) for r in rows for k, v in r.items() if k.endswith("_ci_method") and v]
+    notes = []
+    if any(WITHIN_RUN.strip(" ()") in m for m in methods):
+        notes.append(f"'{WITHIN_RUN.strip()}': an arm had fewer than 3 finished repeats, so the interval is over "
+                     "the epochs of one run per arm (for an arm with 3 or more, the run with the median estimate). "
+                     "It shows epoch-to-epoch jitter inside one process, not the run-to-run spread a comparison "
+                     "needs, and is no proof of a change; `bench run --repeats 3` gives intervals over runs.")
+    if any(m == TWO_REPEATS for m in methods):
+        notes.append("'(no CI)' where an arm has exactly 2 repeats: too few for an interval over runs, and their "
+                     "epochs are not independent samples; `bench run --repeats 3` gives one.")
+    return notes
 
 
 # ---------------------------------------------------------------------- paper lookups
@@ -150,7 +193,7 @@ class EnvView:
 
     # ------------------------------------------------------------ measures
     def speedup(self, base: CellRuns | None, arm: CellRuns) -> Speedup:
-        """Training-time speedup of `arm` over `base` (robust estimate) with its bootstrap interval."""
+        """Training-time speedup of `arm` over `base` (robust estimate) with its interval (module docstring)."""
         if base is None:
             return Speedup(None, None, None, NO_INTERVAL, "no baseline cell")
         key = (id(base), id(arm), "est")
@@ -171,11 +214,15 @@ class EnvView:
             as_ = arm.values(lambda r: r.train_time_est_s())
             res = estimate_speedup([bs], [1.0], [as_], [1.0], f"repeats ({len(bs)} vs {len(as_)})",
                                    point_x=point)
+        elif 2 in (len(base.ok_runs), len(arm.ok_runs)):
+            res = Speedup(point, None, None, NO_VERDICT, TWO_REPEATS)
         else:
-            bst, bw = base.pooled_phase_times()
-            ast, aw = arm.pooled_phase_times()
+            # One run per arm: its epochs are samples of that process only (see the module docstring).
+            bst, bw = _strata(base.middle_run())
+            ast, aw = _strata(arm.middle_run())
             nb, na = sum(map(len, bst)), sum(map(len, ast))
-            res = estimate_speedup(bst, bw, ast, aw, f"epochs ({nb} vs {na})", point_x=point)
+            res = within_run(estimate_speedup(bst, bw, ast, aw, f"epochs ({nb} vs {na}), within one run per arm",
+                                              point_x=point))
         self._cache[key] = res
         return res
 

@@ -11,6 +11,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+WITHIN_RUN = " (within one run)"
+"""Appended to a speedup's verdict, method and text when its interval is over one run's epochs per arm."""
+
 
 def is_num(v: Any) -> bool:
     """A finite int or float (bools excluded)."""
@@ -112,14 +115,21 @@ def bullets(items: Sequence[str]) -> str:
 
 
 def fmt_speedup(row: dict[str, Any], prefix: str = "speedup") -> str:
-    """A row's `<prefix>_x` with its interval and verdict: 'baseline', 'n/a (<why>)' or '1.23x [1.10, 1.35]'."""
+    """A row's `<prefix>_x` with its interval and verdict: 'baseline', 'n/a (<why>)' or '1.23x [1.10, 1.35]'.
+
+    An interval over one run's epochs per arm (its verdict ends in `WITHIN_RUN`) reads
+    '1.06x [1.04, 1.07] (within one run)': never a bare interval that could pass for one over runs.
+    """
     if row.get(f"{prefix}_verdict") == "baseline":
         return "baseline"
     method = str(row.get(f"{prefix}_ci_method") or "")
     if not is_num(row.get(f"{prefix}_x")) and "warm-up" in method:
         return f"n/a ({method})"
-    return fmt_x(row.get(f"{prefix}_x"), row.get(f"{prefix}_lo_x"), row.get(f"{prefix}_hi_x"),
-                 row.get(f"{prefix}_verdict"))
+    verdict = str(row.get(f"{prefix}_verdict") or "")
+    within = verdict.endswith(WITHIN_RUN)
+    text = fmt_x(row.get(f"{prefix}_x"), row.get(f"{prefix}_lo_x"), row.get(f"{prefix}_hi_x"),
+                 verdict.removesuffix(WITHIN_RUN) or None)
+    return text + WITHIN_RUN if within and text != "—" else text
 
 
 def fmt_pp(v: Any) -> str:

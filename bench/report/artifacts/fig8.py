@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.report.artifact import Artifact, Needs, Table, register
-from bench.report.envview import CellPredicate, EnvView, paper_vs_dense, paper_vs_model, ratio
+from bench.report.envview import CellPredicate, EnvView, interval_notes, paper_vs_dense, paper_vs_model, ratio
 from bench.report.format import fmt_num, fmt_pp, fmt_quality, fmt_speedup, is_num
 from bench.report.plotting import bars_with_ci, figure, save
 from bench.report.setting import Setting
@@ -67,6 +67,7 @@ def _build(env: EnvView, key: str, pred: CellPredicate, title: str) -> Table | N
         "The paper's MP is matched by amp-fp16/amp-bf16 and its GCO by graphs cuda-graph only; tf32, compile and "
         "channels-last have no paper number.",
         *env.borrowed_note(pairs),
+        *interval_notes(csv),
     ]
     return Table(key, title, csv, md, list(md[0].keys()), notes)
 
