@@ -189,3 +189,35 @@ def test_three_repeats_against_one_take_the_median_run_only(tmp_path):
     assert (row["speedup_vs_model_lo_x"], row["speedup_vs_model_hi_x"]) == (pytest.approx(lo), pytest.approx(hi))
     assert row["speedup_vs_model_ci_method"] == "epochs (5 vs 5), within one run per arm"
     assert md["vs same model (95% CI)"].endswith("(within one run)")
+
+
+def test_accuracy_changes_carry_their_noise_band(tmp_path):
+    """Audit D8: a change in final MS-SSIM is one noisy sample (DoLL read -15.59 pp on a run whose epochs swing
+    10-30 pp). Each change carries 2 x sqrt(s_cell^2 + s_base^2), s over the last 3 epochs of each run (or over
+    repeats when both arms have 3), and reads 'within noise' when it falls inside."""
+    root = tmp_path / "runs"
+    write_run(root, "g", "fp32-host-off-dense", _cfg(), _times(10.0, 1), [50, 70, 80, 86, 92, 90.0])
+    write_run(root, "g", "fp32-device-off-dense", _cfg(loader="device"), _times(9.0, 2), [50, 70, 80, 90, 80, 84.0])
+    write_run(root, "g", "amp-bf16-host-off-dense", _cfg(precision="amp-bf16"), _times(6.0, 3),
+              [40, 50, 60, 70, 70.5, 70.2])
+    for i, (b, a) in enumerate(((89.0, 88.0), (90.0, 90.5), (91.0, 89.0))):  # grid r: 3 repeats per arm
+        write_run(root, "r", "fp32-host-off-dense", _cfg(), _times(10.0, 10 + i), [*QUAL[:5], b], repeat=i)
+        write_run(root, "r", "fp32-host-cuda-graph-dense", _cfg(graphs="cuda-graph"), _times(9.0, 20 + i),
+                  [*QUAL[:5], a], repeat=i)
+    t = table(root, "fig8a")
+    sd = lambda v: float(np.std(v, ddof=1))  # noqa: E731
+    doll, doll_md = by_cell(t, "fp32-device-off-dense")
+    band = 2 * math.sqrt(sd([86, 92, 90]) ** 2 + sd([90, 80, 84]) ** 2)
+    assert doll["drop_vs_model_pp"] == pytest.approx(6.0)
+    assert doll["drop_vs_model_noise_pp"] == pytest.approx(band) == pytest.approx(11.78, abs=0.01)
+    assert doll["drop_vs_model_within_noise"] is True and doll["drop_vs_model_noise_basis"] == "last 3 epochs"
+    assert doll_md["MS-SSIM change vs same model"] == f"-6.00 pp ± {band:.2f}, within noise"
+    amp, amp_md = by_cell(t, "amp-bf16-host-off-dense")
+    band = 2 * math.sqrt(sd([86, 92, 90]) ** 2 + sd([70, 70.5, 70.2]) ** 2)
+    assert amp["drop_vs_model_pp"] == pytest.approx(19.8) and amp["drop_vs_model_within_noise"] is False
+    assert amp_md["MS-SSIM change vs same model"] == f"-19.80 pp ± {band:.2f}"
+    gco, _ = by_cell(t, "fp32-host-cuda-graph-dense")
+    assert gco["drop_vs_model_pp"] == pytest.approx(90.0 - 89.0)  # medians over repeats
+    assert gco["drop_vs_model_noise_pp"] == pytest.approx(2 * math.sqrt(sd([89, 90, 91]) ** 2 + sd([88, 90.5, 89]) ** 2))
+    assert gco["drop_vs_model_noise_basis"] == "3 vs 3 repeats" and gco["drop_vs_model_within_noise"] is True
+    assert any(n.startswith("'± N'") and "(here: 3 vs 3 repeats; last 3 epochs)" in n for n in t.notes), t.notes

@@ -48,6 +48,10 @@ def test_speedup_and_drop_texts():
     assert fmt_pp(-0.001) == "+0.00 pp" and fmt_pp(None) == "—"
     assert fmt_drop({"drop_pp": 0.2, "drop_rel_pct": 100 * 0.2 / 90}) == "+0.20 pp (+0.22%)"
     assert fmt_drop({"drop_pp": 0.0, "drop_rel_pct": None}) == "+0.00 pp"
+    assert fmt_drop({"drop_pp": 6.281, "drop_rel_pct": 15.446, "drop_noise_pp": 18.672,
+                     "drop_within_noise": True}) == "+6.28 pp (+15.45%) ± 18.67, within noise"
+    assert fmt_drop({"drop_pp": 19.8, "drop_rel_pct": None, "drop_noise_pp": 6.1,
+                     "drop_within_noise": False}) == "+19.80 pp ± 6.10"
 
 
 def test_markdown_table_escapes_pipes_and_newlines():

@@ -16,9 +16,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench.report.format import is_num
 from bench.report.runs import _CONTEXT_FIELDS, UNKNOWN_ENV, RunRecord
 from bench.report.setting import Setting
-from bench.stats import median
+from bench.stats import median, summarize
+
+LAST_EPOCHS = 3
+"""Epochs at the end of a run over which the validation MS-SSIM's epoch-to-epoch spread is measured."""
 
 
 @dataclass
@@ -106,6 +110,18 @@ class CellRuns:
         """Median over repeats of the final MS-SSIM and of its std over slices (percent)."""
         return self.med(lambda r: r.final_quality()[0]), self.med(lambda r: r.final_quality()[1])
 
+    def quality_sd(self, over_repeats: bool) -> float | None:
+        """How much the final MS-SSIM (percent) moves by chance: a sample std, None when it cannot be measured.
+
+        Over repeats: the std of the repeats' final values. Otherwise: each run's std over its last
+        `LAST_EPOCHS` validation values (epoch-to-epoch swings, plus any trend left at the end of training),
+        median over repeats.
+        """
+        if over_repeats:
+            v = self.values(lambda r: r.final_quality()[0])
+            return summarize(v)["std"] if len(v) > 1 else None
+        return self.med(_last_epochs_sd)
+
     def metric(self, field: str) -> tuple[float | None, float | None]:
         """Median over repeats of a final epoch-row quality field and of its std (see RunRecord.final_metric)."""
         return self.med(lambda r: r.final_metric(field)[0]), self.med(lambda r: r.final_metric(field)[1])
@@ -119,6 +135,12 @@ class CellRuns:
         runs = sorted((r for r in self.ok_runs if r.train_time_est_s() is not None),
                       key=lambda r: (r.train_time_est_s(), r.repeat, r.rel))
         return runs[(len(runs) - 1) // 2] if runs else None
+
+
+def _last_epochs_sd(r: RunRecord) -> float | None:
+    """Sample std of the run's last `LAST_EPOCHS` validation MS-SSIM values; None with fewer than 2."""
+    v = [float(row["val_ms_ssim"]) for row in r.epochs if is_num(row.get("val_ms_ssim"))][-LAST_EPOCHS:]
+    return summarize(v)["std"] if len(v) > 1 else None
 
 
 def _code_version(r: RunRecord) -> str:

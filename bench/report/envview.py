@@ -18,11 +18,12 @@ the middle) gets no interval. Below 3 samples per arm there is no verdict.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 from bench.paper import table1_row, table2_row
-from bench.report.cells import CellRuns
+from bench.report.cells import LAST_EPOCHS, CellRuns
 from bench.report.format import WITHIN_RUN, is_num
 from bench.report.options import Options
 from bench.report.runs import RunRecord
@@ -73,11 +74,23 @@ def within_run(res: Speedup) -> Speedup:
     return Speedup(res.point_x, res.lo_x, res.hi_x, f"{res.verdict}{WITHIN_RUN}", res.method)
 
 
+def drop_note(rows: list[dict[str, Any]]) -> list[str]:
+    """The note for a table whose MS-SSIM drops carry a noise band (`drop_noise_pp`)."""
+    bases = sorted({str(r["drop_noise_basis"]) for r in rows if r.get("drop_noise_basis")})
+    if not bases:
+        return []
+    return [f"'± N' after a change in MS-SSIM: 2 x sqrt(s_cell² + s_baseline²), s the std of the final MS-SSIM over "
+            f"repeats (both arms with 3 or more) or over each run's last {LAST_EPOCHS} epochs (here: "
+            f"{'; '.join(bases)}). The final value is one noisy sample; a change inside the band reads "
+            "'within noise' and is no measured change."]
+
+
 def interval_notes(rows: list[dict[str, Any]]) -> list[str]:
-    """Notes for a table whose speedups (any `*_ci_method` column) have within-run intervals or 2 repeats."""
+    """Notes for a table whose speedups have within-run intervals (`*_verdict`) or 2 repeats (`*_ci_method`)."""
     methods = [str(v) for r in rows for k, v in r.items() if k.endswith("_ci_method") and v]
+    verdicts = [str(v) for r in rows for k, v in r.items() if k.endswith("_verdict") and v]
     notes = []
-    if any(WITHIN_RUN.strip(" ()") in m for m in methods):
+    if any(v.endswith(WITHIN_RUN) for v in verdicts):
         notes.append(f"'{WITHIN_RUN.strip()}': an arm had fewer than 3 finished repeats, so the interval is over "
                      "the epochs of one run per arm (for an arm with 3 or more, the run with the median estimate). "
                      "It shows epoch-to-epoch jitter inside one process, not the run-to-run spread a comparison "
@@ -281,11 +294,28 @@ class EnvView:
             "batch_size": cell.setting.batch_size,
         }
 
+    def drop_noise(self, cell: CellRuns, base: CellRuns | None) -> tuple[float | None, str | None]:
+        """How far a drop of `cell` from `base` can go by chance (pp), and what that was measured over.
+
+        2 x sqrt(s_cell^2 + s_base^2), with s each arm's `CellRuns.quality_sd`: over repeats when both have
+        at least 3, else over the last epochs of each run. The final-epoch values are single noisy samples
+        (a few epochs at a high learning rate swing by 10 pp and more); a drop inside this is no drop.
+        """
+        if base is None or base is cell:
+            return None, None
+        over_repeats = min(len(cell.ok_runs), len(base.ok_runs)) >= MIN_SAMPLES_PER_ARM
+        sds = [c.quality_sd(over_repeats) for c in (cell, base)]
+        if any(sd is None for sd in sds):
+            return None, None
+        basis = f"{len(cell.ok_runs)} vs {len(base.ok_runs)} repeats" if over_repeats else f"last {LAST_EPOCHS} epochs"
+        return 2.0 * math.sqrt(sum(float(sd) ** 2 for sd in sds)), basis
+
     def quality_cols(self, cell: CellRuns, base: CellRuns | None) -> dict[str, Any]:
-        """MS-SSIM (median over repeats) and its drop from the dense baseline, in pp and relative %."""
+        """MS-SSIM (median over repeats) and its drop from the dense baseline, in pp and relative %, with its noise."""
         q, s = cell.quality()
         bq = base.quality()[0] if base is not None else None
         drop = bq - q if is_num(bq) and is_num(q) else None
+        noise, basis = self.drop_noise(cell, base) if drop is not None else (None, None)
         pq, ps = cell.metric("val_ms_ssim_paper_code")
         iq, iq_paper = cell.metric("input_ms_ssim")[0], cell.metric("input_ms_ssim_paper_code")[0]
         return {
@@ -299,6 +329,9 @@ class EnvView:
             "baseline_ms_ssim_pct": bq,
             "drop_pp": drop,
             "drop_rel_pct": 100.0 * drop / bq if drop is not None and bq else None,
+            "drop_noise_pp": noise,
+            "drop_noise_basis": basis,
+            "drop_within_noise": abs(drop) <= noise if drop is not None and noise is not None else None,
         }
 
     def time_cols(self, cell: CellRuns, base: CellRuns | None) -> dict[str, Any]:

@@ -138,14 +138,25 @@ def fmt_pp(v: Any) -> str:
     return f"{round(float(v), 2) + 0.0:+.2f} pp" if is_num(v) else "—"
 
 
+def fmt_noise(noise: Any, within: Any) -> str:
+    """' ± 18.67, within noise': the chance band of an MS-SSIM change (pp), '' when there is none."""
+    if not is_num(noise):
+        return ""
+    return f" ± {float(noise):.2f}" + (", within noise" if within else "")
+
+
 def fmt_drop(row: dict[str, Any]) -> str:
-    """A row's MS-SSIM drop from its baseline: '+0.20 pp (+0.22%)', the pp alone when there is no relative drop."""
+    """A row's MS-SSIM drop from its baseline: '+0.20 pp (+0.22%)', the pp alone when there is no relative drop.
+
+    With a noise band (`drop_noise_pp`): '-6.28 pp (-15.45%) ± 18.67, within noise'.
+    """
     if not is_num(row.get("drop_pp")):
         return "—"
     rel = row.get("drop_rel_pct")
+    noise = fmt_noise(row.get("drop_noise_pp"), row.get("drop_within_noise"))
     if not is_num(rel):  # a baseline at MS-SSIM 0 has no relative drop
-        return fmt_pp(row["drop_pp"])
-    return f"{fmt_pp(row['drop_pp'])} ({round(float(rel), 2) + 0.0:+.2f}%)"
+        return fmt_pp(row["drop_pp"]) + noise
+    return f"{fmt_pp(row['drop_pp'])} ({round(float(rel), 2) + 0.0:+.2f}%){noise}"
 
 
 def fmt_int(v: Any) -> str:

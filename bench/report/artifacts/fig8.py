@@ -5,8 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.report.artifact import Artifact, Needs, Table, register
-from bench.report.envview import CellPredicate, EnvView, interval_notes, paper_vs_dense, paper_vs_model, ratio
-from bench.report.format import fmt_num, fmt_pp, fmt_quality, fmt_speedup, is_num
+from bench.report.envview import (
+    CellPredicate,
+    EnvView,
+    drop_note,
+    interval_notes,
+    paper_vs_dense,
+    paper_vs_model,
+    ratio,
+)
+from bench.report.format import fmt_noise, fmt_num, fmt_pp, fmt_quality, fmt_speedup, is_num
 from bench.report.plotting import bars_with_ci, figure, save
 from bench.report.setting import Setting
 
@@ -26,7 +34,7 @@ def _build(env: EnvView, key: str, pred: CellPredicate, title: str) -> Table | N
     if not cells:
         return None
     paper = env.paper
-    csv, md, pairs = [], [], []
+    csv, md, pairs, quals = [], [], [], []
     for c in sorted(cells, key=lambda c: (c.grid, c.setting.model_key != ("none",), str(c.setting.model_key),
                                          c.setting.opt_label())):
         mbase, dbase = env.model_baseline(c), env.baseline(c)
@@ -48,6 +56,10 @@ def _build(env: EnvView, key: str, pred: CellPredicate, title: str) -> Table | N
                                        "ms_ssim_paper_code_std_pct", "input_ms_ssim_pct",
                                        "input_ms_ssim_paper_code_pct", "beats_input")})
         row["drop_vs_model_pp"] = q["drop_pp"]
+        row["drop_vs_model_noise_pp"] = q["drop_noise_pp"]
+        row["drop_vs_model_noise_basis"] = q["drop_noise_basis"]
+        row["drop_vs_model_within_noise"] = q["drop_within_noise"]
+        quals.append(q)
         csv.append(row)
         md.append({
             "grid": row["grid"], "model": row["model"], "optimizations": row["optimizations"],
@@ -58,8 +70,8 @@ def _build(env: EnvView, key: str, pred: CellPredicate, title: str) -> Table | N
             "vs dense fp32 (95% CI)": fmt_speedup(row, "speedup_vs_dense"),
             "paper vs dense": fmt_num(row["paper_vs_dense_x"], 2, "x"),
             "MS-SSIM %": fmt_quality(row),
-            "MS-SSIM change vs same model": fmt_pp(-row["drop_vs_model_pp"] if is_num(row["drop_vs_model_pp"])
-                                                else None),
+            "MS-SSIM change vs same model": (fmt_pp(-row["drop_vs_model_pp"]) if is_num(row["drop_vs_model_pp"])
+                                             else "—") + fmt_noise(q["drop_noise_pp"], q["drop_within_noise"]),
         })
     notes = [
         "Paper (Fig. 8, Ampere GPU (likely A100)): MP 1.49x dense / 1.34x sparse; DoLL 1.21x both; GCO 1.16x; "
@@ -68,6 +80,7 @@ def _build(env: EnvView, key: str, pred: CellPredicate, title: str) -> Table | N
         "channels-last have no paper number.",
         *env.borrowed_note(pairs),
         *interval_notes(csv),
+        *drop_note(quals),
     ]
     return Table(key, title, csv, md, list(md[0].keys()), notes)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from bench.paper import table1_row
 from bench.report.artifact import Artifact, Needs, Table, register
-from bench.report.envview import EnvView, interval_notes, paper_vs_dense, ratio
+from bench.report.envview import EnvView, drop_note, interval_notes, paper_vs_dense, ratio
 from bench.report.format import fmt_drop, fmt_num, fmt_pm, fmt_quality, fmt_speedup, fmt_time, is_num
 from bench.report.plotting import bars_with_ci, figure, quality_bars, save
 from bench.report.setting import Setting
@@ -62,6 +62,7 @@ def build(env: EnvView) -> Table | None:
         "The paper's speedup is its 235 min / 175 min, derived here from Table 1's times.",
         *env.borrowed_note(pairs),
         *interval_notes(csv),
+        *drop_note(csv),
     ]
     return Table("table1", "Table 1 analogue: dense vs sparse from the first epoch", csv, md,
                  list(md[0].keys()), notes)

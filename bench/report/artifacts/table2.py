@@ -6,7 +6,7 @@ from pathlib import Path
 
 from bench.paper import table2_row
 from bench.report.artifact import Artifact, Needs, Table, register
-from bench.report.envview import EnvView, interval_notes, ratio
+from bench.report.envview import EnvView, drop_note, interval_notes, ratio
 from bench.report.format import fmt_drop, fmt_num, fmt_pm, fmt_quality, fmt_speedup, fmt_time, is_num
 from bench.report.plotting import bars_with_ci, figure, quality_bars, save
 from bench.report.setting import Setting
@@ -56,6 +56,7 @@ def build(env: EnvView) -> Table | None:
         "of the dense baseline over the same of this cell; total time includes capture, pruning and staging.",
         *env.borrowed_note(pairs),
         *interval_notes(csv),
+        *drop_note(csv),
     ]
     return Table("table2", "Table 2 analogue: sparsity types on the hybrid schedule", csv, md, list(md[0].keys()), notes)
 
