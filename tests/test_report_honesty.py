@@ -184,8 +184,10 @@ def test_speed_table_says_why_a_cell_has_no_time_to_quality(tmp_path):
     write_run(root, "fig8a", "dense", _cfg(epochs=5), BASE_T, BASE_Q)
     write_run(root, "fig8a", "spike", _cfg(precision="amp-bf16", epochs=5), SPIKE_T, SPIKE_Q)
     write_run(root, "fig8a", "low", _cfg(precision="amp-fp16", epochs=5), SPIKE_T, [q - 20 for q in BASE_Q])
-    # a grid without its own dense fp32 baseline: there is no target at all, which is not 'not reached'
-    write_run(root, "fig8b", "combined", _cfg(precision="amp-bf16", loader="device", epochs=5), SPIKE_T, FP16_Q)
+    # a cell with no dense fp32 baseline of its context (another batch size) in any grid: there is no target
+    # at all, which is not 'not reached'
+    write_run(root, "fig8b", "combined", _cfg(precision="amp-bf16", loader="device", epochs=5).replace(batch_size=8),
+              SPIKE_T, FP16_Q)
     rep = make_report(root, opts=Options())
     df = pd.read_csv(rep.out / "tables" / "speed.csv")
     assert _row(df, "combined")["ttq_missing"] == "no target: no finished dense fp32 baseline to set a target"
