@@ -23,10 +23,11 @@ def how_to_read(opts: Options) -> list[str]:
         "(`time_s`); for a model without a sparse phase this is the ratio of median epoch times.",
         "[lo, hi] is a 95% interval for the ratio of medians: Welch's t-interval on log times (it keeps its "
         "coverage with few samples, where a percentile bootstrap does not), over finished repeats when both arms "
-        "have at least three, otherwise over non-warm-up epochs within each phase (widened to hold the ratio of medians "
-        "when a skewed sample puts it outside). An interval containing 1.0 is "
-        "printed as 'no measurable change', not as a win; '(no CI)' means an arm had too few samples for a "
-        "verdict (fewer than three).",
+        "have at least three. Otherwise it is over the non-warm-up epochs of one run per arm (widened to hold the "
+        "ratio of medians when a skewed sample puts it outside) and is marked '(within one run)': it shows that "
+        "run's epochs were steady, not how much another run would differ (`--repeats 3` gives intervals over "
+        "runs); an arm of exactly two repeats gets none. An interval containing 1.0 is printed as 'no "
+        "measurable change', not as a win; '(no CI)' means an arm had too few samples for a verdict.",
         "MS-SSIM has two scales here. The paper's MS-SSIM figures (the 97.22 % target, Tables 1 and 2) were "
         "most likely measured with its public code's MS-SSIM, which differs from the standard one (valid "
         "convolution, batch-wide means, L read from the image, (v+1)/2 normalisation and a misplaced bracket; "
@@ -35,11 +36,17 @@ def how_to_read(opts: Options) -> list[str]:
         "against the target: a denoiser that does not beat it has learned nothing useful.",
         "'speedup, total time' uses total_time_s (epochs + graph capture + pruning + DoLL staging), the measure "
         "the paper quotes; it has an interval only with three or more repeats per arm.",
-        "Baselines: the dense fp32/host-loader/eager cell of the same grid, data, net, epochs and batch size, "
-        "on the same machine (env fingerprint). Fig. 8's 'vs same model' compares with the same sparsity and "
-        "schedule with every architecture-aware optimization off.",
+        "Baselines: the dense fp32/host-loader/eager cell of the same data, net, epochs, batch size and "
+        "optimizer settings on the same machine (env fingerprint), from the cell's own grid when it has a "
+        "finished one, else from another grid (named grid/cell in the CSV; e.g. Fig. 8(b) takes Fig. 8(a)'s). "
+        "Runs of one cell name with other such settings are separate cells, never repeats. Fig. 8's 'vs same "
+        "model' compares with the same sparsity and schedule with every architecture-aware optimization off.",
         "MS-SSIM is the final epoch's validation mean ± std over slices (percent), median over repeats; "
-        "'drop' is baseline minus cell in percentage points and relative to the baseline.",
+        "'drop' is baseline minus cell in percentage points and relative to the baseline, ± its noise band "
+        "(2 x sqrt of the two arms' variances: over repeats when both have three or more, else over each run's "
+        "last 3 epochs); a drop inside it reads 'within noise'.",
+        "'ours/paper' divides our total-time speedup by the paper's, in every table: the paper quotes total "
+        "training time.",
         f"Time to quality: the first epoch from which every later validation MS-SSIM stays at or above the "
         f"target (default: the dense fp32 baseline's final value minus {opts.tolerance_pp:g} pp), time summed up "
         "to it; a run that touches the target and falls back has not reached it ('not held'). Over repeats, a "
