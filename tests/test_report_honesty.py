@@ -128,6 +128,16 @@ def test_fig9b_mean_epoch_includes_graph_capture(tmp_path):
     assert "epoch mean incl. capture eager / graphs" in md and "| 3.08 s / 3.15 s |" in md
 
 
+def test_speed_and_fig9b_explain_their_within_one_run_intervals(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "g", "fp32-off", _cfg(epochs=5), BASE_T, BASE_Q)
+    write_run(root, "g", "fp32-graph", _cfg(graphs="cuda-graph", epochs=5), GRAPH_T, BASE_Q, capture=GRAPH_CAPTURE)
+    rep = make_report(root, opts=Options())
+    for key in ("speed", "fig9b"):  # one repeat a cell: every interval is over one run's epochs, and says so
+        md = (rep.out / "tables" / f"{key}.md").read_text()
+        assert "] (within one run)" in md and "'(within one run)': an arm had fewer than 3 finished repeats" in md
+
+
 def test_fig9b_plot_draws_every_pair(tmp_path, monkeypatch):
     root = tmp_path / "runs"
     graphs = {"fp32": ("cuda-graph", "compile"), "amp-bf16": ("cuda-graph",), "amp-fp16": ("cuda-graph",),

@@ -21,7 +21,7 @@ import seaborn as sns
 
 from bench.report.artifact import Artifact, Needs, Table, register
 from bench.report.cells import CellRuns
-from bench.report.envview import EnvView
+from bench.report.envview import EnvView, interval_notes
 from bench.report.format import fmt_num, fmt_speedup, fmt_time, is_num
 from bench.report.plotting import figure, save, short
 from bench.report.runs import epoch_cost, epoch_phase, is_warmup
@@ -112,6 +112,7 @@ def build(env: EnvView) -> Table | None:
         "prune_time_s, the per-epoch cost the paper's claim is about; torch.compile's compilation is inside its "
         "first epoch's time_s. Epoch p50: the median of the steady epochs' time_s, capture left out.",
         "Paper (Fig. 9b): the first five epochs with GCO are slower (tracing), the mean epoch is faster; 1.16x.",
+        *interval_notes(csv),
     ]
     return Table("fig9b", "Fig. 9(b) analogue: per-epoch time with and without graphs", csv, md,
                  list(md[0].keys()), notes, extra_csv={"fig9b_epochs": epochs}, plot_data={"epochs": epochs})

@@ -19,7 +19,7 @@ from typing import Any
 from bench.report.artifact import Artifact, Table, register
 from bench.report.artifacts.time_to_quality import reach, reached_text
 from bench.report.cells import CellRuns
-from bench.report.envview import EnvView, ratio
+from bench.report.envview import EnvView, interval_notes, ratio
 from bench.report.format import fmt_num, fmt_speedup, fmt_time, is_num
 from bench.report.plotting import figure, save
 from bench.report.runs import RunRecord, is_warmup
@@ -147,6 +147,7 @@ def build(env: EnvView) -> Table | None:
         "Peak, one for every cell of this environment: " + (f"{peak.name}: {peak.source}" if peak
                                                             else "unknown device: columns left empty rather "
                                                                  "than guessed") + ".",
+        *interval_notes(csv),
     ]
     return Table("speed", "Speed and distance to the limit", csv, md, list(md[0].keys()), notes)
 
