@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.report.format import is_num
-from bench.report.runs import _CONTEXT_FIELDS, UNKNOWN_ENV, RunRecord
+from bench.report.runs import UNKNOWN_ENV, RunRecord, context_blob
 from bench.report.setting import Setting
 from bench.stats import median, summarize
 
@@ -61,13 +61,14 @@ class CellRuns:
         """'ok (3 repeats)' or what is missing: partial, failed, skipped runs with their messages; flags appended."""
         ok = self.ok_runs
         others = [r for r in self.runs if not r.ok]
-        flags = sorted({r.damage for r in ok if r.damage}) + self._flags()
+        flags = self._flags()
         if not others:
+            flags = sorted({r.damage for r in ok if r.damage}) + flags
             text = f"ok ({len(ok)} repeat{'s' if len(ok) != 1 else ''})"
             return text + (f" [{'; '.join(flags)}]" if flags else "")
         msgs = sorted({r.status_text() for r in others})
         head = f"{len(ok)}/{len(self.runs)} ok; " if ok else ""
-        return head + "; ".join(msgs) + (f" [{'; '.join(self._flags())}]" if self._flags() else "")
+        return head + "; ".join(msgs) + (f" [{'; '.join(flags)}]" if flags else "")
 
     def _flags(self) -> list[str]:
         """What a reader must know beside the numbers: a name shared with other settings, mixed code versions."""
@@ -150,14 +151,14 @@ def _code_version(r: RunRecord) -> str:
 
 
 def context_fields(r: RunRecord) -> dict[str, Any]:
-    """The run's context as flat fields ('epochs', 'data.n_train', ...): what `RunRecord.context` hashes."""
-    if not r.config:
-        return {"batch_size": r.setting.batch_size, "epochs": r.setting.epochs}
-    out: dict[str, Any] = {k: r.config.get(k) for k in _CONTEXT_FIELDS}
-    for part in ("model", "data"):
-        value = r.config.get(part)
-        for k, v in (value.items() if isinstance(value, dict) else [("", value)]):
-            out[f"{part}.{k}" if k else part] = v
+    """The run's context as flat fields ('epochs', 'data.n_train', ...): `context_blob`, which its
+    `RunRecord.context` hashes, with `model` and `data` spread out."""
+    out: dict[str, Any] = {}
+    for key, value in context_blob(r.config, r.setting).items():
+        if key in ("model", "data") and isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
     return out
 
 

@@ -278,11 +278,6 @@ class EnvView:
         t = q - self.opts.tolerance_pp
         return t, f"dense fp32 baseline {q:.2f}% - {self.opts.tolerance_pp:g} pp"
 
-    def ttq(self, cell: CellRuns, target: float) -> tuple[list[tuple[int, float]], int]:
-        """Per finished repeat that reached `target`: (epoch, seconds); and how many repeats there were."""
-        hits = [r.time_to_target(target) for r in cell.ok_runs]
-        return [h for h in hits if h is not None], len(hits)
-
     # ------------------------------------------------------------ row helpers
     def head(self, cell: CellRuns) -> dict[str, Any]:
         """Columns every row starts with."""

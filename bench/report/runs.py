@@ -32,15 +32,18 @@ UNKNOWN_ENV = "unknown"
 _CONTEXT_FIELDS = ("batch_size", "epochs", "nproc", "lr", "gamma", "warmup_epochs")
 
 
-def _context_of(config: dict[str, Any], setting: Setting) -> str:
-    """Hash of what must agree for two runs to be compared: data, net, epochs, batch, optimizer."""
+def context_blob(config: dict[str, Any], setting: Setting) -> dict[str, Any]:
+    """What must agree for two runs to be compared: data, net, epochs, batch, optimizer (`model` and `data`
+    as the config's dicts); without a config, the batch size and epochs its setting knows."""
     if config:
-        blob = {k: config.get(k) for k in _CONTEXT_FIELDS}
-        blob["model"] = config.get("model")
-        data = dict(config.get("data") or {})
-        blob["data"] = data
-    else:
-        blob = {"batch_size": setting.batch_size, "epochs": setting.epochs}
+        return {**{k: config.get(k) for k in _CONTEXT_FIELDS}, "model": config.get("model"),
+                "data": dict(config.get("data") or {})}
+    return {"batch_size": setting.batch_size, "epochs": setting.epochs}
+
+
+def _context_of(config: dict[str, Any], setting: Setting) -> str:
+    """Hash of `context_blob`: runs compare only when theirs agree."""
+    blob = context_blob(config, setting)
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
