@@ -249,10 +249,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def replica_threads(local_world: int) -> int | None:
+    """Threads for each of a node's `local_world` CPU replicas: the CPUs this process may run on (its affinity
+    mask: what Slurm, a cgroup cpuset or taskset gives it, not the whole machine's count) shared between them.
+    None when OMP_NUM_THREADS is set (torchrun sets 1 when it starts several replicas per node): that stands."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - no sched_getaffinity (macOS)
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // local_world)
+
+
 def _init_group(me: Dist, cuda: bool) -> None:
     if not cuda:
-        # the replicas on this node share its cores: without this each would start one thread per core
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // me.local_world))
+        if (threads := replica_threads(me.local_world)) is not None:
+            torch.set_num_threads(threads)  # without it each replica would start one thread per core
     else:
         if me.local_rank >= torch.cuda.device_count():
             raise UserError(f"rank {me.rank} on {me.host} is local rank {me.local_rank} but this node has "

@@ -215,3 +215,14 @@ def test_a_failure_on_one_node_ends_both_at_once_and_resume_needs_the_checkpoint
         assert "error: --resume: rank 1 on " in launch.log and "cannot see nan/ckpt.pt" in launch.log
         _no_traceback_of_ours(launch)
     assert read_json(out / "summary.json") == s
+
+
+def test_cpu_replicas_share_their_affinity_mask_not_the_whole_machine_unless_omp_num_threads_says(monkeypatch):
+    from bench.cmd_train import replica_threads  # noqa: PLC0415
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 128)  # a big shared node, of which Slurm gave this job 8 CPUs
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert [replica_threads(n) for n in (1, 2, 3, 16)] == [8, 4, 2, 1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert replica_threads(2) is None  # the user's (or torchrun's) setting stands

@@ -1,8 +1,8 @@
 """`bench run --executor slurm` against a real Slurm cluster: sbatch job arrays, squeue and sacct, scancel, the
 time-limit signal and submitit's requeue, with the real trainer.
 
-Run only when DDNET_BENCH_TEST_SLURM=1 and `sinfo` answers: `.ci/slurm-cluster start` makes a one-node cluster
-on this machine (CI does), and the opt-in keeps a developer's machine from submitting to a production cluster.
+Run only when DDNET_BENCH_TEST_SLURM=1 and `sinfo` answers: `.ci/slurm-cluster start` makes a cluster on
+this machine (CI does: its own node, and two emulated ones in partition `multi` for two-node cells), and the opt-in keeps a developer's machine from submitting to a production cluster.
 Each test compares what ran on Slurm with the same cell trained here without interruption: a cancel or a
 requeue must cost time only, never a number.
 """
@@ -54,7 +54,7 @@ NAME = "real_slurm"
 def defaults():
     return TrainConfig(model=ModelConfig(base_width=4, growth=4, bottleneck=8),
                        data=DataConfig(image_size=32, n_train=8, n_val=2), epochs={epochs}, batch_size=4, lr=1e-3,
-                       num_workers=0, device="cpu")
+                       num_workers=0, device="cpu", nproc={nproc})
 
 
 def cells(base):
@@ -66,9 +66,9 @@ COMPARED = ("epoch", "train_loss", "val_loss", "val_ms_ssim", "lr")
 """Epoch-row fields that must not depend on how the run was scheduled (timings do)."""
 
 
-def write_grid(folder: Path, epochs: int, cells: str) -> Path:
+def write_grid(folder: Path, epochs: int, cells: str, nproc: int = 1) -> Path:
     path = folder / "real_slurm.py"
-    path.write_text(GRID.format(epochs=epochs, cells=cells))
+    path.write_text(GRID.format(epochs=epochs, cells=cells, nproc=nproc))
     return path
 
 
@@ -86,11 +86,11 @@ def rows(d: Path, upto: int | None = None) -> list[dict]:
     return [{k: r[k] for k in COMPARED} for r in read_jsonl(d / "epochs.jsonl")][:upto]
 
 
-def trained_here(cell: Path, tmp: Path, epochs: int | None = None) -> list[dict]:
+def trained_here(cell: Path, tmp: Path, epochs: int | None = None, env: dict[str, str] | None = None) -> list[dict]:
     """The same cell trained here in one go (`epochs` overrides its count), its comparable epoch rows."""
     ref = tmp / f"ref-{cell.name}-{epochs}"
     extra = ["--epochs", str(epochs)] if epochs else []
-    res = bench("train", "--config", str(cell / "config.request.json"), "--out", str(ref), *extra)
+    res = bench("train", "--config", str(cell / "config.request.json"), "--out", str(ref), *extra, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     return rows(ref)
 
@@ -225,3 +225,98 @@ def test_a_job_at_its_time_limit_is_requeued_and_resumes_exactly(tmp_path, out):
     got = rows(cell)
     assert [r["epoch"] for r in got] == list(range(1, len(got) + 1))  # no epoch lost or written twice
     assert got == trained_here(cell, tmp_path, epochs=len(got))  # the interruption changed no number
+
+
+# ------------------------------------------------------------------ one cell over two nodes
+
+MULTI = "multi"
+"""The partition of two nodes, each its own slurmd on this host (.ci/slurm-cluster: vnode1, vnode2)."""
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+"""Each replica one thread, here and on the nodes (sbatch passes the environment on): the two-node cell and the
+one-node reference then sum in the same order. (Each vnode's replica would otherwise take both of this host's
+cores, where `bench train --nproc 2` here gives each replica one.)"""
+
+
+def two_nodes_ready() -> bool:
+    res = subprocess.run(["sinfo", "-h", "-p", MULTI, "-o", "%D"], capture_output=True, text=True, timeout=15)
+    return res.returncode == 0 and res.stdout.strip().isdigit() and int(res.stdout) >= 2
+
+
+needs_two_nodes = pytest.mark.skipif(not _cluster_ready() or not two_nodes_ready(),
+                                     reason=f"the cluster has no partition '{MULTI}' of two nodes; "
+                                            "run .ci/slurm-cluster start again")
+
+
+def job_nodes(job: str) -> str:
+    res = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job, "-o", "NodeList"], capture_output=True, text=True,
+                         timeout=30)
+    return res.stdout.strip()
+
+
+def headers(log: Path) -> list[str]:
+    """The start lines `bench slurm` wrote into one of a cell's logs (one per start of the job on that node)."""
+    if not log.exists():
+        return []
+    return [h for h in log.read_text().splitlines()
+            if h.startswith("=== bench slurm") and "torch.distributed.run" in h]
+
+
+@needs_two_nodes
+def test_two_node_cells_run_on_two_slurm_nodes_train_as_on_one_and_fail_together(tmp_path, out):
+    grid = write_grid(tmp_path, 3, '(("wide", {}), ("broken", {"lr": 3e-3}))', nproc=2)
+    nan = {"DDNET_BENCH_INJECT_NAN_EPOCH": "2", "DDNET_BENCH_INJECT_ONLY": f"{os.sep}broken-"}  # on both nodes
+
+    res = bench("run", "--grid", str(grid), "--out", str(out), "--executor", "slurm", "--slurm-nodes", "2",
+                "--slurm-partition", MULTI, "--slurm-time", "10", "--wait", env={**ONE_THREAD, **nan})
+
+    assert res.returncode == 1, res.stdout + res.stderr  # the broken cell failed
+    cell, broken = cell_dir(out, "wide"), cell_dir(out, "broken")
+    job, broken_job = job_of(out, cell), job_of(out, broken)
+    assert job.split("_")[0] == broken_job.split("_")[0]  # one array of two-node tasks
+    assert job_states([job, broken_job]) == {job: "finished", broken_job: "failed"}
+    assert job_nodes(job) == job_nodes(broken_job) == "vnode[1-2]"  # each task on both nodes
+    failed = read_json(broken / "summary.json")
+    assert failed["status"] == "failed" and "nan at epoch 2" in failed["error"].lower(), failed
+    assert (broken / "train.log.node1").exists()  # node 1 ran it too, and ended with node 0
+    (node0,), (node1,) = headers(cell / "train.log"), headers(cell / "train.log.node1")
+    for k, line in enumerate((node0, node1)):  # each node its torchrun, meeting on the job's first host
+        assert f"--nnodes 2 --nproc-per-node 1 --node-rank {k} --master-addr vnode1" in line, line
+    summary = read_json(cell / "summary.json")
+    assert summary["status"] == "ok"
+    assert [(r["rank"], r["node"], r["local_world"]) for r in summary["ddp_ranks"]] == [(0, 0, 1), (1, 1, 1)]
+    assert read_json(cell / "config.json")["nproc"] == 2  # the cell's world, not the per-node count
+    assert rows(cell) == trained_here(cell, tmp_path, env=ONE_THREAD)  # = `bench train --nproc 2` on one node
+    status = bench("status", str(out))
+    assert f"{job} (finished)" in status.stdout and f"{broken_job} (failed)" in status.stdout, status.stdout
+
+
+@needs_two_nodes
+def test_a_two_node_job_at_its_time_limit_is_requeued_on_both_nodes_and_resumes_exactly(tmp_path, out,
+                                                                                      monkeypatch):
+    for k, v in ONE_THREAD.items():
+        monkeypatch.setenv(k, v)  # sbatch hands the submitting environment to the job
+    grid = load_grid_file(write_grid(tmp_path, 100_000, '(("endless", {}),)', nproc=2))
+    options = SlurmOptions(cluster="slurm", nodes=2, partition=MULTI, time_min=2, signal_delay_s=90,
+                           max_requeues=5)
+    assert run_on_slurm(grid, out, options, console=quiet()) is None
+    cell = cell_dir(out, "endless")
+    job = job_of(out, cell)
+
+    wait_until("the requeued job's start on both nodes",
+               lambda: len(headers(cell / "train.log")) >= 2 and len(headers(cell / "train.log.node1")) >= 2,
+               240, every_s=1)
+    at_requeue = n_rows(cell)
+    wait_until("the requeued job's third epoch", lambda: n_rows(cell) >= at_requeue + 3, 150, every_s=0.5)
+    subprocess.run(["scancel", job.split("_")[0]], check=True, timeout=30)
+    wait_until(f"job {job} to end", lambda: job_states([job]).get(job) not in ("queued", "running"), 60, every_s=1)
+
+    for log in (cell / "train.log", cell / "train.log.node1"):  # both nodes stopped, both came back resuming
+        first, second = headers(log)[:2]
+        assert "--resume" not in first, first
+        assert "--resume" in second, second
+    stop = re.search(r": stopped after epoch (\d+) for Slurm's time limit", (cell / "train.log").read_text())
+    assert stop is not None and 1 <= int(stop.group(1)) <= at_requeue
+    assert job_of(out, cell) == job and job_nodes(job) == "vnode[1-2]"  # requeued, not resubmitted
+    got = rows(cell)
+    assert [r["epoch"] for r in got] == list(range(1, len(got) + 1))  # no epoch lost or written twice
+    assert got == trained_here(cell, tmp_path, epochs=len(got), env=ONE_THREAD)
