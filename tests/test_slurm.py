@@ -429,6 +429,51 @@ def test_a_hung_cell_is_stopped_at_its_stall_limit_and_resumes_when_retried(tmp_
     assert CellCommand(job)()["status"] == "ok" and epochs_of(job.folder) == [1, 2, 3]
 
 
+def test_slurms_sigterm_leaves_the_cell_resumable_and_the_job_waiting_to_be_requeued(tmp_path, fake, monkeypatch):
+    """A preemption (PreemptMode=REQUEUE) or scancel: Slurm sends SIGTERM to every process of the job, then ends it.
+    Slurm requeues a preempted job only if it still runs then: the job must not end on its own first."""
+    import threading  # noqa: PLC0415
+
+    bypassed: list[int] = []
+
+    def bypass(signum: int, frame: object) -> None:  # submitit's handler: logs it, nothing more
+        bypassed.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, bypass)
+    monkeypatch.setattr(CellCommand, "TERM_WAIT_S", 1.5)
+    job = make_job(tmp_path, fake, "pre", epochs=200, epoch_s=0.05)
+    cmd = CellCommand(job)
+    sent: list[float] = []
+
+    def preempt() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (cmd._proc is None or not (job.folder / "ckpt.pt").exists()):
+            time.sleep(0.02)
+        os.killpg(cmd._proc.pid, signal.SIGTERM)  # the cell's processes
+        sent.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGTERM)  # and the job's own
+
+    try:
+        threading.Thread(target=preempt, daemon=True).start()
+        with pytest.raises(CellFailed, match=r"stopped by Slurm's SIGTERM \(a preemption, or scancel\) with exit "
+                                             r"status -15; it stays resumable"):
+            cmd()
+        waited = time.monotonic() - sent[0]
+        assert signal.getsignal(signal.SIGTERM) is bypass  # the handler before ours is put back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert bypassed == [signal.SIGTERM]  # submitit's handler still saw it
+    assert waited >= 1.5  # the job outlived its cell by TERM_WAIT_S, for Slurm to end and requeue it
+    assert json.loads((job.folder / "summary.json").read_text())["status"] == "running"  # not failed
+    done = len(epochs_of(job.folder))
+    assert 1 <= done < 200
+    assert f"SIGTERM from Slurm (a preemption, or scancel) stopped the cell after epoch {done}; it stays " \
+           "resumable" in (job.folder / "train.log").read_text()
+    requeued = CellCommand(dataclasses.replace(job, argv=job.argv))  # Slurm reruns the job as first submitted
+    (job.folder / "config.request.json").write_text(json.dumps({"epochs": done + 2}))
+    assert requeued()["status"] == "ok" and epochs_of(job.folder) == list(range(1, done + 3))  # it resumed
+
+
 def test_the_cell_process_ignores_slurms_checkpoint_signal(tmp_path):
     """Slurm's --signal reaches every process of the job: the trainer must leave USR2 to submitit."""
     folder = tmp_path / "cell"

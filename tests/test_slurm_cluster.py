@@ -109,6 +109,14 @@ def wait_until(what: str, check, timeout_s: float, every_s: float = 0.2):
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
+def starts(log: Path) -> list[str]:
+    """The lines `bench slurm` wrote into a cell's log (train.log, train.log.node<k>) as it started the cell's
+    command, one per start of its job on that node (not its notes on why a run stopped)."""
+    if not log.exists():
+        return []
+    return [h for h in log.read_text().splitlines() if h.startswith("=== bench slurm") and " bench.cli train " in h]
+
+
 def n_rows(d: Path) -> int:
     try:
         return len(read_jsonl(d / "epochs.jsonl"))
@@ -178,7 +186,8 @@ def test_a_cancelled_job_is_resubmitted_by_the_next_run_and_resumes_exactly(tmp_
     job = job_of(out, cell)
     wait_until("two epochs and a checkpoint", lambda: n_rows(cell) >= 2 and (cell / "ckpt.pt").exists(), 180)
     subprocess.run(["scancel", job], check=True, timeout=30)
-    wait_until(f"job {job} cancelled", lambda: job_states([job]).get(job) == "cancelled", 60, every_s=1)
+    # Slurm sends SIGTERM, the job stops its cell and waits to be ended; SIGKILL follows after KillWait (30 s)
+    wait_until(f"job {job} cancelled", lambda: job_states([job]).get(job) == "cancelled", 120, every_s=1)
     done_before = n_rows(cell)
     assert 2 <= done_before < epochs, done_before
     assert read_json(cell / "summary.json")["status"] == "running"  # resumable, not failed
@@ -192,32 +201,30 @@ def test_a_cancelled_job_is_resubmitted_by_the_next_run_and_resumes_exactly(tmp_
     new_job = job_of(out, cell)
     assert new_job != job
     assert read_json(cell / "summary.json")["status"] == "ok"
-    log = (cell / "train.log").read_text()
-    assert log.count("=== bench slurm") == 2 and "--resume" in log.split("=== bench slurm")[2]
+    first, second = starts(cell / "train.log")
+    assert "--resume" not in first and second.endswith("--resume")
+    assert "SIGTERM from Slurm (a preemption, or scancel) stopped the cell" in (cell / "train.log").read_text()
     assert rows(cell) == trained_here(cell, tmp_path)  # every epoch once, as if never cancelled
 
 
 def test_a_job_at_its_time_limit_is_requeued_and_resumes_exactly(tmp_path, out):
     grid = load_grid_file(write_grid(tmp_path, 100_000, '(("endless", {}),)'))
-    # a 2-minute limit signalled 90 s early: Slurm signals within its ~30 s check period, submitit's handler
-    # stops the cell and requeues the job, which Slurm starts again after cred_expire (.ci/slurm-cluster: 10 s)
-    options = SlurmOptions(cluster="slurm", time_min=2, signal_delay_s=90, max_requeues=5)
+    # a 2-minute limit signalled 60 s early: Slurm sends it up to its 30 s check period earlier still, so 30-60 s
+    # in (90 s early came 3 s after the start, before the first epoch); submitit's handler stops the cell and
+    # requeues the job, which Slurm starts again after cred_expire (.ci/slurm-cluster: 10 s)
+    options = SlurmOptions(cluster="slurm", time_min=2, signal_delay_s=60, max_requeues=5)
     assert run_on_slurm(grid, out, options, console=quiet()) is None
     cell = cell_dir(out, "endless")
     job = job_of(out, cell)
     log = cell / "train.log"
 
-    def starts() -> list[str]:
-        return [h for h in log.read_text().splitlines() if h.startswith("=== bench slurm") and ": stopped after epoch" not in h] \
-            if log.exists() else []
-
-    wait_until("the requeued job's start", lambda: len(starts()) >= 2, 240, every_s=1)
+    wait_until("the requeued job's start", lambda: len(starts(log)) >= 2, 240, every_s=1)
     at_requeue = n_rows(cell)
     wait_until("the requeued job's third epoch", lambda: n_rows(cell) >= at_requeue + 3, 150, every_s=0.5)
     subprocess.run(["scancel", job.split("_")[0]], check=True, timeout=30)
-    wait_until(f"job {job} to end", lambda: job_states([job]).get(job) not in ("queued", "running"), 60, every_s=1)
+    wait_until(f"job {job} to end", lambda: job_states([job]).get(job) not in ("queued", "running"), 120, every_s=1)
 
-    first, second = starts()[:2]
+    first, second = starts(log)[:2]
     assert not first.endswith("--resume") and second.endswith("--resume")
     stop = re.search(r": stopped after epoch (\d+) for Slurm's time limit", log.read_text())
     assert stop is not None and 1 <= int(stop.group(1)) <= at_requeue
@@ -253,14 +260,6 @@ def job_nodes(job: str) -> str:
     return res.stdout.strip()
 
 
-def headers(log: Path) -> list[str]:
-    """The start lines `bench slurm` wrote into one of a cell's logs (one per start of the job on that node)."""
-    if not log.exists():
-        return []
-    return [h for h in log.read_text().splitlines()
-            if h.startswith("=== bench slurm") and "torch.distributed.run" in h]
-
-
 @needs_two_nodes
 def test_two_node_cells_run_on_two_slurm_nodes_train_as_on_one_and_fail_together(tmp_path, out):
     grid = write_grid(tmp_path, 3, '(("wide", {}), ("broken", {"lr": 3e-3}))', nproc=2)
@@ -278,7 +277,7 @@ def test_two_node_cells_run_on_two_slurm_nodes_train_as_on_one_and_fail_together
     failed = read_json(broken / "summary.json")
     assert failed["status"] == "failed" and "nan at epoch 2" in failed["error"].lower(), failed
     assert (broken / "train.log.node1").exists()  # node 1 ran it too, and ended with node 0
-    (node0,), (node1,) = headers(cell / "train.log"), headers(cell / "train.log.node1")
+    (node0,), (node1,) = starts(cell / "train.log"), starts(cell / "train.log.node1")
     for k, line in enumerate((node0, node1)):  # each node its torchrun, meeting on the job's first host
         assert f"--nnodes 2 --nproc-per-node 1 --node-rank {k} --master-addr vnode1" in line, line
     summary = read_json(cell / "summary.json")
@@ -296,22 +295,22 @@ def test_a_two_node_job_at_its_time_limit_is_requeued_on_both_nodes_and_resumes_
     for k, v in ONE_THREAD.items():
         monkeypatch.setenv(k, v)  # sbatch hands the submitting environment to the job
     grid = load_grid_file(write_grid(tmp_path, 100_000, '(("endless", {}),)', nproc=2))
-    options = SlurmOptions(cluster="slurm", nodes=2, partition=MULTI, time_min=2, signal_delay_s=90,
+    options = SlurmOptions(cluster="slurm", nodes=2, partition=MULTI, time_min=2, signal_delay_s=60,
                            max_requeues=5)
     assert run_on_slurm(grid, out, options, console=quiet()) is None
     cell = cell_dir(out, "endless")
     job = job_of(out, cell)
 
     wait_until("the requeued job's start on both nodes",
-               lambda: len(headers(cell / "train.log")) >= 2 and len(headers(cell / "train.log.node1")) >= 2,
+               lambda: len(starts(cell / "train.log")) >= 2 and len(starts(cell / "train.log.node1")) >= 2,
                240, every_s=1)
     at_requeue = n_rows(cell)
     wait_until("the requeued job's third epoch", lambda: n_rows(cell) >= at_requeue + 3, 150, every_s=0.5)
     subprocess.run(["scancel", job.split("_")[0]], check=True, timeout=30)
-    wait_until(f"job {job} to end", lambda: job_states([job]).get(job) not in ("queued", "running"), 60, every_s=1)
+    wait_until(f"job {job} to end", lambda: job_states([job]).get(job) not in ("queued", "running"), 120, every_s=1)
 
     for log in (cell / "train.log", cell / "train.log.node1"):  # both nodes stopped, both came back resuming
-        first, second = headers(log)[:2]
+        first, second = starts(log)[:2]
         assert "--resume" not in first, first
         assert "--resume" in second, second
     stop = re.search(r": stopped after epoch (\d+) for Slurm's time limit", (cell / "train.log").read_text())
@@ -320,3 +319,38 @@ def test_a_two_node_job_at_its_time_limit_is_requeued_on_both_nodes_and_resumes_
     got = rows(cell)
     assert [r["epoch"] for r in got] == list(range(1, len(got) + 1))  # no epoch lost or written twice
     assert got == trained_here(cell, tmp_path, epochs=len(got), env=ONE_THREAD)
+
+
+# ------------------------------------------------------------------ preemption
+
+def test_a_preempted_job_is_requeued_by_slurm_and_resumes_exactly(tmp_path, out):
+    grid = write_grid(tmp_path, 100_000, '(("preempted", {}),)')
+    res = bench("run", "--grid", str(grid), "--out", str(out), "--executor", "slurm", "--slurm-time", "10")
+    assert res.returncode == 0, res.stdout + res.stderr
+    cell = cell_dir(out, "preempted")
+    job = job_of(out, cell)
+    log = cell / "train.log"
+    wait_until("two epochs and a checkpoint", lambda: n_rows(cell) >= 2 and (cell / "ckpt.pt").exists(), 180)
+
+    # a job of a higher-tier partition wants the whole node (.ci/slurm-cluster: `urgent` preempts `debug`):
+    # Slurm sends the cell's job SIGTERM and, GraceTime (10 s) later, kills and requeues it (PreemptMode=REQUEUE)
+    urgent = subprocess.run(["sbatch", "--parsable", "--partition", "urgent", "--exclusive", "--output", "/dev/null",
+                             "--wrap", "sleep 5"], capture_output=True, text=True, timeout=30)
+    assert urgent.returncode == 0, urgent.stderr
+    wait_until("the preempted job's new start", lambda: len(starts(log)) >= 2, 240, every_s=1)
+    at_requeue = n_rows(cell)
+    wait_until("the requeued job's third epoch", lambda: n_rows(cell) >= at_requeue + 3, 150, every_s=0.5)
+    subprocess.run(["scancel", job], check=True, timeout=30)
+    wait_until(f"job {job} to end", lambda: job_states([job]).get(job) not in ("queued", "running"), 120, every_s=1)
+
+    first, second = starts(log)[:2]
+    assert "--resume" not in first and second.endswith("--resume")
+    stop = re.search(r"SIGTERM from Slurm \(a preemption, or scancel\) stopped the cell after epoch (\d+)", log.read_text())
+    assert stop is not None and 2 <= int(stop.group(1)) <= at_requeue
+    history = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-j", job, "-o", "State"], capture_output=True,
+                             text=True, timeout=30).stdout.split()
+    assert history[0] == "PREEMPTED", history  # Slurm's record of the first run
+    assert job_of(out, cell) == job  # requeued by Slurm under the same id; `bench run` resubmitted nothing
+    got = rows(cell)
+    assert [r["epoch"] for r in got] == list(range(1, len(got) + 1))  # no epoch lost or written twice
+    assert got == trained_here(cell, tmp_path, epochs=len(got))  # the preemption changed no number

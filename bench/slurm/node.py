@@ -194,10 +194,16 @@ class CellCommand:
     """(signal, seconds to wait for the exit): SIGINT first, so the trainer leaves its summary 'running'
     (resumable), well inside Slurm's `signal_delay_s` before the hard kill."""
 
+    TERM_WAIT_S = 600.0
+    """After Slurm's SIGTERM (a preemption's notice, or scancel's; the cell's processes get it too), how long the
+    job waits for Slurm to end it. Slurm requeues a preempted job (PreemptMode=REQUEUE) only if it still runs at
+    the end of its GraceTime: one that ended on its own first stays ended (FAILED) until the next `bench run`."""
+
     def __init__(self, job: CellJob) -> None:
         self.job = job
         self._proc: subprocess.Popen | None = None
         self._stalled: tuple[float, int] | None = None  # (stall limit s, epochs) when node 0 stopped it as hung
+        self._term_at: float | None = None  # when SIGTERM reached this job (monotonic)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"job": self.job}
@@ -211,6 +217,42 @@ class CellCommand:
     def __call__(self) -> dict[str, Any]:
         """Run the cell here. A multi-node cell runs once per node: node 0 holds the folder (lock, train.log,
         outcome); node k appends its torchrun's output to `train.log.node<k>` and returns its exit code."""
+        with self._term_noted():
+            return self._run_here()
+
+    @contextlib.contextmanager
+    def _term_noted(self) -> Iterator[None]:
+        """Under submitit (whose SIGTERM handler only logs it), note when SIGTERM comes; see TERM_WAIT_S."""
+        try:
+            previous = signal.getsignal(signal.SIGTERM)
+        except ValueError:  # pragma: no cover - not the main thread
+            previous = None
+        if not callable(previous):  # not under submitit: SIGTERM keeps its own meaning
+            yield
+            return
+
+        def note(signum: int, frame: Any) -> None:
+            self._term_at = time.monotonic()
+            previous(signum, frame)
+
+        signal.signal(signal.SIGTERM, note)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _await_slurm(self, log_path: Path) -> None:
+        """SIGTERM stopped the cell: leave it resumable and wait for Slurm to requeue or end the job."""
+        if self._term_at is None:
+            return
+        with contextlib.suppress(OSError), open(log_path, "a") as log:
+            log.write(f"=== bench slurm {_now()}: SIGTERM from Slurm (a preemption, or scancel) stopped the cell after "
+                      f"epoch {len(read_jsonl(self.job.path / 'epochs.jsonl'))}; it stays resumable. Waiting up to "
+                      f"{self.TERM_WAIT_S:g} s for Slurm to requeue or end the job\n")
+        while time.monotonic() < self._term_at + self.TERM_WAIT_S:
+            time.sleep(0.5)
+
+    def _run_here(self) -> dict[str, Any]:
         folder = self.job.path
         s = read_summary(folder)
         if s is not None and s.get("status") == "ok":
@@ -226,6 +268,7 @@ class CellCommand:
         job_id = place.job_id if place is not None else (
             os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID") or "?")
         if place is not None and place.node > 0:
+            # no wait for Slurm here after a SIGTERM (see TERM_WAIT_S): node 0's task alone keeps the job running
             rc = self._run(argv, folder / f"train.log.node{place.node}", f"node {place.node} of job {job_id}",
                            watch=node0_marker(folder, job_id))
             return {"folder": str(folder), "node": place.node, "exit_code": rc}
@@ -239,6 +282,8 @@ class CellCommand:
                 log_path = folder / "train.log"
                 since = len(read_jsonl(epochs)) if RESUME_FLAG in argv else 0
                 rc = self._run(argv, log_path, f"job {job_id}", since=since)
+                if rc != 0:
+                    self._await_slurm(log_path)  # holding the cell's lock: nothing else may start it meanwhile
         finally:
             if place is not None:  # however node 0 ends, the other nodes learn it (see node0_marker)
                 with contextlib.suppress(OSError):
@@ -310,6 +355,9 @@ class CellCommand:
         s = read_summary(folder) or {}
         if rc == 0 and s.get("status") == "ok":
             return {"folder": str(folder), "status": "ok", "exit_code": 0}
+        if self._term_at is not None:  # Slurm stopped it (and did not end the job in TERM_WAIT_S): resumable
+            raise CellFailed(f"{folder}: stopped by Slurm's SIGTERM (a preemption, or scancel) with exit status "
+                             f"{rc}; it stays resumable (see {log_path})")
         if self._stalled is not None:  # stopped as hung: failed (not resubmitted) unless --retry-failed
             s = record_failure(folder, s, rc, log_tail(log_path), stall_error(*self._stalled))
             raise CellFailed(f"{folder}: {s.get('error')} (see {log_path})")
