@@ -429,9 +429,12 @@ def test_a_hung_cell_is_stopped_at_its_stall_limit_and_resumes_when_retried(tmp_
     assert CellCommand(job)()["status"] == "ok" and epochs_of(job.folder) == [1, 2, 3]
 
 
-def test_slurms_sigterm_leaves_the_cell_resumable_and_the_job_waiting_to_be_requeued(tmp_path, fake, monkeypatch):
+@pytest.mark.parametrize("executor", ["slurm", "local"])
+def test_slurms_sigterm_leaves_the_cell_resumable_and_the_job_waiting_to_be_requeued(tmp_path, fake, monkeypatch,
+                                                                                      executor):
     """A preemption (PreemptMode=REQUEUE) or scancel: Slurm sends SIGTERM to every process of the job, then ends it.
-    Slurm requeues a preempted job only if it still runs then: the job must not end on its own first."""
+    Slurm requeues a preempted job only if it still runs then: the job must not end on its own first. Outside a
+    Slurm job (submitit's local executor) SIGTERM means what it says."""
     import threading  # noqa: PLC0415
 
     bypassed: list[int] = []
@@ -440,7 +443,8 @@ def test_slurms_sigterm_leaves_the_cell_resumable_and_the_job_waiting_to_be_requ
         bypassed.append(signum)
 
     previous = signal.signal(signal.SIGTERM, bypass)
-    monkeypatch.setattr(CellCommand, "TERM_WAIT_S", 1.5)
+    monkeypatch.setattr(CellCommand, "TERM_WAIT_S", 1.5 if executor == "slurm" else 30.0)
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", executor)  # what submitit's job scripts set
     job = make_job(tmp_path, fake, "pre", epochs=200, epoch_s=0.05)
     cmd = CellCommand(job)
     sent: list[float] = []
@@ -453,22 +457,26 @@ def test_slurms_sigterm_leaves_the_cell_resumable_and_the_job_waiting_to_be_requ
         sent.append(time.monotonic())
         os.kill(os.getpid(), signal.SIGTERM)  # and the job's own
 
+    expected = (r"stopped by Slurm's SIGTERM \(a preemption, or scancel\) with exit status -15; it stays resumable"
+                if executor == "slurm" else r"the cell process was killed by signal SIGTERM; it stays resumable")
     try:
         threading.Thread(target=preempt, daemon=True).start()
-        with pytest.raises(CellFailed, match=r"stopped by Slurm's SIGTERM \(a preemption, or scancel\) with exit "
-                                             r"status -15; it stays resumable"):
+        with pytest.raises(CellFailed, match=expected):
             cmd()
         waited = time.monotonic() - sent[0]
         assert signal.getsignal(signal.SIGTERM) is bypass  # the handler before ours is put back
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert bypassed == [signal.SIGTERM]  # submitit's handler still saw it
-    assert waited >= 1.5  # the job outlived its cell by TERM_WAIT_S, for Slurm to end and requeue it
     assert json.loads((job.folder / "summary.json").read_text())["status"] == "running"  # not failed
     done = len(epochs_of(job.folder))
     assert 1 <= done < 200
-    assert f"SIGTERM from Slurm (a preemption, or scancel) stopped the cell after epoch {done}; it stays " \
-           "resumable" in (job.folder / "train.log").read_text()
+    note = f"SIGTERM from Slurm (a preemption, or scancel) stopped the cell after epoch {done}; it stays resumable"
+    if executor == "local":
+        assert waited < 10 and note not in (job.folder / "train.log").read_text()
+        return
+    assert waited >= 1.5  # the job outlived its cell by TERM_WAIT_S, for Slurm to end and requeue it
+    assert note in (job.folder / "train.log").read_text()
     requeued = CellCommand(dataclasses.replace(job, argv=job.argv))  # Slurm reruns the job as first submitted
     (job.folder / "config.request.json").write_text(json.dumps({"epochs": done + 2}))
     assert requeued()["status"] == "ok" and epochs_of(job.folder) == list(range(1, done + 3))  # it resumed

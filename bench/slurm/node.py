@@ -222,13 +222,13 @@ class CellCommand:
 
     @contextlib.contextmanager
     def _term_noted(self) -> Iterator[None]:
-        """Under submitit (whose SIGTERM handler only logs it), note when SIGTERM comes; see TERM_WAIT_S."""
+        """In a submitit Slurm job (whose SIGTERM handler only logs it), note when SIGTERM comes; see TERM_WAIT_S."""
         try:
             previous = signal.getsignal(signal.SIGTERM)
         except ValueError:  # pragma: no cover - not the main thread
             previous = None
-        if not callable(previous):  # not under submitit: SIGTERM keeps its own meaning
-            yield
+        if not callable(previous) or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+            yield  # not a Slurm job (submitit's sbatch script sets SUBMITIT_EXECUTOR): SIGTERM means what it says
             return
 
         def note(signum: int, frame: Any) -> None:
