@@ -337,6 +337,10 @@ def test_a_preempted_job_is_requeued_by_slurm_and_resumes_exactly(tmp_path, out)
     urgent = subprocess.run(["sbatch", "--parsable", "--partition", "urgent", "--exclusive", "--output", "/dev/null",
                              "--wrap", "sleep 5"], capture_output=True, text=True, timeout=30)
     assert urgent.returncode == 0, urgent.stderr
+    wait_until("the preemption's SIGTERM", lambda: "SIGTERM from Slurm" in log.read_text(), 60, every_s=0.5)
+    # while Slurm ends and requeues the job, `bench run` must see it alive: a second job would race the requeue
+    again = bench("run", "--grid", str(grid), "--out", str(out), "--executor", "slurm", "--slurm-time", "10")
+    assert again.returncode == 0 and "submitted 0 cell(s);" in again.stdout, again.stdout + again.stderr
     wait_until("the preempted job's new start", lambda: len(starts(log)) >= 2, 240, every_s=1)
     at_requeue = n_rows(cell)
     wait_until("the requeued job's third epoch", lambda: n_rows(cell) >= at_requeue + 3, 150, every_s=0.5)
