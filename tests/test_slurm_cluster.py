@@ -254,10 +254,15 @@ needs_two_nodes = pytest.mark.skipif(not _cluster_ready() or not two_nodes_ready
                                             "run .ci/slurm-cluster start again")
 
 
-def job_nodes(job: str) -> str:
-    res = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job, "-o", "NodeList"], capture_output=True, text=True,
+def job_field(job: str, field: str) -> str:
+    """One field of the job's latest run, as sacct reports it (NodeList, AllocTRES, ...)."""
+    res = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job, "-o", field], capture_output=True, text=True,
                          timeout=30)
     return res.stdout.strip()
+
+
+def job_nodes(job: str) -> str:
+    return job_field(job, "NodeList")
 
 
 @needs_two_nodes
@@ -265,8 +270,10 @@ def test_two_node_cells_run_on_two_slurm_nodes_train_as_on_one_and_fail_together
     grid = write_grid(tmp_path, 3, '(("wide", {}), ("broken", {"lr": 3e-3}))', nproc=2)
     nan = {"DDNET_BENCH_INJECT_NAN_EPOCH": "2", "DDNET_BENCH_INJECT_ONLY": f"{os.sep}broken-"}  # on both nodes
 
+    # each node's emulated GPU asked for (.ci/slurm-cluster: a GRES without CUDA; the cells train on the CPU)
     res = bench("run", "--grid", str(grid), "--out", str(out), "--executor", "slurm", "--slurm-nodes", "2",
-                "--slurm-partition", MULTI, "--slurm-time", "10", "--wait", env={**ONE_THREAD, **nan})
+                "--slurm-partition", MULTI, "--slurm-gpus-per-node", "1", "--slurm-time", "10", "--wait",
+                env={**ONE_THREAD, **nan})
 
     assert res.returncode == 1, res.stdout + res.stderr  # the broken cell failed
     cell, broken = cell_dir(out, "wide"), cell_dir(out, "broken")
@@ -274,6 +281,7 @@ def test_two_node_cells_run_on_two_slurm_nodes_train_as_on_one_and_fail_together
     assert job.split("_")[0] == broken_job.split("_")[0]  # one array of two-node tasks
     assert job_states([job, broken_job]) == {job: "finished", broken_job: "failed"}
     assert job_nodes(job) == job_nodes(broken_job) == "vnode[1-2]"  # each task on both nodes
+    assert "gres/gpu=2" in job_field(job, "AllocTRES").split(","), job_field(job, "AllocTRES")  # one per node
     failed = read_json(broken / "summary.json")
     assert failed["status"] == "failed" and "nan at epoch 2" in failed["error"].lower(), failed
     assert (broken / "train.log.node1").exists()  # node 1 ran it too, and ended with node 0
