@@ -331,33 +331,42 @@ def test_a_two_node_job_at_its_time_limit_is_requeued_on_both_nodes_and_resumes_
 
 # ------------------------------------------------------------------ preemption
 
-def test_a_preempted_job_is_requeued_by_slurm_and_resumes_exactly(tmp_path, out):
-    grid = write_grid(tmp_path, 100_000, '(("preempted", {}),)')
-    res = bench("run", "--grid", str(grid), "--out", str(out), "--executor", "slurm", "--slurm-time", "10")
+@pytest.mark.parametrize("nodes", [1, pytest.param(2, marks=needs_two_nodes)])
+def test_a_preempted_job_is_requeued_by_slurm_and_resumes_exactly(tmp_path, out, nodes):
+    grid = write_grid(tmp_path, 100_000, '(("preempted", {}),)', nproc=nodes)
+    on_two = ("--slurm-nodes", "2", "--slurm-partition", MULTI) if nodes == 2 else ()
+    env = ONE_THREAD if nodes == 2 else None
+    argv = ("run", "--grid", str(grid), "--out", str(out), "--executor", "slurm", "--slurm-time", "10", *on_two)
+    res = bench(*argv, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     cell = cell_dir(out, "preempted")
     job = job_of(out, cell)
     log = cell / "train.log"
+    logs = [log, cell / "train.log.node1"][:nodes]
     wait_until("two epochs and a checkpoint", lambda: n_rows(cell) >= 2 and (cell / "ckpt.pt").exists(), 180)
 
-    # a job of a higher-tier partition wants the whole node (.ci/slurm-cluster: `urgent` preempts `debug`):
-    # Slurm sends the cell's job SIGTERM and, GraceTime (10 s) later, kills and requeues it (PreemptMode=REQUEUE)
-    urgent = subprocess.run(["sbatch", "--parsable", "--partition", "urgent", "--exclusive", "--output", "/dev/null",
-                             "--wrap", "sleep 5"], capture_output=True, text=True, timeout=30)
+    # a job of a higher-tier partition wants the cell's nodes whole (.ci/slurm-cluster: `urgent` preempts the
+    # others): Slurm sends the cell's job SIGTERM and, GraceTime (10 s) later, kills and requeues it
+    urgent = subprocess.run(["sbatch", "--parsable", "--partition", "urgent", "--nodelist", job_nodes(job),
+                             "--nodes", str(nodes), "--exclusive", "--output", "/dev/null", "--wrap", "sleep 5"],
+                            capture_output=True, text=True, timeout=30)
     assert urgent.returncode == 0, urgent.stderr
     wait_until("the preemption's SIGTERM", lambda: "SIGTERM from Slurm" in log.read_text(), 60, every_s=0.5)
     # while Slurm ends and requeues the job, `bench run` must see it alive: a second job would race the requeue
-    again = bench("run", "--grid", str(grid), "--out", str(out), "--executor", "slurm", "--slurm-time", "10")
+    again = bench(*argv, env=env)
     assert again.returncode == 0 and "submitted 0 cell(s);" in again.stdout, again.stdout + again.stderr
-    wait_until("the preempted job's new start", lambda: len(starts(log)) >= 2, 240, every_s=1)
+    wait_until("the preempted job's new start on every node", lambda: all(len(starts(f)) >= 2 for f in logs), 240,
+               every_s=1)
     at_requeue = n_rows(cell)
     wait_until("the requeued job's third epoch", lambda: n_rows(cell) >= at_requeue + 3, 150, every_s=0.5)
     subprocess.run(["scancel", job], check=True, timeout=30)
     wait_until(f"job {job} to end", lambda: job_states([job]).get(job) not in ("queued", "running"), 120, every_s=1)
 
-    first, second = starts(log)[:2]
-    assert "--resume" not in first and second.endswith("--resume")
-    stop = re.search(r"SIGTERM from Slurm \(a preemption, or scancel\) stopped the cell after epoch (\d+)", log.read_text())
+    for f in logs:  # every node stopped and started again, resuming
+        first, second = starts(f)[:2]
+        assert "--resume" not in first and " --resume" in second, (first, second)
+    stop = re.search(r"SIGTERM from Slurm \(a preemption, or scancel\) stopped the cell after epoch (\d+)",
+                     log.read_text())
     assert stop is not None and 2 <= int(stop.group(1)) <= at_requeue
     history = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-j", job, "-o", "State"], capture_output=True,
                              text=True, timeout=30).stdout.split()
@@ -365,4 +374,4 @@ def test_a_preempted_job_is_requeued_by_slurm_and_resumes_exactly(tmp_path, out)
     assert job_of(out, cell) == job  # requeued by Slurm under the same id; `bench run` resubmitted nothing
     got = rows(cell)
     assert [r["epoch"] for r in got] == list(range(1, len(got) + 1))  # no epoch lost or written twice
-    assert got == trained_here(cell, tmp_path, epochs=len(got))  # the preemption changed no number
+    assert got == trained_here(cell, tmp_path, epochs=len(got), env=env)  # the preemption changed no number
