@@ -117,6 +117,11 @@ def starts(log: Path) -> list[str]:
     return [h for h in log.read_text().splitlines() if h.startswith("=== bench slurm") and " bench.cli train " in h]
 
 
+def wait_ended(job: str) -> None:
+    """Until Slurm no longer queues or runs `job` (after a SIGTERM the job waits for Slurm's KillWait, 30 s)."""
+    wait_until(f"job {job} to end", lambda: job_states([job]).get(job) not in ("queued", "running"), 120, every_s=1)
+
+
 def n_rows(d: Path) -> int:
     try:
         return len(read_jsonl(d / "epochs.jsonl"))
@@ -222,7 +227,7 @@ def test_a_job_at_its_time_limit_is_requeued_and_resumes_exactly(tmp_path, out):
     at_requeue = n_rows(cell)
     wait_until("the requeued job's third epoch", lambda: n_rows(cell) >= at_requeue + 3, 150, every_s=0.5)
     subprocess.run(["scancel", job.split("_")[0]], check=True, timeout=30)
-    wait_until(f"job {job} to end", lambda: job_states([job]).get(job) not in ("queued", "running"), 120, every_s=1)
+    wait_ended(job)
 
     first, second = starts(log)[:2]
     assert not first.endswith("--resume") and second.endswith("--resume")
@@ -315,7 +320,7 @@ def test_a_two_node_job_at_its_time_limit_is_requeued_on_both_nodes_and_resumes_
     at_requeue = n_rows(cell)
     wait_until("the requeued job's third epoch", lambda: n_rows(cell) >= at_requeue + 3, 150, every_s=0.5)
     subprocess.run(["scancel", job.split("_")[0]], check=True, timeout=30)
-    wait_until(f"job {job} to end", lambda: job_states([job]).get(job) not in ("queued", "running"), 120, every_s=1)
+    wait_ended(job)
 
     for log in (cell / "train.log", cell / "train.log.node1"):  # both nodes stopped, both came back resuming
         first, second = starts(log)[:2]
@@ -360,7 +365,7 @@ def test_a_preempted_job_is_requeued_by_slurm_and_resumes_exactly(tmp_path, out,
     at_requeue = n_rows(cell)
     wait_until("the requeued job's third epoch", lambda: n_rows(cell) >= at_requeue + 3, 150, every_s=0.5)
     subprocess.run(["scancel", job], check=True, timeout=30)
-    wait_until(f"job {job} to end", lambda: job_states([job]).get(job) not in ("queued", "running"), 120, every_s=1)
+    wait_ended(job)
 
     for f in logs:  # every node stopped and started again, resuming
         first, second = starts(f)[:2]
