@@ -13,6 +13,7 @@ import importlib.util
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -242,7 +243,8 @@ def test_a_job_at_its_time_limit_is_requeued_and_resumes_exactly(tmp_path, out):
 # ------------------------------------------------------------------ one cell over two nodes
 
 MULTI = "multi"
-"""The partition of two nodes, each its own slurmd on this host (.ci/slurm-cluster: vnode1, vnode2)."""
+"""The partition of two nodes, vnode1 and vnode2, each its own slurmd on this host (.ci/slurm-cluster), by default
+in a network and UTS namespace of its own: its own address and hostname."""
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 """Each replica one thread, here and on the nodes (sbatch passes the environment on): the two-node cell and the
 one-node reference then sum in the same order. (Each vnode's replica would otherwise take both of this host's
@@ -257,6 +259,12 @@ def two_nodes_ready() -> bool:
 needs_two_nodes = pytest.mark.skipif(not _cluster_ready() or not two_nodes_ready(),
                                      reason=f"the cluster has no partition '{MULTI}' of two nodes; "
                                             "run .ci/slurm-cluster start again")
+
+
+def vnodes_are_hosts() -> bool:
+    """Whether the two nodes are hosts of their own on a network (.ci/slurm-cluster's default), not names of this
+    host's loopback (SLURM_CLUSTER_NETNS=0)."""
+    return socket.gethostbyname("vnode1") != socket.gethostbyname("vnode2")
 
 
 def job_field(job: str, field: str) -> str:
@@ -296,6 +304,9 @@ def test_two_node_cells_run_on_two_slurm_nodes_train_as_on_one_and_fail_together
     summary = read_json(cell / "summary.json")
     assert summary["status"] == "ok"
     assert [(r["rank"], r["node"], r["local_world"]) for r in summary["ddp_ranks"]] == [(0, 0, 1), (1, 1, 1)]
+    # each replica on its own host: the rendezvous on vnode1 and gloo's all-reduce crossed the network
+    hosts = [r["host"] for r in summary["ddp_ranks"]]
+    assert hosts == (["vnode1", "vnode2"] if vnodes_are_hosts() else [socket.gethostname()] * 2), hosts
     assert read_json(cell / "config.json")["nproc"] == 2  # the cell's world, not the per-node count
     assert rows(cell) == trained_here(cell, tmp_path, env=ONE_THREAD)  # = `bench train --nproc 2` on one node
     status = bench("status", str(out))
