@@ -32,6 +32,11 @@ EXIT_NO_DEVICE = 5
 """`bench train`'s exit status when the grid that started it was planned on a GPU and none is visible now (a GPU
 that failed or was taken away): it must not fall back to the CPU. The cell is left resumable and the grid stops."""
 
+EXIT_PEER_LOST = 6
+"""`bench train`'s exit status when its DDP group broke and no replica said why (a node lost, the network cut, a
+replica killed: `ddnet.replicas.PeerLost`). Nothing is recorded as failed; the summary says why
+(`interrupted_why`): both executors leave the cell resumable."""
+
 PLANNED_DEVICE_ENV = "DDNET_BENCH_PLANNED_DEVICE"
 """Set by the local runner for each cell: the device ('cuda' or 'cpu') this machine had when the grid started."""
 
@@ -61,6 +66,12 @@ def error_line(tail: list[str]) -> str:
         if line.startswith("error:"):
             return line
     return next((line.strip() for line in reversed(tail) if line.strip()), "")
+
+
+def interrupted_why(summary: dict[str, Any]) -> str | None:
+    """Why an unfinished run stopped for a cause outside it (`RunSink.interrupt`: a replica lost); None: it did not."""
+    why = summary.get("interrupted") if summary.get("status") == "running" else None
+    return str(why) if why else None
 
 
 def exit_text(rc: int) -> str:

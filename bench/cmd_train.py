@@ -34,11 +34,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import typer
 
-from bench.cell_log import EXIT_NO_SPACE, PLANNED_DEVICE_ENV, DeviceGone
+from bench.cell_log import EXIT_NO_SPACE, EXIT_PEER_LOST, PLANNED_DEVICE_ENV, DeviceGone
 from bench.training import train
 from ddnet.config import ConfigError, TrainConfig, check_runnable, resolve_device
 from ddnet.config_fields import ConfigField, config_fields
 from ddnet.errors import UserError, out_of_space
+from ddnet.replicas import PeerLost
 from ddnet.trainer import Dist, TrainingFailed
 
 DIST_TIMEOUT_S = 600
@@ -217,6 +218,10 @@ def _run_training(cfg: TrainConfig, out: Path, resume: bool, progress: bool, me:
         else:
             summary = train(cfg, out, resume=resume, progress=progress, dist=Dist(), launched=True)
             _print_summary(summary, out)
+    except PeerLost as e:  # a node lost, the network cut: not the run's failure
+        typer.echo(f"error: {e}; nothing is recorded as failed: run the same command with --resume to continue "
+                   "from the last checkpoint.", err=True)
+        sys.exit(EXIT_PEER_LOST)
     except TrainingFailed as e:
         typer.echo(f"error: training failed: {e} ({where})", err=True)
         sys.exit(EXIT_FAILED)

@@ -41,6 +41,7 @@ from bench.cell_log import (
     DeviceGone,
     StallWatch,
     exit_text,
+    interrupted_why,
     log_tail,
     record_failure,
     stall_error,
@@ -290,6 +291,9 @@ def run_cell(
     action = "resumed" if resume else "ran"
     if rc == 0 and s.get("status") == "ok":
         return result_from_summary(p, s, action)
+    if (why := interrupted_why(s)) is not None:  # a replica lost (EXIT_PEER_LOST): not the cell's failure
+        display.failure(p.folder, log_tail(log_path), log_path, f"stopped ({why}); it stays resumable")
+        return result_from_summary(p, {**s, "status": "stopped", "error": why}, action)
 
     tail = log_tail(log_path)
     # the process may have died without recording its failure (crash, kill, user error): recorded here, with

@@ -28,6 +28,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
+from bench.cell_log import interrupted_why
 from bench.slurm import latest_job_records
 from bench.store import epoch_cost, read_jsonl_checked, writer_alive
 from ddnet.errors import UserError
@@ -132,8 +133,9 @@ def _cell_row(folder: Path, record: dict[str, Any] | None, states: dict[str, str
             detail = f"job {job} {state} at epoch {of}; `bench run` resubmits it"
         elif state == "unknown":
             status, detail = "submitted", f"job {job}, not listed by Slurm"
-        elif state is None and kind == "running" and writer_alive(s.get("writer")) is False:
-            # a local run whose process has ended (interrupted, killed, a full disk, the machine rebooted)
+        elif state is None and kind == "running" and (interrupted_why(s) or writer_alive(s.get("writer")) is False):
+            # a local run whose process has ended (interrupted, killed, a full disk, the machine rebooted, a
+            # replica lost: then the summary says so)
             status = "stopped"
             detail = f"at epoch {of}; its process has ended: `bench run` (or `bench train --resume`) resumes it"
         elif kind == "running" or done or state == "running":
@@ -144,6 +146,8 @@ def _cell_row(folder: Path, record: dict[str, Any] | None, states: dict[str, str
             status, detail = "submitted", f"job {job}"
         else:
             status, detail = "pending", "not started"
+    if status == "stopped" and isinstance(summary, dict) and (why := interrupted_why(summary)):
+        detail += f" (stopped: {why})"
     if notes:
         detail = "; ".join([d for d in (detail,) if d] + notes)
     return {

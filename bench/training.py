@@ -287,6 +287,12 @@ class RunFolder:
                 "status": "failed", "error": error, "epochs_completed": len(self.epochs()), "traceback": traceback,
             })
 
+    def interrupt(self, why: str) -> None:
+        self._close()
+        with contextlib.suppress(OSError):  # still 'running': the executors and `bench status` see it resumable
+            write_json(self.out / "summary.json", {"status": "running", "error": None, "writer": writer_record(),
+                                                   "interrupted": why})
+
     def _close(self) -> None:
         if self._bar is not None:
             self._bar.stop()

@@ -101,3 +101,6 @@ class RunSink(Protocol):
 
     def fail(self, error: str, traceback: str) -> None:
         """The run failed while training: record why."""
+
+    def interrupt(self, why: str) -> None:
+        """The run stopped for a cause outside it (a replica lost): record why, leaving it resumable."""

@@ -3,12 +3,23 @@
 `Dist` comes from `bench train --nproc N` (one node) or from torchrun's environment (one
 node or several); `agree` and `from_main` share one rank's refusal with every rank, so the
 replicas refuse together instead of some waiting in a collective until its timeout.
+
+When the group breaks during training, global rank 0 must tell a replica's own failure (a NaN,
+an out-of-memory: the run failed) from a replica gone without a word (its node lost, the
+network cut, a kill: the run did not fail, and stays resumable). A replica that fails says why
+in the store the group met at before it leaves the group (`tell_failure`); rank 0, seeing the
+break (`group_broke`), reads it there (`told_failure`) or, finding nothing, takes a peer on
+another node for lost (`PeerLost`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
+import re
 import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,3 +96,72 @@ def from_main(value: Any) -> Any:
     box = [value]
     torch_dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# ------------------------------------------------------------------ a broken group: failed, or a peer lost
+
+
+class PeerLost(RuntimeError):
+    """The process group broke during training and no replica said why: one vanished (its node lost, the
+    network cut, a kill). Not the run's failure: nothing is recorded as failed, the run stays resumable."""
+
+
+_GROUP_BROKE = re.compile(r"gloo/transport|Connection (?:reset|closed) by peer|Timed out waiting")
+"""How gloo (a plain RuntimeError) says that a peer went away or stopped answering."""
+
+TELL_TIMEOUT_S = 5.0
+"""Longest telling or reading a failure may wait for the store."""
+TOLD_WAIT_S = 2.0
+"""How long rank 0, seeing the group break, waits for a failing replica's word (it is written before the
+replica leaves the group, so it is normally there already)."""
+
+
+def group_broke(e: BaseException) -> bool:
+    """Whether `e` is the process group breaking under this replica (a peer gone or silent: gloo's transport
+    errors, torch's DistError for NCCL and the store), not a failure of this replica's own."""
+    dist_error = getattr(torch_dist, "DistError", None)
+    return (dist_error is not None and isinstance(e, dist_error)) or (
+        isinstance(e, RuntimeError) and _GROUP_BROKE.search(str(e)) is not None)
+
+
+def _store() -> Any:
+    """A client of the store the group met at (torchrun's or `--nproc`'s MASTER_ADDR:MASTER_PORT); None: none."""
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not host or not port:
+        return None
+    return torch_dist.TCPStore(host, int(port), is_master=False,
+                               timeout=datetime.timedelta(seconds=TELL_TIMEOUT_S))
+
+
+def _told_key(rank: int) -> str:
+    # torchrun may restart its workers against the same store: each restart has its own keys
+    return f"ddnet-bench/failure/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{rank}"
+
+
+def tell_failure(what: str, dist: Dist) -> None:
+    """Leave this replica's own failure where global rank 0 finds it once the group breaks. Best effort: with
+    the store out of reach, rank 0 takes the break for a lost peer."""
+    with contextlib.suppress(Exception):
+        store = _store()
+        if store is not None:
+            store.set(_told_key(dist.rank), f"rank {dist.rank} on {dist.host}: {what}")
+
+
+def told_failure(dist: Dist, wait_s: float = TOLD_WAIT_S) -> str | None:
+    """The failure another replica told (`tell_failure`), waiting up to `wait_s` for one; None: none told."""
+    try:
+        store = _store()
+    except Exception:  # the store's host is gone too: nothing can have been told
+        return None
+    if store is None:
+        return None
+    keys = [_told_key(r) for r in range(dist.world) if r != dist.rank]
+    deadline = time.monotonic() + wait_s
+    while True:
+        with contextlib.suppress(Exception):
+            for key in keys:
+                if store.check([key]):
+                    return store.get(key).decode(errors="replace")
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.1)

@@ -40,7 +40,7 @@ from ddnet.loaders import load_run_data
 from ddnet.loss import DDNetLoss
 from ddnet.model import DDNet
 from ddnet.optim import GraphedStep, StepParts, build_step, make_optimizer, setup_precision
-from ddnet.replicas import Dist, agree, from_main, gather
+from ddnet.replicas import Dist, PeerLost, agree, from_main, gather, group_broke, tell_failure, told_failure
 from ddnet.run_summary import ddp_records, run_summary
 from ddnet.sparsity import AutoSwitch, Masks, conform_to_state_dict_, count_flops, measure_sparsity, sparsify_
 from ddnet.validation import input_quality, validate
@@ -422,10 +422,33 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, sink: RunSink, make_instrume
     except Exception as e:  # NaN/inf loss, CUDA OOM, any crash: recorded, then reported as a failed run
         if out_of_space(e):  # the disk's fault, not the run's: left resumable ('running'), as a kill leaves it
             raise
+        what = f"{type(e).__name__}: {e}"
+        if dist.world > 1:
+            what = _replicas_failure(e, what, dist, sink, len({p["node"] for p in run.placement}) > 1)
         if dist.main:
-            sink.fail(f"{type(e).__name__}: {e}", traceback.format_exc(limit=8))
-        raise TrainingFailed(f"{type(e).__name__}: {e}") from e
+            sink.fail(what, traceback.format_exc(limit=8))
+        raise TrainingFailed(what) from e
     if dist.main:
         atomic_save(weights_record(run.model, cfg.to_dict(), summary["epochs_completed"]), out / "weights.pt")
         sink.finish(summary)
     return summary
+
+
+def _replicas_failure(e: Exception, what: str, dist: Dist, sink: RunSink, nodes: bool) -> str:
+    """Under DDP, the failure `e` (`what`) as the run records it. A replica's own failure is told to rank 0 before
+    the group breaks under it; the break, on rank 0, is then that told failure, named by rank and host. A break
+    no replica explains is, across `nodes`, a peer lost (a node, the network, a kill): not the run's failure,
+    PeerLost, with the run left resumable and the reason in its summary (`RunSink.interrupt`); on one node, a
+    replica killed there (the OOM killer, a crash below Python): a failure, as a killed single-process run's."""
+    if not group_broke(e):
+        if not dist.main:
+            tell_failure(what, dist)
+        return what
+    if dist.main and (told := told_failure(dist)) is not None:
+        return told
+    if not nodes:
+        return f"a replica ended without a word (killed, or crashed below Python): {what}"
+    lost = f"lost the other replicas ({what.splitlines()[0][:240]})"
+    if dist.main:
+        sink.interrupt(lost)
+    raise PeerLost(lost) from e

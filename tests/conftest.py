@@ -25,6 +25,7 @@ def fake(tmp_path, monkeypatch):
     monkeypatch.delenv("FAKE_FAIL", raising=False)
     monkeypatch.delenv("FAKE_FULL", raising=False)
     monkeypatch.delenv("FAKE_NO_GPU", raising=False)
+    monkeypatch.delenv("FAKE_LOST", raising=False)
 
     def launched() -> list[dict]:
         return read_jsonl(calls)

@@ -20,7 +20,8 @@ from ddnet.config import DataConfig, ModelConfig, TrainConfig
 # records a failed run (as a NaN loss would) at epoch 1 when it contains $FAKE_FAIL, hangs (a stuck
 # GPU, say) in epoch 2 when it contains $FAKE_HANG, stops as `bench train` does on a full disk (exit 4,
 # nothing recorded as failed) in epoch 2 when it contains $FAKE_FULL, stops as a GPU gone (exit 5) in epoch 2
-# when it contains $FAKE_NO_GPU, and sleeps $FAKE_EPOCH_S per epoch.
+# when it contains $FAKE_NO_GPU, stops as a DDP run whose replica was lost (exit 6, the summary still 'running'
+# with the reason under "interrupted") in epoch 2 when it contains $FAKE_LOST, and sleeps $FAKE_EPOCH_S per epoch.
 FAKE_TRAIN = r'''
 import json, os, sys, time
 from pathlib import Path
@@ -54,6 +55,10 @@ for e in range(start + 1, cfg["epochs"] + 1):
         time.sleep(3600)
     if os.environ.get("FAKE_NO_GPU") and os.environ["FAKE_NO_GPU"] in out.name and e == 2:
         print("error: this cell's grid was planned on a CUDA device but none is visible now"); sys.exit(5)
+    if os.environ.get("FAKE_LOST") and os.environ["FAKE_LOST"] in out.name and e == 2:
+        put(summ, json.dumps({"status": "running", "error": None,
+                              "interrupted": "lost the other replicas (RuntimeError: Connection reset by peer)"}))
+        print("error: lost the other replicas (RuntimeError: Connection reset by peer)"); sys.exit(6)
     if os.environ.get("FAKE_FULL") and os.environ["FAKE_FULL"] in out.name and e == 2:
         print(f"error: cannot write {ck} (the disk is full: No space left on device)"); sys.exit(4)
     if os.environ.get("FAKE_FAIL") and os.environ["FAKE_FAIL"] in out.name and e == 1:

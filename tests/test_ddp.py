@@ -9,12 +9,14 @@ weights, and a refusal or failure on one node ends both at once rather than at t
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,8 +82,10 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def two_nodes(tmp: Path, out: Path, *args: str, rdzv: str = "c10d", cwds: tuple[Path, Path] = (ROOT, ROOT),
-              envs: tuple[dict, dict] = ({}, {})) -> list[Launch]:
-    """Launch a two-node `bench train --out OUT ARGS` job; returns the launches in start order.
+              envs: tuple[dict, dict] = ({}, {}), during: Callable[[list[subprocess.Popen]], None] | None = None,
+              ) -> list[Launch]:
+    """Launch a two-node `bench train --out OUT ARGS` job; returns the launches in start order. `during`, if
+    given, is called with both launches once they started.
 
     rdzv "c10d": torchrun's dynamic rendezvous (the form for Slurm); the rendezvous hands out the
     global ranks, so either launch may hold rank 0 (--node-rank is ignored, hence not given).
@@ -103,6 +107,8 @@ def two_nodes(tmp: Path, out: Path, *args: str, rdzv: str = "c10d", cwds: tuple[
                 procs.append(subprocess.Popen(cmd, cwd=cwds[node], env={**env, **envs[node]}, stdout=log,
                                               stderr=subprocess.STDOUT))
         deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        if during is not None:
+            during(procs)
         for p in procs:
             try:
                 p.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -201,7 +207,10 @@ def test_a_failure_on_one_node_ends_both_at_once_and_resume_needs_the_checkpoint
     assert any("exitcode  : 3" in launch.log for launch in launches)
     assert "train loss became nan at epoch 2" in launches[1].log
     s = read_json(out / "summary.json")  # global rank 0, on whichever node, recorded the failure
-    assert s["status"] == "failed" and s["error"] and (out / "ckpt.pt").is_file()
+    assert s["status"] == "failed" and (out / "ckpt.pt").is_file()
+    # the cause, not the broken connection rank 0 saw: the failing replica told it before leaving the group
+    # (named by rank and host unless the NaN node held rank 0 itself)
+    assert re.fullmatch(r"(rank 1 on \S+: )?TrainingFailed: train loss became nan at epoch 2", s["error"]), s["error"]
 
     # every rank reads ckpt.pt to resume: a node that cannot see the run folder (a relative --out from
     # another folder, like a node-local disk) refuses the resume on both nodes, before anything is recorded
@@ -215,6 +224,101 @@ def test_a_failure_on_one_node_ends_both_at_once_and_resume_needs_the_checkpoint
         assert "error: --resume: rank 1 on " in launch.log and "cannot see nan/ckpt.pt" in launch.log
         _no_traceback_of_ours(launch)
     assert read_json(out / "summary.json") == s
+
+
+def test_a_replica_lost_without_a_word_leaves_the_run_resumable_not_failed(tmp_path: Path) -> None:
+    # node 1's replica is killed mid-run (SIGKILL: as a node lost or a network cut, it says nothing): rank 0
+    # sees its group break, finds no failure told, and stops with the run resumable (exit 6), not failed
+    out = tmp_path / "lost"
+    longer = ("--loader", "host", "--epochs", "150")
+
+    def kill_node1_replica(procs: list[subprocess.Popen]) -> None:
+        deadline = time.monotonic() + 60
+        while len(read_jsonl(out / "epochs.jsonl")) < 3:
+            assert time.monotonic() < deadline and procs[0].poll() is None, "the job made no 3 epochs"
+            time.sleep(0.05)
+        (replica,) = [c for c in psutil.Process(procs[1].pid).children(recursive=True)
+                      if "bench.cli" in " ".join(c.cmdline())]
+        replica.kill()
+
+    t0 = time.monotonic()
+    launches = two_nodes(tmp_path, out, *longer, rdzv="static", during=kill_node1_replica)
+    assert time.monotonic() - t0 < QUICK_S  # rank 0 saw the broken connection at once
+    assert "exitcode  : 6" in launches[0].log, launches[0].log[-3000:]
+    assert "error: lost the other replicas (" in launches[0].log and "--resume" in launches[0].log
+    _no_traceback_of_ours(launches[0])
+    s = read_json(out / "summary.json")
+    assert s["status"] == "running" and s["interrupted"].startswith("lost the other replicas (RuntimeError: ")
+    done = len(read_jsonl(out / "epochs.jsonl"))
+    assert 3 <= done < 150 and (out / "ckpt.pt").is_file()
+
+    # the same job again with --resume continues from the checkpoint and finishes, every epoch once
+    launches = two_nodes(tmp_path, Path(out), *longer, "--resume", rdzv="static")
+    assert [launch.rc for launch in launches] == [0, 0], launches[0].log[-3000:]
+    assert read_json(out / "summary.json")["status"] == "ok"
+    assert [r["epoch"] for r in read_jsonl(out / "epochs.jsonl")] == list(range(1, 151))
+
+
+def test_a_broken_group_is_told_from_a_replicas_own_failure(monkeypatch):
+    import torch  # noqa: PLC0415
+    import torch.distributed as torch_dist  # noqa: PLC0415
+
+    from ddnet.replicas import Dist, group_broke, tell_failure, told_failure  # noqa: PLC0415
+
+    # how gloo says a peer went away or went silent (seen on this machine), and torch's DistError: the group broke
+    for text in ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [10.0.0.2]:36014: "
+                 "Connection reset by peer.",
+                 "[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for "
+                 "recv operation to complete"):
+        assert group_broke(RuntimeError(text))
+    assert group_broke(torch_dist.DistBackendError("NCCL communicator was aborted"))
+    # a replica's own failures
+    for own in (RuntimeError("train loss became nan at epoch 2"), torch.cuda.OutOfMemoryError("CUDA out of memory"),
+                ValueError("bad shape")):
+        assert not group_broke(own)
+
+    # a failing replica tells rank 0 through the store the group met at
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    server = torch_dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)  # noqa: F841
+    rank0, rank1 = Dist(0, 2, host="a"), Dist(1, 2, host="b")
+    t0 = time.monotonic()
+    assert told_failure(rank0, wait_s=0.3) is None  # nothing told: a lost peer
+    assert time.monotonic() - t0 >= 0.3
+    tell_failure("TrainingFailed: train loss became nan at epoch 2", rank1)
+    assert told_failure(rank0) == "rank 1 on b: TrainingFailed: train loss became nan at epoch 2"
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # torchrun restarted its workers: an earlier word is old
+    assert told_failure(rank0, wait_s=0.1) is None
+    monkeypatch.setenv("MASTER_PORT", "1")  # no store there (the store's host went too): nothing told, no raise
+    tell_failure("x", rank1)
+    assert told_failure(rank0, wait_s=0.1) is None
+
+    # rank 0's verdict on a break nobody explained: across nodes a lost peer (resumable), on one node a failure
+    from ddnet.replicas import PeerLost  # noqa: PLC0415
+    from ddnet.trainer import _replicas_failure  # noqa: PLC0415
+
+    class Sink:
+        interrupted: list[str] = []
+
+        def interrupt(self, why: str) -> None:
+            self.interrupted.append(why)
+
+    monkeypatch.delenv("MASTER_ADDR")  # no store: nothing told
+    broke = RuntimeError("[gloo/gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer")
+    sink = Sink()
+    with pytest.raises(PeerLost, match=r"^lost the other replicas \(RuntimeError: \[gloo"):
+        _replicas_failure(broke, f"RuntimeError: {broke}", rank0, sink, nodes=True)
+    assert sink.interrupted == [f"lost the other replicas (RuntimeError: {broke})"]
+    sink.interrupted.clear()
+    what = _replicas_failure(broke, f"RuntimeError: {broke}", rank0, sink, nodes=False)
+    assert what == f"a replica ended without a word (killed, or crashed below Python): RuntimeError: {broke}"
+    assert sink.interrupted == []
+    own = ValueError("bad shape")
+    assert _replicas_failure(own, "ValueError: bad shape", rank1, sink, nodes=True) == "ValueError: bad shape"
 
 
 def test_cpu_replicas_share_their_affinity_mask_not_the_whole_machine_unless_omp_num_threads_says(monkeypatch):

@@ -27,6 +27,7 @@ from bench.cli import main as cli_main
 from bench.estimate import machine_fingerprint
 from bench.planning import Overrides, code_version, plan_grid
 from bench.processes import run_grid
+from bench.status import cell_status_rows
 from bench.store import read_json, read_jsonl, write_json
 from ddnet.config import TrainConfig
 from ddnet.errors import UserError
@@ -135,6 +136,25 @@ def test_a_full_disk_stops_the_grid_and_leaves_the_cell_resumable(tmp_path, fake
     results = run_grid(make_grid(3), out, command=cmd, console=quiet())
     assert [(r.status, r.action) for r in results] == [("ok", "reused"), ("ok", "resumed"), ("ok", "ran")]
     assert [r["epoch"] for r in read_jsonl(d1 / "epochs.jsonl")] == [1, 2]
+
+
+def test_a_lost_replica_leaves_the_cell_resumable_and_the_grid_goes_on(tmp_path, fake, monkeypatch):
+    cmd, launched = fake
+    monkeypatch.setenv("FAKE_LOST", "c1-")  # c1's DDP group breaks in epoch 2, no replica says why: exit 6
+    out = tmp_path / "out"
+    results = run_grid(make_grid(3), out, command=cmd, console=quiet())
+    assert [r.status for r in results] == ["ok", "stopped", "ok"]  # not failed, and c2 still ran
+    assert results[1].error == "lost the other replicas (RuntimeError: Connection reset by peer)"
+    (d1,) = out.glob("c1-*")
+    summary = read_json(d1 / "summary.json")
+    assert summary["status"] == "running" and summary["interrupted"].startswith("lost the other replicas")
+    rows = cell_status_rows(out)
+    assert rows[1]["status"] == "stopped" and "(stopped: lost the other replicas" in rows[1]["detail"], rows[1]
+    # the same command resumes c1 from its checkpoint, without --retry-failed
+    monkeypatch.delenv("FAKE_LOST")
+    results = run_grid(make_grid(3), out, command=cmd, console=quiet())
+    assert [(r.status, r.action) for r in results] == [("ok", "reused"), ("ok", "resumed"), ("ok", "reused")]
+    assert launched()[-1]["resume"] is True and [r["epoch"] for r in read_jsonl(d1 / "epochs.jsonl")] == [1, 2]
 
 
 def test_a_gpu_gone_mid_grid_stops_it_and_no_cell_falls_back_to_the_cpu(tmp_path, fake, monkeypatch):

@@ -97,6 +97,24 @@ def test_the_wait_summary_counts_the_epochs_of_a_cell_whose_job_ended_unfinished
     assert [(r.status, r.epochs_completed, r.epochs) for r in results] == [("running", 1, 2), ("ok", 2, 2)]
 
 
+def test_a_lost_replica_leaves_the_cell_resumable_and_the_next_run_resubmits_it(tmp_path, fake, monkeypatch):
+    command, launched = fake
+    monkeypatch.setenv("FAKE_LOST", "c0-")  # c0's DDP group breaks in epoch 2 and no replica says why: exit 6
+    grid, out = make_grid(2), tmp_path / "g"
+    results = run_on_slurm(grid, out, LOCAL, wait=True, console=quiet(), command=command, states=_no_slurm)
+    assert [(r.status, r.epochs_completed) for r in results] == [("running", 1), ("ok", 2)]
+    (c0,) = out.glob("c0-*")
+    summary = read_json(c0 / "summary.json")
+    assert summary["status"] == "running" and summary["interrupted"].startswith("lost the other replicas")
+    monkeypatch.delenv("FAKE_LOST")
+    ended = {job: "failed" for job in latest_jobs(read_json(out / "grid.json")).values()}  # as Slurm lists it
+    again = run_on_slurm(grid, out, LOCAL, wait=True, console=quiet(), command=command,
+                         states=lambda ids: {i: ended.get(i, "unknown") for i in ids})
+    assert [r.status for r in again] == ["ok", "ok"]
+    assert [(c["folder"][:3], c["resume"]) for c in launched()][-1] == ("c0-", True)  # resubmitted, resuming
+    assert [r["epoch"] for r in read_jsonl(c0 / "epochs.jsonl")] == [1, 2]
+
+
 def test_a_rerun_submits_only_what_is_unfinished_and_retries_failed_cells_from_their_checkpoint(
         tmp_path, fake, monkeypatch):
     command, launched = fake

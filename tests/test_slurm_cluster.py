@@ -345,6 +345,49 @@ def test_a_two_node_job_at_its_time_limit_is_requeued_on_both_nodes_and_resumes_
     assert got == trained_here(cell, tmp_path, epochs=len(got), env=ONE_THREAD)
 
 
+@needs_two_nodes
+@pytest.mark.skipif(not (_cluster_ready() and two_nodes_ready() and vnodes_are_hosts()),
+                    reason="the two nodes are names of this host's loopback (SLURM_CLUSTER_NETNS=0): none can be "
+                           "cut off the network")
+def test_a_node_cut_off_the_network_leaves_the_cell_resumable_and_the_next_run_finishes_it(tmp_path, out):
+    epochs = 300
+    grid = write_grid(tmp_path, epochs, '(("cut", {}),)', nproc=2)
+    env = {**ONE_THREAD, "DDNET_BENCH_DIST_TIMEOUT_S": "20"}  # a silent peer is given up after 20 s
+    argv = ("run", "--grid", str(grid), "--out", str(out), "--executor", "slurm", "--slurm-nodes", "2",
+            "--slurm-partition", MULTI, "--slurm-time", "10")
+    res = bench(*argv, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    cell = cell_dir(out, "cut")
+    job = job_of(out, cell)
+    wait_until("three epochs", lambda: n_rows(cell) >= 3, 180, every_s=0.1)
+    veth = "ddnb-vnode2"  # .ci/slurm-cluster: vnode2's link to the bridge; down, vnode2 is off the network
+    subprocess.run(["ip", "link", "set", veth, "down"], check=True, timeout=30)
+    try:
+        # no replica can say why the group broke: rank 0 gives its peer up at the collective timeout
+        wait_until("node 0's stop", lambda: "lost the other replicas" in (cell / "train.log").read_text(), 120,
+                   every_s=0.5)
+    finally:
+        subprocess.run(["ip", "link", "set", veth, "up"], check=True, timeout=30)
+    wait_ended(job)
+    summary = read_json(cell / "summary.json")
+    assert summary["status"] == "running", summary  # not failed: the network's fault, not the cell's
+    assert summary["interrupted"].startswith("lost the other replicas (RuntimeError: "), summary
+    cut_at = n_rows(cell)
+    assert 3 <= cut_at < epochs
+    status = bench("status", str(out))
+    assert "stopped" in status.stdout and "lost the other replicas" in status.stdout, status.stdout
+
+    # the next `bench run` resubmits it; it resumes on both nodes and finishes, as if never cut
+    res = bench(*argv, "--wait", env=env)
+    assert res.returncode == 0 and "submitted 1 cell(s)" in res.stdout, res.stdout + res.stderr
+    assert read_json(cell / "summary.json")["status"] == "ok"
+    for log in (cell / "train.log", cell / "train.log.node1"):
+        assert " --resume" in starts(log)[-1], starts(log)
+    got = rows(cell)
+    assert [r["epoch"] for r in got] == list(range(1, epochs + 1))
+    assert got == trained_here(cell, tmp_path, env=ONE_THREAD)
+
+
 # ------------------------------------------------------------------ preemption
 
 @pytest.mark.parametrize("nodes", [1, pytest.param(2, marks=needs_two_nodes)])

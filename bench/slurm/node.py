@@ -24,6 +24,7 @@ from bench.cell_log import (
     StallWatch,
     error_line,
     exit_text,
+    interrupted_why,
     log_tail,
     record_failure,
     stall_error,
@@ -361,6 +362,8 @@ class CellCommand:
         if self._stalled is not None:  # stopped as hung: failed (not resubmitted) unless --retry-failed
             s = record_failure(folder, s, rc, log_tail(log_path), stall_error(*self._stalled))
             raise CellFailed(f"{folder}: {s.get('error')} (see {log_path})")
+        if (why := interrupted_why(s)) is not None:  # a replica lost (a node, the network): not the cell's failure
+            raise CellFailed(f"{folder}: {why}; it stays resumable, the next `bench run` resubmits it (see {log_path})")
         if rc == EXIT_NO_SPACE:  # the trainer recorded nothing as failed: the next submission resumes it
             raise CellFailed(f"{folder}: the disk is full ({error_line(log_tail(log_path))}); free some space, the "
                              f"cell stays resumable (see {log_path})")
