@@ -434,19 +434,20 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, sink: RunSink, make_instrume
     return summary
 
 
-def _replicas_failure(e: Exception, what: str, dist: Dist, sink: RunSink, nodes: bool) -> str:
+def _replicas_failure(e: Exception, what: str, dist: Dist, sink: RunSink, several_nodes: bool) -> str:
     """Under DDP, the failure `e` (`what`) as the run records it. A replica's own failure is told to rank 0 before
     the group breaks under it; the break, on rank 0, is then that told failure, named by rank and host. A break
-    no replica explains is, across `nodes`, a peer lost (a node, the network, a kill): not the run's failure,
-    PeerLost, with the run left resumable and the reason in its summary (`RunSink.interrupt`); on one node, a
-    replica killed there (the OOM killer, a crash below Python): a failure, as a killed single-process run's."""
+    no replica explains is, when the replicas span `several_nodes`, a peer lost (a node, the network, a kill): not
+    the run's failure, PeerLost, with the run left resumable and the reason in its summary (`RunSink.interrupt`);
+    on one node, a replica killed there (the OOM killer, a crash below Python): a failure, as a killed
+    single-process run's."""
     if not group_broke(e):
         if not dist.main:
             tell_failure(what, dist)
         return what
     if dist.main and (told := told_failure(dist)) is not None:
         return told
-    if not nodes:
+    if not several_nodes:
         return f"a replica ended without a word (killed, or crashed below Python): {what}"
     lost = f"lost the other replicas ({what.splitlines()[0][:240]})"
     if dist.main:

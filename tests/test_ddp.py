@@ -311,14 +311,14 @@ def test_a_broken_group_is_told_from_a_replicas_own_failure(monkeypatch):
     broke = RuntimeError("[gloo/gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer")
     sink = Sink()
     with pytest.raises(PeerLost, match=r"^lost the other replicas \(RuntimeError: \[gloo"):
-        _replicas_failure(broke, f"RuntimeError: {broke}", rank0, sink, nodes=True)
+        _replicas_failure(broke, f"RuntimeError: {broke}", rank0, sink, several_nodes=True)
     assert sink.interrupted == [f"lost the other replicas (RuntimeError: {broke})"]
     sink.interrupted.clear()
-    what = _replicas_failure(broke, f"RuntimeError: {broke}", rank0, sink, nodes=False)
+    what = _replicas_failure(broke, f"RuntimeError: {broke}", rank0, sink, several_nodes=False)
     assert what == f"a replica ended without a word (killed, or crashed below Python): RuntimeError: {broke}"
     assert sink.interrupted == []
     own = ValueError("bad shape")
-    assert _replicas_failure(own, "ValueError: bad shape", rank1, sink, nodes=True) == "ValueError: bad shape"
+    assert _replicas_failure(own, "ValueError: bad shape", rank1, sink, several_nodes=True) == "ValueError: bad shape"
 
 
 def test_cpu_replicas_share_their_affinity_mask_not_the_whole_machine_unless_omp_num_threads_says(monkeypatch):
