@@ -61,17 +61,54 @@ def log_tail(log: Path, n: int = LOG_TAIL_LINES) -> list[str]:
 
 
 def error_line(tail: list[str]) -> str:
-    """The most telling line of a log tail: the CLI's 'error: ...' line, else the last non-empty line."""
+    """The most telling line of a log tail: the CLI's 'error: ...' line, else the last non-empty line that is not
+    one of the runners' own ('=== bench run ...', '=== bench slurm ...': a cell killed before it printed)."""
     for line in reversed(tail):
         if line.startswith("error:"):
             return line
-    return next((line.strip() for line in reversed(tail) if line.strip()), "")
+    return next((line.strip() for line in reversed(tail) if line.strip() and not line.startswith("=== bench ")), "")
 
 
 def interrupted_why(summary: dict[str, Any]) -> str | None:
     """Why an unfinished run stopped for a cause outside it (`RunSink.interrupt`: a replica lost); None: it did not."""
     why = summary.get("interrupted") if summary.get("status") == "running" else None
     return str(why) if why else None
+
+
+def oom_kills(root: Path = Path("/")) -> int | None:
+    """How many processes the out-of-memory killer has killed in this process's memory cgroup (a Slurm job's,
+    when Slurm confines memory: ConstrainRAMSpace): cgroup v1's memory.oom_control or v2's memory.events. None
+    where that cannot be read (no memory cgroup, not Linux)."""
+    try:
+        lines = (root / "proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    places = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "-", "")
+        rel = path.lstrip("/")
+        if "memory" in controllers.split(","):  # v1
+            places.append(root / "sys/fs/cgroup/memory" / rel / "memory.oom_control")
+        elif controllers == "":  # v2: mounted at /sys/fs/cgroup, or beside v1 at /sys/fs/cgroup/unified
+            places += [root / "sys/fs/cgroup" / rel / "memory.events",
+                       root / "sys/fs/cgroup/unified" / rel / "memory.events"]
+    for place in places:
+        try:
+            fields = dict(line.split() for line in place.read_text().splitlines() if len(line.split()) == 2)
+            return int(fields["oom_kill"])
+        except (OSError, KeyError, ValueError):
+            continue
+    return None
+
+
+def oom_error(before: int | None) -> str | None:
+    """The failure to record when the out-of-memory killer has struck in this cgroup since `before`
+    (`oom_kills()` when the cell started); None when it has not, or cannot be told."""
+    after = oom_kills()
+    if before is None or after is None or after <= before:
+        return None
+    return ("after the out-of-memory killer struck at its memory limit (a Slurm job's --mem): ask for more "
+            "memory (--slurm-mem-gb) or lower --batch-size or --num-workers, then --retry-failed resumes it")
 
 
 def exit_text(rc: int) -> str:

@@ -43,6 +43,8 @@ from bench.cell_log import (
     exit_text,
     interrupted_why,
     log_tail,
+    oom_error,
+    oom_kills,
     record_failure,
     stall_error,
 )
@@ -239,6 +241,7 @@ def run_cell(
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         log.write(f"=== bench run {stamp}: {' '.join(argv)}\n")
         log.flush()
+        oom_before = oom_kills()  # a memory cgroup's limit (a Slurm allocation, a systemd slice) may kill the cell
         proc = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             preexec_fn=_die_with_parent_hook(),
@@ -296,6 +299,8 @@ def run_cell(
         return result_from_summary(p, {**s, "status": "stopped", "error": why}, action)
 
     tail = log_tail(log_path)
+    if stop_why is None and rc != 0 and (oom := oom_error(oom_before)) is not None:
+        stop_why = f"{exit_text(rc)} {oom}"
     # the process may have died without recording its failure (crash, kill, user error): recorded here, with
     # the runner's own reason when it stopped the cell
     s = record_failure(cell_dir, s, rc, tail, stop_why)

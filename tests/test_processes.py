@@ -138,6 +138,46 @@ def test_a_full_disk_stops_the_grid_and_leaves_the_cell_resumable(tmp_path, fake
     assert [r["epoch"] for r in read_jsonl(d1 / "epochs.jsonl")] == [1, 2]
 
 
+def test_oom_kills_reads_the_memory_cgroups_counter_in_v1_and_v2(tmp_path):
+    from bench.cell_log import oom_kills  # noqa: PLC0415
+
+    def layout(cgroup: str, files: dict[str, str]) -> Path:
+        root = tmp_path / f"root{len(list(tmp_path.iterdir()))}"
+        (root / "proc/self").mkdir(parents=True)
+        (root / "proc/self/cgroup").write_text(cgroup)
+        for rel, text in files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text(text)
+        return root
+
+    job = "slurm_vm/uid_0/job_7/step_batch/task_0"
+    v1 = layout(f"6:freezer:/{job}\n4:memory:/{job}\n0::/\n",
+                {f"sys/fs/cgroup/memory/{job}/memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n"})
+    assert oom_kills(v1) == 2
+    v2 = layout(f"0::/{job}\n", {f"sys/fs/cgroup/{job}/memory.events": "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n"})
+    assert oom_kills(v2) == 1
+    hybrid = layout(f"4:memory:/\n0::/{job}\n",  # v1 memory at the root without the file, v2 beside it
+                    {f"sys/fs/cgroup/unified/{job}/memory.events": "oom_kill 5\n"})
+    assert oom_kills(hybrid) == 5
+    assert oom_kills(layout("0::/\n", {})) is None  # no counter to read
+    assert oom_kills(tmp_path / "nowhere") is None  # no /proc (not Linux)
+
+
+def test_a_cell_the_oom_killer_ended_is_failed_with_the_fix(tmp_path, fake, monkeypatch):
+    from bench import cell_log  # noqa: PLC0415
+
+    cmd, _ = fake
+    monkeypatch.setenv("FAKE_CRASH", "c1-")  # c1 dies in epoch 2 without a word, as a process the killer ended
+    kills = iter([0, 0, 1, 1])  # the cgroup's count: before c0, before c1, after c1 (one kill), before c2
+    monkeypatch.setattr(cell_log, "oom_kills", lambda root=None: next(kills))
+    monkeypatch.setattr(processes, "oom_kills", cell_log.oom_kills)
+    results = run_grid(make_grid(3), tmp_path / "out", command=cmd, console=quiet())
+    assert [r.status for r in results] == ["ok", "failed", "ok"]
+    assert results[1].error.startswith("cell process exited with code 9 after the out-of-memory killer struck at "
+                                       "its memory limit"), results[1].error
+    assert results[1].error.endswith(": segfault-like crash")  # the log's telling line, as for any crash
+
+
 def test_a_lost_replica_leaves_the_cell_resumable_and_the_grid_goes_on(tmp_path, fake, monkeypatch):
     cmd, launched = fake
     monkeypatch.setenv("FAKE_LOST", "c1-")  # c1's DDP group breaks in epoch 2, no replica says why: exit 6

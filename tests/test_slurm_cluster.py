@@ -388,6 +388,33 @@ def test_a_node_cut_off_the_network_leaves_the_cell_resumable_and_the_next_run_f
     assert got == trained_here(cell, tmp_path, env=ONE_THREAD)
 
 
+def memory_confined() -> bool:
+    """Whether the cluster confines each job's memory to its --mem (task/cgroup: SLURM_CLUSTER_CGROUP=1)."""
+    res = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=15)
+    return "task/cgroup" in res.stdout
+
+
+@pytest.mark.skipif(not (_cluster_ready() and memory_confined()),
+                    reason="the cluster does not confine memory (.ci/slurm-cluster start with SLURM_CLUSTER_CGROUP=1)")
+def test_a_cell_killed_at_its_memory_limit_is_failed_with_the_fix_not_resubmitted(tmp_path, out):
+    # 800 slices of 256 px do not fit in 0.6 GB beside torch: the cgroup's out-of-memory killer ends the trainer
+    grid = write_grid(tmp_path, 3, '(("big", {"data": DataConfig(image_size=256, n_train=800, n_val=2)}),)')
+    argv = ("run", "--grid", str(grid), "--out", str(out), "--executor", "slurm", "--slurm-mem-gb", "0.6",
+            "--slurm-time", "10")
+    res = bench(*argv, "--wait")
+    assert res.returncode == 1, res.stdout + res.stderr
+    cell = cell_dir(out, "big")
+    s = read_json(cell / "summary.json")
+    assert s["status"] == "failed", s  # it would run out again: not resumable by a plain `bench run`
+    assert s["error"].startswith("cell process killed by signal SIGKILL after the out-of-memory killer struck at "
+                                 "its memory limit (a Slurm job's --mem): ask for more memory (--slurm-mem-gb)"), s
+    assert "=== bench slurm" not in s["error"]  # not the runner's own header for the log's telling line
+    again = bench(*argv)
+    assert "submitted 0 cell(s);" in again.stdout, again.stdout + again.stderr
+    status = bench("status", str(out))
+    assert "failed" in status.stdout and "out-of-memory killer" in status.stdout, status.stdout
+
+
 # ------------------------------------------------------------------ preemption
 
 @pytest.mark.parametrize("nodes", [1, pytest.param(2, marks=needs_two_nodes)])

@@ -26,6 +26,8 @@ from bench.cell_log import (
     exit_text,
     interrupted_why,
     log_tail,
+    oom_error,
+    oom_kills,
     record_failure,
     stall_error,
 )
@@ -205,6 +207,7 @@ class CellCommand:
         self._proc: subprocess.Popen | None = None
         self._stalled: tuple[float, int] | None = None  # (stall limit s, epochs) when node 0 stopped it as hung
         self._term_at: float | None = None  # when SIGTERM reached this job (monotonic)
+        self._oom_kills: int | None = None  # the job's out-of-memory kills before node 0 started the cell
 
     def __getstate__(self) -> dict[str, Any]:
         return {"job": self.job}
@@ -282,6 +285,7 @@ class CellCommand:
                     rewrite_jsonl(epochs, [])
                 log_path = folder / "train.log"
                 since = len(read_jsonl(epochs)) if RESUME_FLAG in argv else 0
+                self._oom_kills = oom_kills()
                 rc = self._run(argv, log_path, f"job {job_id}", since=since)
                 if rc != 0:
                     self._await_slurm(log_path)  # holding the cell's lock: nothing else may start it meanwhile
@@ -359,6 +363,9 @@ class CellCommand:
         if self._term_at is not None:  # Slurm stopped it (and did not end the job in TERM_WAIT_S): resumable
             raise CellFailed(f"{folder}: stopped by Slurm's SIGTERM (a preemption, or scancel) with exit status "
                              f"{rc}; it stays resumable (see {log_path})")
+        if rc != 0 and (oom := oom_error(self._oom_kills)) is not None:  # it would run out again: failed
+            s = record_failure(folder, s, rc, log_tail(log_path), f"{exit_text(rc)} {oom}")
+            raise CellFailed(f"{folder}: {s.get('error')} (see {log_path})")
         if self._stalled is not None:  # stopped as hung: failed (not resubmitted) unless --retry-failed
             s = record_failure(folder, s, rc, log_tail(log_path), stall_error(*self._stalled))
             raise CellFailed(f"{folder}: {s.get('error')} (see {log_path})")
