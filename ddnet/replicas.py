@@ -106,8 +106,11 @@ class PeerLost(RuntimeError):
     network cut, a kill). Not the run's failure: nothing is recorded as failed, the run stays resumable."""
 
 
-_GROUP_BROKE = re.compile(r"gloo/transport|Connection (?:reset|closed) by peer|Timed out waiting")
-"""How gloo (a plain RuntimeError) says that a peer went away or stopped answering."""
+_GROUP_BROKE = re.compile(r"gloo/transport|(?:reset|closed) by peer|Timed out waiting|timeout caused pair closure|"
+                          r"Socket Timeout")
+"""How gloo (a plain RuntimeError) says that a peer went away or stopped answering (seen here: 'Read error ...
+Connection reset by peer', 'Timed out waiting 20000ms for recv operation to complete', and, from DDP's buffer
+broadcast, 'Application timeout caused pair closure')."""
 
 TELL_TIMEOUT_S = 5.0
 """Longest telling or reading a failure may wait for the store."""

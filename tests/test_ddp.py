@@ -269,7 +269,8 @@ def test_a_broken_group_is_told_from_a_replicas_own_failure(monkeypatch):
     for text in ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [10.0.0.2]:36014: "
                  "Connection reset by peer.",
                  "[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for "
-                 "recv operation to complete"):
+                 "recv operation to complete",
+                 "Application timeout caused pair closure"):  # DDP's buffer broadcast, a node cut off (seen in CI)
         assert group_broke(RuntimeError(text))
     assert group_broke(torch_dist.DistBackendError("NCCL communicator was aborted"))
     # a replica's own failures
