@@ -101,14 +101,17 @@ def oom_kills(root: Path = Path("/")) -> int | None:
     return None
 
 
-def oom_error(before: int | None) -> str | None:
-    """The failure to record when the out-of-memory killer has struck in this cgroup since `before`
-    (`oom_kills()` when the cell started); None when it has not, or cannot be told."""
-    after = oom_kills()
-    if before is None or after is None or after <= before:
+def oom_error(before: int | None, rc: int) -> str | None:
+    """Why a cell process that ended with `rc` failed when the out-of-memory killer has struck in this cgroup
+    since `before` (`oom_kills()` when the cell started), for `record_failure`; None when it ended well, or the
+    killer has not struck, or that cannot be told."""
+    if rc == 0 or before is None:
         return None
-    return ("after the out-of-memory killer struck at its memory limit (a Slurm job's --mem): ask for more "
-            "memory (--slurm-mem-gb) or lower --batch-size or --num-workers, then --retry-failed resumes it")
+    after = oom_kills()
+    if after is None or after <= before:
+        return None
+    return (f"{exit_text(rc)} after the out-of-memory killer struck at its memory limit (a Slurm job's --mem): ask "
+            "for more memory (--slurm-mem-gb) or lower --batch-size or --num-workers, then --retry-failed resumes it")
 
 
 def exit_text(rc: int) -> str:

@@ -299,8 +299,8 @@ def run_cell(
         return result_from_summary(p, {**s, "status": "stopped", "error": why}, action)
 
     tail = log_tail(log_path)
-    if stop_why is None and rc != 0 and (oom := oom_error(oom_before)) is not None:
-        stop_why = f"{exit_text(rc)} {oom}"
+    if stop_why is None:
+        stop_why = oom_error(oom_before, rc)
     # the process may have died without recording its failure (crash, kill, user error): recorded here, with
     # the runner's own reason when it stopped the cell
     s = record_failure(cell_dir, s, rc, tail, stop_why)

@@ -363,8 +363,8 @@ class CellCommand:
         if self._term_at is not None:  # Slurm stopped it (and did not end the job in TERM_WAIT_S): resumable
             raise CellFailed(f"{folder}: stopped by Slurm's SIGTERM (a preemption, or scancel) with exit status "
                              f"{rc}; it stays resumable (see {log_path})")
-        if rc != 0 and (oom := oom_error(self._oom_kills)) is not None:  # it would run out again: failed
-            s = record_failure(folder, s, rc, log_tail(log_path), f"{exit_text(rc)} {oom}")
+        if (oom := oom_error(self._oom_kills, rc)) is not None:  # it would run out again: failed
+            s = record_failure(folder, s, rc, log_tail(log_path), oom)
             raise CellFailed(f"{folder}: {s.get('error')} (see {log_path})")
         if self._stalled is not None:  # stopped as hung: failed (not resubmitted) unless --retry-failed
             s = record_failure(folder, s, rc, log_tail(log_path), stall_error(*self._stalled))
