@@ -429,12 +429,14 @@ def test_a_hung_cell_is_stopped_at_its_stall_limit_and_resumes_when_retried(tmp_
     assert CellCommand(job)()["status"] == "ok" and epochs_of(job.folder) == [1, 2, 3]
 
 
-@pytest.mark.parametrize("executor", ["slurm", "local"])
+@pytest.mark.parametrize(("executor", "proctrack"), [("slurm", "linuxproc"), ("slurm", "cgroup"), ("local", "linuxproc")])
 def test_slurms_sigterm_leaves_the_cell_resumable_and_the_job_waiting_to_be_requeued(tmp_path, fake, monkeypatch,
-                                                                                      executor):
-    """A preemption (PreemptMode=REQUEUE) or scancel: Slurm sends SIGTERM to every process of the job, then ends it.
+                                                                                      executor, proctrack):
+    """A preemption (PreemptMode=REQUEUE) or scancel: Slurm sends SIGTERM to the job's processes, then ends it.
     Slurm requeues a preempted job only if it still runs then: the job must not end on its own first. Outside a
-    Slurm job (submitit's local executor) SIGTERM means what it says."""
+    Slurm job (submitit's local executor) SIGTERM means what it says. Under proctrack/linuxproc every process of
+    the job gets the signal; under proctrack/cgroup only the step's task (the job's own process) does, and the cell
+    must stop all the same."""
     import threading  # noqa: PLC0415
 
     bypassed: list[int] = []
@@ -453,7 +455,8 @@ def test_slurms_sigterm_leaves_the_cell_resumable_and_the_job_waiting_to_be_requ
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and (cmd._proc is None or not (job.folder / "ckpt.pt").exists()):
             time.sleep(0.02)
-        os.killpg(cmd._proc.pid, signal.SIGTERM)  # the cell's processes
+        if proctrack == "linuxproc":
+            os.killpg(cmd._proc.pid, signal.SIGTERM)  # the cell's processes
         sent.append(time.monotonic())
         os.kill(os.getpid(), signal.SIGTERM)  # and the job's own
 

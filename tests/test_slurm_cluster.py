@@ -389,13 +389,13 @@ def test_a_node_cut_off_the_network_leaves_the_cell_resumable_and_the_next_run_f
 
 
 def memory_confined() -> bool:
-    """Whether the cluster confines each job's memory to its --mem (task/cgroup: SLURM_CLUSTER_CGROUP=1)."""
+    """Whether the cluster confines each job's memory to its --mem (task/cgroup: .ci/slurm-cluster on a host with cgroup v1)."""
     res = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=15)
     return "task/cgroup" in res.stdout
 
 
 @pytest.mark.skipif(not (_cluster_ready() and memory_confined()),
-                    reason="the cluster does not confine memory (.ci/slurm-cluster start with SLURM_CLUSTER_CGROUP=1)")
+                    reason="the cluster does not confine memory (task/cgroup: .ci/slurm-cluster on a host with cgroup v1)")
 def test_a_cell_killed_at_its_memory_limit_is_failed_with_the_fix_not_resubmitted(tmp_path, out):
     # 800 slices of 256 px do not fit in 0.6 GB beside torch: the cgroup's out-of-memory killer ends the trainer
     grid = write_grid(tmp_path, 3, '(("big", {"data": DataConfig(image_size=256, n_train=800, n_val=2)}),)')

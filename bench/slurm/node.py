@@ -198,7 +198,7 @@ class CellCommand:
     (resumable), well inside Slurm's `signal_delay_s` before the hard kill."""
 
     TERM_WAIT_S = 600.0
-    """After Slurm's SIGTERM (a preemption's notice, or scancel's; the cell's processes get it too), how long the
+    """After Slurm's SIGTERM (a preemption's notice, or scancel's; see `_term_noted`), how long the
     job waits for Slurm to end it. Slurm requeues a preempted job (PreemptMode=REQUEUE) only if it still runs at
     the end of its GraceTime: one that ended on its own first stays ended (FAILED) until the next `bench run`."""
 
@@ -226,7 +226,13 @@ class CellCommand:
 
     @contextlib.contextmanager
     def _term_noted(self) -> Iterator[None]:
-        """In a submitit Slurm job (whose SIGTERM handler only logs it), note when SIGTERM comes; see TERM_WAIT_S."""
+        """In a submitit Slurm job (whose SIGTERM handler only logs it), note when SIGTERM comes (see TERM_WAIT_S)
+        and pass it on to the cell's process group.
+
+        Slurm signals a job's processes according to its proctrack plugin: proctrack/linuxproc and /pgid reach
+        the cell too, but proctrack/cgroup (most clusters) sends every signal but SIGKILL only to the step's
+        tasks (this process, not its children): unless passed on, SIGTERM would leave the cell training,
+        unaware, until the SIGKILL KillWait later, and nothing would say why it stopped."""
         try:
             previous = signal.getsignal(signal.SIGTERM)
         except ValueError:  # pragma: no cover - not the main thread
@@ -237,6 +243,7 @@ class CellCommand:
 
         def note(signum: int, frame: Any) -> None:
             self._term_at = time.monotonic()
+            self._pass_on(signum)
             previous(signum, frame)
 
         signal.signal(signal.SIGTERM, note)
@@ -244,6 +251,13 @@ class CellCommand:
             yield
         finally:
             signal.signal(signal.SIGTERM, previous)
+
+    def _pass_on(self, signum: int) -> None:
+        """Send `signum` to the running cell's process group (a second SIGTERM where Slurm sent one is harmless)."""
+        proc = self._proc
+        if proc is not None and not _exited(proc):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signum)
 
     def _await_slurm(self, log_path: Path) -> None:
         """SIGTERM stopped the cell: leave it resumable and wait for Slurm to requeue or end the job."""
@@ -313,6 +327,8 @@ class CellCommand:
                 # own process group: a stop reaches the trainer's spawned replicas too
                 start_new_session=True, preexec_fn=_child_setup(),
             )
+            if self._term_at is not None:  # SIGTERM came before the cell started: it stops at once
+                self._pass_on(signal.SIGTERM)
             try:
                 return self._wait_watching(log, watch, since)
             except BaseException:  # submitit's requeue (SystemExit), Ctrl-C: never leave it running
