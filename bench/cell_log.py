@@ -110,8 +110,11 @@ def oom_error(before: int | None, rc: int) -> str | None:
     after = oom_kills()
     if after is None or after <= before:
         return None
-    return (f"{exit_text(rc)} after the out-of-memory killer struck at its memory limit (a Slurm job's --mem): ask "
-            "for more memory (--slurm-mem-gb) or lower --batch-size or --num-workers, then --retry-failed resumes it")
+    return f"{exit_text(rc)} after {OOM_STRUCK}"
+
+
+OOM_STRUCK = ("the out-of-memory killer struck at its memory limit (a Slurm job's --mem): ask for more memory "
+              "(--slurm-mem-gb) or lower --batch-size or --num-workers, then --retry-failed resumes it")
 
 
 def exit_text(rc: int) -> str:
@@ -125,15 +128,15 @@ def exit_text(rc: int) -> str:
 
 
 def record_failure(cell_dir: Path, summary: dict[str, Any], rc: int, tail: list[str],
-                   why: str | None = None) -> dict[str, Any]:
+                   why: str | None = None, *, whole: bool = False) -> dict[str, Any]:
     """The cell's summary after its process ended badly: `summary` itself when the trainer recorded the
     failure, else a 'failed' one written to `cell_dir/summary.json` (the error from `why`, default the
-    exit status, and the log's telling line; the tail; the epochs the folder holds)."""
+    exit status, and the log's telling line unless `why` is `whole`; the tail; the epochs the folder holds)."""
     if summary.get("status") == "failed":
         return summary
     if why is None:
         why = exit_text(rc) if rc != 0 else f"exited 0 but summary.json status is {summary.get('status')!r}"
-    line = error_line(tail)
+    line = "" if whole else error_line(tail)
     record = {
         **summary,
         "status": "failed",

@@ -17,6 +17,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from bench import cell_log
 from bench.cmd_run import run_cmd
 from bench.grids import Cell, Grid, standard_factors
 from bench.planning import Overrides
@@ -362,3 +363,70 @@ def test_node_0_leaves_its_marker_however_it_ends(tmp_path, monkeypatch):
         with pytest.raises(node_mod.CellFailed):  # no summary either way: recorded as a failed cell
             node_mod.CellCommand(job)()
         assert marker.is_file()
+
+
+def _fake_node(monkeypatch: pytest.MonkeyPatch, node: int, kills: list[int]) -> object:
+    """bench.slurm.node as node `node` of the two-node job 77_1 on hosts a and b, its command run without torchrun,
+    and its memory cgroup's out-of-memory kill counter reading `kills` in turn."""
+    import bench.slurm.node as node_mod  # noqa: PLC0415 - the module whose placement is faked
+
+    monkeypatch.setattr(node_mod, "node_place", lambda job: node_mod.NodePlace(node, ("a", "b"), "77_1"))
+    monkeypatch.setattr(node_mod, "torchrun_command", lambda job, *a: job.command())
+    def counter() -> int:
+        return kills.pop(0) if len(kills) > 1 else kills[0]
+
+    monkeypatch.setattr(node_mod, "oom_kills", counter)  # before the cell
+    monkeypatch.setattr(cell_log, "oom_kills", counter)  # after it (oom_error)
+    return node_mod
+
+
+@pytest.mark.parametrize("struck", [True, False])
+def test_node_k_says_how_its_torchrun_ended_and_whether_the_out_of_memory_killer_struck(tmp_path, monkeypatch,
+                                                                                          struck):
+    """Only a node can read its own memory cgroup: node 1 leaves its end marker, empty or with the reason."""
+    node_mod = _fake_node(monkeypatch, 1, [4, 5] if struck else [4])
+    script = tmp_path / "killed.py"
+    script.write_text("raise SystemExit(1)\n")  # torchrun, its replica killed
+    job = node_mod.CellJob(tmp_path / "cell", [sys.executable, str(script)], nproc=0, nodes=2, replicas=2,
+                           cwd=str(ROOT))
+    assert node_mod.CellCommand(job)() == {"folder": str(job.folder), "node": 1, "exit_code": 1}
+    said = node_mod.node_end_marker(job.folder, "77_1", 1).read_text()
+    if struck:
+        assert said.startswith("exited with code 1 after the out-of-memory killer struck at its memory limit (a "
+                               "Slurm job's --mem): ask for more memory (--slurm-mem-gb)"), said
+    else:
+        assert said == ""
+
+
+@pytest.mark.parametrize("node_1_says", ["oom", "nothing", "no marker"])
+def test_node_0_fails_a_cell_whose_replicas_the_out_of_memory_killer_ended_on_another_node(tmp_path, monkeypatch,
+                                                                                            node_1_says):
+    """Rank 0 sees only its replicas lost (PeerLost: resumable). When node 1 says its replica was killed at its
+    memory limit, the cell is failed with the fix (it would die again); else it stays resumable, and node 0
+    waits at most NODES_END_WAIT_S for a node that says nothing (a node lost)."""
+    node_mod = _fake_node(monkeypatch, 0, [2])  # nothing killed on node 0
+    monkeypatch.setattr(node_mod, "NODES_END_WAIT_S", 1.0)
+    cell = tmp_path / "cell"
+    cell.mkdir()
+    lost = {"status": "running", "interrupted": "lost the other replicas (Connection reset by peer)"}
+    script = tmp_path / "lost.py"  # what rank 0 does when its group breaks unexplained (PeerLost: exit 6)
+    script.write_text(f"import json, pathlib\npathlib.Path({str(cell / 'summary.json')!r}).write_text("
+                      f"json.dumps({lost!r}))\nprint('PeerLost: lost the other replicas')\nraise SystemExit(6)\n")
+    job = node_mod.CellJob(cell, [sys.executable, str(script)], nproc=0, nodes=2, replicas=2, cwd=str(ROOT))
+    if node_1_says != "no marker":
+        node_mod.node_end_marker(cell, "77_1", 1).write_text(  # as node 1 leaves it
+            f"exited with code 1 after {cell_log.OOM_STRUCK}" if node_1_says == "oom" else "")
+    t0 = time.monotonic()
+    with pytest.raises(node_mod.CellFailed) as failed:
+        node_mod.CellCommand(job)()
+    took = time.monotonic() - t0
+    s = read_json(cell / "summary.json")
+    if node_1_says == "oom":
+        assert s["status"] == "failed" and "interrupted" not in s, s
+        assert s["error"] == ("cell process stopped when node 1 (b) ended, its torchrun exited with code 1 after "
+                              f"{cell_log.OOM_STRUCK}"), s["error"]  # not rank 0's 'PeerLost' line
+        assert "train.log.node1" in str(failed.value) and took < 1.0
+        return
+    assert s == lost  # resumable: the next `bench run` resubmits it
+    assert "it stays resumable" in str(failed.value)
+    assert (took >= 1.0) == (node_1_says == "no marker")  # node 1's word ends the wait

@@ -9,6 +9,7 @@ requeue must cost time only, never a number.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -410,6 +411,69 @@ def test_a_cell_killed_at_its_memory_limit_is_failed_with_the_fix_not_resubmitte
                                  "its memory limit (a Slurm job's --mem): ask for more memory (--slurm-mem-gb)"), s
     assert "=== bench slurm" not in s["error"]  # not the runner's own header for the log's telling line
     again = bench(*argv)
+    assert "submitted 0 cell(s);" in again.stdout, again.stdout + again.stderr
+    status = bench("status", str(out))
+    assert "failed" in status.stdout and "out-of-memory killer" in status.stdout, status.stdout
+
+
+HOG = """import os, sys, time
+open(os.path.join(sys.argv[1], "cgroup.procs"), "w").write(str(os.getpid()))
+open("/proc/self/oom_score_adj", "w").write("-1000")  # never the killer's choice: it picks the job's own
+held = []
+for _ in range(int(sys.argv[2]) // 16):
+    held.append(bytearray(16 << 20))
+    held[-1][::4096] = bytes(len(held[-1]) // 4096 * [1])  # touched, so charged
+print("holding", flush=True)
+time.sleep(600)
+"""
+"""Fills a job's memory cgroup on one node: moves itself into it, out of the killer's reach, and holds MB."""
+
+
+def fill_job_memory(job_id: str, node: str, mb: int) -> tuple[subprocess.Popen, Path]:
+    """Bring job `job_id` on `node` to its memory limit: the limit is lowered to what the job uses there (cgroup
+    v1 takes no limit below that: no swap to reclaim into), then HOG holds `mb` more in its cgroup (returned)."""
+    [job] = Path("/sys/fs/cgroup/memory").glob(f"slurm*{node}/uid_*/job_{job_field(job_id, 'JobIDRaw')}")
+    for _ in range(50):  # its use moves between reads: retried until a limit just above it is taken
+        try:
+            (job / "memory.limit_in_bytes").write_text(str(int((job / "memory.usage_in_bytes").read_text()) + 2**20))
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        pytest.fail(f"{job}: its memory limit could not be lowered to its use")
+    return subprocess.Popen([sys.executable, "-c", HOG, str(job), str(mb)], stdout=subprocess.DEVNULL), job
+
+
+@needs_two_nodes
+@pytest.mark.skipif(not (_cluster_ready() and memory_confined()),
+                    reason="the cluster does not confine memory (task/cgroup: .ci/slurm-cluster on a host with cgroup v1)")
+def test_a_two_node_cell_killed_at_its_memory_limit_on_node_2_is_failed_with_the_fix(tmp_path, out):
+    """Rank 0, on node 1, sees only its replica lost (resumable, as a node cut off); vnode2 alone can read its
+    memory cgroup and says why: the cell is failed with the fix, not resubmitted into the same death."""
+    grid = write_grid(tmp_path, 3000, '(("filled", {}),)', nproc=2)
+    argv = ("run", "--grid", str(grid), "--out", str(out), "--executor", "slurm", "--slurm-nodes", "2",
+            "--slurm-partition", MULTI, "--slurm-time", "10")
+    res = bench(*argv, env=ONE_THREAD)
+    assert res.returncode == 0, res.stdout + res.stderr
+    cell = cell_dir(out, "filled")
+    job = job_of(out, cell)
+    wait_until("three epochs", lambda: n_rows(cell) >= 3, 180, every_s=0.1)
+    hog, cgroup = fill_job_memory(job, "vnode2", 128)
+    try:  # until vnode2's word (.node1-ended...)
+        wait_until("vnode2's end", lambda: any(cell.glob(".node1-ended.*")), 120, every_s=0.2)
+    finally:
+        hog.kill()
+        hog.wait()
+    wait_ended(job)
+    with contextlib.suppress(OSError):  # Slurm could not remove it with the hog inside
+        cgroup.rmdir()
+    s = read_json(cell / "summary.json")
+    assert s["status"] == "failed" and "interrupted" not in s, s
+    assert re.fullmatch(r"cell process stopped when node 1 \(vnode2\) ended, its torchrun (killed by signal "
+                        r"SIGKILL|exited with code 1) after the out-of-memory killer struck at its memory limit "
+                        r"\(a Slurm job's --mem\): ask for more memory \(--slurm-mem-gb\).*", s["error"]), s["error"]
+    assert 3 <= s["epochs_completed"] < 3000
+    again = bench(*argv, env=ONE_THREAD)
     assert "submitted 0 cell(s);" in again.stdout, again.stdout + again.stderr
     status = bench("status", str(out))
     assert "failed" in status.stdout and "out-of-memory killer" in status.stdout, status.stdout

@@ -155,6 +155,17 @@ def node0_marker(folder: Path, job_id: str) -> Path:
     return folder / f".node0-ended.{job_id}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
 
 
+NODES_END_WAIT_S = 30.0
+"""How long node 0, its replicas on other nodes lost, waits for those nodes to say how they ended (node_end_marker):
+a node whose replica the out-of-memory killer ended says so within seconds (torchrun notices in 0.1 s)."""
+
+
+def node_end_marker(folder: Path, job_id: str, node: int) -> Path:
+    """The file node `node` > 0 of a multi-node job leaves when its torchrun ends: empty, or why the out-of-memory
+    killer ended it (only the node itself can read its memory cgroup). Named as node0_marker is."""
+    return folder / f".node{node}-ended.{job_id}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+
+
 @dataclass(frozen=True)
 class NodePlace:
     """Where this process runs in a multi-node job (what torchrun_command needs)."""
@@ -181,6 +192,22 @@ def node_place(job: CellJob) -> NodePlace:
         raise CellFailed(f"{job.path}: the cell asks for {job.nodes} nodes but its job has {nodes} "
                          f"({', '.join(place.hostnames)}); submit it with nodes={job.nodes}.")
     return place
+
+
+def _other_node_oom(folder: Path, place: NodePlace) -> tuple[int, str] | None:
+    """(node, why the cell failed) when the out-of-memory killer ended it on a node other than this node 0, as that
+    node says (node_end_marker) within NODES_END_WAIT_S; None when none says so (a node lost, the network cut)."""
+    deadline = time.monotonic() + NODES_END_WAIT_S
+    while True:
+        said = {}
+        for k in range(1, len(place.hostnames)):
+            with contextlib.suppress(OSError):
+                said[k] = node_end_marker(folder, place.job_id, k).read_text().strip()
+        if oom := next(((k, why) for k, why in said.items() if why), None):
+            return oom[0], f"stopped when node {oom[0]} ({place.hostnames[oom[0]]}) ended, its torchrun {oom[1]}"
+        if len(said) == len(place.hostnames) - 1 or time.monotonic() > deadline:
+            return None
+        time.sleep(0.5)
 
 
 class CellCommand:
@@ -287,8 +314,11 @@ class CellCommand:
             os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID") or "?")
         if place is not None and place.node > 0:
             # no wait for Slurm here after a SIGTERM (see TERM_WAIT_S): node 0's task alone keeps the job running
+            self._oom_kills = oom_kills()
             rc = self._run(argv, folder / f"train.log.node{place.node}", f"node {place.node} of job {job_id}",
                            watch=node0_marker(folder, job_id))
+            with contextlib.suppress(OSError):
+                node_end_marker(folder, job_id, place.node).write_text(oom_error(self._oom_kills, rc) or "")
             return {"folder": str(folder), "node": place.node, "exit_code": rc}
         try:
             with _cell_lock(folder):
@@ -307,7 +337,7 @@ class CellCommand:
             if place is not None:  # however node 0 ends, the other nodes learn it (see node0_marker)
                 with contextlib.suppress(OSError):
                     node0_marker(folder, job_id).write_text(f"{_now()}\n")
-        return self._outcome(folder, rc, log_path)
+        return self._outcome(folder, rc, log_path, place)
 
     def _run(self, argv: list[str], log_path: Path, what: str, watch: Path | None = None,
              since: int | None = None) -> int:
@@ -372,7 +402,7 @@ class CellCommand:
                 self._stop()
                 return proc.wait()
 
-    def _outcome(self, folder: Path, rc: int, log_path: Path) -> dict[str, Any]:
+    def _outcome(self, folder: Path, rc: int, log_path: Path, place: NodePlace | None = None) -> dict[str, Any]:
         s = read_summary(folder) or {}
         if rc == 0 and s.get("status") == "ok":
             return {"folder": str(folder), "status": "ok", "exit_code": 0}
@@ -386,6 +416,10 @@ class CellCommand:
             s = record_failure(folder, s, rc, log_tail(log_path), stall_error(*self._stalled))
             raise CellFailed(f"{folder}: {s.get('error')} (see {log_path})")
         if (why := interrupted_why(s)) is not None:  # a replica lost (a node, the network): not the cell's failure
+            if place is not None and (oom := _other_node_oom(folder, place)) is not None:  # unless it would recur
+                s = record_failure(folder, {k: v for k, v in s.items() if k != "interrupted"}, rc,
+                                   log_tail(log_path), oom[1], whole=True)  # node 0's log: only replicas lost
+                raise CellFailed(f"{folder}: {s.get('error')} (see {log_path}.node{oom[0]})")
             raise CellFailed(f"{folder}: {why}; it stays resumable, the next `bench run` resubmits it (see {log_path})")
         if rc == EXIT_NO_SPACE:  # the trainer recorded nothing as failed: the next submission resumes it
             raise CellFailed(f"{folder}: the disk is full ({error_line(log_tail(log_path))}); free some space, the "
