@@ -262,6 +262,21 @@ needs_two_nodes = pytest.mark.skipif(not _cluster_ready() or not two_nodes_ready
                                             "run .ci/slurm-cluster start again")
 
 
+def two_node_cell_three_epochs_in(tmp_path: Path, out: Path, name: str, epochs: int,
+                                  env: dict[str, str]) -> tuple[tuple[str, ...], Path, str]:
+    """Submit a grid of one two-node cell `name` on partition multi; when it has trained three epochs: the
+    `bench run` argv, the cell's folder and its job."""
+    grid = write_grid(tmp_path, epochs, f'(("{name}", {{}}),)', nproc=2)
+    argv = ("run", "--grid", str(grid), "--out", str(out), "--executor", "slurm", "--slurm-nodes", "2",
+            "--slurm-partition", MULTI, "--slurm-time", "10")
+    res = bench(*argv, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    cell = cell_dir(out, name)
+    job = job_of(out, cell)
+    wait_until("three epochs", lambda: n_rows(cell) >= 3, 180, every_s=0.1)
+    return argv, cell, job
+
+
 def vnodes_are_hosts() -> bool:
     """Whether the two nodes are hosts of their own on a network (.ci/slurm-cluster's default), not names of this
     host's loopback (SLURM_CLUSTER_NETNS=0)."""
@@ -352,15 +367,8 @@ def test_a_two_node_job_at_its_time_limit_is_requeued_on_both_nodes_and_resumes_
                            "cut off the network")
 def test_a_node_cut_off_the_network_leaves_the_cell_resumable_and_the_next_run_finishes_it(tmp_path, out):
     epochs = 300
-    grid = write_grid(tmp_path, epochs, '(("cut", {}),)', nproc=2)
     env = {**ONE_THREAD, "DDNET_BENCH_DIST_TIMEOUT_S": "20"}  # a silent peer is given up after 20 s
-    argv = ("run", "--grid", str(grid), "--out", str(out), "--executor", "slurm", "--slurm-nodes", "2",
-            "--slurm-partition", MULTI, "--slurm-time", "10")
-    res = bench(*argv, env=env)
-    assert res.returncode == 0, res.stdout + res.stderr
-    cell = cell_dir(out, "cut")
-    job = job_of(out, cell)
-    wait_until("three epochs", lambda: n_rows(cell) >= 3, 180, every_s=0.1)
+    argv, cell, job = two_node_cell_three_epochs_in(tmp_path, out, "cut", epochs, env)
     veth = "ddnb-vnode2"  # .ci/slurm-cluster: vnode2's link to the bridge; down, vnode2 is off the network
     subprocess.run(["ip", "link", "set", veth, "down"], check=True, timeout=30)
     try:
@@ -448,16 +456,9 @@ def fill_job_memory(job_id: str, node: str, mb: int) -> tuple[subprocess.Popen, 
 @pytest.mark.skipif(not (_cluster_ready() and memory_confined()),
                     reason="the cluster does not confine memory (task/cgroup: .ci/slurm-cluster on a host with cgroup v1)")
 def test_a_two_node_cell_killed_at_its_memory_limit_on_node_2_is_failed_with_the_fix(tmp_path, out):
-    """Rank 0, on node 1, sees only its replica lost (resumable, as a node cut off); vnode2 alone can read its
+    """Rank 0, on vnode1, sees only its peer lost (resumable, as for a node cut off); vnode2 alone can read its
     memory cgroup and says why: the cell is failed with the fix, not resubmitted into the same death."""
-    grid = write_grid(tmp_path, 3000, '(("filled", {}),)', nproc=2)
-    argv = ("run", "--grid", str(grid), "--out", str(out), "--executor", "slurm", "--slurm-nodes", "2",
-            "--slurm-partition", MULTI, "--slurm-time", "10")
-    res = bench(*argv, env=ONE_THREAD)
-    assert res.returncode == 0, res.stdout + res.stderr
-    cell = cell_dir(out, "filled")
-    job = job_of(out, cell)
-    wait_until("three epochs", lambda: n_rows(cell) >= 3, 180, every_s=0.1)
+    argv, cell, job = two_node_cell_three_epochs_in(tmp_path, out, "filled", 3000, ONE_THREAD)
     hog, cgroup = fill_job_memory(job, "vnode2", 128)
     try:  # until vnode2's word (.node1-ended...)
         wait_until("vnode2's end", lambda: any(cell.glob(".node1-ended.*")), 120, every_s=0.2)
