@@ -152,7 +152,7 @@ def node0_marker(folder: Path, job_id: str) -> Path:
 
     Named by job id and Slurm's restart count: the nodes of a requeued job ignore the last attempt's.
     """
-    return folder / f".node0-ended.{job_id}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+    return node_end_marker(folder, job_id, 0)
 
 
 NODES_END_WAIT_S = 30.0
@@ -161,8 +161,9 @@ a node whose replica the out-of-memory killer ended says so within seconds (torc
 
 
 def node_end_marker(folder: Path, job_id: str, node: int) -> Path:
-    """The file node `node` > 0 of a multi-node job leaves when its torchrun ends: empty, or why the out-of-memory
-    killer ended it (only the node itself can read its memory cgroup). Named as node0_marker is."""
+    """The file node `node` of a multi-node job leaves when it ends (node 0: node0_marker); node k > 0 when its
+    torchrun ends: empty, or why the out-of-memory killer ended it (only the node itself can read its memory
+    cgroup)."""
     return folder / f".node{node}-ended.{job_id}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
 
 
@@ -234,7 +235,7 @@ class CellCommand:
         self._proc: subprocess.Popen | None = None
         self._stalled: tuple[float, int] | None = None  # (stall limit s, epochs) when node 0 stopped it as hung
         self._term_at: float | None = None  # when SIGTERM reached this job (monotonic)
-        self._oom_kills: int | None = None  # the job's out-of-memory kills before node 0 started the cell
+        self._oom_kills: int | None = None  # this node's out-of-memory kills before it started the cell
 
     def __getstate__(self) -> dict[str, Any]:
         return {"job": self.job}
