@@ -23,6 +23,11 @@ STALL_FLOOR_S = 1800.0
 STALL_FACTOR = 10.0
 """A cell that writes no new epoch for max(STALL_FLOOR_S, STALL_FACTOR x its slowest epoch) is taken for hung
 (`stall_limit_s`): a stuck GPU or collective must not hold an overnight grid, or a node, forever."""
+STARTUP_STALL_S = 3600.0
+"""Before a launch's first epoch row nothing is measured to judge by: a cell that shows no sign of life (its run
+folder's `bench.store.ALIVE_NAME` untouched, every training step touches it) for this long, or for its
+--stall-timeout where that is longer, is taken for hung while it loads data, builds, compiles or captures, or in
+its first epoch's steps. Far above any of those (the paper's data loads in minutes, a compile takes minutes)."""
 
 EXIT_NO_SPACE = 4
 """`bench train`'s exit status when a write failed because the disk (or quota) is full. Nothing is recorded
@@ -150,27 +155,33 @@ def record_failure(cell_dir: Path, summary: dict[str, Any], rc: int, tail: list[
 
 
 def stall_limit_s(rows: list[dict[str, Any]], since: int, setting: float | None = None) -> float | None:
-    """Seconds a running cell may go without a new epoch row before it is stopped as hung; None: not armed.
+    """Seconds a running cell may go without progress before it is stopped as hung; None: never (`setting` 0).
 
-    Armed once this launch has written a row (more than the `since` rows it started with): before that it
-    loads data, builds, compiles or captures, with nothing measured to compare against. `setting` 0 turns
-    the watch off and a positive one is the limit; None (the default) is max(STALL_FLOOR_S, STALL_FACTOR x
-    the slowest epoch so far, validation, capture and pruning included).
+    Once this launch has written a row (more than the `since` rows it started with), progress is a new epoch
+    row: the limit is `setting` where given, else max(STALL_FLOOR_S, STALL_FACTOR x the slowest epoch so far,
+    validation, capture and pruning included). Before that it loads data, builds, compiles or captures, with
+    nothing measured to compare against: progress is any sign of life (`StallWatch.alive`), and the limit is
+    max(STARTUP_STALL_S, `setting`), so a --stall-timeout sized for its epochs never cuts a slow start short.
     """
-    if setting == 0 or len(rows) <= since:
+    if setting == 0:
         return None
+    if len(rows) <= since:
+        return max(STARTUP_STALL_S, setting or 0.0)
     if setting is not None:
         return setting
     return max(STALL_FLOOR_S, STALL_FACTOR * max(epoch_wall(r) for r in rows))
 
 
 class StallWatch:
-    """A running cell's progress, as both runners watch it: `seen(rows, now)` with its epoch rows at each look,
-    `stalled(now)` the limit it has gone past without a new row (None while it makes progress)."""
+    """A running cell's progress, as both runners watch it from the cell's launch (`now`, the runner's monotonic
+    clock): at each look, `seen(rows, now)` with its epoch rows and `alive(alive_mark(folder), now)` with its sign
+    of life; `stalled(now)` says why it counts as hung (None while it makes progress)."""
 
     def __init__(self, since: int, setting: float | None, now: float) -> None:
         self.since, self.setting = since, setting
-        self.rows, self.changed_at, self.limit = -1, now, None
+        self.rows, self.changed_at = -1, now
+        self.limit = stall_limit_s([], 0, setting)
+        self.mark: int | None = None
 
     def seen(self, rows: list[dict[str, Any]], now: float) -> bool:
         """Note the rows the cell holds now; whether their count changed since the last look."""
@@ -180,11 +191,26 @@ class StallWatch:
         self.limit = stall_limit_s(rows, self.since, self.setting)
         return True
 
-    def stalled(self, now: float) -> float | None:
-        return self.limit if self.limit is not None and now - self.changed_at > self.limit else None
+    def alive(self, mark: int | None, now: float) -> None:
+        """Note the cell's sign of life (`bench.store.alive_mark`): a new one restarts the clock until this
+        launch's first row; from then on only new rows count."""
+        if mark != self.mark:
+            self.mark = mark
+            if self.rows <= self.since:
+                self.changed_at = now
+
+    def stalled(self, now: float) -> str | None:
+        """Why the cell is taken for hung now (`stall_error`), None while it makes progress."""
+        if self.limit is None or now - self.changed_at <= self.limit:
+            return None
+        return stall_error(self.limit, max(self.rows, 0), starting=self.rows <= self.since)
 
 
-def stall_error(limit_s: float, epochs: int) -> str:
-    """Why a hung cell was stopped (the error both runners record)."""
+def stall_error(limit_s: float, epochs: int, starting: bool = False) -> str:
+    """Why a hung cell was stopped (the error both runners record); `starting`: before this launch's first row."""
+    if starting:
+        return (f"showed no sign of life for {limit_s:g} s before writing epoch {epochs + 1} (loading data, "
+                "building, compiling or capturing, or in its steps) and was stopped as hung (--stall-timeout; "
+                "--retry-failed resumes it)")
     return (f"wrote no new epoch for {limit_s:g} s after epoch {epochs} and was stopped as hung "
             "(--stall-timeout; --retry-failed resumes it)")

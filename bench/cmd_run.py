@@ -235,7 +235,9 @@ def run_cmd(
     stall_timeout: float | None = typer.Option(None, "--stall-timeout", min=0,
                                                help="Stop a cell that writes no new epoch for this many seconds "
                                                     "(once it has written one) and record it as failed; 0: never "
-                                                    "(default: 10x its slowest epoch, at least 30 min)."),
+                                                    "(default: 10x its slowest epoch, at least 30 min). Before "
+                                                    "its first epoch: no sign of life for an hour, or this if "
+                                                    "longer."),
     executor: str = typer.Option("local", "--executor",
                                  help="local: the cells run here, one after another; slurm: each cell is a "
                                       "Slurm array task (submitted now; re-run to resubmit dead ones)."),

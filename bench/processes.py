@@ -6,9 +6,10 @@ same folder resumes: finished cells are left alone, unfinished ones continue fro
 their checkpoint, failed ones stay failed unless `--retry-failed`; nothing
 written is overwritten. A failing cell is recorded and the grid goes on, as is one
 that stops making progress (`bench.cell_log.stall_limit_s`: no new epoch for 10x its
-slowest, at least 30 min). Ctrl-C or SIGTERM stops the running cell and leaves it resumable, not failed;
-so does a full disk (the cell exits EXIT_NO_SPACE) or a GPU gone (EXIT_NO_DEVICE: the grid started with one and a
-cell sees none), which also stop the grid: every later cell would fail alike, or fall back to the CPU. After a
+slowest, at least 30 min; before its first, no sign of life for an hour). Ctrl-C or SIGTERM
+stops the running cell and leaves it resumable, not failed; so does a full disk (the cell exits
+EXIT_NO_SPACE) or a GPU gone (EXIT_NO_DEVICE: the grid started with one and a cell sees none),
+which also stop the grid: every later cell would fail alike, or fall back to the CPU. After a
 GPU cell fails, a one-tensor probe in a fresh process tells a broken GPU (stop the grid) from a broken cell (go on).
 
 Each launch is appended to `<cell>/launches.jsonl` (for `bench.estimate`); the display
@@ -46,7 +47,6 @@ from bench.cell_log import (
     oom_error,
     oom_kills,
     record_failure,
-    stall_error,
 )
 from bench.estimate import Calibration, PlanEstimate, estimate_plan
 from bench.grid_clock import GridClock
@@ -61,7 +61,7 @@ from bench.planning import (
     prepare_cell,
     prepare_out,
 )
-from bench.store import append_jsonl, read_jsonl, read_summary, rewrite_jsonl
+from bench.store import alive_mark, append_jsonl, read_jsonl, read_summary, rewrite_jsonl
 from ddnet.config import resolve_device
 from ddnet.errors import UserError
 
@@ -208,7 +208,8 @@ def run_cell(
 
     `timeout_s`: stop the cell's process after this many seconds and record it as failed
     (resumable later with --retry-failed, from its last checkpoint). Likewise when it writes no
-    new epoch for `stall_limit_s(rows, ..., stall_timeout_s)` seconds (None: the default limit).
+    new epoch (before its first, no sign of life) for `stall_limit_s(rows, ..., stall_timeout_s)` seconds
+    (None: the default limit).
     """
     cell_dir = out / p.folder
     s = read_summary(cell_dir)
@@ -254,6 +255,7 @@ def run_cell(
                 rows = read_jsonl(cell_dir / "epochs.jsonl")
                 if watch.seen(rows, time.monotonic()):
                     display.epoch(rows, p.config.epochs)
+                watch.alive(alive_mark(cell_dir), time.monotonic())
                 display.tick()
                 try:
                     proc.wait(timeout=POLL_S)  # returns as soon as the cell ends
@@ -263,8 +265,7 @@ def run_cell(
                     timed_out = timeout_s is not None and now - started > timeout_s
                     stalled = watch.stalled(now)
                     if timed_out or stalled is not None:
-                        stop_why = (stall_error(stalled, len(rows)) if stalled is not None
-                                    else f"was stopped after the --cell-timeout of {timeout_s:g} s")
+                        stop_why = stalled if stalled is not None else f"was stopped after the --cell-timeout of {timeout_s:g} s"
                         log.write(f"=== bench run {datetime.now(timezone.utc).isoformat(timespec='seconds')}: "
                                   f"the cell {stop_why}\n")
                         log.flush()

@@ -22,6 +22,7 @@ Statuses (one per cell):
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from rich.text import Text
 
 from bench.cell_log import interrupted_why
 from bench.slurm import latest_job_records
-from bench.store import epoch_cost, read_jsonl_checked, writer_alive
+from bench.store import alive_mark, epoch_cost, read_jsonl_checked, writer_alive
 from ddnet.errors import UserError
 
 STATUSES = ("pending", "submitted", "queued", "running", "stopped", "finished", "failed", "skipped",
@@ -141,7 +142,7 @@ def _cell_row(folder: Path, record: dict[str, Any] | None, states: dict[str, str
         elif kind == "running" or done or state == "running":
             status = "running"
             last = rows[-1].get("phase") if rows else None
-            detail = f"epoch {of}" + (f" ({last})" if isinstance(last, str) and last else "")
+            detail = f"epoch {of}" + (f" ({last})" if isinstance(last, str) and last else "") + _last_sign(folder)
         elif job is not None:
             status, detail = "submitted", f"job {job}"
         else:
@@ -155,6 +156,17 @@ def _cell_row(folder: Path, record: dict[str, Any] | None, states: dict[str, str
         "epochs_done": done, "epochs": epochs, "time_used_s": time_used,
         "job_id": job, "job_state": state,
     }
+
+
+def _last_sign(folder: Path) -> str:
+    """', last sign of life 2 min ago' for a running cell whose trainer has touched its ALIVE file (every step,
+    every 10 s at most; by the writer's clock or its file server's, so approximate across hosts), else ''."""
+    mark = alive_mark(folder)
+    if mark is None:
+        return ""
+    age = max(0.0, time.time() - mark / 1e9)
+    ago = f"{age:.0f} s" if age < 120 else f"{age / 60:.0f} min" if age < 7200 else f"{age / 3600:.1f} h"
+    return f", last sign of life {ago} ago"
 
 
 def recorded_jobs(results_dir: Path) -> dict[str, str]:

@@ -97,6 +97,22 @@ def writer_alive(writer: Any) -> bool | None:
         return None
 
 
+ALIVE_NAME = ".alive"
+"""Per run folder: touched by the writer (global rank 0) at most every ALIVE_EVERY_S while the run makes progress
+(building its step, every training step): the sign of life the runners' stall watch goes by before a launch's
+first epoch row (`bench.cell_log.StallWatch`)."""
+ALIVE_EVERY_S = 10.0
+
+
+def alive_mark(folder: Path) -> int | None:
+    """The run folder's latest sign of life (ALIVE_NAME's modification time, ns), None before the first. The stall
+    watch counts only its changes, by the watcher's own clock, never comparing the writer's (another host's)."""
+    try:
+        return (folder / ALIVE_NAME).stat().st_mtime_ns
+    except OSError:
+        return None
+
+
 def take_lock(path: Path, fix: str, busy: str) -> IO[str]:
     """Open `path` and take its exclusive flock without waiting; the open file holds the lock until closed (the
     lock dies with the process, even on SIGKILL). A place that cannot be written is one UserError ending in

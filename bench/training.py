@@ -23,6 +23,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from bench.collectors import MemoryCollector, TimeCollector, environment, profile_copies
 from bench.roofline import estimate_bytes_per_image, lookup_peak, measure_cpu_peak
 from bench.store import (
+    ALIVE_EVERY_S,
+    ALIVE_NAME,
     append_jsonl,
     read_json,
     read_jsonl,
@@ -212,6 +214,7 @@ class RunFolder:
         self._started = False
         self._config: dict[str, Any] = {}
         self._clock = Timeline(launched)
+        self._next_alive = 0.0
 
     def open(self, config: dict[str, Any], resume: bool) -> None:
         self._clock.mark("open")
@@ -249,6 +252,7 @@ class RunFolder:
         write_json(self.out / "env.json", {**environment(env), "device_peak": device_peak(str(env.get("device", "cpu")))})
         self._clock.mark("recorded")
         write_json(self.out / "summary.json", {"status": "running", "error": None, "writer": writer_record()})
+        self.alive()
         if self.progress:
             self._bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                                  TextColumn("{task.fields[info]}"))
@@ -270,6 +274,15 @@ class RunFolder:
             if "val_ms_ssim" in row:
                 info += f"  MS-SSIM {row['val_ms_ssim']:.2f}%  {row['time_s']:.2f}s"
             self._bar.update(self._task, completed=row["epoch"], info=info)
+
+    def alive(self) -> None:
+        """Touch ALIVE_NAME, at most every ALIVE_EVERY_S: the runners' sign that the run makes progress."""
+        now = time.monotonic()
+        if now < self._next_alive:
+            return
+        self._next_alive = now + ALIVE_EVERY_S
+        with contextlib.suppress(OSError):  # a sign of life, never a reason to stop the run
+            (self.out / ALIVE_NAME).touch()
 
     def copies(self, record: dict[str, Any]) -> None:
         write_json(self.out / "copies.json", record)

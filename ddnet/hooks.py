@@ -93,6 +93,9 @@ class RunSink(Protocol):
     def epoch(self, row: dict[str, Any]) -> None:
         """One finished epoch's row."""
 
+    def alive(self) -> None:
+        """The run makes progress (called at every training step: it must be cheap, e.g. act every few seconds)."""
+
     def copies(self, record: dict[str, Any]) -> None:
         """The profiled data-movement window's totals."""
 

@@ -16,6 +16,7 @@ import math
 import os
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,10 @@ def _injected_nan_epoch(out: Path) -> int | None:
 # ----------------------------------------------------------------- the run
 
 
+def _no_news() -> None:
+    return None
+
+
 class Run:
     """One training run: everything built once from the config, then `fit()`."""
 
@@ -106,6 +111,7 @@ class Run:
         self.ddp_model: nn.Module = self.model
         self.step = None
         self.nan_at_epoch = _injected_nan_epoch(self.out)
+        self.alive: Callable[[], None] = _no_news  # the sink's sign of life, set by fit() on rank 0
 
     # -------------------------------------------------------------- build
     def _pick_device(self) -> torch.device:
@@ -243,7 +249,7 @@ class Run:
         return "sparse" if self.switch_epoch is not None and epoch >= self.switch_epoch else "dense"
 
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
-        step, timer = self.step, self.timer
+        step, timer, alive = self.step, self.timer, self.alive
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         n = 0
@@ -253,6 +259,7 @@ class Run:
             timer.batch_ready()
             loss_sum += step(lq, hq)  # stays on the device: no per-step host sync
             timer.step_end()
+            alive()  # a sign of life for the runner's stall watch (rank 0's sink: a file touch every 10 s at most)
             n += 1
         rec = timer.epoch_end()  # the one sync of the epoch
         if self.dist.world > 1:
@@ -266,6 +273,7 @@ class Run:
     def fit(self, sink: RunSink | None) -> dict[str, Any]:
         """Train every remaining epoch; rank 0 hands rows to `sink` (None on the other ranks)."""
         cfg, main = self.cfg, self.dist.main
+        self.alive = sink.alive if sink is not None else _no_news
         rows: list[dict] = []
         if self.resume and self.resumes_from_checkpoint():
             rows = self._restore(sink)
@@ -276,6 +284,7 @@ class Run:
         # --dense-epochs 0 prunes before the first step (the paper's Table 1 setting)
         pending_prune = self._prune() if self.switch_epoch == 0 and self.start_epoch == 0 else 0.0
         pending_capture = self._build_step()
+        self.alive()
         prev_loss = rows[-1]["train_loss"] if rows else None
         if main:  # the floor: the low-dose input scored against the target like the output is
             self.input = input_quality(self.val.lq, self.val.hq, self.val.hu_scale, self.loss_fn.setting,

@@ -22,6 +22,8 @@ from ddnet.config import DataConfig, ModelConfig, TrainConfig
 # nothing recorded as failed) in epoch 2 when it contains $FAKE_FULL, stops as a GPU gone (exit 5) in epoch 2
 # when it contains $FAKE_NO_GPU, stops as a DDP run whose replica was lost (exit 6, the summary still 'running'
 # with the reason under "interrupted") in epoch 2 when it contains $FAKE_LOST, and sleeps $FAKE_EPOCH_S per epoch.
+# Before its first epoch it hangs without a sign of life when its name contains $FAKE_STUCK_START, and spends
+# $FAKE_START_S seconds touching .alive every 0.2 s (a slow start that lives: data, a compile) when $FAKE_SLOW_START.
 FAKE_TRAIN = r'''
 import json, os, sys, time
 from pathlib import Path
@@ -47,6 +49,13 @@ rows = [r for r in rows if r["epoch"] <= start]
 put(rows_path, "".join(json.dumps(r) + "\n" for r in rows))
 (out / "config.json").write_text(json.dumps(cfg))
 put(summ, json.dumps({"status": "running", "error": None}))
+if os.environ.get("FAKE_STUCK_START") and os.environ["FAKE_STUCK_START"] in out.name:
+    time.sleep(3600)
+if os.environ.get("FAKE_SLOW_START") and os.environ["FAKE_SLOW_START"] in out.name:
+    until = time.monotonic() + float(os.environ.get("FAKE_START_S", "0"))
+    while time.monotonic() < until:
+        (out / ".alive").touch()
+        time.sleep(0.2)
 for e in range(start + 1, cfg["epochs"] + 1):
     time.sleep(float(os.environ.get("FAKE_EPOCH_S", "0")))
     if os.environ.get("FAKE_CRASH") and os.environ["FAKE_CRASH"] in out.name and e == 2:

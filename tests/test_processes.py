@@ -21,8 +21,16 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from bench import cmd_run, planning, processes
-from bench.cell_log import LAUNCHES, STALL_FACTOR, STALL_FLOOR_S, DeviceGone, stall_limit_s
+from bench import cell_log, cmd_run, planning, processes
+from bench.cell_log import (
+    LAUNCHES,
+    STALL_FACTOR,
+    STALL_FLOOR_S,
+    STARTUP_STALL_S,
+    DeviceGone,
+    StallWatch,
+    stall_limit_s,
+)
 from bench.cli import main as cli_main
 from bench.estimate import machine_fingerprint
 from bench.planning import Overrides, code_version, plan_grid
@@ -287,13 +295,61 @@ def test_a_hung_cell_is_stopped_after_its_stall_limit_and_the_grid_goes_on(tmp_p
 def test_the_stall_limit_is_armed_by_the_launchs_first_epoch_and_scales_with_the_slowest():
     rows = [{"time_s": 2.0, "val_time_s": 1.0}, {"time_s": 100.0, "capture_time_s": 50.0, "val_time_s": 30.0},
             {"time_s": 1.0}]
-    assert stall_limit_s([], 0) is None  # loading, building, compiling: nothing to compare with yet
-    assert stall_limit_s(rows, 3) is None  # a resume: the rows it started with do not arm it
+    # loading, building, compiling: nothing measured to compare with yet, only signs of life, for an hour
+    assert stall_limit_s([], 0) == STARTUP_STALL_S == 3600.0
+    assert stall_limit_s(rows, 3) == STARTUP_STALL_S  # a resume: the rows it started with are not its own
+    assert stall_limit_s([], 0, setting=5.0) == STARTUP_STALL_S  # a limit sized for epochs never cuts a start short
+    assert stall_limit_s([], 0, setting=7200.0) == 7200.0  # a longer one stands
+    assert stall_limit_s([], 0, setting=0) is None
     assert stall_limit_s(rows[:1], 0) == STALL_FLOOR_S  # 10 x 3 s is below the floor
     assert stall_limit_s(rows, 2) == STALL_FACTOR * 180.0 == 1800.0
     assert stall_limit_s([*rows, {"time_s": 400.0}], 0) == 4000.0
     assert stall_limit_s(rows, 0, setting=5.0) == 5.0
     assert stall_limit_s(rows, 0, setting=0) is None  # --stall-timeout 0: never
+
+
+def test_the_stall_watch_goes_by_signs_of_life_until_the_launchs_first_row_then_by_rows_alone():
+    row = {"time_s": 10.0}
+    watch = StallWatch(since=1, setting=None, now=0.0)  # a resume from one row
+    assert watch.seen([row], 1.0) and watch.stalled(3600.0) is None
+    assert watch.stalled(3601.5) == (
+        "showed no sign of life for 3600 s before writing epoch 2 (loading data, building, compiling or "
+        "capturing, or in its steps) and was stopped as hung (--stall-timeout; --retry-failed resumes it)")
+    watch.alive(None, 2000.0)  # no file yet: no news
+    assert watch.stalled(3601.5) is not None
+    watch.alive(111, 3000.0)  # touched: the clock starts again
+    assert watch.stalled(6599.0) is None and watch.stalled(6601.0) is not None
+    watch.alive(111, 6000.0)  # the same mark: nothing new
+    assert watch.stalled(6601.0) is not None
+    assert watch.seen([row, row], 7000.0)  # its first own row: from now on rows alone, 10 x 10 s under the floor
+    assert watch.stalled(7000.0 + STALL_FLOOR_S + 1) == (
+        f"wrote no new epoch for {STALL_FLOOR_S:g} s after epoch 2 and was stopped as hung "
+        "(--stall-timeout; --retry-failed resumes it)")
+    watch.alive(222, 8000.0)  # a step touched it: an epoch is what counts now
+    assert watch.stalled(7000.0 + STALL_FLOOR_S + 1) is not None
+    off = StallWatch(since=0, setting=0, now=0.0)  # --stall-timeout 0: never, before the first row too
+    off.seen([], 0.0)
+    assert off.stalled(1e9) is None
+
+
+def test_a_cell_without_a_sign_of_life_before_its_first_epoch_is_stopped_and_a_slow_live_one_is_not(
+        tmp_path, fake, monkeypatch):
+    cmd, _ = fake
+    monkeypatch.setattr(cell_log, "STARTUP_STALL_S", 2.0)
+    monkeypatch.setenv("FAKE_STUCK_START", "c0-")  # hangs silent before its first epoch
+    monkeypatch.setenv("FAKE_SLOW_START", "c1-")  # 5 s before its first epoch, touching .alive
+    monkeypatch.setenv("FAKE_START_S", "5")
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    results = run_grid(make_grid(3), out, Overrides(epochs=2), command=cmd, console=quiet(), stall_timeout_s=1.0)
+    assert time.monotonic() - t0 < 60  # not the hour c0 sleeps
+    assert [r.status for r in results] == ["failed", "ok", "ok"]
+    s = read_json(out / results[0].folder / "summary.json")
+    assert s["error"].startswith("cell process showed no sign of life for 2 s before writing epoch 1"), s["error"]
+    assert s["epochs_completed"] == 0
+    assert read_jsonl(out / results[0].folder / "launches.jsonl")[-1]["stalled"] is True
+    launch = read_jsonl(out / results[1].folder / "launches.jsonl")[-1]
+    assert launch["stalled"] is False and launch["wall_s"] > 5.0  # 5 s without a row, alive: not stopped
 
 
 def test_a_cell_past_its_timeout_is_stopped_recorded_and_resumable(tmp_path, fake, monkeypatch):

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import cell_log
 from bench.slurm import (
     CELL_LOCK,
     CellCommand,
@@ -50,7 +51,8 @@ from ddnet.errors import UserError
 # summary.json; --resume drops rows past the checkpoint; it refuses to start fresh over rows (as the
 # trainer does). Config keys: epochs, epoch_s, fail_at_epoch (records a failure, exit 3), crash_at_epoch
 # (exit 9 without a summary), full_at_epoch (exit 4 as on a full disk, nothing recorded), hang_at_epoch
-# (sleeps an hour: a stuck GPU). Its pid goes to <out>/pid so a test can kill it.
+# (sleeps an hour: a stuck GPU), alive_start_s (that long before its first epoch, touching .alive every 0.2 s: a
+# slow start that lives). Its pid goes to <out>/pid so a test can kill it.
 FAKE_TRAIN = r'''
 import json, os, sys, time
 from pathlib import Path
@@ -69,6 +71,10 @@ rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 (out / "config.json").write_text(json.dumps(cfg))
 summ.write_text(json.dumps({"status": "running", "error": None}))
 print(f"start at epoch {start}", flush=True)
+until = time.monotonic() + cfg.get("alive_start_s", 0.0)
+while time.monotonic() < until:
+    (out / ".alive").touch()
+    time.sleep(0.2)
 for e in range(start + 1, cfg["epochs"] + 1):
     time.sleep(cfg.get("epoch_s", 0.0))
     if cfg.get("hang_at_epoch") == e:
@@ -427,6 +433,23 @@ def test_a_hung_cell_is_stopped_at_its_stall_limit_and_resumes_when_retried(tmp_
     assert epochs_of(job.folder) == [1] and any("stopped as hung" in h for h in headers(job.folder))
     (job.folder / "config.request.json").write_text(json.dumps({"epochs": 3}))  # unstuck: retried, it resumes
     assert CellCommand(job)()["status"] == "ok" and epochs_of(job.folder) == [1, 2, 3]
+
+
+def test_a_cell_without_a_sign_of_life_before_its_first_epoch_is_stopped_a_slow_live_one_is_not(tmp_path, fake,
+                                                                                                  monkeypatch):
+    monkeypatch.setattr(cell_log, "STARTUP_STALL_S", 1.5)
+    stuck = dataclasses.replace(make_job(tmp_path, fake, "stuck", epochs=2, hang_at_epoch=1), stall_timeout_s=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(CellFailed, match=r"showed no sign of life for 1\.5 s before writing epoch 1 "):
+        pickle.loads(pickle.dumps(CellCommand(stuck)))()
+    assert time.monotonic() - t0 < 60  # not the hour it sleeps
+    s = json.loads((stuck.folder / "summary.json").read_text())
+    assert s["status"] == "failed" and s["error"].startswith("cell process showed no sign of life for 1.5 s")
+    assert any("stopped as hung" in h for h in headers(stuck.folder))
+    live = dataclasses.replace(make_job(tmp_path, fake, "live", epochs=2, alive_start_s=4.0), stall_timeout_s=1.0)
+    t0 = time.monotonic()
+    assert CellCommand(live)()["status"] == "ok" and epochs_of(live.folder) == [1, 2]
+    assert time.monotonic() - t0 > 4.0  # 4 s without a row, alive: not stopped
 
 
 @pytest.mark.parametrize(("executor", "proctrack"), [("slurm", "linuxproc"), ("slurm", "cgroup"), ("local", "linuxproc")])

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,6 +65,11 @@ def by_cell(rows: list[dict]) -> dict[str, dict]:
     return {r["cell"]: r for r in rows}
 
 
+def _age_s(detail: str) -> float:
+    value, unit = re.search(r"last sign of life ([\d.]+) (s|min|h) ago", detail).groups()
+    return float(value) * {"s": 1, "min": 60, "h": 3600}[unit]
+
+
 def test_rows_from_folders_alone(grid_dir):
     rows = cell_status_rows(grid_dir)
     assert [r["cell"] for r in rows] == ORDER  # grid.json's order, absent folders included
@@ -75,6 +83,14 @@ def test_rows_from_folders_alone(grid_dir):
     assert (part["status"], part["detail"], part["epochs_done"]) == ("running", "epoch 2/5 (dense)", 2)
     assert part["time_used_s"] == pytest.approx(22.0)  # 2 x 10 s + 1.5 s capture + 0.5 s pruning
     assert part["job_id"] == "77_2" and part["job_state"] is None
+    # its trainer touches .alive at its steps (every 10 s at most): the running row says how long ago
+    (grid_dir / "part-3" / ".alive").touch()
+    for age, said in [(0, "0 s"), (95, "95 s"), (600, "10 min"), (3 * 3600, "3.0 h")]:
+        t = time.time() - age
+        os.utime(grid_dir / "part-3" / ".alive", (t, t))
+        detail = by_cell(cell_status_rows(grid_dir))["part-3"]["detail"]
+        assert re.fullmatch(r"epoch 2/5 \(dense\), last sign of life (\d+ s|\d+ min|[\d.]+ h) ago", detail), detail
+        assert abs(_age_s(detail) - age) <= 2 and said.split()[1] in detail, detail
     assert r["skip-4"]["status"] == "skipped" and r["skip-4"]["detail"] == "needs CUDA (--graphs cuda-graph)"
     assert r["dmg-5"]["status"] == "unreadable"
     assert r["dmg-5"]["detail"].startswith("unreadable: summary.json:")

@@ -18,7 +18,7 @@ import bench.training as training
 import ddnet.checkpoint as checkpoint
 import ddnet.trainer as trainer
 from bench.cli import main
-from bench.store import read_json, read_jsonl
+from bench.store import ALIVE_EVERY_S, ALIVE_NAME, alive_mark, read_json, read_jsonl
 from bench.training import train
 from ddnet.config import DataConfig, ModelConfig, TrainConfig
 from ddnet.trainer import TrainingFailed
@@ -292,3 +292,34 @@ def test_an_in_process_run_has_no_startup(tmp_path: Path) -> None:
     summary = train(tiny_cfg(epochs=1), tmp_path / "run", progress=False)
     tl = summary["timeline_s"]
     assert tl["startup"] is None and tl["fit"] >= tl["epochs"] > 0
+
+
+def test_the_run_shows_a_sign_of_life_at_every_step_and_touches_its_file_at_most_every_ten_seconds(
+        tmp_path: Path, monkeypatch) -> None:
+    calls: list[int] = []
+    original = training.RunFolder.alive
+
+    def counted(self: training.RunFolder) -> None:
+        calls.append(len(read_jsonl(self.out / "epochs.jsonl")))
+        original(self)
+
+    monkeypatch.setattr(training.RunFolder, "alive", counted)
+    out = tmp_path / "r"
+    train(tiny_cfg(epochs=3), out, progress=False)
+    steps = [r["steps"] for r in read_jsonl(out / "epochs.jsonl")]
+    assert steps == [2, 2, 2]  # 8 slices, batch 4
+    # at the start, once the step is built, then at every step of every epoch (the rows written before it)
+    assert calls == [0, 0, 0, 0, 1, 1, 2, 2]
+    assert alive_mark(out) is not None
+
+    clock = [1000.0]
+    monkeypatch.setattr(training.time, "monotonic", lambda: clock[0])
+    sink = training.RunFolder(out)
+    sink.alive()
+    os.utime(out / ALIVE_NAME, ns=(0, 0))
+    clock[0] += ALIVE_EVERY_S - 0.5
+    sink.alive()
+    assert alive_mark(out) == 0  # not again within ALIVE_EVERY_S
+    clock[0] += 1.0
+    sink.alive()
+    assert alive_mark(out) > 0

@@ -29,10 +29,9 @@ from bench.cell_log import (
     oom_error,
     oom_kills,
     record_failure,
-    stall_error,
 )
 from bench.slurm.options import CELL_LOCK, RESUME_FLAG, CellJob, _now
-from bench.store import read_jsonl, read_summary, rewrite_jsonl
+from bench.store import alive_mark, read_jsonl, read_summary, rewrite_jsonl
 
 # ------------------------------------------------------------------ the job on the node
 
@@ -233,7 +232,7 @@ class CellCommand:
     def __init__(self, job: CellJob) -> None:
         self.job = job
         self._proc: subprocess.Popen | None = None
-        self._stalled: tuple[float, int] | None = None  # (stall limit s, epochs) when node 0 stopped it as hung
+        self._stalled: str | None = None  # why, when node 0 stopped it as hung (`StallWatch.stalled`)
         self._term_at: float | None = None  # when SIGTERM reached this job (monotonic)
         self._oom_kills: int | None = None  # this node's out-of-memory kills before it started the cell
 
@@ -347,7 +346,7 @@ class CellCommand:
         `watch` (node k > 0): node 0's end marker; once it exists, the process is stopped if it still runs
         `NODE0_GRACE_S` later (a node 0 gone before or during the rendezvous would hold it 600 s).
         `since` (node 0): the epoch rows the folder held at the start; the process is stopped as hung when
-        it writes no new one for its stall limit (`bench.cell_log.stall_limit_s`)."""
+        it writes no new one (before its first, shows no sign of life) for its stall limit (`stall_limit_s`)."""
         print(f"{self.job.path}: {shlex.join(argv)}", flush=True)
         with open(log_path, "a") as log:
             log.write(f"=== bench slurm {_now()} {what} on {os.uname().nodename}: {shlex.join(argv)}\n")
@@ -386,9 +385,10 @@ class CellCommand:
                 if grown != size:  # rows appended (or rewritten on resume): read them (a shared disk: not every second)
                     size = grown
                     progress.seen(read_jsonl(epochs), now)
-                if (limit := progress.stalled(now)) is not None:
-                    self._stalled = (limit, progress.rows)
-                    log.write(f"=== bench slurm {_now()}: the cell {stall_error(*self._stalled)}\n")
+                progress.alive(alive_mark(self.job.path), now)
+                if (why := progress.stalled(now)) is not None:
+                    self._stalled = why
+                    log.write(f"=== bench slurm {_now()}: the cell {why}\n")
                     log.flush()
                     self._stop()
                     return proc.wait()
@@ -414,7 +414,7 @@ class CellCommand:
             s = record_failure(folder, s, rc, log_tail(log_path), oom)
             raise CellFailed(f"{folder}: {s.get('error')} (see {log_path})")
         if self._stalled is not None:  # stopped as hung: failed (not resubmitted) unless --retry-failed
-            s = record_failure(folder, s, rc, log_tail(log_path), stall_error(*self._stalled))
+            s = record_failure(folder, s, rc, log_tail(log_path), self._stalled)
             raise CellFailed(f"{folder}: {s.get('error')} (see {log_path})")
         if (why := interrupted_why(s)) is not None:  # a replica lost (a node, the network): not the cell's failure
             if place is not None and (oom := _other_node_oom(folder, place)) is not None:  # unless it would recur
