@@ -18,7 +18,7 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from bench.training import build_run
+from bench.training import RunFolder, build_run
 from ddnet.config import DataConfig, ModelConfig, TrainConfig
 from ddnet.data import SliceDataset, load_split
 from ddnet.loaders import DeviceLoader, HostLoader
@@ -99,6 +99,13 @@ def bare_epoch(run: Run, epoch: int) -> tuple[float, float]:
     return time.perf_counter() - t0, mean_loss
 
 
+def with_sign_of_life(run: Run) -> Run:
+    """`run` with its run folder's sign of life at every step (`RunFolder.alive`), as `fit()` gives it on rank 0."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    run.alive = RunFolder(run.out).alive
+    return run
+
+
 def harness_epoch(run: Run, epoch: int) -> tuple[float, dict]:
     """The trainer's own epoch (`Run._train_epoch`: timer, memory collector, step) inside the memory
     collector's context, entered as `fit()` enters it (its sampler runs only in harness epochs).
@@ -174,7 +181,7 @@ def test_bench_harness_overhead(benchmark, request, tmp_path, capsys, device: st
     # not the timed 16: a CPU is deterministic, but on a GPU cuDNN's backward is not, and Adam's near-sign
     # first updates turn that rounding into per-cent drift within a few steps (tests/test_lockstep.py); the
     # loss before any update and after the first one agree to rounding
-    proof = build_run(_overhead_cfg(device, steps=2), tmp_path / "proof")
+    proof = with_sign_of_life(build_run(_overhead_cfg(device, steps=2), tmp_path / "proof"))
     proof._build_step()  # as fit() does before its first epoch
     state = copy.deepcopy((proof.model.state_dict(), proof.optimizer.state_dict()))
     _, bare_loss = bare_epoch(proof, 0)
@@ -187,7 +194,7 @@ def test_bench_harness_overhead(benchmark, request, tmp_path, capsys, device: st
     cfg = _overhead_cfg(device, steps=16 if enabled else 2)
     run = proof
     if enabled:  # the timed run, and its warm-up epoch (cuDNN autotuning, allocator growth)
-        run = build_run(cfg, tmp_path / "timed")
+        run = with_sign_of_life(build_run(cfg, tmp_path / "timed"))
         run._build_step()
         harness_epoch(run, 0)
 
