@@ -13,7 +13,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from bench.store import epoch_wall, read_jsonl, write_json
+from bench.store import alive_mark, epoch_wall, read_jsonl, write_json
 from ddnet.errors import UserError
 
 LAUNCHES = "launches.jsonl"
@@ -174,8 +174,8 @@ def stall_limit_s(rows: list[dict[str, Any]], since: int, setting: float | None 
 
 class StallWatch:
     """A running cell's progress, as both runners watch it from the cell's launch (`now`, the runner's monotonic
-    clock): at each look, `seen(rows, now)` with its epoch rows and `alive(alive_mark(folder), now)` with its sign
-    of life; `stalled(now)` says why it counts as hung (None while it makes progress)."""
+    clock): at each look, `seen(rows, now)` with its epoch rows and `alive(folder, now)` with its run folder;
+    `stalled(now)` says why it counts as hung (None while it makes progress)."""
 
     def __init__(self, since: int, setting: float | None, now: float) -> None:
         self.since, self.setting = since, setting
@@ -191,13 +191,13 @@ class StallWatch:
         self.limit = stall_limit_s(rows, self.since, self.setting)
         return True
 
-    def alive(self, mark: int | None, now: float) -> None:
-        """Note the cell's sign of life (`bench.store.alive_mark`): a new one restarts the clock until this
-        launch's first row; from then on only new rows count."""
-        if mark != self.mark:
-            self.mark = mark
-            if self.rows <= self.since:
-                self.changed_at = now
+    def alive(self, folder: Path, now: float) -> None:
+        """Note the cell's sign of life (`bench.store.alive_mark` of its run folder): a new one restarts the clock
+        until this launch's first row; from then on only new rows count, and the folder is no longer looked at."""
+        if self.rows > self.since:
+            return
+        if (mark := alive_mark(folder)) != self.mark:
+            self.mark, self.changed_at = mark, now
 
     def stalled(self, now: float) -> str | None:
         """Why the cell is taken for hung now (`stall_error`), None while it makes progress."""

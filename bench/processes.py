@@ -61,7 +61,7 @@ from bench.planning import (
     prepare_cell,
     prepare_out,
 )
-from bench.store import alive_mark, append_jsonl, read_jsonl, read_summary, rewrite_jsonl
+from bench.store import append_jsonl, read_jsonl, read_summary, rewrite_jsonl
 from ddnet.config import resolve_device
 from ddnet.errors import UserError
 
@@ -253,9 +253,10 @@ def run_cell(
         try:
             while True:
                 rows = read_jsonl(cell_dir / "epochs.jsonl")
-                if watch.seen(rows, time.monotonic()):
+                now = time.monotonic()
+                if watch.seen(rows, now):
                     display.epoch(rows, p.config.epochs)
-                watch.alive(alive_mark(cell_dir), time.monotonic())
+                watch.alive(cell_dir, now)
                 display.tick()
                 try:
                     proc.wait(timeout=POLL_S)  # returns as soon as the cell ends

@@ -36,7 +36,7 @@ from bench.estimate import machine_fingerprint
 from bench.planning import Overrides, code_version, plan_grid
 from bench.processes import run_grid
 from bench.status import cell_status_rows
-from bench.store import read_json, read_jsonl, write_json
+from bench.store import ALIVE_NAME, read_json, read_jsonl, write_json
 from ddnet.config import TrainConfig
 from ddnet.errors import UserError
 from tests.fake_trainer import make_grid, quiet
@@ -308,24 +308,30 @@ def test_the_stall_limit_is_armed_by_the_launchs_first_epoch_and_scales_with_the
     assert stall_limit_s(rows, 0, setting=0) is None  # --stall-timeout 0: never
 
 
-def test_the_stall_watch_goes_by_signs_of_life_until_the_launchs_first_row_then_by_rows_alone():
+def test_the_stall_watch_goes_by_signs_of_life_until_the_launchs_first_row_then_by_rows_alone(tmp_path):
     row = {"time_s": 10.0}
+
+    def touched(mtime_ns: int) -> Path:  # the run folder, its .alive last touched at mtime_ns
+        (tmp_path / ALIVE_NAME).touch()
+        os.utime(tmp_path / ALIVE_NAME, ns=(mtime_ns, mtime_ns))
+        return tmp_path
+
     watch = StallWatch(since=1, setting=None, now=0.0)  # a resume from one row
     assert watch.seen([row], 1.0) and watch.stalled(3600.0) is None
     assert watch.stalled(3601.5) == (
         "showed no sign of life for 3600 s before writing epoch 2 (loading data, building, compiling or "
         "capturing, or in its steps) and was stopped as hung (--stall-timeout; --retry-failed resumes it)")
-    watch.alive(None, 2000.0)  # no file yet: no news
+    watch.alive(tmp_path, 2000.0)  # no file yet: no news
     assert watch.stalled(3601.5) is not None
-    watch.alive(111, 3000.0)  # touched: the clock starts again
+    watch.alive(touched(111), 3000.0)  # touched: the clock starts again
     assert watch.stalled(6599.0) is None and watch.stalled(6601.0) is not None
-    watch.alive(111, 6000.0)  # the same mark: nothing new
+    watch.alive(touched(111), 6000.0)  # the same mark: nothing new
     assert watch.stalled(6601.0) is not None
     assert watch.seen([row, row], 7000.0)  # its first own row: from now on rows alone, 10 x 10 s under the floor
     assert watch.stalled(7000.0 + STALL_FLOOR_S + 1) == (
         f"wrote no new epoch for {STALL_FLOOR_S:g} s after epoch 2 and was stopped as hung "
         "(--stall-timeout; --retry-failed resumes it)")
-    watch.alive(222, 8000.0)  # a step touched it: an epoch is what counts now
+    watch.alive(touched(222), 8000.0)  # a step touched it: an epoch is what counts now
     assert watch.stalled(7000.0 + STALL_FLOOR_S + 1) is not None
     off = StallWatch(since=0, setting=0, now=0.0)  # --stall-timeout 0: never, before the first row too
     off.seen([], 0.0)

@@ -31,7 +31,7 @@ from bench.cell_log import (
     record_failure,
 )
 from bench.slurm.options import CELL_LOCK, RESUME_FLAG, CellJob, _now
-from bench.store import alive_mark, read_jsonl, read_summary, rewrite_jsonl
+from bench.store import read_jsonl, read_summary, rewrite_jsonl
 
 # ------------------------------------------------------------------ the job on the node
 
@@ -385,7 +385,7 @@ class CellCommand:
                 if grown != size:  # rows appended (or rewritten on resume): read them (a shared disk: not every second)
                     size = grown
                     progress.seen(read_jsonl(epochs), now)
-                progress.alive(alive_mark(self.job.path), now)
+                progress.alive(self.job.path, now)
                 if (why := progress.stalled(now)) is not None:
                     self._stalled = why
                     log.write(f"=== bench slurm {_now()}: the cell {why}\n")
