@@ -221,3 +221,33 @@ def test_accuracy_changes_carry_their_noise_band(tmp_path):
     assert gco["drop_vs_model_noise_pp"] == pytest.approx(2 * math.sqrt(sd([89, 90, 91]) ** 2 + sd([88, 90.5, 89]) ** 2))
     assert gco["drop_vs_model_noise_basis"] == "3 vs 3 repeats" and gco["drop_vs_model_within_noise"] is True
     assert any(n.startswith("'± N'") and "(here: 3 vs 3 repeats; last 3 epochs)" in n for n in t.notes), t.notes
+
+
+def test_the_noise_band_never_spans_a_pruning(tmp_path):
+    """A pruned net's chance swing is measured on its final phase alone. Across the pruning, a net pruned before
+    its last epoch (97.6 % the epoch before, 39.8 % after, as in the demo grid) had a 66.81 pp band that called
+    its 57.8 pp collapse 'within noise'; now it has no band, and a note says why."""
+    root = tmp_path / "runs"
+    write_run(root, "h", "fp32-host-off-dense", _cfg(), _times(10.0, 1), [50, 70, 80, 86, 92, 90.0])
+    write_run(root, "h", "fp32-host-off-random-hybrid5", _cfg(kind="random", dense_epochs=5), _times(10.0, 2),
+              [50, 70, 80, 97, 97.6, 39.8])
+    write_run(root, "h", "fp32-host-off-random-hybrid3", _cfg(kind="random", dense_epochs=3), _times(10.0, 3),
+              [50, 70, 80, 30, 84, 88.0])
+    write_run(root, "h", "fp32-host-off-random-hybrid4", _cfg(kind="random", dense_epochs=4), _times(10.0, 4),
+              [50, 70, 80, 97, 84, 88.0])
+    t = table(root, "table2")
+    sd = lambda v: float(np.std(v, ddof=1))  # noqa: E731
+    last, last_md = by_cell(t, "fp32-host-off-random-hybrid5")
+    assert last["drop_pp"] == pytest.approx(90.0 - 39.8)
+    assert last["drop_noise_pp"] is None and last["drop_within_noise"] is None
+    assert "±" not in last_md["drop vs dense (ours)"] and "within noise" not in last_md["drop vs dense (ours)"]
+    # three sparse epochs: all three count, the dense epochs before them none
+    three, three_md = by_cell(t, "fp32-host-off-random-hybrid3")
+    band = 2 * math.sqrt(sd([86, 92, 90]) ** 2 + sd([30, 84, 88]) ** 2)
+    assert three["drop_noise_pp"] == pytest.approx(band) and three["drop_within_noise"] is True
+    assert three_md["drop vs dense (ours)"].endswith(f"± {band:.2f}, within noise")
+    # two sparse epochs: those two, not the dense epoch 4 before them (97 would widen the band)
+    two, _ = by_cell(t, "fp32-host-off-random-hybrid4")
+    assert two["drop_noise_pp"] == pytest.approx(2 * math.sqrt(sd([86, 92, 90]) ** 2 + sd([84, 88]) ** 2))
+    (note,) = [n for n in t.notes if n.startswith("'± N'")]
+    assert "never across a pruning (here: last 3 epochs)" in note and "A change without a band" in note

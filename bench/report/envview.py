@@ -86,12 +86,18 @@ def within_run(res: Speedup) -> Speedup:
 def drop_note(rows: list[dict[str, Any]]) -> list[str]:
     """The note for a table whose MS-SSIM drops carry a noise band (`drop_noise_pp`)."""
     bases = sorted({str(r["drop_noise_basis"]) for r in rows if r.get("drop_noise_basis")})
-    if not bases:
+    bandless = any(is_num(r.get("drop_pp")) and r.get("drop_pp") != 0 and not is_num(r.get("drop_noise_pp"))
+                   for r in rows)
+    if not bases and not bandless:
         return []
-    return [f"'± N' after a change in MS-SSIM: 2 x sqrt(s_cell² + s_baseline²), s the std of the final MS-SSIM over "
-            f"repeats (both arms with 3 or more) or over each run's last {LAST_EPOCHS} epochs (here: "
-            f"{'; '.join(bases)}). The final value is one noisy sample; a change inside the band reads "
-            "'within noise' and is no measured change."]
+    note = (f"'± N' after a change in MS-SSIM: 2 x sqrt(s_cell² + s_baseline²), s the std of the final MS-SSIM over "
+            f"repeats (both arms with 3 or more) or over each run's last {LAST_EPOCHS} epochs of its final phase, "
+            f"never across a pruning (here: {'; '.join(bases) or 'none measured'}). The final value is one noisy "
+            "sample; a change inside the band reads 'within noise' and is no measured change.")
+    if bandless:
+        note += (" A change without a band has no measured chance swing: a run's final phase is a single epoch "
+                 "(a net pruned before its last epoch, a one-epoch run), so nothing tells its noise from a change.")
+    return [note]
 
 
 def interval_notes(rows: list[dict[str, Any]]) -> list[str]:

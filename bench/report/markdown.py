@@ -44,7 +44,7 @@ def how_to_read(opts: Options) -> list[str]:
         "MS-SSIM is the final epoch's validation mean ± std over slices (percent), median over repeats; "
         "'drop' is baseline minus cell in percentage points and relative to the baseline, ± its noise band "
         "(2 x sqrt of the two arms' variances: over repeats when both have three or more, else over each run's "
-        "last 3 epochs); a drop inside it reads 'within noise'.",
+        "last 3 epochs of its final phase, never across a pruning); a drop inside it reads 'within noise'.",
         "'ours/paper' divides our total-time speedup by the paper's, in every table: the paper quotes total "
         "training time.",
         f"Time to quality: the first epoch from which every later validation MS-SSIM stays at or above the "
