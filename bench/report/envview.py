@@ -132,16 +132,37 @@ def opt_category(s: Setting) -> str | None:
     }.get(combo)
 
 
+def paper_model(s: Setting) -> bool:
+    """Whether the paper quotes numbers for this model: the dense DDNet, or 50 % of its weights pruned (no 2:4
+    pattern) before training (Table 1) or after half the epochs (Table 2's and Fig. 8's sparse models, 25 dense
+    + 25 sparse of 50; `epochs // 2` here, as the grids schedule it). Other amounts and splits (Fig. 4(c)'s,
+    a net pruned before its last epoch) have no paper number to set beside them."""
+    return s.dense or (s.amount == 0.5 and s.pattern != "2:4" and s.dense_epochs in (0, s.epochs // 2))
+
+
+def other_model_note(cells: list[CellRuns]) -> list[str]:
+    """The note for a table some of whose sparse models the paper quotes no number for (`paper_model`)."""
+    names = sorted({c.name for c in cells if not paper_model(c.setting)})
+    if not names:
+        return []
+    return [f"Paper columns only for the paper's sparse models: 50 % pruned before training or after half the "
+            f"epochs (its 25 dense + 25 sparse of 50). {', '.join(names)} {'prunes' if len(names) == 1 else 'prune'} "
+            "another amount, in a 2:4 pattern or at another epoch: the paper has no number for that, so none "
+            "stands beside it."]
+
+
 def paper_vs_model(paper: dict[str, Any], s: Setting) -> float | None:
     """Fig. 8: the paper's speedup of these optimizations over the same model without them."""
     cat = opt_category(s)
-    if cat is None:
+    if cat is None or not paper_model(s):
         return None
     return paper["fig8"]["speedup_x"][cat]["dense" if s.dense else "sparse"]
 
 
 def paper_vs_dense(paper: dict[str, Any], s: Setting) -> float | None:
     """The paper's speedup of this setting over the dense fp32 baseline, where it quotes one."""
+    if not paper_model(s):
+        return None
     cat = opt_category(s)
     if s.dense:
         return 1.0 if s.arch_off else paper_vs_model(paper, s)

@@ -11,6 +11,7 @@ from bench.report.envview import (
     EnvView,
     drop_note,
     interval_notes,
+    other_model_note,
     paper_vs_dense,
     paper_vs_model,
     ratio,
@@ -84,6 +85,7 @@ def _build(env: EnvView, key: str, pred: CellPredicate, title: str) -> Table | N
         "channels-last have no paper number.",
         "'vs same model (95% CI)' and 'vs dense fp32' are ratios of training-time estimates (steady epochs); "
         + OURS_OVER_PAPER_NOTE,
+        *other_model_note(cells),
         *env.borrowed_note(pairs),
         *interval_notes(csv),
         *drop_note(quals),

@@ -11,6 +11,8 @@ from bench.report.envview import (
     EnvView,
     drop_note,
     interval_notes,
+    other_model_note,
+    paper_model,
     paper_vs_dense,
     ratio,
 )
@@ -41,9 +43,7 @@ def build(env: EnvView) -> Table | None:
     for c in sorted(cells, key=lambda c: (c.grid, not c.setting.dense, c.name)):
         base = env.baseline(c)
         pairs.append((c, base))
-        p = table1_row(paper, "none" if c.setting.dense else c.setting.sparsity)
-        if p is not None and not c.setting.dense and c.setting.amount != 0.5:
-            p = None  # the paper's sparse row is 50%
+        p = table1_row(paper, "none" if c.setting.dense else c.setting.sparsity) if paper_model(c.setting) else None
         row = {**env.head(c), **env.quality_cols(c, base), **env.time_cols(c, base)}
         row["paper_ms_ssim_pct"] = p["ms_ssim_pct"] if p else None
         row["paper_ms_ssim_std_pct"] = p["ms_ssim_std_pct"] if p else None
@@ -69,6 +69,7 @@ def build(env: EnvView) -> Table | None:
         "Paper: batch size 1, 50 epochs; the sparse model is 50% random, pruned before training. "
         "The paper's speedup is its 235 min / 175 min, derived here from Table 1's times.",
         OURS_OVER_PAPER_NOTE,
+        *other_model_note(cells),
         *env.borrowed_note(pairs),
         *interval_notes(csv),
         *drop_note(csv),

@@ -6,7 +6,15 @@ from pathlib import Path
 
 from bench.paper import table2_row
 from bench.report.artifact import Artifact, Needs, Table, register
-from bench.report.envview import OURS_OVER_PAPER_NOTE, EnvView, drop_note, interval_notes, ratio
+from bench.report.envview import (
+    OURS_OVER_PAPER_NOTE,
+    EnvView,
+    drop_note,
+    interval_notes,
+    other_model_note,
+    paper_model,
+    ratio,
+)
 from bench.report.format import fmt_drop, fmt_num, fmt_pm, fmt_quality, fmt_speedup, fmt_time, is_num
 from bench.report.plotting import bars_with_ci, figure, quality_bars, save
 from bench.report.setting import Setting
@@ -27,7 +35,7 @@ def build(env: EnvView) -> Table | None:
     for c in sorted(cells, key=lambda c: (c.grid, c.setting.sparsity, str(c.setting.dense_epochs), c.name)):
         base = env.baseline(c)
         pairs.append((c, base))
-        p = table2_row(paper, c.setting.sparsity)
+        p = table2_row(paper, c.setting.sparsity) if paper_model(c.setting) else None
         row = {**env.head(c), **env.quality_cols(c, base), **env.time_cols(c, base)}
         row["switch_epoch"] = c.med(lambda r: r.summary.get("switch_epoch"))
         row["paper_speedup_x"] = p["speedup_x"] if p else None
@@ -55,6 +63,7 @@ def build(env: EnvView) -> Table | None:
         "Speedup (epochs) = (dense epochs x median dense-phase epoch + sparse epochs x median sparse-phase epoch) "
         "of the dense baseline over the same of this cell; total time includes capture, pruning and staging.",
         OURS_OVER_PAPER_NOTE,
+        *other_model_note(cells),
         *env.borrowed_note(pairs),
         *interval_notes(csv),
         *drop_note(csv),
