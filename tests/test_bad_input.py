@@ -94,6 +94,8 @@ CASES: list[Case] = [
     ("config-missing", NONE, ["train", "--out", "{t}/o", "--config", "{t}/none.json"], 2, "does not exist"),
     # ---------------------------------------------------------------- bench train: data and folders
     ("train-data-missing", NONE, ["train", "--out", "{t}/o", *TINY, "--data", "{t}/nodata"], 2, "nodata"),
+    ("train-data-file", lambda t, f: [str(_write(t / "slices.zip", "x"))], ["train", "--out", "{t}/o", *TINY,
+                                                                           "--data"], 2, "is a file, not a folder"),
     ("train-data-unpaired", lambda t, f: [_unpaired(t)], ["train", "--out", "{t}/o", *TINY, "--data"], 2, "s1"),
     ("train-data-overflow", lambda t, f: [_overflow(t)], ["train", "--out", "{t}/o", *TINY, "--data"], 2,
      "float32's range"),

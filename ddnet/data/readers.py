@@ -163,9 +163,8 @@ def find_split(root: Path | str, split: str) -> tuple[Path, Path]:
     """The (HQ, LQ) folders of a split, or DataError naming what is missing."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DataError(
-            f"data folder {root} does not exist; pass --data synthetic or a folder holding {LAYOUT_HINT}."
-        )
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise DataError(f"data folder {root} {what}; pass --data synthetic or a folder holding {LAYOUT_HINT}.")
     split_dir = _subdir(root, split)
     if split_dir is None:
         raise DataError(f"{root / split} is missing; the data folder must hold {LAYOUT_HINT}.")
