@@ -154,7 +154,7 @@ def other_model_note(cells: list[CellRuns]) -> list[str]:
 def paper_vs_model(paper: dict[str, Any], s: Setting) -> float | None:
     """Fig. 8: the paper's speedup of these optimizations over the same model without them."""
     cat = opt_category(s)
-    if cat is None or not paper_model(s):
+    if cat is None or not paper_model(s) or not (s.dense or s.hybrid):  # Fig. 8's sparse models are hybrid
         return None
     return paper["fig8"]["speedup_x"][cat]["dense" if s.dense else "sparse"]
 

@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from bench.report.artifact import Artifact, Needs, Table, register
-from bench.report.envview import EnvView, ratio
+from bench.report.cells import CellRuns
+from bench.report.envview import EnvView, opt_category, paper_model, ratio
 from bench.report.format import fmt_num, is_num
 from bench.report.plotting import bars_with_ci, figure, save
 from bench.report.setting import PAPER_MP, Setting
+
+PAPER_IMAGE_SIDE = 512
+"""The paper's slices (512x512 chest CT): its 62 / 27 GB are for that size."""
+
+
+def as_paper_measured(c: CellRuns, paper: dict[str, Any]) -> bool:
+    """Whether the paper's 62 / 27 GB compare with `c`: fp32 or mixed precision alone (DoLL's staged set, a
+    graph's private pool, compile or other toggles change the peak), the dense or a hybrid 50 % model, at the
+    paper's batch (32) and 512 px."""
+    s = c.setting
+    sides = {(r.config.get("data") or {}).get("image_size") for r in c.runs if r.config}
+    return ((s.arch_off or opt_category(s) == "mixed_precision") and paper_model(s) and (s.dense or s.hybrid)
+            and s.batch_size == paper["reference"]["batch_size"] and sides == {PAPER_IMAGE_SIDE})
 
 
 def needs(s: Setting, _p: int) -> bool:
@@ -42,13 +57,14 @@ def build(env: EnvView) -> Table | None:
         pkey = primary[0]
         fp32_peak = (fp32.med(lambda r, k=pkey: r.memory().get(k) if is_num(r.memory().get(k)) else None)
                      if fp32 is not None and pkey else None)
-        paper_gb = fp8["fp32"] if c.setting.precision == "fp32" else (
-            fp8["mixed_precision"] if c.setting.precision in PAPER_MP else None)
+        paper_gb = None if not as_paper_measured(c, env.paper) else fp8["fp32"] if c.setting.precision == "fp32" \
+            else fp8["mixed_precision"] if c.setting.precision in PAPER_MP else None
         row = {**env.head(c), **peaks, "mem_source": source, "primary_measure": primary[1],
                "primary_peak_gib": peaks[primary[0]] if primary[0] else None,
                "fp32_cell": fp32.name if fp32 else None,
                "fp32_over_this": ratio(fp32_peak, peaks[primary[0]] if primary[0] else None),
-               "paper_gb": paper_gb, "paper_fp32_over_mp": fp8["fp32"] / fp8["mixed_precision"]}
+               "paper_gb": paper_gb,
+               "paper_fp32_over_mp": fp8["fp32"] / fp8["mixed_precision"] if paper_gb is not None else None}
         csv.append(row)
         md.append({
             "grid": row["grid"], "cell": c.name, "precision": c.setting.precision,
@@ -58,8 +74,11 @@ def build(env: EnvView) -> Table | None:
             "paper": f"{paper_gb} GB" if paper_gb is not None else "—",
             "paper fp32 / MP": fmt_num(row["paper_fp32_over_mp"], 2, "x") if c.setting.precision in PAPER_MP else "—",
         })
-    notes = ["Paper: 62 GB (fp32) vs 27 GB (mixed precision), measure not stated. On a CPU only the process's host "
-             "RSS is measured: it is not GPU memory and not comparable with the paper."]
+    notes = ["Paper: 62 GB (fp32) vs 27 GB (mixed precision), measure not stated, at batch 32 and 512 px. Its column "
+             "stands beside cells measured as it was only: fp32 or mixed precision alone (DoLL's staged set, a "
+             "graph's private pool, compile and other toggles change the peak), the dense or a hybrid 50 % model, "
+             "batch 32, 512 px. On a CPU only the process's host RSS is measured: it is not GPU memory and not "
+             "comparable with the paper."]
     return Table("memory", "Peak memory per precision", csv, md, list(md[0].keys()), notes)
 
 
