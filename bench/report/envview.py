@@ -151,6 +151,16 @@ def other_model_note(cells: list[CellRuns]) -> list[str]:
             "stands beside it."]
 
 
+def run_size_note(cells: list[CellRuns], batch: int, epochs: int, what: str) -> list[str]:
+    """A note when `cells` ran at another batch size or epoch count than the paper's `what` they stand beside."""
+    ours = sorted({(c.setting.batch_size, c.setting.epochs) for c in cells})
+    if ours == [(batch, epochs)]:
+        return []
+    runs = "; ".join(f"batch {b}, {e} epochs" for b, e in ours)
+    return [f"Ours ran at {runs}; the paper's {what} at batch {batch}, {epochs} epochs: its times and accuracies "
+            "are of that run, so compare ratios and shapes with it, not values."]
+
+
 def paper_vs_model(paper: dict[str, Any], s: Setting) -> float | None:
     """Fig. 8: the paper's speedup of these optimizations over the same model without them."""
     cat = opt_category(s)

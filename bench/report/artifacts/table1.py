@@ -15,6 +15,7 @@ from bench.report.envview import (
     paper_model,
     paper_vs_dense,
     ratio,
+    run_size_note,
 )
 from bench.report.format import fmt_drop, fmt_num, fmt_pm, fmt_quality, fmt_speedup, fmt_time, is_num
 from bench.report.plotting import bars_with_ci, figure, quality_bars, save
@@ -65,10 +66,12 @@ def build(env: EnvView) -> Table | None:
             "speedup (paper)": fmt_num(row["paper_speedup_x"], 2, "x"),
             "ours/paper (total time)": fmt_num(row["speedup_total_ours_over_paper"], 2),
         })
+    hp = paper["table1"]["hyperparameters"]
     notes = [
         "Paper: batch size 1, 50 epochs; the sparse model is 50% random, pruned before training. "
         "The paper's speedup is its 235 min / 175 min, derived here from Table 1's times.",
         OURS_OVER_PAPER_NOTE,
+        *run_size_note(cells, hp["batch_size"], hp["epochs"], "Table 1"),
         *other_model_note(cells),
         *env.borrowed_note(pairs),
         *interval_notes(csv),

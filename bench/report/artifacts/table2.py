@@ -14,6 +14,7 @@ from bench.report.envview import (
     other_model_note,
     paper_model,
     ratio,
+    run_size_note,
 )
 from bench.report.format import fmt_drop, fmt_num, fmt_pm, fmt_quality, fmt_speedup, fmt_time, is_num
 from bench.report.plotting import bars_with_ci, figure, quality_bars, save
@@ -63,6 +64,7 @@ def build(env: EnvView) -> Table | None:
         "Speedup (epochs) = (dense epochs x median dense-phase epoch + sparse epochs x median sparse-phase epoch) "
         "of the dense baseline over the same of this cell; total time includes capture, pruning and staging.",
         OURS_OVER_PAPER_NOTE,
+        *run_size_note(cells, paper["reference"]["batch_size"], sum(paper["table2"]["schedule"].values()), "Table 2"),
         *other_model_note(cells),
         *env.borrowed_note(pairs),
         *interval_notes(csv),
