@@ -13,6 +13,8 @@ import json
 import pandas as pd
 import pytest
 
+import bench.report.artifacts.fig4ab as fig4ab
+import bench.report.artifacts.fig4c as fig4c
 import bench.report.artifacts.fig9b as fig9b
 import bench.report.artifacts.table1 as table1
 from bench.report.artifacts import ARTIFACTS
@@ -434,3 +436,32 @@ def test_tables_1_and_2_say_when_ours_ran_at_another_batch_or_length_than_the_pa
               [90.0] * 50)
     rep = make_report(root, opts=Options())
     assert "Ours ran at" not in (rep.out / "tables" / "table2.md").read_text()
+
+
+def test_fig4_plots_never_average_other_models_and_mark_the_paper_per_run_length(tmp_path, monkeypatch):
+    """Fig. 4(c) drew one line per sparsity kind: 50 % and 70 % at the same split were averaged into one point
+    (90 and 40.7 -> 65.35), and the axis, baseline and paper mark came from the first row's run length. Fig. 4(b)
+    scaled the paper's 28/50 to the longest run only."""
+    root = tmp_path / "runs"
+    t6, t12 = [3.0] + [2.0] * 5, [3.0] + [2.0] * 11
+    write_run(root, "e6", "dense", _cfg(), t6, [50, 70, 80, 86, 92, 90.0])
+    write_run(root, "e6", "r50-3", _cfg(kind="random", dense_epochs=3), t6, [50, 70, 80, 86, 92, 90.0])
+    write_run(root, "e6", "r70-3", _cfg(kind="random", dense_epochs=3).replace(**{"sparsity.amount": 0.7}), t6,
+              [50, 60, 40, 41, 40.5, 40.7])
+    write_run(root, "e12", "dense", _cfg(epochs=12), t12, [60.0] * 12)
+    write_run(root, "e12", "r50-6", _cfg(epochs=12, kind="random", dense_epochs=6), t12, [55.0] * 12)
+    figs = {}
+    for mod in (fig4c, fig4ab):
+        monkeypatch.setattr(mod, "save", lambda fig, path, mod=mod, save=mod.save: (figs.setdefault(mod, fig),
+                                                                                    save(fig, path))[1])
+    make_report(root, opts=Options())
+    ax = figs[fig4c].axes[0]
+    points = {(round(float(x), 3), round(float(y), 2)) for line in ax.get_lines() for x, y in line.get_xydata()
+              if line.get_marker() == "o"}
+    assert points == {(0.5, 90.0), (0.5, 40.7), (0.5, 55.0)}  # each model its own point, none averaged
+    labels = ax.get_legend_handles_labels()[1]
+    assert {"e6: random 50%, 6 epochs", "e6: random 70%, 6 epochs", "e12: random 50%, 12 epochs"} <= set(labels)
+    assert {"dense baseline (ours, e6, 6 epochs)", "dense baseline (ours, e12, 12 epochs)"} <= set(labels)
+    marks = sorted(float(line.get_xdata()[0]) for line in figs[fig4ab].axes[1].get_lines()
+                   if line.get_linestyle() == "--")
+    assert marks == pytest.approx([28 / 50 * 6, 28 / 50 * 12])

@@ -63,26 +63,37 @@ def _split(c: CellRuns) -> Any:
     return int(round(v)) if v is not None else None
 
 
+def _line(r: dict[str, Any], grids: bool, lengths: bool) -> str:
+    """A row's line in the plot: one per sparsity, amount and pattern (and grid, run length where they vary)."""
+    label = f"{r['sparsity']} {float(r['amount']):.0%}{' 2:4' if r.get('pattern') == '2:4' else ''}"
+    label += f", {r['epochs']} epochs" if lengths else ""
+    return f"{r['grid']}: {label}" if grids else label
+
+
 def plot(table: Table, path: Path) -> Path | None:
-    """Final MS-SSIM against dense epochs before pruning; dense baseline and the paper's split marked."""
+    """Final MS-SSIM against the fraction of epochs run dense before pruning: a line per model (never an average
+    of different amounts, grids or run lengths), each baseline, and the paper's split (1/2) marked."""
     rows = [r for r in table.csv_rows if is_num(r.get("ms_ssim_pct")) and is_num(r.get("dense_epochs_run"))]
     if not rows:
         return None
-    fig, ax = figure(7, 4.5)
+    grids, lengths = len({r["grid"] for r in rows}) > 1, len({r["epochs"] for r in rows}) > 1
     df = pd.DataFrame(rows)
-    sns.lineplot(data=df, x="dense_epochs_run", y="ms_ssim_pct", hue="sparsity", marker="o", ax=ax,
-                 errorbar=None)
-    for r in rows:
+    df["line"] = [_line(r, grids, lengths) for r in rows]
+    df["dense_fraction"] = df["dense_epochs_run"] / df["epochs"]
+    fig, ax = figure(7, 4.5)
+    sns.lineplot(data=df.sort_values("dense_fraction"), x="dense_fraction", y="ms_ssim_pct", hue="line", marker="o",
+                 ax=ax, errorbar=None, estimator=None, units="line")
+    for r, x in zip(rows, df["dense_fraction"], strict=True):
         if is_num(r.get("ms_ssim_std_pct")):
-            ax.errorbar(r["dense_epochs_run"], r["ms_ssim_pct"], yerr=r["ms_ssim_std_pct"], fmt="none",
-                        ecolor="grey", capsize=3, lw=1)
-    base = next((r["baseline_ms_ssim_pct"] for r in rows if is_num(r.get("baseline_ms_ssim_pct"))), None)
-    if base is not None:
-        ax.axhline(base, color="black", ls="--", lw=1, label="dense baseline (ours)")
-    epochs = rows[0]["epochs"]
-    ax.axvline(rows[0]["paper_split_fraction"] * epochs, color="green", ls="--", lw=1,
-               label="paper's split (25 of 50), scaled")
-    ax.set_xlabel(f"dense epochs before pruning (of {epochs})")
+            ax.errorbar(x, r["ms_ssim_pct"], yerr=r["ms_ssim_std_pct"], fmt="none", ecolor="grey", capsize=3, lw=1)
+    bases = sorted({(r["grid"], r["epochs"], r["baseline_ms_ssim_pct"]) for r in rows
+                    if is_num(r.get("baseline_ms_ssim_pct"))})
+    for g, e, base in bases:
+        where = f", {g}" * grids + f", {e} epochs" * lengths
+        ax.axhline(base, color="black", ls="--", lw=1, label=f"dense baseline (ours{where})")
+    ax.axvline(rows[0]["paper_split_fraction"], color="green", ls="--", lw=1, label="paper's split (25 of 50)")
+    ax.set_xlabel("fraction of the epochs run dense before pruning"
+                  + ("" if lengths else f" (of {rows[0]['epochs']})"))
     ax.set_ylabel("final validation MS-SSIM (%)")
     ax.legend(fontsize=7)
     ax.set_title(table.title, fontsize=10)
