@@ -146,9 +146,9 @@ def other_model_note(cells: list[CellRuns]) -> list[str]:
     if not names:
         return []
     return [f"Paper columns only for the paper's sparse models: 50 % pruned before training or after half the "
-            f"epochs (its 25 dense + 25 sparse of 50). {', '.join(names)} {'prunes' if len(names) == 1 else 'prune'} "
-            "another amount, in a 2:4 pattern or at another epoch: the paper has no number for that, so none "
-            "stands beside it."]
+            f"epochs (its 25 dense + 25 sparse of 50). {', '.join(names)} "
+            f"{'prunes' if len(names) == 1 else 'prune'} another amount, in a 2:4 pattern or at another epoch: the "
+            "paper has no number for that, so none stands beside it."]
 
 
 def run_size_note(cells: list[CellRuns], batch: int, epochs: int, what: str) -> list[str]:

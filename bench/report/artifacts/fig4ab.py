@@ -94,10 +94,9 @@ def plot(table: Table, path: Path) -> Path | None:
         a2.axvline(switch + 0.5, color="red", ls=":", lw=1, label="switch to sparse" if i == 0 else None)
     # the paper's saturation (epoch 28 of 50) scaled to each run length shown, never one length's mark for all
     head = table.csv_rows[0]
-    for i, epochs in enumerate(sorted({int(c["epochs"]) for c in curves})):
+    for epochs in sorted({int(c["epochs"]) for c in curves}):
         paper_at = head["paper_saturation_epoch"] / head["paper_total_epochs"] * epochs
-        a2.axvline(paper_at, color="black", ls="--", lw=1,
-                   label=f"paper: saturates at 28/50, scaled to {epochs} epochs" if i == 0 else f"... to {epochs}")
+        a2.axvline(paper_at, color="black", ls="--", lw=1, label=f"paper's 28/50, scaled to {epochs} epochs")
     a2.set_ylabel("|Δ train loss| between epochs (log)")
     a2.set_title("(b) loss change", fontsize=9)
     a2.legend(fontsize=7)

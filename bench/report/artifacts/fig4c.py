@@ -81,11 +81,12 @@ def plot(table: Table, path: Path) -> Path | None:
     df["line"] = [_line(r, grids, lengths) for r in rows]
     df["dense_fraction"] = df["dense_epochs_run"] / df["epochs"]
     fig, ax = figure(7, 4.5)
-    sns.lineplot(data=df.sort_values("dense_fraction"), x="dense_fraction", y="ms_ssim_pct", hue="line", marker="o",
-                 ax=ax, errorbar=None, estimator=None, units="line")
+    sns.lineplot(data=df.sort_values("dense_fraction"), x="dense_fraction", y="ms_ssim_pct", hue="line",
+                 marker="o", ax=ax, errorbar=None, estimator=None, units="line")
     for r, x in zip(rows, df["dense_fraction"], strict=True):
         if is_num(r.get("ms_ssim_std_pct")):
-            ax.errorbar(x, r["ms_ssim_pct"], yerr=r["ms_ssim_std_pct"], fmt="none", ecolor="grey", capsize=3, lw=1)
+            ax.errorbar(x, r["ms_ssim_pct"], yerr=r["ms_ssim_std_pct"], fmt="none", ecolor="grey", capsize=3,
+                        lw=1)
     bases = sorted({(r["grid"], r["epochs"], r["baseline_ms_ssim_pct"]) for r in rows
                     if is_num(r.get("baseline_ms_ssim_pct"))})
     for g, e, base in bases:

@@ -57,8 +57,8 @@ def build(env: EnvView) -> Table | None:
         pkey = primary[0]
         fp32_peak = (fp32.med(lambda r, k=pkey: r.memory().get(k) if is_num(r.memory().get(k)) else None)
                      if fp32 is not None and pkey else None)
-        paper_gb = None if not as_paper_measured(c, env.paper) else fp8["fp32"] if c.setting.precision == "fp32" \
-            else fp8["mixed_precision"] if c.setting.precision in PAPER_MP else None
+        paper_gb = {"fp32": fp8["fp32"], **dict.fromkeys(PAPER_MP, fp8["mixed_precision"])}.get(
+            c.setting.precision) if as_paper_measured(c, env.paper) else None
         row = {**env.head(c), **peaks, "mem_source": source, "primary_measure": primary[1],
                "primary_peak_gib": peaks[primary[0]] if primary[0] else None,
                "fp32_cell": fp32.name if fp32 else None,
@@ -74,11 +74,11 @@ def build(env: EnvView) -> Table | None:
             "paper": f"{paper_gb} GB" if paper_gb is not None else "—",
             "paper fp32 / MP": fmt_num(row["paper_fp32_over_mp"], 2, "x") if c.setting.precision in PAPER_MP else "—",
         })
-    notes = ["Paper: 62 GB (fp32) vs 27 GB (mixed precision), measure not stated, at batch 32 and 512 px. Its column "
-             "stands beside cells measured as it was only: fp32 or mixed precision alone (DoLL's staged set, a "
-             "graph's private pool, compile and other toggles change the peak), the dense or a hybrid 50 % model, "
-             "batch 32, 512 px. On a CPU only the process's host RSS is measured: it is not GPU memory and not "
-             "comparable with the paper."]
+    notes = ["Paper: 62 GB (fp32) vs 27 GB (mixed precision), measure not stated, at batch 32 and 512 px. "
+             "Its column stands beside cells measured as it was only: fp32 or mixed precision alone (DoLL's "
+             "staged set, a graph's private pool, compile and other toggles change the peak), the dense or a "
+             "hybrid 50 % model, batch 32, 512 px. On a CPU only the process's host RSS is measured: it is not "
+             "GPU memory and not comparable with the paper."]
     return Table("memory", "Peak memory per precision", csv, md, list(md[0].keys()), notes)
 
 

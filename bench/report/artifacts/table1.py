@@ -44,7 +44,8 @@ def build(env: EnvView) -> Table | None:
     for c in sorted(cells, key=lambda c: (c.grid, not c.setting.dense, c.name)):
         base = env.baseline(c)
         pairs.append((c, base))
-        p = table1_row(paper, "none" if c.setting.dense else c.setting.sparsity) if paper_model(c.setting) else None
+        kind = "none" if c.setting.dense else c.setting.sparsity
+        p = table1_row(paper, kind) if paper_model(c.setting) else None
         row = {**env.head(c), **env.quality_cols(c, base), **env.time_cols(c, base)}
         row["paper_ms_ssim_pct"] = p["ms_ssim_pct"] if p else None
         row["paper_ms_ssim_std_pct"] = p["ms_ssim_std_pct"] if p else None

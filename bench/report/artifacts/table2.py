@@ -64,7 +64,8 @@ def build(env: EnvView) -> Table | None:
         "Speedup (epochs) = (dense epochs x median dense-phase epoch + sparse epochs x median sparse-phase epoch) "
         "of the dense baseline over the same of this cell; total time includes capture, pruning and staging.",
         OURS_OVER_PAPER_NOTE,
-        *run_size_note(cells, paper["reference"]["batch_size"], sum(paper["table2"]["schedule"].values()), "Table 2"),
+        *run_size_note(cells, paper["reference"]["batch_size"], sum(paper["table2"]["schedule"].values()),
+                       "Table 2"),
         *other_model_note(cells),
         *env.borrowed_note(pairs),
         *interval_notes(csv),

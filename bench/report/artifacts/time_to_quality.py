@@ -34,8 +34,8 @@ from bench.stats import (
 
 
 def paper_never_text(paper: dict[str, Any], s: Setting) -> str:
-    """The paper column of a model that never reached the paper's own target: a fact about the paper's run
-    (Table 1, batch 1), whatever this row's target; '(paper: ended at 42.39 %, below its 97.22 % target)'."""
+    """The paper column of a model that never reached the paper's own target, e.g. 'paper: ended at 42.39 %,
+    below its 97.22 % target': a fact about the paper's run (Table 1, batch 1), whatever this row's target."""
     return (f"paper: ended at {table1_row(paper, s.sparsity)['ms_ssim_pct']:g} %, below its "
             f"{paper['reference']['target_ms_ssim_pct']:g} % target")
 
@@ -162,7 +162,8 @@ def build(env: EnvView) -> Table | None:
             "grid": row["grid"], "cell": c.name, "label": c.setting.label(),
             "target %": fmt_num(target, 2), "reached and held": reached, "time to target": fmt_time(row["ttq_s"]),
             "speedup (95% CI)": fmt_speedup(row, "speedup_ttq"),
-            "paper speedup": paper_never_text(env.paper, c.setting) if never else fmt_num(row["paper_speedup_x"], 2, "x"),
+            "paper speedup": paper_never_text(env.paper, c.setting) if never
+            else fmt_num(row["paper_speedup_x"], 2, "x"),
             "paper reference": f"{ref['time_to_target_min']} min to {ref['target_ms_ssim_pct']}%"
             if row["paper_reference_ttq_min"] else "—",
         })
