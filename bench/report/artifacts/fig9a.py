@@ -87,7 +87,8 @@ def build(env: EnvView) -> Table | None:
     ]
     if others:
         notes.append(f"{', '.join(others)}: profiled with more on than the loader (mixed precision, graphs, "
-                     "compile or other toggles), which moves other bytes: no paper share beside it.")
+                     "compile or other toggles) or on a model the paper has no figure for, which moves other "
+                     "bytes: no paper share beside it.")
     if any(r["copies_device"] == "cpu" for r in csv):
         notes.append("On a CPU there is no host-device copy: the rows are CPU copy ops (HtoH = aten::copy_, "
                      "Memset = fill_/zero_) and are not comparable with the paper's GPU profile.")
