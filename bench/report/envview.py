@@ -140,6 +140,13 @@ def paper_model(s: Setting) -> bool:
     return s.dense or (s.amount == 0.5 and s.pattern != "2:4" and s.dense_epochs in (0, s.epochs // 2))
 
 
+def paper_model_with(s: Setting, category: str) -> bool:
+    """Whether `s` is one of the paper's models (`paper_model`) with nothing on but the paper's optimization
+    `category` (`opt_category`: 'doll', 'mixed_precision', ...), or nothing at all: what the paper measured
+    that optimization on."""
+    return paper_model(s) and (s.arch_off or opt_category(s) == category)
+
+
 def other_model_note(cells: list[CellRuns]) -> list[str]:
     """The note for a table some of whose sparse models the paper quotes no number for (`paper_model`)."""
     names = sorted({c.name for c in cells if not paper_model(c.setting)})

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.report.artifact import Artifact, Needs, Table, register
-from bench.report.envview import EnvView, opt_category, paper_model
+from bench.report.envview import EnvView, paper_model_with
 from bench.report.format import fmt_bytes, fmt_num, is_num
 from bench.report.plotting import bars_with_ci, figure, save
 from bench.report.runs import RunRecord
@@ -59,7 +59,7 @@ def build(env: EnvView) -> Table | None:
         run = next(r for r in c.ok_runs if r.copies)  # the profiled window of the first finished repeat
         # the paper profiled its loaders alone: fp32, eager, no other toggle (mixed precision or a graph moves
         # other bytes); a cell with more on gets no paper share
-        as_paper = (c.setting.arch_off or opt_category(c.setting) == "doll") and paper_model(c.setting)
+        as_paper = paper_model_with(c.setting, "doll")
         if not as_paper:
             others.append(c.name)
         for k in copies_rows(run):

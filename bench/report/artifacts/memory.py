@@ -7,7 +7,7 @@ from typing import Any
 
 from bench.report.artifact import Artifact, Needs, Table, register
 from bench.report.cells import CellRuns
-from bench.report.envview import EnvView, opt_category, paper_model, ratio
+from bench.report.envview import EnvView, paper_model_with, ratio
 from bench.report.format import fmt_num, is_num
 from bench.report.plotting import bars_with_ci, figure, save
 from bench.report.setting import PAPER_MP, Setting
@@ -22,7 +22,7 @@ def as_paper_measured(c: CellRuns, paper: dict[str, Any]) -> bool:
     paper's batch (32) and 512 px."""
     s = c.setting
     sides = {(r.config.get("data") or {}).get("image_size") for r in c.runs if r.config}
-    return ((s.arch_off or opt_category(s) == "mixed_precision") and paper_model(s) and (s.dense or s.hybrid)
+    return (paper_model_with(s, "mixed_precision") and (s.dense or s.hybrid)
             and s.batch_size == paper["reference"]["batch_size"] and sides == {PAPER_IMAGE_SIDE})
 
 
