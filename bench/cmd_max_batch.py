@@ -139,7 +139,7 @@ def _two_steps(cfg: TrainConfig, shape: tuple[int, int, int], device: torch.devi
     # DoLL keeps the whole training set on the device: a placeholder of its size holds that memory
     staged = ([torch.empty((n, 1, h, w), device=device).contiguous(memory_format=fmt) for _ in range(2)]
               if cfg.loader == "device" else [])
-    model = DDNet(cfg.model).to(device, memory_format=fmt)
+    model = DDNet(cfg.model).set_deterministic(cfg.deterministic).to(device, memory_format=fmt)
     loss_fn = DDNetLoss(min(h, w), guard_tf32=cfg.precision == "tf32")
     optimizer = make_optimizer(model, cfg, device)
     post_step: Callable[[], None] = _nothing

@@ -182,6 +182,9 @@ class TrainConfig:
     """Use the channels_last memory format for model and inputs."""
     cudnn_benchmark: bool = False
     """cuDNN autotuning: time the convolution algorithms once per shape and keep the fastest (shapes are fixed)."""
+    deterministic: bool = False
+    """Deterministic kernels only (torch.use_deterministic_algorithms, cuDNN deterministic, a matmul upsampling):
+    on a GPU, reruns and resumes repeat bit for bit, at some speed."""
     optimizer_impl: OptimizerImpl = "default"
     """Adam's implementation: torch's default choice, the multi-tensor 'foreach' one, or the 'fused' kernel."""
     compile_mode: CompileMode = "default"
@@ -231,6 +234,9 @@ class TrainConfig:
             raise ConfigError(f"--compile-mode {self.compile_mode} brings torch.compile's own CUDA graphs, which cannot "
                               "sit inside our captured step; use --graphs compile with it, or "
                               "--compile-mode default / max-autotune-no-cudagraphs.")
+        if self.deterministic and self.cudnn_benchmark:
+            raise ConfigError("--cudnn-benchmark picks cuDNN's algorithms by timing, so a rerun may pick others and "
+                              "round differently; drop it or --deterministic.")
         if self.batch_size % self.nproc:
             raise ConfigError(f"--batch-size {self.batch_size} must be divisible by --nproc {self.nproc}.")
 
@@ -279,8 +285,8 @@ class TrainConfig:
 
 
 TOGGLES: tuple[str, ...] = (
-    "precision", "loader", "graphs", "channels_last", "cudnn_benchmark", "optimizer_impl", "compile_mode",
-    "compile_scope", "sparsity.kind", "sparsity.amount", "sparsity.pattern", "sparsity.dense_epochs",
+    "precision", "loader", "graphs", "channels_last", "cudnn_benchmark", "deterministic", "optimizer_impl",
+    "compile_mode", "compile_scope", "sparsity.kind", "sparsity.amount", "sparsity.pattern", "sparsity.dense_epochs",
 )
 """The optimization toggles among the fields (dotted paths): what a grid varies and the report compares.
 Everything else (data, widths, epochs, batch, lr, ...) is the context two cells must share to be compared."""

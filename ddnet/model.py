@@ -68,6 +68,31 @@ class EncoderStage(nn.Module):
         return self.transition(self.block(x))
 
 
+def _linear_weights(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
+    """(n_out, n_in) matrix of linear interpolation with align_corners=True, computed as
+    F.interpolate computes its weights (scale and source positions in fp32, fp64 for fp64): two nonzeros a row."""
+    acc = torch.float64 if like.dtype == torch.float64 else torch.float32
+    scale = torch.tensor(float(n_in - 1), device=like.device, dtype=acc) / max(n_out - 1, 1)
+    src = torch.arange(n_out, device=like.device, dtype=acc) * scale
+    low = src.floor()
+    frac = src - low
+    j = torch.arange(n_in, device=like.device, dtype=acc)
+    w = torch.where(j == low[:, None], 1.0 - frac[:, None], 0.0)
+    return (w + torch.where(j == low[:, None] + 1.0, frac[:, None], 0.0)).to(like.dtype)
+
+
+def bilinear_matmul(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize with align_corners=True as two matrix products (columns, then rows).
+
+    The same values as `F.interpolate(..., mode="bilinear", align_corners=True)` up to rounding, but
+    with a deterministic backward on CUDA (two more matrix products), where interpolate's backward
+    accumulates with atomics and raises under `torch.use_deterministic_algorithms(True)`. It costs
+    a few % of DDNet's FLOPs, so only `--deterministic` runs use it."""
+    rows = _linear_weights(x.shape[-2], size[0], x)
+    cols = _linear_weights(x.shape[-1], size[1], x)
+    return torch.matmul(rows, torch.matmul(x, cols.t()))
+
+
 class DecoderStage(nn.Module):
     """Upsample x2 -> concat skip -> BN deconv 5x5 -> BN deconv 1x1."""
 
@@ -75,9 +100,15 @@ class DecoderStage(nn.Module):
         super().__init__()
         self.deconv5 = ConvUnit(c_up + c_skip, c_mid, 5, transpose=True)
         self.deconv1 = ConvUnit(c_mid, c_out, 1, transpose=True)
+        self.deterministic = False
+        """Upsample with `bilinear_matmul` (deterministic backward on CUDA) instead of F.interpolate."""
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=True)
+        size = (skip.shape[-2], skip.shape[-1])
+        if self.deterministic:
+            x = bilinear_matmul(x, size)
+        else:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=True)
         return self.deconv1(self.deconv5(torch.cat([x, skip], dim=1)))
 
 
@@ -104,6 +135,12 @@ class DDNet(nn.Module):
         for stage in self.decoder:
             y = stage(y, skips.pop())  # concat with c3, c2, c1, c0
         return y
+
+    def set_deterministic(self, on: bool) -> DDNet:
+        """Use the upsampling whose CUDA backward is deterministic (`bilinear_matmul`), or interpolate's."""
+        for stage in self.decoder:
+            stage.deterministic = on
+        return self
 
 
 def count_layers(model: nn.Module) -> dict[str, int]:

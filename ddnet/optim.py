@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ def setup_precision(cfg: TrainConfig, device: torch.device) -> PrecisionSetup:
     """
     flags = set_fp32_precision("tf32" if cfg.precision == "tf32" else "ieee")
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # autotuning: a fast-path toggle, off in the baseline
+    flags.update(set_deterministic(cfg.deterministic))
     dtype = {"amp-fp16": torch.float16, "amp-bf16": torch.bfloat16}.get(cfg.precision)
     # note: a disabled GradScaler is a no-op: scale() returns the loss, step() just steps
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "amp-fp16")
@@ -65,6 +67,27 @@ def setup_precision(cfg: TrainConfig, device: torch.device) -> PrecisionSetup:
         cudnn_benchmark=torch.backends.cudnn.benchmark,
     )
     return PrecisionSetup(dtype, scaler, flags)
+
+
+CUBLAS_DETERMINISTIC = ":4096:8"
+"""The cuBLAS workspace setting CUDA's docs name for reproducible matmuls (torch refuses others in deterministic mode)."""
+
+
+def set_deterministic(on: bool) -> dict[str, Any]:
+    """Deterministic kernels only, process-wide, or torch's defaults; returns the flags in force.
+
+    `torch.use_deterministic_algorithms` makes every op either deterministic or raise; cuDNN keeps to
+    its deterministic algorithms (autotuning, when on, chooses among those); cuBLAS needs a fixed
+    workspace, set here (before the run's first matmul) unless CUBLAS_WORKSPACE_CONFIG is already set.
+    DDNet's own nondeterministic op, the bilinear upsampling's backward, is swapped by the trainer
+    (`DDNet.set_deterministic`). A CPU run is deterministic either way."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    return {"deterministic": torch.are_deterministic_algorithms_enabled(),
+            "cudnn_deterministic": torch.backends.cudnn.deterministic,
+            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
 
 
 # ----------------------------------------------------------------- train step

@@ -136,7 +136,7 @@ class Run:
                     f"there but {want[first]} here; set --base-width to the checkpoint's width."
                 )
             model = loaded
-        return model.to(self.device, memory_format=self.fmt)
+        return model.set_deterministic(self.cfg.deterministic).to(self.device, memory_format=self.fmt)
 
     def _flops(self) -> int | None:
         try:

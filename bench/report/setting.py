@@ -33,6 +33,7 @@ ARCH_BASELINE: dict[str, Any] = {k: DEFAULTS[k] for k in ARCH_KEYS}
 _PART_LABELS = {
     "channels_last": lambda v: "channels-last" if v else None,
     "cudnn_benchmark": lambda v: "cuDNN autotune" if v else None,
+    "deterministic": lambda v: "deterministic" if v else None,
     "optimizer_impl": lambda v: f"{v} Adam",
     "compile_mode": lambda v: f"compile {v}",
     "compile_scope": lambda v: "compiled whole step" if v == "step" else None,
