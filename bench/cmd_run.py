@@ -58,6 +58,7 @@ from bench.run_slurm import run_on_slurm
 from bench.slurm import SlurmOptions
 from bench.status import format_duration
 from bench.store import read_summary
+from ddnet.config import resolve_device
 from ddnet.errors import UserError
 
 
@@ -298,6 +299,9 @@ def run_cmd(
         given = slurm_only_given(ctx)
         if given:
             raise UserError(f"{', '.join(given)} only apply with --executor slurm; add it, or drop them.")
+        if device == "cuda" and resolve_device("auto") != "cuda":  # not a skip of every cell: a mistake
+            raise UserError("--device cuda was asked for but no CUDA device is visible here; use --device cpu, or "
+                            "leave --device out to run what this machine can (the CUDA-only cells are skipped).")
         calibrations: dict[tuple[str, str], Calibration] | None = None
         also = tuple(estimate_from)
         if dry_run or calibrate_:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import json
 import pkgutil
 import re
 import sys
@@ -189,6 +190,15 @@ def validate_cells(grid: str, cells: list[Cell]) -> None:
         seen.add(c.name)
         if not isinstance(c.config, TrainConfig):  # any TrainConfig is valid by construction
             raise UserError(f"grid '{grid}', cell '{c.name}': config is {type(c.config).__name__}, not a TrainConfig.")
+        if not isinstance(c.factors, dict) or not all(isinstance(k, str) for k in c.factors):
+            raise UserError(f"grid '{grid}', cell '{c.name}': factors must be a dict with text keys, "
+                            f"got {type(c.factors).__name__}.")
+        for key, value in c.factors.items():  # they are written to cell.json and grid.json
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError):
+                raise UserError(f"grid '{grid}', cell '{c.name}': factor {key!r} is a {type(value).__name__}, which "
+                                "JSON cannot hold; use plain str, int, float, bool or None (e.g. float(x)).") from None
 
 
 # ------------------------------------------------------------------ loading

@@ -164,7 +164,56 @@ def plan_grid(
             folder = f"{c.name}-r{k}-{h}" if repeats > 1 else f"{c.name}-{h}"
             reason = c.skip_reason or skip_reason_for(cfg)
             planned.append(PlannedCell(cell=c, repeat=k, folder=folder, config=cfg, skip_reason=reason))
+    for p in planned:  # before anything is written, not once per cell in its own process
+        sizes = cell_sizes(p.config)
+        if not p.skip_reason and sizes.n_train < sizes.batch:
+            raise UserError(f"grid '{grid.name}', cell '{p.cell.name}': the training set has {sizes.n_train} "
+                            f"slices, fewer than --batch-size {sizes.batch}; lower --batch-size or add data "
+                            "(--n-train).")
     return planned
+
+
+def _run_folder_mark(d: Path) -> str | None:
+    """The file that makes `d` a run folder (a grid cell's, or bench train's: its config beside its records)."""
+    if (d / "cell.json").is_file():
+        return "cell.json"
+    if (d / "config.json").is_file():
+        return next((n for n in ("summary.json", "epochs.jsonl") if (d / n).is_file()), None)
+    return None
+
+
+def check_grid_out(out: Path) -> None:
+    """Refuse an --out that is a run folder or lies inside one or inside another grid's folder (UserError):
+    the grid's cells would nest among a run's files, and a report of the outer folder would count them twice."""
+    out = Path(out).expanduser().absolute()
+    for d in (out, *out.parents):
+        with contextlib.suppress(OSError):
+            held = _run_folder_mark(d)
+            if held is not None:
+                where = "is" if d == out else f"lies inside {d}, which is"
+                raise UserError(f"--out {out} {where} a run folder (it holds {held}); pass a folder outside "
+                                "any run for the grid.")
+            if d != out and (d / "grid.json").is_file():
+                raise UserError(f"--out {out} lies inside {d}, another grid's folder; pass a folder outside it "
+                                "(`bench report` reads every grid under one parent folder).")
+
+
+def check_recorded(out: Path, folders: list[str], version: str) -> list[str] | None:
+    """The run order `out/grid.json` recorded for these cell folders, None when there is no grid.json;
+    UserError when it records another cell set (another grid, other options, or other code)."""
+    path = out / "grid.json"
+    if not path.exists():
+        return None
+    record = read_json(path)
+    known = [c["folder"] if isinstance(c, dict) else c for c in record.get("cells", [])]
+    if set(known) != set(folders) or sorted(record.get("order", [])) != sorted(folders):
+        old = record.get("code_version")
+        why = (f"it was planned by code {old} and this is {version}: cell folders are keyed by the code's "
+               "commit, so check out that commit to finish it, or pick another --out" if old != version else
+               "the grid or its options changed: run it with the options it was started with, or pick another "
+               "--out")
+        raise UserError(f"{out} holds a different cell set (grid '{record.get('grid')}', {len(known)} cells); {why}.")
+    return list(record["order"])
 
 
 # ------------------------------------------------------------------ what a cell trains, where it stands
@@ -301,8 +350,8 @@ def run_order(planned: list[PlannedCell], seed: int) -> list[str]:
 
 
 def recorded_grid(out: Path) -> dict[str, Any]:
-    """`out/grid.json` as a dict, or {} when there is none or it cannot be read (a dry run writes nothing and
-    refuses nothing: `prepare_out` judges the file when the grid really runs)."""
+    """`out/grid.json` as a dict, or {} when there is none or it cannot be read (a dry run writes nothing;
+    `prepare_out` judges an unreadable file when the grid really runs)."""
     try:
         record = read_json(out / "grid.json")
     except (OSError, ValueError):
@@ -310,13 +359,15 @@ def recorded_grid(out: Path) -> dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
-def dry_run_order(planned: list[PlannedCell], seed: int, out: Path) -> list[str]:
-    """The order a run into `out` would take: the one grid.json recorded for this cell set, else the seeded one."""
+def dry_run_order(planned: list[PlannedCell], seed: int, out: Path, version: str | None = None) -> list[str]:
+    """The order a run into `out` would take: the one grid.json recorded for this cell set, else the seeded one.
+    Refuses (UserError) what the run would refuse: an --out in a run folder, a grid.json of another cell set."""
+    check_grid_out(out)
     order = run_order(planned, seed)
-    recorded = recorded_grid(out).get("order")
-    if isinstance(recorded, list) and sorted(map(str, recorded)) == sorted(order):
-        return [str(f) for f in recorded]
-    return order
+    if not recorded_grid(out):
+        return order  # none, or an unreadable one: the run itself names it
+    recorded = check_recorded(out, order, code_version() if version is None else version)
+    return recorded if recorded is not None else order
 
 
 def prepare_out(
@@ -325,19 +376,13 @@ def prepare_out(
     """Create `out/grid.json` once, or check the existing one matches; returns the run order."""
     path = out / "grid.json"
     folders = [p.folder for p in planned]
-    if path.exists():
-        if not resume:
-            raise UserError(
-                f"{out} already holds a run of this grid; re-run with --resume to continue it, or pick another --out."
-            )
-        record = read_json(path)
-        known = [c["folder"] if isinstance(c, dict) else c for c in record.get("cells", [])]
-        if set(known) != set(folders) or sorted(record.get("order", [])) != sorted(folders):
-            raise UserError(
-                f"{out} holds a different cell set (grid '{record.get('grid')}', {len(known)} cells at code "
-                f"{record.get('code_version')}); the grid, its options or the code changed: pick another --out."
-            )
-        return list(record["order"])
+    if path.exists() and not resume:
+        raise UserError(
+            f"{out} already holds a run of this grid; re-run with --resume to continue it, or pick another --out."
+        )
+    recorded = check_recorded(out, folders, version)
+    if recorded is not None:
+        return recorded
     order = run_order(planned, seed)
     write_json(path, {
         "grid": grid.name,

@@ -55,6 +55,7 @@ from bench.grids import Grid
 from bench.planning import (
     Overrides,
     PlannedCell,
+    check_grid_out,
     code_version,
     exclusive,
     plan_grid,
@@ -346,6 +347,7 @@ def run_grid(
     seed = overrides.seed if overrides.seed is not None else grid.base().seed
     results: list[CellResult] = []
     machine_device = resolve_device("auto")  # once: a GPU that vanishes mid-grid must not turn cells into CPU runs
+    check_grid_out(out)  # before `exclusive` makes the folder
     with exclusive(out):
         order = prepare_out(out, grid, planned, seed, resume, version)
 

@@ -35,6 +35,7 @@ from bench.grids import Grid
 from bench.planning import (
     Overrides,
     PlannedCell,
+    check_grid_out,
     code_version,
     dry_run_order,
     exclusive,
@@ -144,7 +145,7 @@ def run_on_slurm(
             cell_job(p, out, command, options)
 
     if dry_run:
-        order = dry_run_order(planned, seed, out)
+        order = dry_run_order(planned, seed, out, version)
         recorded = recorded_grid(out)
         statuses = _statuses(planned, order, out)
         decisions = submission_decisions(statuses, recorded, states(list(latest_jobs(recorded).values())),
@@ -157,6 +158,7 @@ def run_on_slurm(
                       markup=False, highlight=False)
         return None
 
+    check_grid_out(out)  # before `exclusive` makes the folder
     with exclusive(out):
         order = prepare_out(out, grid, planned, seed, resume, version)
         for folder in order:
