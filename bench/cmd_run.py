@@ -52,7 +52,7 @@ from rich.table import Table
 from bench.calibrate import calibrate
 from bench.estimate import Calibration, PlanEstimate, estimate_plan
 from bench.grids import Grid, load_grid, registry
-from bench.planning import Overrides, PlannedCell, dry_run_order, plan_grid
+from bench.planning import Overrides, PlannedCell, dry_run_order, dry_run_refusal, plan_grid
 from bench.processes import CellResult, run_grid
 from bench.run_slurm import run_on_slurm
 from bench.slurm import SlurmOptions
@@ -312,6 +312,9 @@ def run_cmd(
             order = dry_run_order(planned, seed if seed is not None else g.base().seed, out_dir)
             print_plan(console, g, planned, order, out_dir,
                        estimate_plan(planned, out_dir, retry_failed, calibrations, also))
+            refusal = dry_run_refusal(out_dir, order)
+            if refusal:
+                console.print(refusal, markup=False, highlight=False)
             return
 
         def show_plan(planned: list[PlannedCell], order: list[str], estimate: PlanEstimate) -> None:

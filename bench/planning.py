@@ -22,6 +22,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import random
 import socket
 from collections.abc import Iterator
@@ -74,7 +75,10 @@ class Overrides:
             "seed": "seed",
             "device": "device",
         }
-        return {dotted: getattr(self, attr) for attr, dotted in names.items() if getattr(self, attr) is not None}
+        out = {dotted: getattr(self, attr) for attr, dotted in names.items() if getattr(self, attr) is not None}
+        if out.get("data.source", "synthetic") != "synthetic":  # the cells run from their own folders
+            out["data.source"] = os.path.abspath(os.path.expanduser(out["data.source"]))
+        return out
 
     def apply(self, cfg: TrainConfig, keep: set[str] | frozenset[str] = frozenset()) -> TrainConfig:
         """`cfg` with the given options set, except fields whose leaf name is in `keep` (a grid's factors)."""
@@ -359,15 +363,27 @@ def recorded_grid(out: Path) -> dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
-def dry_run_order(planned: list[PlannedCell], seed: int, out: Path, version: str | None = None) -> list[str]:
+def dry_run_order(planned: list[PlannedCell], seed: int, out: Path) -> list[str]:
     """The order a run into `out` would take: the one grid.json recorded for this cell set, else the seeded one.
-    Refuses (UserError) what the run would refuse: an --out in a run folder, a grid.json of another cell set."""
+    Refuses (UserError) an --out the run would refuse as a place (`check_grid_out`)."""
     check_grid_out(out)
     order = run_order(planned, seed)
+    recorded = recorded_grid(out).get("order")
+    if isinstance(recorded, list) and sorted(map(str, recorded)) == sorted(order):
+        return [str(f) for f in recorded]
+    return order
+
+
+def dry_run_refusal(out: Path, order: list[str], version: str | None = None) -> str | None:
+    """What the run would refuse that a dry run does not: planning other options into a grid's folder is
+    how a dry run estimates them from its epochs, but the run itself stops at the other cell set."""
     if not recorded_grid(out):
-        return order  # none, or an unreadable one: the run itself names it
-    recorded = check_recorded(out, order, code_version() if version is None else version)
-    return recorded if recorded is not None else order
+        return None
+    try:
+        check_recorded(out, order, code_version() if version is None else version)
+    except UserError as e:
+        return f"note: `bench run` with these options would stop here: {e}"
+    return None
 
 
 def prepare_out(

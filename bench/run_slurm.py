@@ -38,6 +38,7 @@ from bench.planning import (
     check_grid_out,
     code_version,
     dry_run_order,
+    dry_run_refusal,
     exclusive,
     plan_grid,
     prepare_cell,
@@ -145,7 +146,7 @@ def run_on_slurm(
             cell_job(p, out, command, options)
 
     if dry_run:
-        order = dry_run_order(planned, seed, out, version)
+        order = dry_run_order(planned, seed, out)
         recorded = recorded_grid(out)
         statuses = _statuses(planned, order, out)
         decisions = submission_decisions(statuses, recorded, states(list(latest_jobs(recorded).values())),
@@ -156,6 +157,9 @@ def run_on_slurm(
             console.print(sbatch_preview(jobs, options, log_dir), markup=False, highlight=False)
         console.print(f"dry run: {len(jobs)} cell(s) would be submitted; nothing was written.",
                       markup=False, highlight=False)
+        refusal = dry_run_refusal(out, order, version)
+        if refusal:
+            console.print(refusal, markup=False, highlight=False)
         return None
 
     check_grid_out(out)  # before `exclusive` makes the folder

@@ -68,7 +68,7 @@ def test_grid_expands_to_expected_count_with_unique_names(grids, name):
 def test_every_grid_also_expands_on_small_overrides(grids):
     # what CI does with the paper grids: a few epochs on small images must stay valid
     for name, grid in grids.items():
-        planned = plan_grid(grid, Overrides(epochs=2, image_size=64, n_train=8))
+        planned = plan_grid(grid, Overrides(epochs=2, image_size=64, n_train=8, batch_size=4))
         assert planned, name
         for p in planned:
             assert TrainConfig.from_dict(p.config.to_dict()) == p.config

@@ -23,7 +23,7 @@ def _files(root: Path) -> list[str]:
 
 
 def _refused(args: list[str], root: Path, needle: str) -> None:
-    """Both the run and its dry run: exit 2, one `error:` line holding `needle`, no file added under `root`."""
+    """The run and its dry run: exit 2, one `error:` line holding `needle`, no file added under `root`."""
     before = _files(root)
     for dry in ([], ["--dry-run"]):
         res = CliRunner().invoke(app, ["run", *args, *dry])
@@ -83,7 +83,7 @@ def test_a_factor_json_cannot_hold_is_refused(tmp_path: Path, factor: str, kind:
 
 
 @pytest.mark.parametrize("old_code", [True, False])
-def test_the_dry_run_refuses_a_folder_of_another_cell_set_as_the_run_does(tmp_path: Path, old_code: bool) -> None:
+def test_a_folder_of_another_cell_set_is_refused_and_the_dry_run_says_so(tmp_path: Path, old_code: bool) -> None:
     grid = tiny_grid_file(tmp_path, "cpu", ONE_CELL)
     out = tmp_path / "o"
     out.mkdir()
@@ -92,4 +92,11 @@ def test_the_dry_run_refuses_a_folder_of_another_cell_set_as_the_run_does(tmp_pa
                                                "order": ["only-0000"]}))
     needle = ("it was planned by code 0.0+gdeadbeef0000 and this is" if old_code
               else "the grid or its options changed: run it with the options it was started with")
-    _refused(["--grid", str(grid), "--out", str(out)], tmp_path, needle)
+    before = _files(tmp_path)
+    res = CliRunner().invoke(app, ["run", "--grid", str(grid), "--out", str(out)])
+    assert res.exit_code == 2 and res.output.startswith("error: ") and needle in res.output
+    # a dry run plans other options into a grid's folder to estimate them from its epochs: it plans, and warns
+    res = CliRunner().invoke(app, ["run", "--grid", str(grid), "--out", str(out), "--dry-run"])
+    assert res.exit_code == 0 and "note: `bench run` with these options would stop here: " in res.output
+    assert needle in " ".join(res.output.split())
+    assert _files(tmp_path) == before
