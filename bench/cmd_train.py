@@ -105,7 +105,16 @@ def build_config(config: Path | None, overrides: dict[str, Any]) -> TrainConfig:
         except json.JSONDecodeError as e:
             raise UserError(f"--config {config} is not valid JSON ({e.msg} at line {e.lineno}).") from None
     given = {k: v for k, v in overrides.items() if v is not None}
-    return cfg.replace(**given) if given else cfg
+    cfg = cfg.replace(**given) if given else cfg
+    return absolute_data(cfg)
+
+
+def absolute_data(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with its data folder absolute and normalised (no '..', '~' or trailing '/'): the run folder's
+    config.json must name the same data from wherever it is read (--resume, `bench eval`, the report)."""
+    source = cfg.data.source
+    full = source if source == "synthetic" else os.path.abspath(os.path.expanduser(source))
+    return cfg if full == source else cfg.replace(**{"data.source": full})
 
 
 def config_from_options(options: dict[str, Any]) -> TrainConfig:
@@ -126,6 +135,11 @@ def config_from_options(options: dict[str, Any]) -> TrainConfig:
 
 def train_cmd(**options: Any) -> None:
     """Train DDNet once and write the run folder."""
+    saved = Path(options["out"]) / "config.json"
+    by_name = {f.flag.lstrip("-").replace("-", "_") for f in FIELDS}
+    if (options["resume"] and options["config"] is None and options["preset"] is None and saved.is_file()
+            and all(options.get(k) is None for k in by_name)):
+        options = {**options, "config": saved}  # `--resume` alone continues the run as it was configured
     cfg = config_from_options(options)
     if cfg.init is not None and not Path(cfg.init).is_file():
         raise UserError(f"--init {cfg.init} does not exist; pass a checkpoint file (ckpt.pt, weights.pt or "
@@ -218,6 +232,10 @@ def _run_training(cfg: TrainConfig, out: Path, resume: bool, progress: bool, me:
         else:
             summary = train(cfg, out, resume=resume, progress=progress, dist=Dist(), launched=True)
             _print_summary(summary, out)
+    except KeyboardInterrupt:  # typer turns it into exit status 130, silently
+        typer.echo(f"interrupted: {out} stays resumable; run the same command with --resume to continue from "
+                   "its last checkpoint.", err=True)
+        raise
     except PeerLost as e:  # a node lost, the network cut: not the run's failure
         typer.echo(f"error: {e}; nothing is recorded as failed: run the same command with --resume to continue "
                    "from the last checkpoint.", err=True)

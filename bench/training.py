@@ -100,7 +100,19 @@ def prepare_out_dir(out_dir: Path, config: dict[str, Any], resume: bool) -> None
         except (OSError, ValueError):
             raise UserError(f"{out_dir}/config.json is damaged; choose a new --out folder.") from None
         if old != config:
-            raise UserError(f"{out_dir} holds a run of a different configuration; use a new --out folder.")
+            diff = config_differences(old, config)
+            shown = "; ".join(diff[:3]) + ("; ..." if len(diff) > 3 else "")
+            raise UserError(f"{out_dir} holds a run of a different configuration ({shown}); to continue it, run "
+                            f"`bench train --out {out_dir} --resume` alone (it reads {out_dir}/config.json), or "
+                            "use a new --out folder.")
+
+
+def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """'field: X there, Y here' for every leaf where two config dicts differ (dotted names)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str)
+                for d in config_differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} there, {new!r} here"]
 
 
 def device_peak(device: str) -> dict[str, Any]:

@@ -131,10 +131,13 @@ class Run:
             got = {k: tuple(v.shape) for k, v in loaded.state_dict().items()}
             if want != got:
                 first = next(k for k in want if want[k] != got.get(k))
-                raise UserError(
-                    f"--init {self.cfg.init} does not match the configured model: {first} is {got.get(first)} "
-                    f"there but {want[first]} here; set --base-width to the checkpoint's width."
-                )
+                stem = "stem.conv.weight"
+                fix = ("it was pruned structurally (narrower layers, the same --base-width); --init starts from a "
+                       "dense DDNet: use the checkpoint from before the pruning, or `bench eval` to evaluate it"
+                       if want.get(stem) == got.get(stem) and set(want) == set(got)
+                       else "set --base-width to the checkpoint's width")
+                raise UserError(f"--init {self.cfg.init} does not match the configured model: {first} is "
+                                f"{got.get(first)} there but {want[first]} here; {fix}.")
             model = loaded
         return model.set_deterministic(self.cfg.deterministic).to(self.device, memory_format=self.fmt)
 

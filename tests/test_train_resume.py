@@ -1,0 +1,105 @@
+"""`bench train --resume` as a user meets it: `--resume` alone continues the run as configured, a refusal
+names what differs, a data folder given relative works from anywhere, Ctrl-C says how to go on, and a
+structurally pruned checkpoint given to --init is named for what it is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import bench.cmd_train as cmd_train
+from bench.store import read_json, read_jsonl
+from bench.training import config_differences, train
+from ddnet.config import SparsityConfig
+from tests.test_training import TINY_ARGS, one_error_line, run_cli, tiny_cfg
+
+
+def _killed_after_epoch_1(out: Path, args: list[str], capsys, monkeypatch) -> None:
+    """Run 3 epochs, failing at epoch 2 (the checkpoint of epoch 1 stays): a run to resume."""
+    monkeypatch.setenv("DDNET_BENCH_INJECT_NAN_EPOCH", "2")
+    code, _ = run_cli(["train", "--out", str(out), "--epochs", "3", *args], capsys)
+    assert code == 3
+    monkeypatch.delenv("DDNET_BENCH_INJECT_NAN_EPOCH")
+
+
+def test_resume_alone_continues_the_run_as_configured(tmp_path: Path, capsys, monkeypatch) -> None:
+    out = tmp_path / "r"
+    _killed_after_epoch_1(out, TINY_ARGS, capsys, monkeypatch)
+    code, err = run_cli(["train", "--out", str(out), "--resume", "--quiet"], capsys)
+    assert code == 0, err
+    assert [r["epoch"] for r in read_jsonl(out / "epochs.jsonl")] == [1, 2, 3]
+    whole = tmp_path / "whole"
+    assert run_cli(["train", "--out", str(whole), "--epochs", "3", *TINY_ARGS], capsys)[0] == 0
+    ours, ref = (torch.load(d / "weights.pt", weights_only=False)["model"] for d in (out, whole))
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)  # the same trajectory as the run never stopped
+
+
+def test_a_refused_resume_names_what_differs_and_the_way_on(tmp_path: Path, capsys, monkeypatch) -> None:
+    out = tmp_path / "r"
+    _killed_after_epoch_1(out, TINY_ARGS, capsys, monkeypatch)
+    code, err = run_cli(["train", "--out", str(out), "--resume", "--epochs", "5", *TINY_ARGS], capsys)
+    line = one_error_line(err)
+    assert code == 2 and "holds a run of a different configuration (epochs: 3 there, 5 here)" in line
+    assert f"run `bench train --out {out} --resume` alone" in line
+    assert config_differences({"a": 1, "data": {"n": 2, "s": "x"}}, {"a": 1, "data": {"n": 3, "s": "x"}}) == \
+        ["data.n: 2 there, 3 here"]
+
+
+def test_a_relative_data_folder_is_recorded_absolute(tmp_path: Path, capsys, monkeypatch) -> None:
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for kind in ("HQ", "LQ"):
+            (data / split / kind).mkdir(parents=True)
+            for i in range(n):
+                np.save(data / split / kind / f"s{i:03d}.npy", rng.uniform(-1000, 400, (32, 32)).astype(np.float32))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "r"
+    args = [a for a in TINY_ARGS if a not in ("--image-size", "32")]
+    _killed_after_epoch_1(out, ["--data", "data", *args], capsys, monkeypatch)
+    assert read_json(out / "config.json")["data"]["source"] == str(data)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # from another folder, the same data under its name from here
+    code, err = run_cli(["train", "--out", str(out), "--resume", "--epochs", "3", "--data", "../data", *args], capsys)
+    assert code == 0, err
+    assert [r["epoch"] for r in read_jsonl(out / "epochs.jsonl")] == [1, 2, 3]
+
+
+def test_ctrl_c_says_the_run_stays_resumable(tmp_path: Path, capsys, monkeypatch) -> None:
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cmd_train, "train", interrupted)
+    code, err = run_cli(["train", "--out", str(tmp_path / "r"), "--epochs", "2", *TINY_ARGS], capsys)
+    assert code == 130
+    assert f"interrupted: {tmp_path / 'r'} stays resumable; run the same command with --resume" in err
+
+
+def test_init_from_a_structurally_pruned_checkpoint_says_so(tmp_path: Path, capsys) -> None:
+    train(tiny_cfg(epochs=2, sparsity=SparsityConfig(kind="structured", dense_epochs=1)), tmp_path / "s",
+          progress=False)
+    code, err = run_cli(["train", "--out", str(tmp_path / "b"), "--epochs", "1", "--init",
+                         str(tmp_path / "s" / "weights.pt"), *TINY_ARGS], capsys)
+    line = one_error_line(err)
+    assert code == 2 and "it was pruned structurally" in line and "set --base-width" not in line
+    assert not (tmp_path / "b").exists()
+    train(tiny_cfg(epochs=1), tmp_path / "d", progress=False)  # dense, base width 4
+    code, err = run_cli(["train", "--out", str(tmp_path / "c"), "--epochs", "1", "--init",
+                         str(tmp_path / "d" / "weights.pt"), *TINY_ARGS, "--base-width", "8"], capsys)
+    assert code == 2 and "set --base-width to the checkpoint's width" in one_error_line(err)
+
+
+@pytest.mark.parametrize("given", [["--epochs", "3"], ["--config", "CFG"]])
+def test_options_given_with_resume_are_still_checked(tmp_path: Path, capsys, monkeypatch, given) -> None:
+    out = tmp_path / "r"
+    _killed_after_epoch_1(out, TINY_ARGS, capsys, monkeypatch)
+    given = [str(out / "config.json") if g == "CFG" else g for g in given]
+    code, err = run_cli(["train", "--out", str(out), "--resume", "--quiet", *given], capsys)
+    if given[0] == "--epochs":  # everything else at its default: a different configuration
+        assert code == 2 and "batch_size: 4 there, 32 here" in one_error_line(err)
+    else:
+        assert code == 0, err
