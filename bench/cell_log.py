@@ -9,6 +9,7 @@ its summary.json.
 
 from __future__ import annotations
 
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -65,13 +66,18 @@ def log_tail(log: Path, n: int = LOG_TAIL_LINES) -> list[str]:
         return []
 
 
+_NOISE = re.compile(r"^(=== bench |\s)|^\S+:\d+: \w*Warning: |━|^(train|val|eval)\b.*\d+/\d+")
+"""Log lines that never say why a process ended: the runners' own ('=== bench run ...'), indented ones (a
+warning's source line, a traceback's frames), Python warnings, and progress-bar fragments."""
+
+
 def error_line(tail: list[str]) -> str:
     """The most telling line of a log tail: the CLI's 'error: ...' line, else the last non-empty line that is not
-    one of the runners' own ('=== bench run ...', '=== bench slurm ...': a cell killed before it printed)."""
+    noise (`_NOISE`); '' when there is none (a cell killed mid-epoch, whose log holds only warnings and bars)."""
     for line in reversed(tail):
         if line.startswith("error:"):
             return line
-    return next((line.strip() for line in reversed(tail) if line.strip() and not line.startswith("=== bench ")), "")
+    return next((line.strip() for line in reversed(tail) if line.strip() and not _NOISE.search(line)), "")
 
 
 def interrupted_why(summary: dict[str, Any]) -> str | None:

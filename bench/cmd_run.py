@@ -304,6 +304,10 @@ def run_cmd(
                             "leave --device out to run what this machine can (the CUDA-only cells are skipped).")
         calibrations: dict[tuple[str, str], Calibration] | None = None
         also = tuple(estimate_from)
+        missing = [str(d) for d in also if not Path(d).is_dir()]
+        if missing:
+            raise UserError(f"--estimate-from {missing[0]} is not a folder; give a folder of earlier runs (a grid's "
+                            "--out, or any folder above run folders).")
         if dry_run or calibrate_:
             planned = plan_grid(g, overrides, repeats)
         if calibrate_:
@@ -339,6 +343,8 @@ def _finish(console: Console, results: list[CellResult], out_dir: Path) -> None:
     print_summary(console, results)
     failed = [r for r in results if r.status not in ("ok", "skipped")]
     if failed:
-        console.print(f"{len(failed)} cell(s) did not finish ok; see their train.log under {out_dir}.",
+        retry = (" Failed cells stay failed on a plain rerun: add --retry-failed to resume them from their last "
+                 "checkpoint." if any(r.status == "failed" for r in failed) else "")
+        console.print(f"{len(failed)} cell(s) did not finish ok; see their train.log under {out_dir}.{retry}",
                       markup=False, highlight=False)
         raise typer.Exit(1)

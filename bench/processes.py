@@ -275,17 +275,12 @@ def run_cell(
                         break
         except (KeyboardInterrupt, _Interrupted):
             _stop_child(proc)
+            _record_launch(cell_dir, stamp, started, proc.returncode, resume, epochs_before, interrupted=True)
             raise
-    wall_s = time.monotonic() - started
-    rows = read_jsonl(cell_dir / "epochs.jsonl")
-    display.epoch(rows, p.config.epochs)
     rc = proc.returncode
-    s = read_summary(cell_dir) or {}
-    append_jsonl(cell_dir / LAUNCHES, {  # what bench.estimate needs to tell the start-up from the epochs
-        "started_utc": stamp, "wall_s": wall_s, "exit_code": rc, "resume": resume, "timed_out": timed_out,
-        "stalled": stalled is not None,
-        "epochs_before": epochs_before, "epochs_after": len(rows), "data_load_s": s.get("data_load_s"),
-        "data_cache": s.get("data_cache")})
+    s, rows = _record_launch(cell_dir, stamp, started, rc, resume, epochs_before, timed_out=timed_out,
+                             stalled=stalled is not None)
+    display.epoch(rows, p.config.epochs)
     if rc == EXIT_NO_SPACE:  # every later cell would fail alike: stop the grid, leave this cell resumable
         display.failure(p.folder, log_tail(log_path), log_path, "stopped: the disk is full")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(cell_dir))
@@ -309,6 +304,21 @@ def run_cell(
     s = record_failure(cell_dir, s, rc, tail, stop_why)
     display.failure(p.folder, tail, log_path)
     return result_from_summary(p, s, action)
+
+
+def _record_launch(cell_dir: Path, stamp: str, started: float, rc: int | None, resume: bool, epochs_before: int,
+                   **how: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Append this launch to the cell's launches.jsonl (what bench.estimate needs to tell the start-up from
+    the epochs, and the report's wall time; `how`: timed_out, stalled, interrupted); returns (summary, rows)."""
+    rows = read_jsonl(cell_dir / "epochs.jsonl")
+    s = read_summary(cell_dir) or {}
+    append_jsonl(cell_dir / LAUNCHES, {
+        "started_utc": stamp, "wall_s": time.monotonic() - started, "exit_code": rc, "resume": resume,
+        "timed_out": how.get("timed_out", False), "stalled": how.get("stalled", False),
+        **({"interrupted": True} if how.get("interrupted") else {}),
+        "epochs_before": epochs_before, "epochs_after": len(rows), "data_load_s": s.get("data_load_s"),
+        "data_cache": s.get("data_cache")})
+    return s, rows
 
 
 # ------------------------------------------------------------------ the grid

@@ -427,9 +427,13 @@ def test_interrupt_stops_the_cell_without_marking_it_failed_and_a_rerun_resumes(
     assert not list(out.glob("c1-*"))
     n_rows = len(read_jsonl(d0 / "epochs.jsonl"))
     assert 3 <= n_rows < 40
+    (stopped,) = read_jsonl(d0 / LAUNCHES)  # the interrupted launch is on record, with its time
+    assert stopped["interrupted"] is True and stopped["exit_code"] != 0 and stopped["wall_s"] > 0
+    assert stopped["epochs_before"] == 0 and stopped["epochs_after"] == n_rows
     results = run_grid(make_grid(2), out, Overrides(epochs=40), command=cmd, console=quiet())
     assert [r.status for r in results] == ["ok", "ok"] and results[0].action == "resumed"
     assert [r["epoch"] for r in read_jsonl(d0 / "epochs.jsonl")] == list(range(1, 41))
+    assert [launch["exit_code"] for launch in read_jsonl(d0 / LAUNCHES)][1:] == [0]
 
 
 def test_a_second_runner_on_the_same_folder_is_refused(tmp_path, fake):
@@ -459,3 +463,17 @@ def test_the_live_display_shows_the_grids_elapsed_and_remaining_time(tmp_path, m
     assert re.search(r"c0-[0-9a-f]{8}\s+elapsed [\d.]+ s, ~[\d.]+ s left", shown), shown[-2000:]
     assert re.search(r"c1-[0-9a-f]{8}\s+elapsed [\d.]+ s, ~[\d.]+ s left", shown), shown[-2000:]
     assert re.search(r"cells .*2/2.*elapsed [\d.]+ s, nothing left", shown), shown[-2000:]
+
+
+@pytest.mark.parametrize(("tail", "line"), [
+    # a cell killed mid-epoch: its log holds a warning, the warning's source line and a progress-bar fragment
+    (["/x/ddnet/trainer.py:96: UserWarning: 64 px images are too small for the standard MS-SSIM",
+      '  self.loss_fn = DDNetLoss(self.image_side, guard_tf32=cfg.precision == "tf32")', "train 0/8 0:00:04"], ""),
+    (["train ━━━━━━━━ 1/4 0:00:15 loss 1.675", "=== bench run 2026-11-28: cell started"], ""),
+    (["Traceback (most recent call last):", '  File "x.py", line 1, in <module>', "RuntimeError: boom"],
+     "RuntimeError: boom"),
+    (["segfault-like crash", "/x/y.py:3: FutureWarning: soon"], "segfault-like crash"),
+    (["error: training failed: NaN", "RuntimeError: later"], "error: training failed: NaN"),
+])
+def test_the_error_line_of_a_log_is_never_a_warning_or_a_progress_bar(tail: list[str], line: str) -> None:
+    assert cell_log.error_line(tail) == line

@@ -8,10 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import typer
+from rich.console import Console
 from typer.testing import CliRunner
 
+from bench import cmd_run
 from bench.cli import app
 from bench.planning import code_version
+from bench.processes import CellResult
 from tests.test_cmd_run import tiny_grid_file
 
 ONE_CELL = "[Cell('only', 'only', standard_factors(base), base)]"
@@ -100,3 +104,21 @@ def test_a_folder_of_another_cell_set_is_refused_and_the_dry_run_says_so(tmp_pat
     assert res.exit_code == 0 and "note: `bench run` with these options would stop here: " in res.output
     assert needle in " ".join(res.output.split())
     assert _files(tmp_path) == before
+
+
+def test_estimate_from_a_folder_that_is_not_there_is_refused(tmp_path: Path) -> None:
+    grid = tiny_grid_file(tmp_path, "cpu", ONE_CELL)
+    _refused(["--grid", str(grid), "--out", str(tmp_path / "o"), "--estimate-from", str(tmp_path / "nope")],
+             tmp_path, f"--estimate-from {tmp_path / 'nope'} is not a folder")
+
+
+@pytest.mark.parametrize(("status", "hint"), [("failed", True), ("stopped", False)])
+def test_the_closing_line_names_retry_failed_for_failed_cells(tmp_path: Path, status: str, hint: bool) -> None:
+    console = Console(record=True, width=200)
+    cells = [CellResult("a-1", "a", "ok", "ran"), CellResult("b-2", "b", status, "ran", error="boom")]
+    with pytest.raises(typer.Exit) as e:
+        cmd_run._finish(console, cells, tmp_path)
+    assert e.value.exit_code == 1
+    text = console.export_text()
+    assert f"1 cell(s) did not finish ok; see their train.log under {tmp_path}." in text
+    assert ("add --retry-failed to resume them from their last checkpoint" in " ".join(text.split())) is hint
