@@ -26,6 +26,7 @@ from bench.store import (
     ALIVE_EVERY_S,
     ALIVE_NAME,
     append_jsonl,
+    lock_held,
     read_json,
     read_jsonl,
     read_summary,
@@ -230,12 +231,14 @@ class RunFolder:
 
     def open(self, config: dict[str, Any], resume: bool) -> None:
         self._clock.mark("open")
+        busy = f"another `bench train` is writing {self.out}; wait for it or choose another --out."
+        if lock_held(self.out / LOCK_NAME):  # before the folder's contents, which that run is changing
+            raise UserError(busy)
         prepare_out_dir(self.out, config, resume)
         self._made = not self.out.exists()
         make_folder(self.out, "pass a writable --out folder.")
         self._lock_made = not (self.out / LOCK_NAME).exists()
-        self._lock = take_lock(self.out / LOCK_NAME, "pass a writable --out folder.",  # closed in release()
-                               f"another `bench train` is writing {self.out}; wait for it or choose another --out.")
+        self._lock = take_lock(self.out / LOCK_NAME, "pass a writable --out folder.", busy)  # closed in release()
         prepare_out_dir(self.out, config, resume)  # again, now that no one else can change the folder
 
     def release(self, keep: bool = True) -> None:

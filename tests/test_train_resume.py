@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import bench.cmd_train as cmd_train
-from bench.store import read_json, read_jsonl
-from bench.training import config_differences, train
+from bench.store import lock_held, read_json, read_jsonl, take_lock
+from bench.training import LOCK_NAME, config_differences, train
 from ddnet.config import SparsityConfig
 from tests.test_training import TINY_ARGS, one_error_line, run_cli, tiny_cfg
 
@@ -103,3 +103,14 @@ def test_options_given_with_resume_are_still_checked(tmp_path: Path, capsys, mon
         assert code == 2 and "batch_size: 4 there, 32 here" in one_error_line(err)
     else:
         assert code == 0, err
+
+
+def test_a_folder_another_run_is_writing_is_named_so_before_its_contents(tmp_path: Path, capsys,
+                                                                         monkeypatch) -> None:
+    out = tmp_path / "r"
+    _killed_after_epoch_1(out, TINY_ARGS, capsys, monkeypatch)  # epochs on disk: "add --resume" otherwise
+    with take_lock(out / LOCK_NAME, "fix", "busy"):  # as a running `bench train` holds it
+        for resume in ([], ["--resume"]):
+            code, err = run_cli(["train", "--out", str(out), "--epochs", "3", *resume, *TINY_ARGS], capsys)
+            assert code == 2 and f"another `bench train` is writing {out}" in one_error_line(err)
+    assert not lock_held(out / LOCK_NAME)
