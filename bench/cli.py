@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import typer
@@ -132,9 +134,22 @@ def _kind(exc: BaseException) -> str | None:
     return None
 
 
+_OURS = (str(Path(__file__).resolve().parent.parent / "ddnet"), str(Path(__file__).resolve().parent))
+_python_format = warnings.formatwarning
+
+
+def _format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                    line: str | None = None) -> str:
+    """Our own warnings as one `warning: ...` line (not Python's file:line and source line); others as Python's."""
+    if str(filename).startswith(_OURS):
+        return f"warning: {message}\n"
+    return _python_format(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: bad input of any kind is one `error:` line and exit status 2."""
     args = sys.argv[1:] if argv is None else list(argv)
+    warnings.formatwarning = _format_warning
     try:
         code = app(args=args, standalone_mode=False)
     except Exception as e:

@@ -220,6 +220,9 @@ class TrainConfig:
                             ("warmup_epochs", 0), ("profile_steps", 0), ("checkpoint_every", 1), ("val_batch_size", 0)):
             _at_least(self, name, least)
         de = self.sparsity.dense_epochs
+        if de == "auto" and self.sparsity.kind != "none" and self.epochs < 2:
+            raise ConfigError(f"--dense-epochs auto needs a dense and a sparse epoch, so --epochs 2 or more "
+                              f"(got {self.epochs}); raise --epochs or give --dense-epochs 0.")
         if de != "auto" and self.sparsity.kind != "none" and de >= self.epochs:
             raise ConfigError(
                 f"--dense-epochs {de} leaves no sparse epoch out of --epochs {self.epochs}; "

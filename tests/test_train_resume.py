@@ -4,6 +4,8 @@ structurally pruned checkpoint given to --init is named for what it is."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ import torch
 import bench.cmd_train as cmd_train
 from bench.store import lock_held, read_json, read_jsonl, take_lock
 from bench.training import LOCK_NAME, config_differences, train
-from ddnet.config import SparsityConfig
+from ddnet.config import ConfigError, SparsityConfig
 from tests.test_training import TINY_ARGS, one_error_line, run_cli, tiny_cfg
 
 
@@ -114,3 +116,14 @@ def test_a_folder_another_run_is_writing_is_named_so_before_its_contents(tmp_pat
             code, err = run_cli(["train", "--out", str(out), "--epochs", "3", *resume, *TINY_ARGS], capsys)
             assert code == 2 and f"another `bench train` is writing {out}" in one_error_line(err)
     assert not lock_held(out / LOCK_NAME)
+
+
+def test_our_warnings_are_one_line_and_auto_switch_needs_two_epochs(tmp_path: Path) -> None:
+    args = [sys.executable, "-m", "bench.cli", "train", "--out", str(tmp_path / "r"), "--epochs", "1",
+            *[a if a != "32" else "64" for a in TINY_ARGS]]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
+    assert res.returncode == 0, res.stderr
+    assert "warning: 64 px images are too small for the standard MS-SSIM" in res.stderr
+    assert "UserWarning" not in res.stderr and "self.loss_fn" not in res.stderr  # no file:line, no source line
+    with pytest.raises(ConfigError, match="--dense-epochs auto needs a dense and a sparse epoch, so --epochs 2"):
+        tiny_cfg(epochs=1, sparsity=SparsityConfig(kind="topk", dense_epochs="auto"))
