@@ -299,6 +299,9 @@ def load_model_weights(path: str | Path, device: str | torch.device = "cpu") -> 
     model_config, params, train_config (the training TrainConfig dict of a ckpt.pt, else None).
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a folder; pass a file in it, e.g. {path / 'weights.pt'} (a run folder "
+                        "holds weights.pt and ckpt.pt).")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass the path of a ckpt.pt, weights.pt or .pt state dict.")
     obj = _torch_load(path)

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,8 @@ import torch
 from PIL import Image
 
 from bench.cli import main
+from ddnet.convert import load_model_weights
+from ddnet.errors import UserError
 from ddnet.precision import set_fp32_precision
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/ddnet-2d-dect/weights_50_1.pt"
@@ -161,6 +164,12 @@ def test_missing_checkpoint_gives_one_error_line_through_the_real_entry_point(tm
     assert len(lines) == 1 and lines[0].startswith("error: ") and "does not exist" in lines[0]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_a_run_folder_given_as_the_checkpoint_names_the_file_to_pass(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=re.escape(f"checkpoint {tmp_path} is a folder; pass a file in it, e.g. "
+                                                  f"{tmp_path / 'weights.pt'}")):
+        load_model_weights(tmp_path)
 
 
 @pytest.mark.parametrize("kind", ["text", "pickled-list", "tensor-list"])
