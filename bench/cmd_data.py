@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ddnet.data import split_seed
-from ddnet.data.cache import cache_root, clear, list_entries
+from ddnet.data.cache import CACHE_ENV, cache_enabled, cache_root, clear, list_entries
 from ddnet.data.readers import check_shape
 from ddnet.data.synthetic import MODES, PHANTOMS, generate, generation_pool, pool_workers
 from ddnet.errors import UserError, make_folder
@@ -45,10 +45,16 @@ PSNR_WINDOW_HU = (-1024.0, 1024.0)
 
 
 def split_counts(n: int, val_frac: float, test_frac: float) -> dict[str, int]:
-    """Slices per split: val and test get round(n * frac) (at least 1 when frac > 0), train the rest."""
+    """Slices per split: val and test get round(n * frac) (at least 1 when frac > 0), train the rest.
+
+    val must not be empty (training reads it); test may be (`--test-frac 0` writes no test/ folder).
+    """
     for flag, frac in (("--val-frac", val_frac), ("--test-frac", test_frac)):
         if not 0.0 <= frac < 1.0:
             raise UserError(f"{flag} {frac} must be in [0, 1).")
+    if val_frac == 0:  # `bench train --data DIR` validates on DIR/val/ after every epoch
+        raise UserError("--val-frac 0 leaves the dataset without a val split, which `bench train --data DIR` "
+                        "reads; set --val-frac above 0 (e.g. 0.1).")
     counts = {
         split: (max(1, round(n * frac)) if frac > 0 else 0)
         for split, frac in (("val", val_frac), ("test", test_frac))
@@ -163,15 +169,21 @@ def synth_cmd(
 
 cache_app = typer.Typer(no_args_is_help=True,
                         help="The synthetic-data cache: splits made once, read by every later run "
-                             "($DDNET_BENCH_CACHE sets the folder, 'off' disables it).")
+                             "($DDNET_BENCH_CACHE sets the folder; 'off' stops runs from using it, and then "
+                             "`list` and `clear` act on the default folder).")
 data_app.add_typer(cache_app, name="cache")
+
+
+def _off_note() -> str:
+    """What `list` and `clear` say when runs do not use the folder they act on."""
+    return "" if cache_enabled() else f" (the default folder: {CACHE_ENV}=off only stops runs from using it)"
 
 
 @cache_app.command("list")
 def cache_list_cmd() -> None:
     """Every cached synthetic split: key, settings, size, when made and last used."""
     entries = list_entries()
-    table = Table(title=f"synthetic-data cache: {cache_root()}")
+    table = Table(title=f"synthetic-data cache: {cache_root()}{_off_note()}")
     for col in ("key", "slices", "size px", "mode", "dose", "phantom", "seed", "MB", "created", "last used"):
         table.add_column(col)
     for e in entries:
@@ -186,8 +198,17 @@ def cache_list_cmd() -> None:
 
 @cache_app.command("clear")
 def cache_clear_cmd(
-    keys: list[str] = typer.Argument(None, help="Keys or key prefixes to remove (default: everything)."),
+    keys: list[str] = typer.Argument(None, help="Keys or key prefixes to remove, as `bench data cache list` shows "
+                                                "them (default: everything)."),
 ) -> None:
     """Remove cached splits (all, or the given keys); later runs make them again."""
+    if keys:  # every key must name an entry before any is removed: a typo removes nothing, and says so
+        known = [str(e["key"]) for e in list_entries()]
+        unknown = [k for k in keys if not any(key.startswith(k) for key in known)]
+        if unknown:
+            shown = ", ".join(k[:12] for k in known[:5]) + (f" and {len(known) - 5} more" if len(known) > 5 else "")
+            have = f"its keys: {shown}; `bench data cache list` shows each entry" if known else "it has no entries"
+            raise UserError(f"no entry of the synthetic-data cache {cache_root()}{_off_note()} has the key "
+                            f"{unknown[0]!r}; nothing was removed ({have}).")
     freed = clear(keys or None)
-    typer.echo(f"freed {freed / 1e6:.1f} MB from {cache_root()}")
+    typer.echo(f"freed {freed / 1e6:.1f} MB from {cache_root()}{_off_note()}")

@@ -243,3 +243,63 @@ def test_a_real_subprocess_gives_the_same_one_line(tmp_path) -> None:
     res = subprocess.run([sys.executable, "-m", "bench.cli", "train", "--out", str(tmp_path / "o"), "--lr", "nan"],
                          capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
     assert res.returncode == 2 and res.stderr.count("error:") == 1 and "Traceback" not in res.stderr
+
+
+def _data_with(t: Path, hq: dict[str, bytes | None], lq: dict[str, bytes | None]) -> Path:
+    """_folder_data plus extra train files (None: an array of zeros) under HQ and LQ."""
+    root = _folder_data(t / "audit", n=4)
+    for kind, files in (("HQ", hq), ("LQ", lq)):
+        for name, data in files.items():
+            path = root / "train" / kind / name
+            if data is None:
+                np.save(path, np.zeros((32, 32), np.float32))
+            else:
+                path.write_bytes(data)
+    return root
+
+
+# (id, setup(tmp) -> extra args, args, text the error line must hold, text it must not hold)
+DATA_AUDIT: list[tuple[str, Callable[[Path], list[str]], list[str], str, str]] = [
+    ("train-data-names-shifted", lambda t: ["--data", str(_data_with(t, {"s4.npy": None}, {"s5.npy": None}))],
+     ["train", "--out", "{t}/o", *TINY], "HQ only: s4.npy; LQ only: s5.npy", "sorted position;"),
+    ("train-data-npy-garbage", lambda t: ["--data", str(_data_with(t, {"x4.npy": b"\x93NUMPY junk"},
+                                                                      {"x4.npy": None}))],
+     ["train", "--out", "{t}/o", *TINY], "x4.npy: not a readable NumPy .npy image", "allow_pickle"),
+    ("train-data-dcm-garbage", lambda t: ["--data", str(_data_with(t, {"x4.dcm": b"not a dicom"},
+                                                                      {"x4.npy": None}))],
+     ["train", "--out", "{t}/o", *TINY], "x4.dcm: not a readable DICOM image", "force=True"),
+    ("train-data-tif-garbage", lambda t: ["--data", str(_data_with(t, {"x4.tif": b"II*\x00garbage"},
+                                                                      {"x4.npy": None}))],
+     ["train", "--out", "{t}/o", *TINY], "x4.tif: not a readable TIFF image", "holds 0 images"),
+    ("synth-no-val", lambda t: [], ["data", "synth", "--out", "{t}/d", "--n", "4", "--size", "32", "--val-frac", "0",
+                                    "--test-frac", "0"], "--val-frac 0", "Traceback"),
+    ("cache-clear-unknown", lambda t: [], ["data", "cache", "clear", "deadbeef"], "'deadbeef'", "freed"),
+]
+
+
+@pytest.mark.parametrize(("name", "setup", "args", "needle", "absent"), DATA_AUDIT, ids=[c[0] for c in DATA_AUDIT])
+def test_data_audit_bad_input_is_one_line_exit_2_and_changes_nothing(tmp_path, capsys, monkeypatch, name, setup,
+                                                                     args, needle, absent):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DDNET_BENCH_CACHE", str(tmp_path / "cache"))
+    extra = setup(tmp_path)
+    before = _digest(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main([a.replace("{t}", str(tmp_path)) for a in args] + extra)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert e.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert needle in lines[0] and absent not in lines[0], lines[0]
+    assert _digest(tmp_path) == before
+
+
+def test_a_corrupt_tif_gives_no_stray_log_line_in_a_real_process(tmp_path) -> None:
+    root = _data_with(tmp_path, {"x4.tif": b"II*\x00garbage"}, {"x4.npy": None})
+    res = subprocess.run([sys.executable, "-m", "bench.cli", "train", "--out", str(tmp_path / "o"), *TINY,
+                          "--data", str(root)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "COLUMNS": "200"})
+    print(res.stderr)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert [ln for ln in res.stderr.splitlines() if ln.strip()] == [ln for ln in res.stderr.splitlines()
+                                                                     if ln.startswith("error:")]
+    assert res.stderr.count("error:") == 1 and "not a readable TIFF image" in res.stderr

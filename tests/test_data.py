@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import tifffile
 import torch
@@ -290,11 +291,11 @@ def test_reader_errors_name_the_folder(tmp_path):
 
 
 def test_reader_errors_name_the_file(tmp_path):
-    # Unpaired: counts differ, the first file without a partner is named.
+    # Unpaired: counts differ, the HQ file without a partner is named.
     make_split(tmp_path / "unpaired", n=3)
     (tmp_path / "unpaired" / "train" / "LQ" / "s1.npy").unlink()
     msg = error_message(tmp_path / "unpaired")
-    assert str(tmp_path / "unpaired" / "train" / "HQ" / "s1.npy") in msg and "partner" in msg
+    assert str(tmp_path / "unpaired" / "train" / "HQ") in msg and "HQ only: s1.npy;" in msg and "partner" in msg
     # Corrupt files of each format.
     for suffix in (".npy", ".tif", ".dcm", ".IMA", ".png"):
         root = tmp_path / f"corrupt{suffix}"
@@ -303,7 +304,7 @@ def test_reader_errors_name_the_file(tmp_path):
             (root / "train" / kind / "s1.npy").unlink()
             (root / "train" / kind / f"s1{suffix}").write_bytes(b"this is not an image" * 10)
         msg = error_message(root)
-        assert str(root / "train" / "HQ" / f"s1{suffix}") in msg and "cannot read" in msg, msg
+        assert str(root / "train" / "HQ" / f"s1{suffix}") in msg and "not a readable" in msg, msg
     # Pair shape mismatch names both files.
     make_split(tmp_path / "pair", n=2)
     np.save(tmp_path / "pair" / "train" / "LQ" / "s1.npy", np.zeros((48, 48), np.float32))
@@ -413,3 +414,121 @@ def test_generation_in_worker_processes_gives_the_same_slices() -> None:
     for a, b in zip(serial, parallel, strict=True):
         assert np.array_equal(a, b)
     assert np.array_equal(offset[0], serial[0][3:8]) and np.array_equal(offset[1], serial[1][3:8])
+
+
+# ----------------------------------------------------------------------------- audit: pairing, messages, offsets
+def _names(folder: Path, stems: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem in stems:
+        np.save(folder / f"{stem}.npy", np.zeros((32, 32), np.float32))
+
+
+def test_names_matching_in_part_are_refused_not_paired_shifted(tmp_path):
+    # HQ s000..s007 against LQ s001..s008: 7 of 8 names match; by position every pair would be shifted.
+    _names(tmp_path / "train" / "HQ", [f"s{i:03d}" for i in range(8)])
+    _names(tmp_path / "train" / "LQ", [f"s{i:03d}" for i in range(1, 9)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no positional pairing with a warning either
+        msg = error_message(tmp_path)
+    print(msg)
+    assert "7 of 8 HQ files" in msg and "HQ only: s000.npy;" in msg and "LQ only: s008.npy)" in msg
+    assert str(tmp_path / "train" / "HQ") in msg and str(tmp_path / "train" / "LQ") in msg
+    assert "only when no name matches" in msg
+    # Many unmatched files: a few are named, the rest counted.
+    _names(tmp_path / "b" / "train" / "HQ", ["a", "h1", "h2", "h3", "h4", "h5"])
+    _names(tmp_path / "b" / "train" / "LQ", ["a", "l1", "l2", "l3", "l4", "l5"])
+    msg = error_message(tmp_path / "b")
+    print(msg)
+    assert "HQ only: h1.npy, h2.npy, h3.npy and 2 more;" in msg and "LQ only: l1.npy, l2.npy, l3.npy and 2 more)" in msg
+    # No name in common and equal counts: the documented fallback, by sorted position, with a warning.
+    _names(tmp_path / "c" / "train" / "HQ", ["hq_2", "hq_10"])
+    _names(tmp_path / "c" / "train" / "LQ", ["lq_2", "lq_10"])
+    with pytest.warns(UserWarning, match="no file name .* matches .*hq_2.npy vs lq_2.npy.*sorted position"):
+        pairs = readers.pair_files(tmp_path / "c" / "train" / "HQ", tmp_path / "c" / "train" / "LQ")
+    assert [(h.name, lq.name) for h, lq in pairs] == [("hq_2.npy", "lq_2.npy"), ("hq_10.npy", "lq_10.npy")]
+
+
+def test_unreadable_files_say_so_without_library_advice_or_log_lines(tmp_path, caplog):
+    root = tmp_path / "d"
+    (root / "x").mkdir(parents=True)
+    np.save(root / "x" / "obj.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    (root / "x" / "junk.npy").write_bytes(b"not an array at all" * 4)
+    (root / "x" / "junk.dcm").write_bytes(b"not a dicom at all")
+    (root / "x" / "junk.tif").write_bytes(b"II*\x00garbage")
+    (root / "x" / "junk.png").write_bytes(b"not a png")
+    fmt = {".npy": "NumPy .npy", ".dcm": "DICOM", ".tif": "TIFF", ".png": "PNG"}
+    for name in ("obj.npy", "junk.npy", "junk.dcm", "junk.tif", "junk.png"):
+        path = root / "x" / name
+        with pytest.raises(DataError) as e:
+            readers.read_image(path)
+        msg = str(e.value)
+        print(msg)
+        assert msg.startswith(f"cannot read {path}: not a readable {fmt[path.suffix]} image (") and "\n" not in msg
+        assert msg.endswith("; re-export the file or remove it.") and msg.count(str(path)) == 1
+        for advice in ("force=True", "allow_pickle", "pickle.load", "holds 0 images"):
+            assert advice not in msg, msg
+    assert not [r for r in caplog.records if r.name.startswith("tifffile")]  # tifffile's log line stays inside
+
+
+def test_dicom_without_preamble_and_file_meta_is_read(tmp_path):
+    hu = np.round(np.random.default_rng(3).uniform(-1000, 1500, (32, 32))).astype(np.float32)
+    write_dicom(tmp_path / "full.dcm", hu)
+    raw = pydicom.dcmread(tmp_path / "full.dcm")
+    del raw.file_meta  # what older scanners write: the bare data set, implicit VR little endian
+    raw.preamble = None
+    raw.save_as(tmp_path / "raw.dcm", implicit_vr=True, little_endian=True, enforce_file_format=False)
+    assert b"DICM" not in (tmp_path / "raw.dcm").read_bytes()[:256]
+    assert np.array_equal(readers.read_image(tmp_path / "raw.dcm"), hu)
+
+
+def _uint16_tifs(root: Path, hu: np.ndarray, calibrated: bool = False) -> None:
+    for split in ("train", "val"):
+        for kind in ("HQ", "LQ"):
+            (root / split / kind).mkdir(parents=True, exist_ok=True)
+            for i in range(3):
+                meta = {"cf": 0, "c0": -1024.0, "c1": 1.0} if calibrated else {}
+                tifffile.imwrite(root / split / kind / f"s{i}.tif", (hu + 1024).astype(np.uint16), imagej=True,
+                                 metadata=meta)
+
+
+def test_uncalibrated_integer_tiffs_without_negatives_warn_once_per_split(tmp_path):
+    hu = np.full((32, 32), -1000.0, np.float32)
+    hu[8:24, 8:24] = 40.0  # a body in air, stored as HU + 1024 without a calibration
+    _uint16_tifs(tmp_path / "plain", hu)
+    with pytest.warns(UserWarning) as caught:
+        s = load_split(DataConfig(source=str(tmp_path / "plain")), "train")
+    hints = [str(w.message) for w in caught if "1024 HU too high" in str(w.message)]
+    print(hints)
+    assert len(hints) == 1 and "6 of 6 files of the train split" in hints[0] and "c0=-1024" in hints[0]
+    assert "--normalisation minmax" in hints[0] and str(tmp_path / "plain" / "train" / "HQ" / "s0.tif") in hints[0]
+    assert float(s.hq.min()) == (24 + 1024) / 2048  # air read as +24 HU, as documented: the warning is the only change
+    with pytest.warns(UserWarning, match="s0.tif is an uncalibrated integer TIFF"):
+        readers.read_image(tmp_path / "plain" / "train" / "HQ" / "s0.tif")
+    # No false alarms: minmax (offset-free), a calibration, float HU, signed integers with air in them.
+    _uint16_tifs(tmp_path / "cal", hu, calibrated=True)
+    for kind in ("HQ", "LQ"):
+        (tmp_path / "f" / "train" / kind).mkdir(parents=True)
+        (tmp_path / "i" / "train" / kind).mkdir(parents=True)
+        tifffile.imwrite(tmp_path / "f" / "train" / kind / "s0.tif", hu + 1024)
+        tifffile.imwrite(tmp_path / "i" / "train" / kind / "s0.tif", hu.astype(np.int16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_split(DataConfig(source=str(tmp_path / "plain"), normalisation="minmax"), "train")
+        for name in ("cal", "f", "i"):
+            load_split(DataConfig(source=str(tmp_path / name)), "train")
+
+
+def test_bench_data_synth_refuses_an_empty_val_split_and_writes_nothing(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["data", "synth", "--out", str(tmp_path / "d"), "--n", "4", "--size", "32", "--mode", "fast",
+              "--val-frac", "0", "--test-frac", "0"])
+    err = capsys.readouterr().err
+    print(err)
+    assert e.value.code == 2 and err.startswith("error: --val-frac 0") and err.count("\n") == 1
+    assert "set --val-frac above 0" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+    # --test-frac 0 alone is fine: train and val are written, and read back.
+    res = CliRunner().invoke(app, ["data", "synth", "--out", str(tmp_path / "d"), "--n", "4", "--size", "32",
+                                   "--mode", "fast", "--val-frac", "0.25", "--test-frac", "0"])
+    assert res.exit_code == 0, res.output
+    assert [len(load_split(DataConfig(source=str(tmp_path / "d")), sp)) for sp in ("train", "val")] == [3, 1]

@@ -343,3 +343,34 @@ def test_bench_data_cache_list_and_clear(tmp_path, monkeypatch):
     assert res.exit_code == 0 and "1 entries" in res.output and "fast" in res.output
     res = CliRunner().invoke(app, ["data", "cache", "clear"])
     assert res.exit_code == 0 and "freed" in res.output and list_entries() == []
+
+
+def test_bench_data_cache_clear_refuses_an_unknown_key_and_removes_nothing(tmp_path, monkeypatch, capsys):
+    from bench.cli import main  # noqa: PLC0415 - the console entry point: one error line, exit 2
+
+    monkeypatch.setenv("DDNET_BENCH_CACHE", str(tmp_path))
+    load_or_generate(3, 32, 5, "fast", 0.25, "chest")
+    before = list_entries()
+    key = before[0]["key"]
+    with pytest.raises(SystemExit) as e:
+        main(["data", "cache", "clear", key[:8], "deadbeef"])  # one known, one unknown: neither is removed
+    err = capsys.readouterr().err
+    print(err)
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
+    assert "'deadbeef'" in err and "nothing was removed" in err and key[:12] in err and "cache list" in err
+    assert list_entries() == before
+    # A prefix that `bench data cache list` shows still removes its entry.
+    res = CliRunner().invoke(app, ["data", "cache", "clear", key[:12]])
+    assert res.exit_code == 0 and "freed" in res.output and list_entries() == []
+    with pytest.raises(SystemExit) as e:
+        main(["data", "cache", "clear", key[:12]])
+    assert e.value.code == 2 and "it has no entries" in capsys.readouterr().err
+
+
+def test_bench_data_cache_with_off_says_it_acts_on_the_default_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDNET_BENCH_CACHE", "off")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    res = CliRunner().invoke(app, ["data", "cache", "clear"])
+    print(res.output)
+    assert res.exit_code == 0 and str(tmp_path / "xdg" / "ddnet-bench" / "synth") in res.output
+    assert "the default folder: DDNET_BENCH_CACHE=off only stops runs from using it" in res.output

@@ -159,7 +159,7 @@ def load_split(cfg: DataConfig, split: Split) -> SliceSet:
     if cfg.source == "synthetic":
         lq, hq, names, source, load = _synthetic(cfg, split)
     else:
-        lq, hq, names = read_split(cfg.source, split, tuple(cfg.hu_window))
+        lq, hq, names = read_split(cfg.source, split, tuple(cfg.hu_window), cfg.normalisation == "window")
         source, load = str(Path(cfg.source)), {}
     load["data_load_s"] = time.perf_counter() - t0
     lq, hq, scale = _normalise_pairs(lq, hq, cfg)

@@ -17,8 +17,11 @@ Each file holds one 2D slice; values are turned into Hounsfield units:
   Float ('F') images are HU.
 
 Pairing: an HQ and an LQ file with the same name (stem, the suffix may differ)
-form a pair. If the names differ but the counts agree, files are paired by
-sorted position with a warning. Every slice of a split must have one shape,
+form a pair. Only when no HQ name matches any LQ name and the counts agree are
+files paired by sorted position, with a warning; names that match in part
+(s000..s007 against s001..s008) are an error, never a shifted pairing. An
+uncalibrated integer TIFF without a negative value (no air, so probably HU +
+1024) gets a warning. Every slice of a split must have one shape,
 with sides divisible by 16 (DDNet's four 2x poolings) and large enough for
 MS-SSIM. Every problem raises `DataError` with one line naming the file or
 folder and the fix.
@@ -26,9 +29,13 @@ folder and the fix.
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -67,14 +74,55 @@ def _as_2d(arr: np.ndarray, path: Path) -> np.ndarray:
     return arr
 
 
-def _read_tiff(path: Path) -> np.ndarray:
+FORMAT_NAMES = {".tif": "TIFF", ".tiff": "TIFF", ".npy": "NumPy .npy", ".dcm": "DICOM", ".ima": "DICOM",
+                ".png": "PNG"}
+
+
+class _Unreadable(Exception):
+    """A file its decoder cannot make sense of; the message is a short reason in our words."""
+
+
+def _reason(e: BaseException, path: Path) -> str:
+    """First line of a decoder's message, without the path (already named) and without sentences that
+    advise library arguments (`force=True`, `allow_pickle=`) the user cannot pass."""
+    text = str(e).replace(f"'{path}'", "").replace(str(path), "").strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    kept = [s for s in re.split(r"(?<=[.!?])\s+", line) if not re.search(r"[A-Za-z_]\w*=", s)]
+    return " ".join(kept).rstrip(".") or type(e).__name__
+
+
+@contextmanager
+def _tifffile_log() -> Iterator[list[str]]:
+    """Collect what tifffile logs while reading a file instead of letting it reach the console."""
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(re.sub(r"^<tifffile\.\w+ @\d+>\s*", "", record.getMessage()))
+
+    log, handler = logging.getLogger("tifffile"), Collect()
+    propagate = log.propagate
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        yield records
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate
+
+
+def _read_tiff(path: Path) -> tuple[np.ndarray, bool]:
+    """(HU, suspect): suspect when the file is integer, uncalibrated and has no negative value."""
     import tifffile  # noqa: PLC0415 - optional format reader, loaded only for .tif data
 
-    with tifffile.TiffFile(path) as tif:
+    with _tifffile_log() as logged, tifffile.TiffFile(path) as tif:
+        if not tif.series:
+            raise _Unreadable(logged[0] if logged else "no image in it")
         if len(tif.series) != 1:
             raise DataError(f"{path} holds {len(tif.series)} images; save one slice per file.")
-        arr = _as_2d(tif.series[0].asarray(), path).astype(np.float64)
+        raw = _as_2d(tif.series[0].asarray(), path)
         meta = tif.imagej_metadata or {}
+    arr = raw.astype(np.float64)
     if "c0" in meta or "c1" in meta:
         cf = int(meta.get("cf", 0))
         if cf != 0:
@@ -82,18 +130,51 @@ def _read_tiff(path: Path) -> np.ndarray:
                 f"{path} has ImageJ calibration function cf={cf}; only the straight line (cf=0, HU = c0 + c1*value) "
                 "is supported, re-save the slice in HU."
             )
-        arr = float(meta.get("c0", 0.0)) + float(meta.get("c1", 1.0)) * arr
-    return arr
+        return float(meta.get("c0", 0.0)) + float(meta.get("c1", 1.0)) * arr, False
+    # A CT slice in HU has air (about -1000 HU) around or inside the body; integers that never go
+    # below 0 are almost surely stored CT values (HU + 1024), which read 1024 HU too high.
+    return arr, bool(np.issubdtype(raw.dtype, np.integer) and raw.size and raw.min() >= 0)
 
 
 def _read_npy(path: Path) -> np.ndarray:
-    return _as_2d(np.load(path, allow_pickle=False), path).astype(np.float64)
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        if "pickle" in str(e):  # not an .npy header numpy knows, or an array of Python objects
+            raise _Unreadable("it holds pickled Python objects or no .npy header, not a numeric array") from e
+        raise
+    return _as_2d(arr, path).astype(np.float64)
+
+
+def _dicom_dataset(path: Path) -> Any:  # a pydicom Dataset (pydicom is imported lazily)
+    """The DICOM dataset of a file, also of one without the 128-byte preamble and file meta (older scanners)."""
+    import pydicom  # noqa: PLC0415 - optional format reader, loaded only for DICOM data (slow import)
+    from pydicom.errors import InvalidDicomError  # noqa: PLC0415
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian  # noqa: PLC0415
+
+    try:
+        return pydicom.dcmread(path)
+    except InvalidDicomError:
+        pass
+    # No preamble: parse the elements as they come; garbage yields no pixel data (or raises).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = pydicom.dcmread(path, force=True)
+        except Exception as e:
+            raise _Unreadable("no DICOM header and no DICOM elements in it") from e
+    if "PixelData" not in ds or "Rows" not in ds:
+        raise _Unreadable("no DICOM header and no pixel data in it")
+    if "TransferSyntaxUID" not in ds.file_meta:
+        implicit, little = ds.original_encoding
+        if not little:
+            raise _Unreadable("big-endian DICOM without a file meta header")
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    return ds
 
 
 def _read_dicom(path: Path) -> np.ndarray:
-    import pydicom  # noqa: PLC0415 - optional format reader, loaded only for DICOM data (slow import)
-
-    ds = pydicom.dcmread(path)
+    ds = _dicom_dataset(path)
     if "PixelData" not in ds:
         raise DataError(f"{path} is a DICOM file without pixel data; remove it from the folder.")
     arr = _as_2d(ds.pixel_array, path).astype(np.float64)
@@ -118,13 +199,20 @@ def _read_png(path: Path, hu_window: tuple[float, float]) -> np.ndarray:
     raise DataError(f"{path} is a {mode} PNG; save CT slices as 8- or 16-bit grayscale.")
 
 
-def read_image(path: Path | str, hu_window: tuple[float, float] = (-1024.0, 1024.0)) -> np.ndarray:
-    """One slice in HU, (H, W) float32. `hu_window` only matters for 8-bit PNGs (see the module docstring)."""
-    path = Path(path)
+def _offset_hint(subject: str, many: bool) -> str:
+    is_, a, it, s_ = ("are", "", "they", "") if many else ("is", "an ", "it", "s")
+    return (f"{subject} {is_} {a}uncalibrated integer TIFF{'s' if many else ''} without a negative value (no air at "
+            f"-1000 HU): if {it} store{s_} HU + 1024, {it} read{s_} 1024 HU too high; add an ImageJ calibration "
+            "(c0=-1024) or use --normalisation minmax.")
+
+
+def _read(path: Path, hu_window: tuple[float, float]) -> tuple[np.ndarray, bool]:
+    """(slice in HU as float32, suspect of the HU + 1024 offset); see `read_image`."""
     suffix = path.suffix.lower()
+    suspect = False
     try:
         if suffix in (".tif", ".tiff"):
-            arr = _read_tiff(path)
+            arr, suspect = _read_tiff(path)
         elif suffix == ".npy":
             arr = _read_npy(path)
         elif suffix in (".dcm", ".ima"):
@@ -136,14 +224,27 @@ def read_image(path: Path | str, hu_window: tuple[float, float] = (-1024.0, 1024
     except DataError:
         raise
     except Exception as e:  # any decoder failure: corrupt, truncated or mislabelled file
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"cannot read {path} ({reason}); re-export the file or remove it.") from e
+        raise DataError(
+            f"cannot read {path}: not a readable {FORMAT_NAMES[suffix]} image ({_reason(e, path)}); "
+            "re-export the file or remove it."
+        ) from e
     with np.errstate(over="ignore"):
         out = arr.astype(np.float32)
     # checked after the cast: a float64 value of 1e300 is finite but becomes inf in float32
     if not np.isfinite(out).all():
         what = "NaN or infinite values" if not np.isfinite(arr).all() else "values beyond float32's range"
         raise DataError(f"{path} contains {what}; fix or remove the slice.")
+    return out, suspect
+
+
+def read_image(path: Path | str, hu_window: tuple[float, float] = (-1024.0, 1024.0)) -> np.ndarray:
+    """One slice in HU, (H, W) float32. `hu_window` only matters for 8-bit PNGs (see the module docstring).
+
+    Warns (UserWarning) when the file is an uncalibrated integer TIFF with no negative value.
+    """
+    out, suspect = _read(Path(path), hu_window)
+    if suspect:
+        warnings.warn(_offset_hint(str(path), many=False), stacklevel=2)
     return out
 
 
@@ -194,19 +295,31 @@ def pair_files(hq_dir: Path, lq_dir: Path) -> list[tuple[Path, Path]]:
     lq_by = {p.stem: p for p in lq}
     if hq_by.keys() == lq_by.keys():
         return [(hq_by[p.stem], lq_by[p.stem]) for p in hq]
-    if len(hq) == len(lq):
-        first = next(p for p in hq if p.stem not in lq_by)
+    hq_only = [p for p in hq if p.stem not in lq_by]
+    lq_only = [p for p in lq if p.stem not in hq_by]
+    n_common = len(hq) - len(hq_only)
+    if n_common == 0 and len(hq) == len(lq):  # no name in common at all: a renamed side, pair in order
         warnings.warn(
-            f"file names in {hq_dir} and {lq_dir} differ (e.g. {first.name}); pairing {len(hq)} slices by "
-            "sorted position. Give each LQ file its HQ file's name to pair by name.",
+            f"no file name in {hq_dir} matches one in {lq_dir} (e.g. {hq[0].name} vs {lq[0].name}); pairing "
+            f"{len(hq)} slices by sorted position. Give each LQ file its HQ file's name to pair by name.",
             stacklevel=2,
         )
         return list(zip(hq, lq, strict=True))
-    unpaired = [p for p in hq if p.stem not in lq_by] + [p for p in lq if p.stem not in hq_by]
-    other = lq_dir if unpaired[0].parent == hq_dir else hq_dir
+    if n_common == 0:
+        other = lq_dir if hq_only else hq_dir
+        raise DataError(
+            f"{(hq_only or lq_only)[0]} has no partner of the same name in {other} ({len(hq)} HQ vs {len(lq)} LQ "
+            "files); give every HQ slice an LQ slice of the same name."
+        )
+
+    def few(files: list[Path]) -> str:
+        return ", ".join(p.name for p in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+
+    # Some names match and some do not: pairing by position would shift every pair after the first gap.
     raise DataError(
-        f"{unpaired[0]} has no partner of the same name in {other} ({len(hq)} HQ vs {len(lq)} LQ files); "
-        "give every HQ slice an LQ slice of the same name."
+        f"{n_common} of {len(hq)} HQ files in {hq_dir} have an LQ file of the same name in {lq_dir}, the rest have "
+        f"no partner (HQ only: {few(hq_only) or 'none'}; LQ only: {few(lq_only) or 'none'}); give every HQ slice "
+        "an LQ slice of the same name (files are paired by sorted position only when no name matches)."
     )
 
 
@@ -224,17 +337,22 @@ def check_shape(h: int, w: int, where: Path | str) -> None:
 
 
 def read_split(
-    root: Path | str, split: str, hu_window: tuple[float, float] = (-1024.0, 1024.0)
+    root: Path | str, split: str, hu_window: tuple[float, float] = (-1024.0, 1024.0), warn_offset: bool = True
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """All pairs of one split: (lq_hu, hq_hu, names), the arrays (N, H, W) float32 in HU, names the HQ stems."""
+    """All pairs of one split: (lq_hu, hq_hu, names), the arrays (N, H, W) float32 in HU, names the HQ stems.
+
+    Warns once (UserWarning) when uncalibrated integer TIFFs without a negative value are among the files,
+    unless `warn_offset` is False ('minmax' normalisation does not see the offset).
+    """
     hq_dir, lq_dir = find_split(root, split)
     pairs = pair_files(hq_dir, lq_dir)
     lq_all: np.ndarray | None = None
     hq_all: np.ndarray | None = None
     first = pairs[0][0]
+    suspects: list[Path] = []
     for i, (hq_path, lq_path) in enumerate(pairs):
-        hq_img = read_image(hq_path, hu_window)
-        lq_img = read_image(lq_path, hu_window)
+        (hq_img, hq_odd), (lq_img, lq_odd) = _read(hq_path, hu_window), _read(lq_path, hu_window)
+        suspects += [p for p, odd in ((hq_path, hq_odd), (lq_path, lq_odd)) if odd]
         if hq_img.shape != lq_img.shape:
             raise DataError(
                 f"{hq_path} is {hq_img.shape[0]}x{hq_img.shape[1]} but {lq_path} is "
@@ -251,4 +369,7 @@ def read_split(
             )
         hq_all[i], lq_all[i] = hq_img, lq_img
     assert lq_all is not None and hq_all is not None  # pairs is never empty
+    if suspects and warn_offset:
+        warnings.warn(_offset_hint(f"{len(suspects)} of {2 * len(pairs)} files of the {split} split (e.g. "
+                                   f"{suspects[0]})", many=True), stacklevel=2)
     return lq_all, hq_all, [hq.stem for hq, _ in pairs]
