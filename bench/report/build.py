@@ -35,11 +35,14 @@ from bench.report.environments import Environment, environments
 from bench.report.envview import EnvView
 from bench.report.format import is_num
 from bench.report.markdown import render, table_file
-from bench.report.options import DEFAULT_RESULTS, Options
+from bench.report.options import DEFAULT_RESULTS, Options, check_target
 from bench.report.plotting import draw
-from bench.report.runs import RunRecord, load_runs
+from bench.report.runs import RunRecord, load_runs, not_started
 from bench.report.setting import setting_from
 from ddnet.errors import UserError, make_folder, out_of_space
+
+NOT_STARTED = "not started"
+"""The status of a cell its grid.json lists that has no run folder yet."""
 
 
 @dataclass
@@ -104,13 +107,18 @@ def _swap_in(work: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+def _write_csv(path: Path, rows: Sequence[dict[str, Any]], ints: Sequence[str] = ()) -> Path:
+    """`rows` as a CSV; the columns `ints` as integers with blanks (not 6.0 where a row has none)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(list(rows)).to_csv(path, index=False)
+    df = pd.DataFrame(list(rows))
+    df = df.astype({k: "Int64" for k in ints if k in df})
+    df.to_csv(path, index=False)
     return path
 
 
-def _status_rows(envs: list[Environment]) -> list[dict[str, Any]]:
+def _status_rows(envs: list[Environment], unstarted: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """One row per run, then one per cell a grid.json lists that has no run folder yet (`not_started`), placed
+    on the machine of its grid's other runs when they ran on one."""
     rows = []
     for e in envs:
         for r in sorted(e.runs, key=lambda r: (r.grid, r.cell_name, r.repeat, r.rel)):
@@ -120,11 +128,18 @@ def _status_rows(envs: list[Environment]) -> list[dict[str, Any]]:
                 "message": r.status_text() if r.status != "ok" or r.damage else "", "damage": r.damage or "",
                 "path": r.rel,
             })
+    for c in unstarted:
+        labels = sorted({e.label for e in envs for r in e.runs if r.grid == c["grid"]})
+        rows.append({"env": labels[0] if len(labels) == 1 else "—", "grid": c["grid"] or "-", "cell": c["cell"],
+                     "repeat": c["repeat"], "status": NOT_STARTED, "epochs_done": 0, "epochs": None,
+                     "message": "listed in grid.json, no run folder with summary.json yet: `bench run` starts it",
+                     "damage": "", "path": c["path"]})
     return rows
 
 _RAW_FIELDS = ("epoch", "phase", "warmup", "time_s", "time_s_invalid", "capture_time_s", "prune_time_s", "val_time_s",
                "images_per_s", "step_time_ms_p50", "step_time_ms_p90", "train_loss", "val_loss", "loss_change",
-               "val_ms_ssim", "val_ms_ssim_std", "val_psnr", "sparsity", "lr")
+               "val_ms_ssim", "val_ms_ssim_std", "val_ms_ssim_paper_code", "val_ms_ssim_paper_code_std", "val_psnr",
+               "sparsity", "lr")
 
 
 def drop_bad_times(runs: list[RunRecord]) -> list[str]:
@@ -189,6 +204,8 @@ def make_report(
     opts = opts or Options()
     if opts.tolerance_pp < 0:
         raise UserError(f"--tolerance {opts.tolerance_pp} must be >= 0 percentage points.")
+    if opts.target_pct is not None:
+        check_target(opts.target_pct)
     results_dir = Path(results_dir)
     runs = load_runs(results_dir)
     paper = load_paper()
@@ -265,8 +282,8 @@ def _write(results_dir: Path, runs: list[RunRecord], paper: dict[str, Any], opts
 
     # Raw per-epoch values of every run: the medians above can always be re-derived from these.
     files.append(_write_csv(tables_dir / "epochs_raw.csv", _raw_epoch_rows(envs)))
-    status = _status_rows(envs)
-    files.append(_write_csv(tables_dir / "status.csv", status))
+    status = _status_rows(envs, not_started(results_dir))
+    files.append(_write_csv(tables_dir / "status.csv", status, ints=("epochs",)))
     env_rows = [e.describe() for e in envs]
     files.append(_write_csv(tables_dir / "environments.csv", env_rows))
 

@@ -26,6 +26,9 @@ from bench.store import epoch_phase
 LAST_EPOCHS = 3
 """Epochs at the end of a run (of its final phase) over which the validation MS-SSIM's epoch-to-epoch spread is
 measured."""
+SETTLED_PP = 1.0
+"""Moves of the final MS-SSIM (percentage points) at or below which the last epochs count as settled whatever
+their pattern: a band from such epochs is at most a few pp, too small to call a real change noise."""
 
 
 @dataclass
@@ -118,14 +121,26 @@ class CellRuns:
         """How much the final MS-SSIM (percent) moves by chance: a sample std, None when it cannot be measured.
 
         Over repeats: the std of the repeats' final values. Otherwise: each run's std over the last
-        `LAST_EPOCHS` validation values of its final phase (epoch-to-epoch swings, plus any trend left at the
-        end of training; never across a pruning), median over repeats; None when a run's final phase has
-        fewer than 2 epochs.
+        `LAST_EPOCHS` validation values of its final phase (epoch-to-epoch swings; never across a pruning), median over repeats; None when a run's final phase has
+        fewer than 2 epochs, or when a repeat's last epochs are still changing (`changing_runs`).
         """
         if over_repeats:
             v = self.values(lambda r: r.final_quality()[0])
             return summarize(v)["std"] if len(v) > 1 else None
+        if self.changing_runs():  # a trend, not a chance swing: no band from it (one moving repeat is enough)
+            return None
         return self.med(_last_epochs_sd)
+
+    def changing_runs(self) -> list[str]:
+        """Finished repeats whose final phase had not settled (`still_changing`), each as 'random-hybrid: 0.00,
+        0.00, 77.32' (its last validation MS-SSIM values, oldest first; the repeat named when there are several)."""
+        out = []
+        for r in self.ok_runs:
+            v = final_phase_values(r)
+            if still_changing(v):
+                rep = f" (repeat {r.repeat})" if len(self.ok_runs) > 1 else ""
+                out.append(f"{self.name}{rep}: {', '.join(f'{x:.2f}' for x in v)}")
+        return out
 
     def metric(self, field: str) -> tuple[float | None, float | None]:
         """Median over repeats of a final epoch-row quality field and of its std (see RunRecord.final_metric)."""
@@ -142,19 +157,51 @@ class CellRuns:
         return runs[(len(runs) - 1) // 2] if runs else None
 
 
+def final_phase_values(r: RunRecord) -> list[float]:
+    """The last `LAST_EPOCHS` validation MS-SSIM values of the run's final phase (its epochs since pruning, or all
+    of them for a run that never pruned), oldest first."""
+    rows = [row for row in r.epochs if is_num(row.get("val_ms_ssim"))]
+    phase = epoch_phase(rows[-1]) if rows else None
+    final = list(itertools.takewhile(lambda row: epoch_phase(row) == phase, reversed(rows)))  # newest first
+    return [float(row["val_ms_ssim"]) for row in reversed(final[:LAST_EPOCHS])]
+
+
+def still_changing(v: list[float]) -> bool:
+    """Whether the last epochs `v` (oldest first, `LAST_EPOCHS` of them) show a trend or a jump, not chance swings.
+
+    Their spread is a noise band only if they scatter about a level. It is not when the run still moves at its
+    end: a net recovering after pruning read 0, 0, 77.3 %, and the std of those three (a 89 pp band) called a
+    12 pp drop 'within noise'. Still changing, when the moves exceed `SETTLED_PP`:
+    - a trend: the values move one way (ties allowed) and the last step is at least as large as the first (the
+      run is not slowing down: 60, 70, 80; 0, 0, 77.3), or
+    - a jump: the last step is more than 3x the earlier values' own range (87.9, 88.2, 60).
+    A recovery that slows down (30, 84, 88) or values scattered both ways (86, 92, 90) keep their band. With
+    fewer than `LAST_EPOCHS` values there is no earlier spread to judge the last move by: not judged.
+    """
+    if len(v) < LAST_EPOCHS:
+        return False
+    steps = [b - a for a, b in itertools.pairwise(v)]
+    last, earlier = abs(steps[-1]), max(v[:-1]) - min(v[:-1])
+    if max(v) - min(v) <= SETTLED_PP:
+        return False
+    one_way = all(d >= 0 for d in steps) or all(d <= 0 for d in steps)
+    trend = one_way and last > SETTLED_PP and last >= abs(steps[0])
+    jump = last > 3.0 * max(earlier, SETTLED_PP)
+    return trend or jump
+
+
 def _last_epochs_sd(r: RunRecord) -> float | None:
-    """Sample std of the last `LAST_EPOCHS` validation MS-SSIM values of the run's final phase (its epochs since
-    pruning, or all of them for a run that never pruned); None with fewer than 2.
+    """Sample std of the last `LAST_EPOCHS` validation MS-SSIM values of the run's final phase; None with fewer
+    than 2, or when they are still changing (`still_changing`: a trend's spread is no chance swing).
 
     Pruning changes the model at once: the epochs before it are no sample of the final model's chance swings.
     Counted across it, a net pruned before its last of 80 epochs (97.6 % the epoch before, 39.8 % after) had a
     spread that called its 58 pp drop 'within noise'.
     """
-    rows = [row for row in r.epochs if is_num(row.get("val_ms_ssim"))]
-    phase = epoch_phase(rows[-1]) if rows else None
-    final = list(itertools.takewhile(lambda row: epoch_phase(row) == phase, reversed(rows)))  # newest first
-    v = [float(row["val_ms_ssim"]) for row in final[:LAST_EPOCHS]]
-    return summarize(v)["std"] if len(v) > 1 else None
+    v = final_phase_values(r)
+    if len(v) < 2 or still_changing(v):
+        return None
+    return summarize(v)["std"]
 
 
 def _code_version(r: RunRecord) -> str:

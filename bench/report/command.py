@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from bench.report.options import DEFAULT_RESULTS, Options
+from bench.report.options import DEFAULT_RESULTS, Options, check_target
 from ddnet.errors import UserError
 
 
@@ -43,6 +43,9 @@ def _target(text: str | None) -> dict:
     if text == "input":
         return {"target_input": True}
     try:
-        return {"target_pct": float(text)}
+        pct = float(text)
     except ValueError:
-        raise UserError(f"--target {text!r} is neither a number (percent) nor 'input'.") from None
+        raise UserError(f"--target {text!r} is neither a number (percent) nor 'input'; pass e.g. --target 97.22 "
+                        "or --target input.") from None
+    check_target(pct)
+    return {"target_pct": pct}

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.paper import table1_row, table2_row
-from bench.report.cells import LAST_EPOCHS, CellRuns
+from bench.report.cells import LAST_EPOCHS, SETTLED_PP, CellRuns
 from bench.report.format import WITHIN_RUN, is_num
 from bench.report.options import Options
 from bench.report.runs import RunRecord
@@ -84,11 +84,13 @@ def within_run(res: Speedup) -> Speedup:
 
 
 def drop_note(rows: list[dict[str, Any]]) -> list[str]:
-    """The note for a table whose MS-SSIM drops carry a noise band (`drop_noise_pp`)."""
+    """The note for a table whose MS-SSIM drops carry a noise band (`drop_noise_pp`), or could not (`drop_changing`)."""
     bases = sorted({str(r["drop_noise_basis"]) for r in rows if r.get("drop_noise_basis")})
+    changing = sorted({run for r in rows if is_num(r.get("drop_pp")) and r.get("drop_changing")
+                       for run in str(r["drop_changing"]).split("; ")})
     bandless = any(is_num(r.get("drop_pp")) and r.get("drop_pp") != 0 and not is_num(r.get("drop_noise_pp"))
-                   for r in rows)
-    if not bases and not bandless:
+                   and not r.get("drop_changing") for r in rows)
+    if not bases and not bandless and not changing:
         return []
     note = (f"'± N' after a change in MS-SSIM: 2 x sqrt(s_cell² + s_baseline²), s the std of the final MS-SSIM over "
             f"repeats (both arms with 3 or more) or over each run's last {LAST_EPOCHS} epochs of its final phase, "
@@ -97,6 +99,12 @@ def drop_note(rows: list[dict[str, Any]]) -> list[str]:
     if bandless:
         note += (" A change without a band has no measured chance swing: a run's final phase is a single epoch "
                  "(a net pruned before its last epoch, a one-epoch run), so nothing tells its noise from a change.")
+    if changing:
+        note += (f" 'still changing': a run's last {LAST_EPOCHS} validation MS-SSIM values (oldest first: "
+                 f"{'; '.join(changing)}) move one way without slowing down, or end in a jump, by more than "
+                 f"{SETTLED_PP:g} pp: the run had not settled, their spread is a trend and no chance swing, so "
+                 "the change has no band and no 'within noise' verdict; its final value is where a still-moving "
+                 "run stopped, and more epochs would move it.")
     return [note]
 
 
@@ -195,6 +203,10 @@ def paper_vs_dense(paper: dict[str, Any], s: Setting) -> float | None:
 
 
 # ---------------------------------------------------------------------- one environment
+
+
+BELOW_INPUT = "below the low-dose input's own MS-SSIM"
+"""Marks a time-to-quality target set by a baseline that did not beat its input (`EnvView.target_for`)."""
 
 
 class EnvView:
@@ -307,7 +319,13 @@ class EnvView:
                        f"repeats ({len(b)} vs {len(a)})")
 
     def target_for(self, cell: CellRuns) -> tuple[float | None, str]:
-        """Time-to-quality target for the cell's context (its baseline's), and how it was set."""
+        """Time-to-quality target for the cell's context (its baseline's), and how it was set (why not, if None).
+
+        No target at or below 0 %: every run would 'reach' it at its first epoch (a baseline ending at 0 % set
+        -0.50 %, and its cells read 5x speedups at epoch 1). A baseline that did not beat the low-dose input's
+        own MS-SSIM still sets one (short runs rarely do: the time to its quality is still a speed measure),
+        marked `BELOW_INPUT` in the rule so that the table says so.
+        """
         if self.opts.target_pct is not None:
             return self.opts.target_pct, f"--target {self.opts.target_pct:g}%"
         base = self.baseline(cell)
@@ -320,7 +338,14 @@ class EnvView:
         if q is None:
             return None, "no finished dense fp32 baseline to set a target"
         t = q - self.opts.tolerance_pp
-        return t, f"dense fp32 baseline {q:.2f}% - {self.opts.tolerance_pp:g} pp"
+        if t <= 0:
+            return None, (f"the dense fp32 baseline ({self.ref(base, cell)}) ended at {q:.2f}%: minus "
+                          f"{self.opts.tolerance_pp:g} pp leaves no target above 0%; --target PCT sets one")
+        how = f"dense fp32 baseline {q:.2f}% - {self.opts.tolerance_pp:g} pp"
+        floor = base.metric("input_ms_ssim")[0]
+        if is_num(floor) and q <= floor:
+            how += f"; {BELOW_INPUT} ({floor:.2f}%)"
+        return t, how
 
     # ------------------------------------------------------------ row helpers
     def head(self, cell: CellRuns) -> dict[str, Any]:
@@ -347,16 +372,30 @@ class EnvView:
 
         2 x sqrt(s_cell^2 + s_base^2), with s each arm's `CellRuns.quality_sd`: over repeats when both have
         at least 3, else over the last epochs of each run. The final-epoch values are single noisy samples
-        (a few epochs at a high learning rate swing by 10 pp and more); a drop inside this is no drop.
+        (a few epochs at a high learning rate swing by 10 pp and more); a drop inside this is no drop. None
+        when an arm's chance swing cannot be measured: a final phase of one epoch, or one still changing
+        (`drop_changing` names those).
         """
         if base is None or base is cell:
             return None, None
-        over_repeats = min(len(cell.ok_runs), len(base.ok_runs)) >= MIN_SAMPLES_PER_ARM
+        over_repeats = self._over_repeats(cell, base)
         sds = [c.quality_sd(over_repeats) for c in (cell, base)]
         if any(sd is None for sd in sds):
             return None, None
         basis = f"{len(cell.ok_runs)} vs {len(base.ok_runs)} repeats" if over_repeats else f"last {LAST_EPOCHS} epochs"
         return 2.0 * math.sqrt(sum(float(sd) ** 2 for sd in sds)), basis
+
+    @staticmethod
+    def _over_repeats(cell: CellRuns, base: CellRuns) -> bool:
+        """Whether a drop's band is over repeats (both arms with at least 3), not over each run's last epochs."""
+        return min(len(cell.ok_runs), len(base.ok_runs)) >= MIN_SAMPLES_PER_ARM
+
+    def drop_changing(self, cell: CellRuns, base: CellRuns | None) -> list[str]:
+        """The runs of either arm whose last epochs were still changing (`CellRuns.changing_runs`), when the
+        band would be measured over those epochs; [] otherwise."""
+        if base is None or base is cell or self._over_repeats(cell, base):
+            return []
+        return [*cell.changing_runs(), *base.changing_runs()]
 
     def quality_cols(self, cell: CellRuns, base: CellRuns | None) -> dict[str, Any]:
         """MS-SSIM (median over repeats) and its drop from the dense baseline, in pp and relative %, with its noise."""
@@ -364,6 +403,7 @@ class EnvView:
         bq = base.quality()[0] if base is not None else None
         drop = bq - q if is_num(bq) and is_num(q) else None
         noise, basis = self.drop_noise(cell, base) if drop is not None else (None, None)
+        changing = self.drop_changing(cell, base) if drop is not None else []
         pq, ps = cell.metric("val_ms_ssim_paper_code")
         iq, iq_paper = cell.metric("input_ms_ssim")[0], cell.metric("input_ms_ssim_paper_code")[0]
         return {
@@ -380,6 +420,8 @@ class EnvView:
             "drop_noise_pp": noise,
             "drop_noise_basis": basis,
             "drop_within_noise": abs(drop) <= noise if drop is not None and noise is not None else None,
+            "drop_changing": "; ".join(changing) or None,
+            "drop_still_changing": bool(changing) if drop is not None else None,
         }
 
     def time_cols(self, cell: CellRuns, base: CellRuns | None) -> dict[str, Any]:

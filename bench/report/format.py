@@ -138,10 +138,11 @@ def fmt_pp(v: Any) -> str:
     return f"{round(float(v), 2) + 0.0:+.2f} pp" if is_num(v) else "—"
 
 
-def fmt_noise(noise: Any, within: Any) -> str:
-    """' ± 18.67, within noise': the chance band of an MS-SSIM change (pp), '' when there is none."""
+def fmt_noise(noise: Any, within: Any, changing: Any = None) -> str:
+    """' ± 18.67, within noise': the chance band of an MS-SSIM change (pp); ', still changing' when a run's last
+    epochs trend (no band can be measured, `bench.report.cells.still_changing`); '' when there is none."""
     if not is_num(noise):
-        return ""
+        return ", still changing" if changing is True else ""
     return f" ± {float(noise):.2f}" + (", within noise" if within else "")
 
 
@@ -153,7 +154,7 @@ def fmt_drop(row: dict[str, Any]) -> str:
     if not is_num(row.get("drop_pp")):
         return "—"
     rel = row.get("drop_rel_pct")
-    noise = fmt_noise(row.get("drop_noise_pp"), row.get("drop_within_noise"))
+    noise = fmt_noise(row.get("drop_noise_pp"), row.get("drop_within_noise"), row.get("drop_still_changing"))
     if not is_num(rel):  # a baseline at MS-SSIM 0 has no relative drop
         return fmt_pp(row["drop_pp"]) + noise
     return f"{fmt_pp(row['drop_pp'])} ({round(float(rel), 2) + 0.0:+.2f}%){noise}"

@@ -44,13 +44,15 @@ def how_to_read(opts: Options) -> list[str]:
         "MS-SSIM is the final epoch's validation mean ± std over slices (percent), median over repeats; "
         "'drop' is baseline minus cell in percentage points and relative to the baseline, ± its noise band "
         "(2 x sqrt of the two arms' variances: over repeats when both have three or more, else over each run's "
-        "last 3 epochs of its final phase, never across a pruning); a drop inside it reads 'within noise'.",
+        "last 3 epochs of its final phase, never across a pruning); a drop inside it reads 'within noise'. "
+        "'still changing': a run's last epochs trend or jump, so their spread is no noise and there is no band.",
         "'ours/paper' divides our total-time speedup by the paper's, in every table: the paper quotes total "
         "training time.",
         f"Time to quality: the first epoch from which every later validation MS-SSIM stays at or above the "
         f"target (default: the dense fp32 baseline's final value minus {opts.tolerance_pp:g} pp), time summed up "
         "to it; a run that touches the target and falls back has not reached it ('not held'). Over repeats, a "
-        "repeat that did not hold it counts as never: a time only when most repeats held it.",
+        "repeat that did not hold it counts as never: a time only when most repeats held it. A baseline that did "
+        "not beat the low-dose input's MS-SSIM sets no target.",
         "Paper columns quote Chaturvedi, Cao, Feng on an Ampere GPU (likely A100; the paper names only an "
         "\"Nvidia Ampere GPU\"), 512x512 chest CT, 50 epochs; small synthetic runs "
         "on other hardware are not expected to match them, the columns are there to compare shapes and ratios.",
@@ -63,8 +65,8 @@ def render(results_dir: Path, runs: list[RunRecord], envs: list[Environment], en
     """report.md: header, environments, run status, how to read, each environment's tables, the tables that
     could not be rendered, not run, sources."""
     counts: dict[str, int] = {}
-    for r in runs:
-        counts[r.status] = counts.get(r.status, 0) + 1
+    for row in status:  # every run, and the cells grid.json lists that were never started
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
     n_cells = sum(len(e.cells) for e in envs)
     lines = [
         "# DDNet benchmark report\n",
@@ -82,7 +84,8 @@ def render(results_dir: Path, runs: list[RunRecord], envs: list[Environment], en
     lines.append(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ".\n")
     bad = [r for r in status if r["status"] != "ok"]
     if bad:
-        lines.append("Runs that did not finish (partial runs are shown as such; failed and skipped cells have no "
+        lines.append("Runs that did not finish (partial runs are shown as such: 'running' while their process "
+                     "runs, 'stopped' when it has ended, resumable; failed, skipped and not started cells have no "
                      "numbers in the tables below):\n")
         lines.append(md_table(bad, ["env", "grid", "cell", "repeat", "status", "epochs_done", "epochs", "message",
                                     "path"]))

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ddnet.errors import UserError
+
 DEFAULT_RESULTS = Path("results/runs")
 """The folder `bench report` searches when none is given."""
 
@@ -24,3 +26,10 @@ class Options:
     target_input: bool = False
     """Time to quality: the target is the low-dose input's own MS-SSIM ('beats the input')."""
 
+
+
+def check_target(pct: float) -> None:
+    """Refuse a --target that no MS-SSIM (percent) can mean: outside (0, 100], NaN or infinite."""
+    if not 0.0 < pct <= 100.0:  # NaN fails both comparisons
+        raise UserError(f"--target {pct:g} is not an MS-SSIM in percent; pass a value in (0, 100], e.g. "
+                        "--target 97.22, or --target input.")

@@ -17,11 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.cell_log import LAUNCHES
+from bench.cell_log import LAUNCHES, interrupted_why
 from bench.report.format import is_num
 from bench.report.setting import Setting, setting_from
 from bench.stats import median
-from bench.store import epoch_cost, epoch_phase, is_warmup, read_json, read_jsonl_checked, seconds
+from bench.store import (
+    epoch_cost,
+    epoch_phase,
+    is_warmup,
+    read_json,
+    read_jsonl_checked,
+    seconds,
+    writer_alive,
+)
 from ddnet.errors import UserError
 
 UNKNOWN_ENV = "unknown"
@@ -55,7 +63,8 @@ class RunRecord:
     rel: str
     """Path relative to the results folder (for tables)."""
     status: str
-    """'ok', 'running' (partial), 'failed', 'skipped', or 'unreadable'."""
+    """'ok', 'running' (partial), 'stopped' (partial, its process has ended: resumable), 'failed', 'skipped', or
+    'unreadable'."""
     error: str | None
     reason: str | None
     config: dict[str, Any]
@@ -196,7 +205,8 @@ class RunRecord:
         return out
 
     def status_text(self) -> str:
-        """'ok', 'running (partial: 3/50 epochs)', 'failed: <error>', 'skipped: <reason>'; damage appended."""
+        """'ok', 'running (partial: 3/50 epochs)', 'stopped (partial: ...)', 'failed: <error>', 'skipped: <reason>';
+        damage appended."""
         text = self._status_text()
         return f"{text} [{self.damage}]" if self.damage else text
 
@@ -207,6 +217,10 @@ class RunRecord:
             return "ok"
         if self.status == "running":
             return f"running (partial: {done}/{total} epochs)"
+        if self.status == "stopped":
+            why = interrupted_why(self.summary)
+            return (f"stopped (partial: {done}/{total} epochs): its process has ended{f' ({why})' if why else ''}; "
+                    "`bench run` (or `bench train --resume`) resumes it")
         if self.status == "failed":
             return f"failed after {done}/{total} epochs: {_one_line(self.error) or 'no error recorded'}"
         if self.status == "skipped":
@@ -263,6 +277,10 @@ def read_run(path: Path, root: Path) -> RunRecord:
         c, _ = _read_optional(path / "copies.json")
         copies = c if isinstance(c, dict) and c else None
     status = str(summary.get("status", "unreadable")) if summary else "unreadable"
+    if status == "running" and (interrupted_why(summary) or writer_alive(summary.get("writer")) is False):
+        # `bench status`'s rule: the process the summary names ran on this host and has ended (or the run
+        # recorded why it was interrupted), so nothing is running; the run stays resumable
+        status = "stopped"
     error = summary.get("error")
     if problems and status != "failed":
         status, error = "unreadable", "; ".join(problems)
@@ -342,6 +360,30 @@ def _clean_epochs(raw: list[dict[str, Any]], bad_lines: list[int]) -> tuple[list
 def find_run_dirs(results_dir: Path) -> list[Path]:
     """Every folder under `results_dir` (itself included) that holds a summary.json, sorted."""
     return sorted({p.parent for p in results_dir.rglob("summary.json") if p.is_file()})
+
+
+def not_started(results_dir: str | Path) -> list[dict[str, Any]]:
+    """Cells that a grid.json under `results_dir` lists but whose folder holds no summary.json: never started.
+
+    One dict per such cell: grid, cell, repeat, path (relative to `results_dir`); an unreadable grid.json
+    lists none (`bench status` reports it).
+    """
+    root = Path(results_dir)
+    out = []
+    for grid_json in sorted(root.rglob("grid.json")):
+        try:
+            grid = read_json(grid_json)
+        except (OSError, json.JSONDecodeError):
+            continue
+        cells = grid.get("cells") if isinstance(grid, dict) else None
+        for c in cells if isinstance(cells, list) else []:
+            folder = c.get("folder") if isinstance(c, dict) else None
+            if not isinstance(folder, str) or (grid_json.parent / folder / "summary.json").is_file():
+                continue
+            out.append({"grid": str(c.get("grid") or grid.get("grid") or ""), "cell": str(c.get("cell") or folder),
+                        "repeat": int(c.get("repeat", 0) or 0),
+                        "path": str((grid_json.parent / folder).relative_to(root))})
+    return out
 
 
 def load_runs(results_dir: str | Path) -> list[RunRecord]:

@@ -70,6 +70,24 @@ def _line(r: dict[str, Any], grids: bool, lengths: bool) -> str:
     return f"{r['grid']}: {label}" if grids else label
 
 
+BASELINE_STYLES = ("--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
+"""Line styles of the dense baselines in the plot, one each (black, so they are never taken for a model's line)."""
+
+
+def baseline_lines(rows: list[dict[str, Any]], grids: bool, lengths: bool) -> list[tuple[float, str, Any]]:
+    """(MS-SSIM, label, line style) of each dense baseline the rows are compared with: each its own style, labelled
+    with its grid and run length where those vary, and its value where two labels would read alike (other data
+    or batch). Two baselines of other lengths were drawn as identical black dashed lines."""
+    bases = sorted({(r["grid"], int(r["epochs"]), float(r["baseline_ms_ssim_pct"])) for r in rows
+                    if is_num(r.get("baseline_ms_ssim_pct"))})
+    labels = [f"dense baseline (ours{f', {g}' * grids}{f', {e} epochs' * lengths})" for g, e, _ in bases]
+    out = []
+    for i, ((_, _, base), label) in enumerate(zip(bases, labels, strict=True)):
+        label += f": {base:.2f} %" if labels.count(label) > 1 else ""
+        out.append((base, label, BASELINE_STYLES[i % len(BASELINE_STYLES)]))
+    return out
+
+
 def plot(table: Table, path: Path) -> Path | None:
     """Final MS-SSIM against the fraction of epochs run dense before pruning: a line per model (never an average
     of different amounts, grids or run lengths), each baseline, and the paper's split (1/2) marked."""
@@ -87,11 +105,8 @@ def plot(table: Table, path: Path) -> Path | None:
         if is_num(r.get("ms_ssim_std_pct")):
             ax.errorbar(x, r["ms_ssim_pct"], yerr=r["ms_ssim_std_pct"], fmt="none", ecolor="grey", capsize=3,
                         lw=1)
-    bases = sorted({(r["grid"], r["epochs"], r["baseline_ms_ssim_pct"]) for r in rows
-                    if is_num(r.get("baseline_ms_ssim_pct"))})
-    for g, e, base in bases:
-        where = f", {g}" * grids + f", {e} epochs" * lengths
-        ax.axhline(base, color="black", ls="--", lw=1, label=f"dense baseline (ours{where})")
+    for base, label, style in baseline_lines(rows, grids, lengths):
+        ax.axhline(base, color="black", ls=style, lw=1, label=label)
     ax.axvline(rows[0]["paper_split_fraction"], color="green", ls="--", lw=1, label="paper's split (25 of 50)")
     ax.set_xlabel("fraction of the epochs run dense before pruning"
                   + ("" if lengths else f" (of {rows[0]['epochs']})"))

@@ -63,6 +63,7 @@ def _build(env: EnvView, key: str, pred: CellPredicate, title: str) -> Table | N
         row["drop_vs_model_noise_pp"] = q["drop_noise_pp"]
         row["drop_vs_model_noise_basis"] = q["drop_noise_basis"]
         row["drop_vs_model_within_noise"] = q["drop_within_noise"]
+        row["drop_vs_model_still_changing"] = q["drop_still_changing"]
         quals.append(q)
         csv.append(row)
         md.append({
@@ -76,7 +77,8 @@ def _build(env: EnvView, key: str, pred: CellPredicate, title: str) -> Table | N
             "paper vs dense": fmt_num(row["paper_vs_dense_x"], 2, "x"),
             "MS-SSIM %": fmt_quality(row),
             "MS-SSIM change vs same model": (fmt_pp(-row["drop_vs_model_pp"]) if is_num(row["drop_vs_model_pp"])
-                                             else "—") + fmt_noise(q["drop_noise_pp"], q["drop_within_noise"]),
+                                             else "—")
+            + fmt_noise(q["drop_noise_pp"], q["drop_within_noise"], q["drop_still_changing"]),
         })
     notes = [
         "Paper (Fig. 8, Ampere GPU (likely A100)): MP 1.49x dense / 1.34x sparse; DoLL 1.21x both; GCO 1.16x; "

@@ -18,7 +18,7 @@ from typing import Any
 from bench.paper import table1_row
 from bench.report.artifact import Artifact, Table, register
 from bench.report.cells import CellRuns
-from bench.report.envview import EnvView, other_model_note, paper_model, paper_vs_dense, ratio
+from bench.report.envview import BELOW_INPUT, EnvView, other_model_note, paper_model, paper_vs_dense, ratio
 from bench.report.format import fmt_num, fmt_speedup, fmt_time, is_num
 from bench.report.plotting import bars_with_ci, figure, save
 from bench.report.setting import Setting
@@ -139,8 +139,14 @@ def build(env: EnvView) -> Table | None:
         return None
     ref = env.paper["reference"]
     csv, md = [], []
+    no_target: dict[str, list[str]] = {}  # why a context has no target -> its cells
+    below: set[str] = set()  # cells whose target a baseline below its own input set
     for c in sorted(cells, key=lambda c: (c.grid, not (c.setting.dense and c.setting.arch_off), c.name)):
         target, how = env.target_for(c)
+        if target is None:
+            no_target.setdefault(how, []).append(c.name)
+        elif BELOW_INPUT in how:
+            below.add(c.name)
         base = env.baseline(c)
         r, rb = reach(c, target), reach(base, target)
         row = {**env.head(c), "target_ms_ssim_pct": target, "target_rule": how,
@@ -155,7 +161,7 @@ def build(env: EnvView) -> Table | None:
         if not c.has_numbers:
             reached = c.status_text()
         elif target is None:
-            reached = how
+            reached = "no target (see the notes)"
         else:
             reached = reached_text(r)
         md.append({
@@ -178,6 +184,12 @@ def build(env: EnvView) -> Table | None:
              f"(at least {MIN_SAMPLES_PER_ARM} per arm).",
              "Paper: the dense DDNet (batch 32) took 79 min to reach MS-SSIM 97.22 (its reference time); Table 1's "
              "model pruned before training ended at 42.39 % and never reached it.",
+             *[f"No target, hence no time or speedup, for {', '.join(names)}: {how}." for how, names in
+               no_target.items()],
+             *([f"The target of {', '.join(sorted(below))} was set by a dense fp32 baseline that ended {BELOW_INPUT}: "
+                "it is a quality the input already has, so these times measure how fast training gets to that "
+                "baseline's quality, not to a useful denoiser (short runs on small data often end there); "
+                "--target PCT sets another."] if below else []),
              *other_model_note(cells)]
     return Table("ttq", "Time to quality (MLPerf-style)", csv, md, list(md[0].keys()), notes)
 
