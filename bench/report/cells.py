@@ -121,8 +121,9 @@ class CellRuns:
         """How much the final MS-SSIM (percent) moves by chance: a sample std, None when it cannot be measured.
 
         Over repeats: the std of the repeats' final values. Otherwise: each run's std over the last
-        `LAST_EPOCHS` validation values of its final phase (epoch-to-epoch swings; never across a pruning), median over repeats; None when a run's final phase has
-        fewer than 2 epochs, or when a repeat's last epochs are still changing (`changing_runs`).
+        `LAST_EPOCHS` validation values of its final phase (epoch-to-epoch swings; never across a pruning),
+        median over repeats; None when a run's final phase has fewer than 2 epochs, or when a repeat's last
+        epochs are still changing (`changing_runs`).
         """
         if over_repeats:
             v = self.values(lambda r: r.final_quality()[0])
