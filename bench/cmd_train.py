@@ -36,7 +36,7 @@ import typer
 
 from bench.cell_log import EXIT_NO_SPACE, EXIT_PEER_LOST, PLANNED_DEVICE_ENV, DeviceGone
 from bench.training import train
-from ddnet.config import ConfigError, TrainConfig, check_runnable, resolve_device
+from ddnet.config import ConfigError, TrainConfig, absolute_source, check_runnable, resolve_device
 from ddnet.config_fields import ConfigField, config_fields
 from ddnet.errors import UserError, out_of_space
 from ddnet.replicas import PeerLost
@@ -50,7 +50,7 @@ EXIT_FAILED = 3  # training itself failed (NaN loss, OOM, crash); the folder rec
 
 def _option(field: ConfigField) -> tuple[inspect.Parameter, Any]:
     """A typer option for one config field: its flag, type, help with choices, unit and default."""
-    name = field.flag.lstrip("-").replace("-", "_")
+    name = field.param
     help_text = field.doc
     if field.choices and typing.get_origin(field.type) is typing.Literal:
         help_text += f" One of: {', '.join(field.choices)}."
@@ -110,16 +110,15 @@ def build_config(config: Path | None, overrides: dict[str, Any]) -> TrainConfig:
 
 
 def absolute_data(cfg: TrainConfig) -> TrainConfig:
-    """`cfg` with its data folder absolute and normalised (no '..', '~' or trailing '/'): the run folder's
-    config.json must name the same data from wherever it is read (--resume, `bench eval`, the report)."""
-    source = cfg.data.source
-    full = source if source == "synthetic" else os.path.abspath(os.path.expanduser(source))
-    return cfg if full == source else cfg.replace(**{"data.source": full})
+    """`cfg` with its data folder `absolute_source`: the run folder's config.json must name the same data from
+    wherever it is read (--resume, `bench eval`, the report)."""
+    full = absolute_source(cfg.data.source)
+    return cfg if full == cfg.data.source else cfg.replace(**{"data.source": full})
 
 
 def config_from_options(options: dict[str, Any]) -> TrainConfig:
     """The TrainConfig that `--config`, `--preset` and the field options describe (None = not given)."""
-    by_name = {f.flag.lstrip("-").replace("-", "_"): f for f in FIELDS}
+    by_name = {f.param: f for f in FIELDS}
     overrides = {by_name[k].path: _convert(by_name[k], v) for k, v in options.items()
                  if k in by_name and v is not None}
     preset = options["preset"]
@@ -136,7 +135,7 @@ def config_from_options(options: dict[str, Any]) -> TrainConfig:
 def train_cmd(**options: Any) -> None:
     """Train DDNet once and write the run folder."""
     saved = Path(options["out"]) / "config.json"
-    by_name = {f.flag.lstrip("-").replace("-", "_") for f in FIELDS}
+    by_name = {f.param for f in FIELDS}
     if (options["resume"] and options["config"] is None and options["preset"] is None and saved.is_file()
             and all(options.get(k) is None for k in by_name)):
         options = {**options, "config": saved}  # `--resume` alone continues the run as it was configured

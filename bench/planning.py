@@ -22,7 +22,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import random
 import socket
 from collections.abc import Iterator
@@ -36,7 +35,7 @@ from bench.collectors import git_state
 from bench.grids import Cell, Grid
 from bench.status import format_duration
 from bench.store import read_json, read_jsonl, read_summary, take_lock, write_json
-from ddnet.config import ConfigError, TrainConfig, check_runnable
+from ddnet.config import ConfigError, TrainConfig, absolute_source, check_runnable
 from ddnet.data import split_seed
 from ddnet.data.cache import cache_enabled, cache_root, list_entries, split_key
 from ddnet.data.errors import DataError
@@ -76,8 +75,8 @@ class Overrides:
             "device": "device",
         }
         out = {dotted: getattr(self, attr) for attr, dotted in names.items() if getattr(self, attr) is not None}
-        if out.get("data.source", "synthetic") != "synthetic":  # the cells run from their own folders
-            out["data.source"] = os.path.abspath(os.path.expanduser(out["data.source"]))
+        if "data.source" in out:  # the cells run from their own folders
+            out["data.source"] = absolute_source(out["data.source"])
         return out
 
     def apply(self, cfg: TrainConfig, keep: set[str] | frozenset[str] = frozenset()) -> TrainConfig:
@@ -202,13 +201,9 @@ def check_grid_out(out: Path) -> None:
                                 "(`bench report` reads every grid under one parent folder).")
 
 
-def check_recorded(out: Path, folders: list[str], version: str) -> list[str] | None:
-    """The run order `out/grid.json` recorded for these cell folders, None when there is no grid.json;
-    UserError when it records another cell set (another grid, other options, or other code)."""
-    path = out / "grid.json"
-    if not path.exists():
-        return None
-    record = read_json(path)
+def check_recorded(out: Path, record: dict[str, Any], folders: list[str], version: str) -> list[str]:
+    """The run order `out/grid.json` (read as `record`) holds for these cell folders; UserError when it records
+    another cell set (another grid, other options, or other code)."""
     known = [c["folder"] if isinstance(c, dict) else c for c in record.get("cells", [])]
     if set(known) != set(folders) or sorted(record.get("order", [])) != sorted(folders):
         old = record.get("code_version")
@@ -377,10 +372,11 @@ def dry_run_order(planned: list[PlannedCell], seed: int, out: Path) -> list[str]
 def dry_run_refusal(out: Path, order: list[str], version: str | None = None) -> str | None:
     """What the run would refuse that a dry run does not: planning other options into a grid's folder is
     how a dry run estimates them from its epochs, but the run itself stops at the other cell set."""
-    if not recorded_grid(out):
+    record = recorded_grid(out)
+    if not record:
         return None
     try:
-        check_recorded(out, order, code_version() if version is None else version)
+        check_recorded(out, record, order, code_version() if version is None else version)
     except UserError as e:
         return f"note: `bench run` with these options would stop here: {e}"
     return None
@@ -392,13 +388,12 @@ def prepare_out(
     """Create `out/grid.json` once, or check the existing one matches; returns the run order."""
     path = out / "grid.json"
     folders = [p.folder for p in planned]
-    if path.exists() and not resume:
-        raise UserError(
-            f"{out} already holds a run of this grid; re-run with --resume to continue it, or pick another --out."
-        )
-    recorded = check_recorded(out, folders, version)
-    if recorded is not None:
-        return recorded
+    if path.exists():
+        if not resume:
+            raise UserError(
+                f"{out} already holds a run of this grid; re-run with --resume to continue it, or pick another --out."
+            )
+        return check_recorded(out, read_json(path), folders, version)
     order = run_order(planned, seed)
     write_json(path, {
         "grid": grid.name,

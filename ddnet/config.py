@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -373,6 +374,12 @@ def _build(typ: type, kwargs: dict[str, Any], lenient: bool = False) -> Any:
 
 
 # ---------------------------------------------------------------------- the machine
+
+
+def absolute_source(source: str) -> str:
+    """A data source as every process reads it alike: 'synthetic', or the folder's absolute, normalised path
+    (no '..', '~' or trailing '/'; symlinks kept, as the user named them)."""
+    return source if source == "synthetic" else os.path.abspath(os.path.expanduser(source))
 
 
 def resolve_device(name: str) -> str:

@@ -46,6 +46,11 @@ class ConfigField:
     unit: str
 
     @property
+    def param(self) -> str:
+        """The Python name of its command-line option ('--image-size' -> 'image_size'), as typer passes it."""
+        return self.flag.lstrip("-").replace("-", "_")
+
+    @property
     def choices(self) -> tuple[str, ...]:
         """The allowed values of a Literal field (or of the Literal part of a union), else ()."""
         typ = self.type

@@ -51,8 +51,9 @@ def how_to_read(opts: Options) -> list[str]:
         f"Time to quality: the first epoch from which every later validation MS-SSIM stays at or above the "
         f"target (default: the dense fp32 baseline's final value minus {opts.tolerance_pp:g} pp), time summed up "
         "to it; a run that touches the target and falls back has not reached it ('not held'). Over repeats, a "
-        "repeat that did not hold it counts as never: a time only when most repeats held it. A baseline that did "
-        "not beat the low-dose input's MS-SSIM sets no target.",
+        "repeat that did not hold it counts as never: a time only when most repeats held it. A target at or below "
+        "0 % is not set; one set by a baseline that did not beat the low-dose input's MS-SSIM is named in the "
+        "notes.",
         "Paper columns quote Chaturvedi, Cao, Feng on an Ampere GPU (likely A100; the paper names only an "
         "\"Nvidia Ampere GPU\"), 512x512 chest CT, 50 epochs; small synthetic runs "
         "on other hardware are not expected to match them, the columns are there to compare shapes and ratios.",

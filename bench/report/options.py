@@ -27,7 +27,6 @@ class Options:
     """Time to quality: the target is the low-dose input's own MS-SSIM ('beats the input')."""
 
 
-
 def check_target(pct: float) -> None:
     """Refuse a --target that no MS-SSIM (percent) can mean: outside (0, 100], NaN or infinite."""
     if not 0.0 < pct <= 100.0:  # NaN fails both comparisons

@@ -40,18 +40,15 @@ def _steady(cell: CellRuns) -> tuple[float | None, float | None]:
     for r in cell.ok_runs:
         dense_f = _flops(r.summary, "flops_fwd_bwd_per_image_before_pruning")
         after_f = _flops(r.summary, "flops_fwd_bwd_per_image") or dense_f
-        per_phase: dict[str, tuple[list[float], list[float]]] = {}
+        per_phase: dict[str, list[float]] = {}
         for row in r.epochs:
             if is_warmup(row, r.config) or not is_num(row.get("images_per_s")) or not is_num(row.get("time_s")):
                 continue
-            images, times = per_phase.setdefault(epoch_phase(row), ([], []))
-            images.append(float(row["images_per_s"]) * float(row["time_s"]))  # the trainer's n x batch
-            times.append(float(row["time_s"]))
-        counts = r.phase_counts()
-        if not per_phase or set(per_phase) != set(counts):  # a phase without a steady epoch: no estimate
+            per_phase.setdefault(epoch_phase(row), []).append(float(row["images_per_s"]) * float(row["time_s"]))
+        counts, seconds = r.phase_counts(), r.train_time_est_s()  # the speedup's own estimate
+        if seconds is None or set(per_phase) != set(counts):  # a phase without a steady epoch: no estimate
             continue
-        images = {p: counts[p] * float(median(n)) for p, (n, _) in per_phase.items()}
-        seconds = sum(counts[p] * float(median(t)) for p, (_, t) in per_phase.items())
+        images = {p: counts[p] * float(median(n)) for p, n in per_phase.items()}  # the trainer's steps x batch
         total = sum(images.values())
         if seconds > 0 and total > 0:
             ips.append(total / seconds)
