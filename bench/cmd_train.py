@@ -26,6 +26,7 @@ import sys
 import time
 import traceback
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,27 @@ def config_from_options(options: dict[str, Any]) -> TrainConfig:
         if resolve_device(options.get("device") or "auto") != "cuda":
             raise UserError(f"--preset {preset} was measured on a GPU and needs CUDA (it sets "
                             f"{PRESETS[preset]}); drop --preset on a CPU.")
-    return build_config(options["config"], overrides)
+    cfg = build_config(options["config"], overrides)
+    _check_given(cfg, [f for f in FIELDS if options.get(f.param) is not None])
+    return cfg
+
+
+_PRUNING_ONLY = ("sparsity.amount", "sparsity.pattern", "sparsity.scope", "sparsity.dense_epochs",
+                 "sparsity.auto_patience")
+"""Fields that only shape pruning: given on the command line with --sparsity none, they would do nothing."""
+
+
+def _check_given(cfg: TrainConfig, given: list[ConfigField]) -> None:
+    """Refuse options given explicitly that this run would ignore; warn of a run that times no epoch."""
+    idle = [f.flag for f in given if f.path in _PRUNING_ONLY]
+    if cfg.sparsity.kind == "none" and idle:
+        raise UserError(f"{', '.join(idle)} shape{'s' if len(idle) == 1 else ''} pruning, which --sparsity none "
+                        "does not do; add --sparsity random, structured or topk, or drop "
+                        f"{'it' if len(idle) == 1 else 'them'}.")
+    if 1 < cfg.epochs <= cfg.warmup_epochs:
+        warnings.warn(f"--warmup-epochs {cfg.warmup_epochs} marks all {cfg.epochs} epochs as warm-up, so none "
+                      "is timed at steady state and the report gives this run no time per epoch; use "
+                      f"--warmup-epochs below {cfg.epochs}.", UserWarning, stacklevel=2)
 
 
 def train_cmd(**options: Any) -> None:

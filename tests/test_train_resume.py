@@ -127,3 +127,16 @@ def test_our_warnings_are_one_line_and_auto_switch_needs_two_epochs(tmp_path: Pa
     assert "UserWarning" not in res.stderr and "self.loss_fn" not in res.stderr  # no file:line, no source line
     with pytest.raises(ConfigError, match="--dense-epochs auto needs a dense and a sparse epoch, so --epochs 2"):
         tiny_cfg(epochs=1, sparsity=SparsityConfig(kind="topk", dense_epochs="auto"))
+
+
+def test_a_run_that_would_time_no_epoch_is_warned_and_only_it(tmp_path: Path, capsys) -> None:
+    with pytest.warns(UserWarning, match="--warmup-epochs 2 marks all 2 epochs as warm-up") as seen:
+        code, err = run_cli(["train", "--out", str(tmp_path / "a"), "--epochs", "2", "--warmup-epochs", "2",
+                             *TINY_ARGS], capsys)
+    assert code == 0, err
+    assert all(r["warmup"] for r in read_jsonl(tmp_path / "a" / "epochs.jsonl"))  # what the warning says
+    assert len([w for w in seen if "warm-up" in str(w.message)]) == 1
+    code, err = run_cli(["train", "--out", str(tmp_path / "b"), "--epochs", "3", "--warmup-epochs", "2",
+                         *TINY_ARGS], capsys)
+    assert code == 0, err
+    assert [r["warmup"] for r in read_jsonl(tmp_path / "b" / "epochs.jsonl")] == [True, True, False]
