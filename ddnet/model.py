@@ -88,9 +88,28 @@ def bilinear_matmul(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     with a deterministic backward on CUDA (two more matrix products), where interpolate's backward
     accumulates with atomics and raises under `torch.use_deterministic_algorithms(True)`. It costs
     a few % of DDNet's FLOPs, so only `--deterministic` runs use it."""
-    rows = _linear_weights(x.shape[-2], size[0], x)
-    cols = _linear_weights(x.shape[-1], size[1], x)
+    rows = _cached_weights(x.shape[-2], size[0], x)
+    cols = _cached_weights(x.shape[-1], size[1], x)
     return torch.matmul(rows, torch.matmul(x, cols.t()))
+
+
+_WEIGHTS: dict[tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
+"""`_linear_weights` already built, by (n_in, n_out, device, dtype): constants, so an eager step (or the
+warm-up before a CUDA graph capture) launches no kernels to rebuild them."""
+
+
+def _cached_weights(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling() or (like.is_cuda and torch.cuda.is_current_stream_capturing()):
+        # traced: the compiler folds the construction. Captured: a tensor made now holds its values only once
+        # the graph replays, so it must not serve eager code (validation) from a cache.
+        return _linear_weights(n_in, n_out, like)
+    key = (n_in, n_out, like.device, like.dtype)
+    w = _WEIGHTS.get(key)
+    if w is None:
+        if len(_WEIGHTS) >= 64:  # many image sizes in one process: start over rather than grow
+            _WEIGHTS.clear()
+        w = _WEIGHTS[key] = _linear_weights(n_in, n_out, like)
+    return w
 
 
 class DecoderStage(nn.Module):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+import ddnet.model as model_mod
 from bench.store import read_json, read_jsonl
 from bench.training import build_run, train
 from ddnet.config import ConfigError, DataConfig, ModelConfig, TrainConfig
@@ -61,6 +62,29 @@ def test_matmul_upsampling_equals_interpolate_in_value_and_gradient(src, dst) ->
         g = torch.randn_like(ref)
         (g_ours,), (g_ref,) = torch.autograd.grad(ours, x, g), torch.autograd.grad(ref, x, g)
         torch.testing.assert_close(g_ours, g_ref, rtol=0, atol=10 * tol)
+
+
+def test_the_upsampling_matrices_are_built_once_per_shape_and_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[tuple[int, int, torch.dtype]] = []
+    real = model_mod._linear_weights
+
+    def counting(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
+        built.append((n_in, n_out, like.dtype))
+        return real(n_in, n_out, like)
+
+    monkeypatch.setattr(model_mod, "_linear_weights", counting)
+    monkeypatch.setattr(model_mod, "_WEIGHTS", {})
+    x = torch.randn(2, 3, 5, 7)
+    first = bilinear_matmul(x, (10, 14))
+    assert sorted(built) == [(5, 10, torch.float32), (7, 14, torch.float32)]
+    again = bilinear_matmul(torch.randn(1, 2, 5, 7), (10, 14))  # another batch, same sizes: nothing rebuilt
+    assert len(built) == 2 and again.shape == (1, 2, 10, 14)
+    torch.testing.assert_close(bilinear_matmul(x, (10, 14)), first, rtol=0, atol=0)
+    bilinear_matmul(x.double(), (10, 14))  # another dtype: its own matrices
+    assert len(built) == 4
+    model_mod._WEIGHTS.update({(i, i, torch.device("cpu"), torch.float16): x for i in range(62)})
+    bilinear_matmul(torch.randn(1, 1, 3, 3), (6, 6))  # a miss with 64 or more kept starts over
+    assert len(model_mod._WEIGHTS) == 1
 
 
 def test_the_deterministic_model_computes_what_the_paper_model_does() -> None:
