@@ -82,9 +82,9 @@ def test_the_upsampling_matrices_are_built_once_per_shape_and_dtype(monkeypatch:
     torch.testing.assert_close(bilinear_matmul(x, (10, 14)), first, rtol=0, atol=0)
     bilinear_matmul(x.double(), (10, 14))  # another dtype: its own matrices
     assert len(built) == 4
-    model_mod._WEIGHTS.update({(i, i, torch.device("cpu"), torch.float16): x for i in range(62)})
-    bilinear_matmul(torch.randn(1, 1, 3, 3), (6, 6))  # a miss with 64 or more kept starts over
-    assert len(model_mod._WEIGHTS) == 1
+    kept = model_mod._WEIGHTS[(5, 10, torch.device("cpu"), torch.float32)]
+    bilinear_matmul(torch.randn(1, 1, 3, 3), (6, 6))  # a new size adds its own, the others stay where they are
+    assert len(built) == 5 and model_mod._WEIGHTS[(5, 10, torch.device("cpu"), torch.float32)] is kept
 
 
 def test_the_deterministic_model_computes_what_the_paper_model_does() -> None:
