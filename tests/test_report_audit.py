@@ -124,6 +124,9 @@ def test_a_running_summary_whose_process_ended_reads_stopped(tmp_path):
                      QUAL[:1], status="running")
     me = psutil.Process()
     _summary(live, writer={"host": socket.gethostname(), "pid": me.pid, "created": me.create_time()})
+    away = write_run(root, "g", "tf32-host-off-dense", _cfg(precision="tf32"), _times(8.0, 5)[:2], QUAL[:2],
+                     status="running")
+    _summary(away, writer={"host": "node-elsewhere-17", "pid": 4242, "created": 1.0e9})
     rep = make_report(root, opts=Options())
     status = pd.read_csv(rep.out / "tables" / "status.csv").set_index("path")
     assert status.loc["g/fp32-device-off-dense-r0", "status"] == "stopped"
@@ -132,8 +135,12 @@ def test_a_running_summary_whose_process_ended_reads_stopped(tmp_path):
     assert status.loc["g/amp-bf16-host-off-dense-r0", "message"].startswith(
         "stopped (partial: 3/6 epochs): its process has ended (a replica was lost);")
     assert status.loc["g/fp32-host-cuda-graph-dense-r0", "status"] == "running"  # its process is this one
+    assert status.loc["g/fp32-host-cuda-graph-dense-r0", "message"] == "running (partial: 1/6 epochs)"
+    assert status.loc["g/tf32-host-off-dense-r0", "status"] == "running"  # cannot be told from here: said so
+    assert status.loc["g/tf32-host-off-dense-r0", "message"].startswith(
+        "running (partial: 2/6 epochs) on node-elsewhere-17, as its summary says: this host cannot see that process")
     md = rep.report_md.read_text()
-    assert "1 ok, 1 running, 2 stopped." in md and "running (partial: 2/6" not in md
+    assert "1 ok, 2 running, 2 stopped." in md and "running (partial: 2/6 epochs) |" not in md
 
 
 def test_cells_in_grid_json_without_a_folder_count_as_not_started(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,7 +217,7 @@ class RunRecord:
         if self.status == "ok":
             return "ok"
         if self.status == "running":
-            return f"running (partial: {done}/{total} epochs)"
+            return f"running (partial: {done}/{total} epochs){_elsewhere(self.summary.get('writer'))}"
         if self.status == "stopped":
             why = interrupted_why(self.summary)
             return (f"stopped (partial: {done}/{total} epochs): its process has ended{f' ({why})' if why else ''}; "
@@ -234,6 +235,16 @@ def _one_line(text: str | None, limit: int = 240) -> str:
         return ""
     line = str(text).strip().splitlines()[0] if str(text).strip() else ""
     return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _elsewhere(writer: Any) -> str:
+    """For a 'running' summary written on another host (a Slurm node): that this host cannot tell whether the
+    process still runs, and who can; '' when it ran here (the report then knows) or the summary names no host."""
+    host = writer.get("host") if isinstance(writer, dict) else None
+    if not isinstance(host, str) or not host or host == socket.gethostname():
+        return ""
+    return (f" on {host}, as its summary says: this host cannot see that process, so a run killed there also "
+            "reads 'running'; `bench status` on the grid folder asks Slurm where it can")
 
 
 def _read_optional(path: Path) -> tuple[Any, str | None]:
