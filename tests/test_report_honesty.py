@@ -465,20 +465,3 @@ def test_fig4_plots_never_average_other_models_and_mark_the_paper_per_run_length
     marks = sorted(float(line.get_xdata()[0]) for line in figs[fig4ab].axes[1].get_lines()
                    if line.get_linestyle() == "--")
     assert marks == pytest.approx([28 / 50 * 6, 28 / 50 * 12])
-
-
-def test_fig9a_puts_the_papers_shares_beside_its_two_loaders_alone(tmp_path):
-    root = tmp_path / "runs"
-    t, q = [3.0, 2.0, 2.0, 2.0, 2.0, 2.0], [50, 70, 80, 86, 92, 90.0]
-    copies = {"copies_device": "cuda", "copies_steps": 3, "copies_HtoD_bytes": 6e8, "copies_HtoD_share_bytes": 0.6,
-              "copies_HtoD_share_time": 0.9, "copies_HtoD_time_ms": 4.0, "copies_HtoD_count": 6}
-    write_run(root, "p", "host", _cfg(profile_steps=3), t, q, copies=copies)
-    write_run(root, "p", "doll", _cfg(loader="device", profile_steps=3), t, q, copies=copies)
-    write_run(root, "p", "host-fp16-graph", _cfg(precision="amp-fp16", graphs="cuda-graph", profile_steps=3), t, q,
-              copies=copies)
-    rep = make_report(root, opts=Options())
-    f = pd.read_csv(rep.out / "tables" / "fig9a.csv").set_index("cell")
-    assert f.loc["host", "paper_share_pct"] == 60 and f.loc["doll", "paper_share_pct"] == 7
-    assert f.loc["host", "paper_htod_gb"] == 7
-    assert pd.isna(f.loc["host-fp16-graph", "paper_share_pct"]) and pd.isna(f.loc["host-fp16-graph", "paper_htod_gb"])
-    assert "host-fp16-graph: profiled with more on than the loader" in (rep.out / "tables" / "fig9a.md").read_text()
