@@ -20,8 +20,9 @@ Pairing: an HQ and an LQ file with the same name (stem, the suffix may differ)
 form a pair. Only when no HQ name matches any LQ name and the counts agree are
 files paired by sorted position, with a warning; names that match in part
 (s000..s007 against s001..s008) are an error, never a shifted pairing. An
-uncalibrated integer TIFF without a negative value (no air, so probably HU +
-1024) gets a warning. Every slice of a split must have one shape,
+uncalibrated integer slice without a negative value (no air, so probably HU +
+1024: an integer TIFF without calibration or .npy, a DICOM file without
+RescaleIntercept) gets a warning. Every slice of a split must have one shape,
 with sides divisible by 16 (DDNet's four 2x poolings) and large enough for
 MS-SSIM. Every problem raises `DataError` with one line naming the file or
 folder and the fix.
@@ -131,19 +132,25 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, bool]:
                 "is supported, re-save the slice in HU."
             )
         return float(meta.get("c0", 0.0)) + float(meta.get("c1", 1.0)) * arr, False
-    # A CT slice in HU has air (about -1000 HU) around or inside the body; integers that never go
-    # below 0 are almost surely stored CT values (HU + 1024), which read 1024 HU too high.
-    return arr, bool(np.issubdtype(raw.dtype, np.integer) and raw.size and raw.min() >= 0)
+    return arr, _no_air(raw)
 
 
-def _read_npy(path: Path) -> np.ndarray:
+def _read_npy(path: Path) -> tuple[np.ndarray, bool]:
+    """(HU, suspect): suspect when the array is integer with no negative value (`_no_air`)."""
     try:
         arr = np.load(path, allow_pickle=False)
     except ValueError as e:
         if "pickle" in str(e):  # not an .npy header numpy knows, or an array of Python objects
             raise _Unreadable("it holds pickled Python objects or no .npy header, not a numeric array") from e
         raise
-    return _as_2d(arr, path).astype(np.float64)
+    arr = _as_2d(arr, path)
+    return arr.astype(np.float64), _no_air(arr)
+
+
+def _no_air(raw: np.ndarray) -> bool:
+    """Integers that never go below 0: a CT slice in HU has air (about -1000 HU) around or inside the body, so
+    these are almost surely stored CT values (HU + 1024), which read 1024 HU too high."""
+    return bool(np.issubdtype(raw.dtype, np.integer) and raw.size and raw.min() >= 0)
 
 
 def _dicom_dataset(path: Path) -> Any:  # a pydicom Dataset (pydicom is imported lazily)
@@ -173,14 +180,15 @@ def _dicom_dataset(path: Path) -> Any:  # a pydicom Dataset (pydicom is imported
     return ds
 
 
-def _read_dicom(path: Path) -> np.ndarray:
+def _read_dicom(path: Path) -> tuple[np.ndarray, bool]:
+    """(HU, suspect): suspect when the file has no RescaleIntercept and its pixels no negative value."""
     ds = _dicom_dataset(path)
     if "PixelData" not in ds:
         raise DataError(f"{path} is a DICOM file without pixel data; remove it from the folder.")
-    arr = _as_2d(ds.pixel_array, path).astype(np.float64)
+    raw = _as_2d(ds.pixel_array, path)
     slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
     intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
-    return arr * slope + intercept
+    return raw.astype(np.float64) * slope + intercept, "RescaleIntercept" not in ds and _no_air(raw)
 
 
 def _read_png(path: Path, hu_window: tuple[float, float]) -> np.ndarray:
@@ -199,11 +207,26 @@ def _read_png(path: Path, hu_window: tuple[float, float]) -> np.ndarray:
     raise DataError(f"{path} is a {mode} PNG; save CT slices as 8- or 16-bit grayscale.")
 
 
-def _offset_hint(subject: str, many: bool) -> str:
+_OFFSET_FIX = {"TIFF": "add an ImageJ calibration (c0=-1024)", "DICOM": "set RescaleIntercept (-1024)",
+               ".npy": "save HU (the values less 1024)"}
+"""How to calibrate each format whose integer files may hold HU + 1024 without saying so."""
+
+
+def _offset_format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    return "TIFF" if suffix in (".tif", ".tiff") else "DICOM" if suffix in (".dcm", ".ima") else ".npy"
+
+
+def _offset_hint(subject: str, files: list[Path]) -> str:
+    """The warning for `files`, uncalibrated integer slices without a negative value; `subject` names them."""
+    many = len(files) > 1
+    kinds = sorted({_offset_format(f) for f in files})
     is_, a, it, s_ = ("are", "", "they", "") if many else ("is", "an ", "it", "s")
-    return (f"{subject} {is_} {a}uncalibrated integer TIFF{'s' if many else ''} without a negative value (no air at "
-            f"-1000 HU): if {it} store{s_} HU + 1024, {it} read{s_} 1024 HU too high; add an ImageJ calibration "
-            "(c0=-1024) or use --normalisation minmax.")
+    names = [f"{'.npy array' if k == '.npy' else k}{'s' if many else ''}" for k in kinds]
+    what = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    fix = "; ".join(_OFFSET_FIX[k] for k in kinds) + ("; or" if len(kinds) > 1 else " or")
+    return (f"{subject} {is_} {a}uncalibrated integer {what} without a negative value (no air at -1000 HU): if "
+            f"{it} store{s_} HU + 1024, {it} read{s_} 1024 HU too high; {fix} use --normalisation minmax.")
 
 
 def _read(path: Path, hu_window: tuple[float, float]) -> tuple[np.ndarray, bool]:
@@ -214,9 +237,9 @@ def _read(path: Path, hu_window: tuple[float, float]) -> tuple[np.ndarray, bool]
         if suffix in (".tif", ".tiff"):
             arr, suspect = _read_tiff(path)
         elif suffix == ".npy":
-            arr = _read_npy(path)
+            arr, suspect = _read_npy(path)
         elif suffix in (".dcm", ".ima"):
-            arr = _read_dicom(path)
+            arr, suspect = _read_dicom(path)
         elif suffix == ".png":
             arr = _read_png(path, hu_window)
         else:
@@ -240,11 +263,11 @@ def _read(path: Path, hu_window: tuple[float, float]) -> tuple[np.ndarray, bool]
 def read_image(path: Path | str, hu_window: tuple[float, float] = (-1024.0, 1024.0)) -> np.ndarray:
     """One slice in HU, (H, W) float32. `hu_window` only matters for 8-bit PNGs (see the module docstring).
 
-    Warns (UserWarning) when the file is an uncalibrated integer TIFF with no negative value.
+    Warns (UserWarning) when the file is an uncalibrated integer slice with no negative value (`_no_air`).
     """
     out, suspect = _read(Path(path), hu_window)
     if suspect:
-        warnings.warn(_offset_hint(str(path), many=False), stacklevel=2)
+        warnings.warn(_offset_hint(str(path), [Path(path)]), stacklevel=2)
     return out
 
 
@@ -341,7 +364,7 @@ def read_split(
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """All pairs of one split: (lq_hu, hq_hu, names), the arrays (N, H, W) float32 in HU, names the HQ stems.
 
-    Warns once (UserWarning) when uncalibrated integer TIFFs without a negative value are among the files,
+    Warns once (UserWarning) when uncalibrated integer files without a negative value are among them,
     unless `warn_offset` is False ('minmax' normalisation does not see the offset).
     """
     hq_dir, lq_dir = find_split(root, split)
@@ -371,5 +394,5 @@ def read_split(
     assert lq_all is not None and hq_all is not None  # pairs is never empty
     if suspects and warn_offset:
         warnings.warn(_offset_hint(f"{len(suspects)} of {2 * len(pairs)} files of the {split} split (e.g. "
-                                   f"{suspects[0]})", many=True), stacklevel=2)
+                                   f"{suspects[0]})", suspects), stacklevel=2)
     return lq_all, hq_all, [hq.stem for hq, _ in pairs]
