@@ -146,10 +146,15 @@ def _format_warning(message: Warning | str, category: type[Warning], filename: s
     return _python_format(message, category, filename, lineno, line)
 
 
+def one_line_warnings() -> None:
+    """Print our own warnings as `_format_warning` does, in this process (the CLI's, or a replica it spawned)."""
+    warnings.formatwarning = _format_warning
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: bad input of any kind is one `error:` line and exit status 2."""
     args = sys.argv[1:] if argv is None else list(argv)
-    warnings.formatwarning = _format_warning
+    one_line_warnings()
     try:
         code = app(args=args, standalone_mode=False)
     except Exception as e:

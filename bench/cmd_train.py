@@ -340,6 +340,8 @@ def _drop_group() -> None:
 
 def _replica(cfg: TrainConfig, out: Path, resume: bool, progress: bool, me: Dist) -> None:
     """One DDP replica: join the group, train, leave. Only global rank 0 prints and writes."""
+    if not me.main:  # the same config and data on every rank: rank 0 says it once
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"(ddnet|bench)\.")
     _init_group(me, resolve_device(cfg.device) == "cuda")
     try:
         summary = train(cfg, out, resume=resume, progress=progress and me.main, dist=me, launched=True)
@@ -359,6 +361,9 @@ def _replica(cfg: TrainConfig, out: Path, resume: bool, progress: bool, me: Dist
 
 def _worker(rank: int, cfg_dict: dict, out: str, resume: bool, progress: bool, port: int) -> None:
     """Entry point of a replica started by `--nproc N` (torch.multiprocessing spawn)."""
+    from bench.cli import one_line_warnings  # noqa: PLC0415 - a spawned process starts without the CLI's setup
+
+    one_line_warnings()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cfg = TrainConfig.from_dict(cfg_dict)
     _replica(cfg, Path(out), resume, progress, Dist(rank, cfg.nproc))  # one node: local rank = rank

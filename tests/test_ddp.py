@@ -160,6 +160,7 @@ def test_two_nodes_c10d_doll_rank0_reads_and_writes(tmp_path: Path) -> None:
     # only global rank 0 wrote: one set of epoch rows, one "done" line
     assert [r["epoch"] for r in read_jsonl(out / "epochs.jsonl")] == [1, 2]
     assert sum(launch.log.count("done: 2 epochs") for launch in launches) == 1
+    assert sum(launch.log.count("warning: 32 px images are too small") for launch in launches) == 1  # rank 0's
     assert read_json(out / "config.json")["nproc"] == 2
 
 

@@ -125,6 +125,12 @@ def test_our_warnings_are_one_line_and_auto_switch_needs_two_epochs(tmp_path: Pa
     assert res.returncode == 0, res.stderr
     assert "warning: 64 px images are too small for the standard MS-SSIM" in res.stderr
     assert "UserWarning" not in res.stderr and "self.loss_fn" not in res.stderr  # no file:line, no source line
+    # two spawned replicas: the same line, once (rank 0 says it for both), and no Python formatting either
+    res = subprocess.run([*args[:5], str(tmp_path / "r2"), *args[6:], "--nproc", "2"], capture_output=True,
+                         text=True, timeout=600, cwd=Path(__file__).parent.parent)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.count("warning: 64 px images are too small for the standard MS-SSIM") == 1, res.stderr
+    assert "UserWarning" not in res.stderr and "self.loss_fn" not in res.stderr, res.stderr
     with pytest.raises(ConfigError, match="--dense-epochs auto needs a dense and a sparse epoch, so --epochs 2"):
         tiny_cfg(epochs=1, sparsity=SparsityConfig(kind="topk", dense_epochs="auto"))
 
