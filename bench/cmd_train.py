@@ -280,10 +280,21 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
     if summary.get("input_ms_ssim") is not None:  # a denoiser must beat its input
         ms_txt += f" (input {summary['input_ms_ssim']:.2f} %)"
     typer.echo(
-        f"done: {summary['epochs_completed']} epochs in {summary['total_time_s']:.1f} s, "
-        f"val MS-SSIM {ms_txt}, sparsity {summary['sparsity']['overall']:.3f} ({summary['sparsity']['kind']}) "
-        f"-> {out}"
+        f"done: {summary['epochs_completed']} epoch{'' if summary['epochs_completed'] == 1 else 's'} in {summary['total_time_s']:.1f} s, "
+        f"val MS-SSIM {ms_txt}, {_sparsity_text(summary['sparsity'])} -> {out}"
     )
+
+
+def _sparsity_text(sp: dict[str, Any]) -> str:
+    """'dense', 'sparsity 0.500 (masked)' (zeros counted), or, where the layers were shrunk and hold no zeros,
+    'structural: 49.5 % of parameters removed (476,379 -> 240,563)'."""
+    report = sp.get("report") if isinstance(sp.get("report"), dict) else {}
+    before, after = report.get("params_before"), report.get("params_after")
+    if sp.get("kind") == "structural" and isinstance(before, int) and isinstance(after, int) and before > 0:
+        return f"structural: {100 * (before - after) / before:.1f} % of parameters removed ({before:,} -> {after:,})"
+    if sp.get("kind") == "none":
+        return "dense"
+    return f"sparsity {sp['overall']:.3f} ({sp['kind']})"
 
 
 def _free_port() -> int:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import bench.cmd_train as cmd_train
+from bench.cli import main
 from bench.store import lock_held, read_json, read_jsonl, take_lock
 from bench.training import LOCK_NAME, config_differences, train
 from ddnet.config import ConfigError, SparsityConfig
@@ -146,3 +147,19 @@ def test_a_run_that_would_time_no_epoch_is_warned_and_only_it(tmp_path: Path, ca
                          *TINY_ARGS], capsys)
     assert code == 0, err
     assert [r["warmup"] for r in read_jsonl(tmp_path / "b" / "epochs.jsonl")] == [True, True, False]
+
+
+def test_the_closing_line_says_what_pruning_did(tmp_path: Path, capsys) -> None:
+    """A structurally pruned net holds no zeros: 'sparsity 0.000 (structural)' read as if nothing were pruned."""
+    runs = {"s": ["--epochs", "2", "--sparsity", "structured", "--dense-epochs", "1"],
+            "m": ["--epochs", "2", "--sparsity", "topk", "--dense-epochs", "1"], "d": ["--epochs", "1"]}
+    done = {}
+    for name, args in runs.items():
+        main(["train", "--out", str(tmp_path / name), *args, *TINY_ARGS])
+        out = capsys.readouterr().out
+        done[name] = out[out.index(" %), ") + 5:out.index(f" -> {tmp_path / name}")]
+    report = read_json(tmp_path / "s" / "summary.json")["sparsity"]["report"]
+    before, after = report["params_before"], report["params_after"]
+    assert after < before and read_json(tmp_path / "s" / "summary.json")["params"] == after
+    assert done["s"] == f"structural: {100 * (before - after) / before:.1f} % of parameters removed ({before:,} -> {after:,})"
+    assert done["m"] == "sparsity 0.500 (masked)" and done["d"] == "dense"
