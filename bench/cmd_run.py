@@ -246,8 +246,9 @@ def run_cmd(
     slurm_partition: str | None = typer.Option(None, "--slurm-partition", help="slurm: partition (sbatch -p)."),
     slurm_account: str | None = typer.Option(None, "--slurm-account", help="slurm: account charged (sbatch -A)."),
     slurm_qos: str | None = typer.Option(None, "--slurm-qos", help="slurm: quality of service."),
-    slurm_time: int = typer.Option(240, "--slurm-time", help="slurm: time limit per job, minutes; a job that "
-                                                               "reaches it is requeued and resumes its cell."),
+    slurm_time: str = typer.Option("240", "--slurm-time", help="slurm: time limit per job, minutes or as sbatch "
+                                                               "--time (4:00:00, 1-12:00); a job that reaches it "
+                                                               "is requeued and resumes its cell."),
     slurm_gpus: int | None = typer.Option(None, "--slurm-gpus-per-node",
                                           help="slurm: GPUs per node (default: the cell's nproc / --slurm-nodes; "
                                                "0 on CPU cells)."),

@@ -139,7 +139,7 @@ def headers(folder: Path) -> list[str]:
     ({"extra_sbatch": ["--partition=gpu"]}, "sets --partition: set SlurmOptions.partition instead"),
     ({"extra_sbatch": {"output": "x.log"}}, "sets --output: submitit sets it"),
     ({"extra_sbatch": "--constraint=a100"}, "give a list of '--key=value' strings or a dict"),
-    ({"signal_delay_s": 600, "time_min": 10}, "not shorter than the 10-minute limit"),
+    ({"signal_delay_s": 600, "time_min": 10}, "time_min=10 is too short: Slurm signals the job 600 s before"),
     ({"cluster": "pbs"}, "choose one of slurm, local, debug"),
     ({"job_name": "my job"}, "job_name='my job'"),
     ({"stall_timeout_s": -1}, "stall_timeout_s=-1: give seconds (>= 0; 0 turns the watch off)"),

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,7 +30,34 @@ _OWNED = {
     "cpus-per-task": "cpus_per_task", "c": "cpus_per_task", "mem": "mem_gb", "nodes": "nodes", "N": "nodes",
     "array": "array_parallelism", "a": "array_parallelism", "job-name": "job_name", "J": "job_name",
     "output": None, "o": None, "error": None, "e": None, "signal": "signal_delay_s",
+    "ntasks": None, "n": None, "ntasks-per-node": None,
 }
+# owned keys that `bench run` has no option for: the fix is not "set another option"
+_BENCH_SETS = {"job_name": "every job is named 'ddnet-bench'",
+               "signal_delay_s": "the signal that requeues a job before its time limit (90 s before it by default)"}
+_NO_OWNER = {"ntasks": "each cell runs as one task per node (its replicas are that task's processes)",
+             "n": "each cell runs as one task per node (its replicas are that task's processes)",
+             "ntasks-per-node": "each cell runs as one task per node (its replicas are that task's processes)"}
+
+_SLURM_TIME = re.compile(r"(?:(\d+)-(\d+)(?::(\d+)(?::(\d+))?)?|(\d+)(?::(\d+)(?::(\d+))?)?)")
+
+
+def slurm_minutes(value: int | str) -> int:
+    """A time limit in whole minutes from minutes (240, '240') or any of sbatch's `--time` formats: 'MM:SS',
+    'HH:MM:SS', 'D-HH', 'D-HH:MM', 'D-HH:MM:SS' (seconds round up, as Slurm does). Raises ValueError."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    m = _SLURM_TIME.fullmatch(value.strip()) if isinstance(value, str) else None
+    if m is None:
+        raise ValueError(value)
+    days, hours, d_min, d_sec, plain, p2, p3 = (int(g) if g else 0 for g in m.groups())
+    if m.group(1) is not None:  # D-HH[:MM[:SS]]
+        seconds = ((days * 24 + hours) * 60 + d_min) * 60 + d_sec
+    elif m.group(7) is not None:  # HH:MM:SS
+        seconds = (plain * 60 + p2) * 60 + p3
+    else:  # MM or MM:SS
+        seconds = plain * 60 + p2
+    return -(-seconds // 60)
 
 
 def _now() -> str:
@@ -50,8 +78,9 @@ class SlurmOptions:
     """Account charged (`--account`); None: your default account."""
     qos: str | None = None
     """Quality of service (`--qos`); None: the partition's default."""
-    time_min: int = 240
-    """Time limit of one job, in minutes (`--time`). A job that reaches it is checkpointed and requeued
+    time_min: int | str = 240
+    """Time limit of one job, in minutes (`--time`), or a string in sbatch's `--time` formats ('4:00:00',
+    '1-12:00'; made minutes). A job that reaches it is checkpointed and requeued
     (up to `max_requeues` times) and continues from the cell's last epoch."""
     gpus_per_node: int | None = None
     """GPUs per node (`--gpus-per-node`); None: the cell's `nproc` (its replica count) / `nodes`, 0 for CPU
@@ -97,6 +126,13 @@ class SlurmOptions:
             if v is not None and (not isinstance(v, str) or not v.strip() or any(c.isspace() for c in v)):
                 raise UserError(f"SlurmOptions.{name}={v!r}: give a Slurm {name} name (no spaces), "
                                 "or leave it unset.")
+        if isinstance(self.time_min, str):
+            try:
+                self.time_min = slurm_minutes(self.time_min)
+            except ValueError:
+                raise UserError(f"SlurmOptions.time_min={self.time_min!r}: give minutes (e.g. 240) or Slurm's "
+                                "[days-]hours:minutes:seconds (e.g. 4:00:00, 1-12:00; 'MM:SS' is minutes and "
+                                "seconds, as for sbatch).") from None
         whole("time_min", 1)
         whole("gpus_per_node", 0, none_ok=True)
         whole("cpus_per_task", 1, none_ok=True)
@@ -112,12 +148,16 @@ class SlurmOptions:
             raise UserError(f"SlurmOptions.stall_timeout_s={stall!r}: give seconds (>= 0; 0 turns the watch off), "
                             "or leave it unset for the default limit.")
         mem = self.mem_gb
-        if mem is not None and (isinstance(mem, bool) or not isinstance(mem, int | float) or not mem > 0):
-            raise UserError(f"SlurmOptions.mem_gb={mem!r}: give the memory per node in GB (> 0), "
-                            "or leave it unset.")
+        # submitit writes int(GB * 1024) MB: under 1 MB that is --mem=0, which Slurm reads as all of a node's memory
+        if mem is not None and (isinstance(mem, bool) or not isinstance(mem, int | float) or not math.isfinite(mem)
+                                or not mem * 1024 >= 1):
+            raise UserError(f"SlurmOptions.mem_gb={mem!r}: give the memory per node in GB (at least 0.001, "
+                            "finite), or leave it unset.")
         if self.signal_delay_s >= self.time_min * 60:
-            raise UserError(f"SlurmOptions.signal_delay_s={self.signal_delay_s} is not shorter than the "
-                            f"{self.time_min}-minute limit; lower it or raise time_min.")
+            least = self.signal_delay_s // 60 + 1
+            raise UserError(f"SlurmOptions.time_min={self.time_min} is too short: Slurm signals the job "
+                            f"{self.signal_delay_s} s before its limit to requeue it; give at least {least} "
+                            "minutes.")
         if not isinstance(self.job_name, str) or not self.job_name or any(c.isspace() for c in self.job_name):
             raise UserError(f"SlurmOptions.job_name={self.job_name!r}: give a name without spaces.")
         if self.cluster not in CLUSTERS:
@@ -149,9 +189,14 @@ class SlurmOptions:
             norm = key.replace("_", "-")
             if norm in _OWNED:
                 owner = _OWNED[norm]
-                fix = (f"set SlurmOptions.{owner} instead" if owner
+                fix = (f"bench sets it: {_BENCH_SETS[owner]}" if owner in _BENCH_SETS
+                       else f"set SlurmOptions.{owner} instead" if owner
+                       else f"bench sets it: {_NO_OWNER[norm]}" if norm in _NO_OWNER
                        else "submitit sets it (logs go to the log folder)")
                 raise UserError(f"SlurmOptions.extra_sbatch sets --{norm}: {fix}.")
+            if norm in ("mem-per-cpu", "mem-per-gpu") and self.mem_gb is not None:  # sbatch takes one of them
+                raise UserError(f"SlurmOptions.extra_sbatch sets --{norm} and SlurmOptions.mem_gb sets --mem: "
+                                "sbatch takes only one; drop one of them.")
             out[norm] = value
         return out
 

@@ -1,0 +1,230 @@
+"""`bench run --executor slurm` given bad input or a Slurm that refuses: one line naming the fix, and no job
+submitted before a refusal is forgotten. No cluster: fake `srun`/`sbatch`/`squeue` on PATH, or a fake executor."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from bench.cmd_run import run_cmd
+from bench.grids import Cell, Grid, standard_factors
+from bench.run_slurm import run_on_slurm
+from bench.slurm import CellJob, SlurmOptions, job_states, latest_jobs, submit_jobs
+from bench.store import read_json
+from ddnet.errors import UserError
+from tests.fake_trainer import quiet, tiny_base
+
+
+def _bin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scripts: dict[str, str], keep_path: bool = True) -> Path:
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        (bin_dir / name).write_text("#!/bin/sh\n" + body)
+        (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IEXEC)
+    # a host may have the real Slurm clients in /usr/bin: they must not answer for the fakes
+    for tool in ("sbatch", "squeue", "sacct", "srun"):
+        if tool not in scripts:
+            (bin_dir / tool).write_text("#!/bin/sh\necho 'not here' >&2\nexit 127\n")
+            (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}" if keep_path else str(bin_dir))
+    return bin_dir
+
+
+def _cli(*args: str) -> object:
+    app = typer.Typer()
+    app.command()(run_cmd)
+    return CliRunner().invoke(app, list(args))
+
+
+# ------------------------------------------------------------------ options
+
+
+@pytest.mark.parametrize("value, minutes", [
+    (30, 30), ("240", 240), ("4:00:00", 240), ("04:00:00", 240), ("90:30", 91), ("1-00", 1440),
+    ("1-12:30", 2190), ("2-00:00:01", 2881),
+])
+def test_slurm_time_takes_minutes_or_slurms_own_formats(value, minutes):
+    assert SlurmOptions(time_min=value).time_min == minutes
+
+
+@pytest.mark.parametrize("value", ["4h", "", "1:2:3:4", "-5", "UNLIMITED", "1-", "0:00:30x"])
+def test_a_slurm_time_slurm_would_not_read_is_refused_naming_the_formats(value):
+    with pytest.raises(UserError) as e:
+        SlurmOptions(time_min=value)
+    assert "give minutes (e.g. 240) or Slurm's" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_slurm_time_in_hours_minutes_seconds_reaches_the_sbatch_script(tmp_path):
+    res = _cli("--grid", "table1", "--out", str(tmp_path / "r"), "--executor", "slurm", "--data", "synthetic",
+               "--image-size", "64", "--epochs", "2", "--slurm-time", "1-02:00:00", "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert "#SBATCH --time=1560\n" in res.output
+
+
+def test_cli_slurm_time_too_short_for_the_requeue_signal_names_the_option_not_the_api_field(tmp_path):
+    res = _cli("--grid", "table1", "--out", str(tmp_path / "r"), "--executor", "slurm", "--slurm-time", "1",
+               "--dry-run")
+    assert res.exit_code == 2
+    assert "--slurm-time=1" in res.output and "at least 2 minutes" in res.output
+    assert "SlurmOptions" not in res.output and "time_min" not in res.output
+
+
+@pytest.mark.parametrize("mem", [float("inf"), 0.0001, 0.0009])
+def test_memory_sbatch_cannot_take_or_would_read_as_the_whole_node_is_refused(mem):
+    # submitit writes int(GB * 1024) MB: below 1 MB that is --mem=0, which Slurm reads as all of a node's memory
+    with pytest.raises(UserError, match="mem_gb") as e:
+        SlurmOptions(mem_gb=mem)
+    assert "\n" not in str(e.value)
+    assert SlurmOptions(mem_gb=0.001).mem_gb == 0.001
+
+
+def test_cli_slurm_mem_gb_inf_is_one_line_not_a_traceback(tmp_path):
+    res = _cli("--grid", "table1", "--out", str(tmp_path / "r"), "--executor", "slurm", "--slurm-mem-gb", "inf",
+               "--dry-run")
+    assert res.exit_code == 2 and "--slurm-mem-gb=inf" in res.output, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+
+
+@pytest.mark.parametrize("extra, fix", [
+    ("--ntasks-per-node=2", "one task per node"),
+    ("--ntasks=4", "one task per node"),
+    ("-n", None),  # not a --key: the format message
+    ("--signal=USR1@60", "bench sets it"),
+    ("--job-name=mine", "bench sets it"),
+])
+def test_cli_extra_directives_bench_owns_are_refused_with_a_fix_the_command_line_can_apply(tmp_path, extra, fix):
+    res = _cli("--grid", "table1", "--out", str(tmp_path / "r"), "--executor", "slurm",
+               f"--slurm-extra={extra}", "--dry-run")
+    assert res.exit_code == 2, res.output
+    assert "SlurmOptions" not in res.output and (fix is None or fix in res.output), res.output
+
+
+def test_memory_per_cpu_beside_slurm_mem_gb_is_refused_before_sbatch_refuses_it():
+    with pytest.raises(UserError, match="sbatch takes only one; drop one of them"):
+        SlurmOptions(mem_gb=8, extra_sbatch=["--mem-per-cpu=2G"])
+    assert SlurmOptions(extra_sbatch=["--mem-per-cpu=2G"]).additional_parameters() == {"mem-per-cpu": "2G"}
+
+
+# ------------------------------------------------------------------ sbatch refuses, or is missing
+
+
+SBATCH_OK_ONCE = """n=$(cat "$FAKE_SLURM_DIR/count" 2>/dev/null || echo 0); echo $((n + 1)) > "$FAKE_SLURM_DIR/count"
+if [ "$n" -ge 1 ]; then
+  echo "sbatch: error: invalid partition specified: gpux" >&2
+  echo "sbatch: error: Batch job submission failed: Invalid partition name specified" >&2
+  exit 1
+fi
+echo "Submitted batch job 4242"
+"""
+
+
+def _jobs(tmp_path: Path, gpus: list[int]) -> list[CellJob]:
+    jobs = []
+    for i, g in enumerate(gpus):
+        folder = tmp_path / f"cell{i}"
+        folder.mkdir()
+        jobs.append(CellJob(folder, ["python", "-c", "pass"], nproc=g))
+    return jobs
+
+
+def test_sbatch_refusing_an_array_is_one_line_with_its_reason_and_keeps_what_was_submitted(tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    monkeypatch.setenv("FAKE_SLURM_DIR", str(tmp_path))
+    _bin(tmp_path, monkeypatch, {"srun": "exit 0\n", "sbatch": SBATCH_OK_ONCE})
+    jobs = _jobs(tmp_path, [1, 2, 1])  # two arrays: 1 GPU (cells 0, 2), then 2 GPUs (cell 1), which fails
+    with pytest.raises(UserError) as e:
+        submit_jobs(jobs, SlurmOptions(partition="gpux"), tmp_path / "slurm")
+    msg = str(e.value)
+    assert "\n" not in msg and "Invalid partition name specified" in msg and "--slurm-partition" in msg
+    assert [str(j.job_id) if j else None for j in getattr(e.value, "submitted", [])] == ["4242_0", None, "4242_1"]
+
+
+def test_no_sbatch_beside_srun_is_one_line(tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    bin_dir = _bin(tmp_path, monkeypatch, {"srun": "exit 0\n"}, keep_path=False)
+    (bin_dir / "sbatch").unlink()
+    with pytest.raises(UserError, match="no sbatch on PATH") as e:
+        submit_jobs(_jobs(tmp_path, [1]), SlurmOptions(), tmp_path / "slurm")
+    assert "\n" not in str(e.value)
+
+
+class _Executor:
+    """submitit's executor interface, enough for submit_jobs: the n-th array is refused."""
+
+    arrays = 0
+
+    def __init__(self, refuse_at: int) -> None:
+        self.refuse_at = refuse_at
+
+    def update_parameters(self, **kwargs: object) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def batch(self):
+        yield
+        _Executor.arrays += 1
+        if _Executor.arrays == self.refuse_at:
+            raise RuntimeError("sbatch: error: Batch job submission failed: Invalid account or account/partition "
+                               "combination specified")
+
+    def submit(self, fn: object) -> object:
+        job = type("Job", (), {})()
+        job.job_id = f"{700 + _Executor.arrays}_{id(fn) % 1000}"
+        return job
+
+
+def _two_shape_grid() -> Grid:
+    def cells(base):
+        one, two = base.replace(device="auto", nproc=1), base.replace(device="auto", nproc=2)
+        return [Cell("one", "one gpu", standard_factors(one), one), Cell("two", "two gpus", standard_factors(two), two)]
+
+    return Grid(name="shapes", description="two shapes", source="test", cells_fn=cells, defaults_fn=tiny_base)
+
+
+def test_a_refused_second_array_leaves_the_first_arrays_jobs_recorded(tmp_path, fake):
+    command, _ = fake
+    _Executor.arrays = 0
+    out = tmp_path / "g"
+    with pytest.raises(UserError, match="Invalid account") as e:
+        run_on_slurm(_two_shape_grid(), out, SlurmOptions(cluster="slurm"), console=quiet(), command=command,
+                     executor_factory=lambda folder: _Executor(refuse_at=2), states=lambda ids: {})
+    assert "1 cell(s) submitted before it are recorded" in str(e.value)
+    recorded = latest_jobs(read_json(out / "grid.json"))
+    assert [f.split("-")[0] for f in recorded] == ["one"]  # the job that runs is known: never submitted twice
+
+
+# ------------------------------------------------------------------ Slurm that does not answer
+
+
+def test_squeue_failing_is_not_every_job_gone(tmp_path, monkeypatch):
+    _bin(tmp_path, monkeypatch, {"squeue": "echo 'slurm_load_jobs error: Socket timed out' >&2\nexit 1\n",
+                                 "sacct": "echo 'sacct: error: slurmdbd: connection refused' >&2\nexit 1\n"})
+    assert job_states(["4242_0", "4243"]) == {}  # as without Slurm: not asked, rather than 'unknown'
+
+
+def test_a_rerun_while_slurm_does_not_answer_submits_no_duplicate(tmp_path, fake):
+    command, _ = fake
+    _Executor.arrays = 0
+    out = tmp_path / "g"
+    run_on_slurm(_two_shape_grid(), out, SlurmOptions(cluster="slurm"), console=quiet(), command=command,
+                 executor_factory=lambda folder: _Executor(refuse_at=0), states=lambda ids: {"x": "running"})
+    before = read_json(out / "grid.json")["jobs"]
+    grid = read_json(out / "grid.json")
+    grid["jobs"] = {f: [{**r[0], "submitted_at": "2020-01-01T00:00:00+00:00"}] for f, r in before.items()}
+    (out / "grid.json").write_text(__import__("json").dumps(grid))
+    with pytest.raises(UserError, match="squeue"):
+        run_on_slurm(_two_shape_grid(), out, SlurmOptions(cluster="slurm"), console=quiet(), command=command,
+                     executor_factory=lambda folder: _Executor(refuse_at=0), states=lambda ids: {})
+    assert {f: len(r) for f, r in read_json(out / "grid.json")["jobs"].items()} == {f: 1 for f in before}
+    # failed cells (not retried) and finished ones need no answer: nothing of theirs would be submitted
+    for f in before:
+        (out / f / "summary.json").write_text('{"status": "failed", "error": "nan loss"}')
+    run_on_slurm(_two_shape_grid(), out, SlurmOptions(cluster="slurm"), console=quiet(), command=command,
+                 executor_factory=lambda folder: _Executor(refuse_at=0), states=lambda ids: {})
+    assert {f: len(r) for f, r in read_json(out / "grid.json")["jobs"].items()} == {f: 1 for f in before}
