@@ -62,7 +62,7 @@ from bench.planning import (
     prepare_cell,
     prepare_out,
 )
-from bench.store import append_jsonl, read_jsonl, read_summary, rewrite_jsonl
+from bench.store import append_jsonl, read_json, read_jsonl, read_summary, rewrite_jsonl, write_json
 from ddnet.config import resolve_device
 from ddnet.errors import UserError
 
@@ -213,6 +213,7 @@ def run_cell(
     (None: the default limit).
     """
     cell_dir = out / p.folder
+    _close_orphan_launch(cell_dir)
     s = read_summary(cell_dir)
     status = s.get("status") if s else None
     if s is not None and status == "ok":
@@ -243,6 +244,7 @@ def run_cell(
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         log.write(f"=== bench run {stamp}: {' '.join(argv)}\n")
         log.flush()
+        write_json(cell_dir / OPEN_LAUNCH, {"started_utc": stamp, "resume": resume, "epochs_before": epochs_before})
         oom_before = oom_kills()  # a memory cgroup's limit (a Slurm allocation, a systemd slice) may kill the cell
         proc = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
@@ -318,7 +320,38 @@ def _record_launch(cell_dir: Path, stamp: str, started: float, rc: int | None, r
         **({"interrupted": True} if how.get("interrupted") else {}),
         "epochs_before": epochs_before, "epochs_after": len(rows), "data_load_s": s.get("data_load_s"),
         "data_cache": s.get("data_cache")})
+    (cell_dir / OPEN_LAUNCH).unlink(missing_ok=True)
     return s, rows
+
+
+OPEN_LAUNCH = ".launch.open.json"
+"""A cell's launch under way (its start), removed once `_record_launch` has appended it: left behind, it names a
+launch whose runner was killed (SIGKILL, a node lost) before it could record it."""
+
+
+def _close_orphan_launch(cell_dir: Path) -> None:
+    """Record the launch a killed runner left open: when it started, that its end is unknown (no exit code, no
+    wall time), the epochs on disk now, and when its log was last written (the latest its process is known to
+    have run)."""
+    path = cell_dir / OPEN_LAUNCH
+    if not path.exists():
+        return
+    try:
+        opened = read_json(path)
+    except (OSError, ValueError):  # unreadable (a foreign hand): the launch is on record all the same
+        opened = {}
+    opened = opened if isinstance(opened, dict) else {}
+    try:
+        last: datetime | None = datetime.fromtimestamp((cell_dir / "train.log").stat().st_mtime, timezone.utc)
+    except OSError:
+        last = None
+    append_jsonl(cell_dir / LAUNCHES, {
+        "started_utc": opened.get("started_utc"), "wall_s": None, "exit_code": None, "resume": opened.get("resume"),
+        "timed_out": False, "stalled": False, "runner_killed": True,
+        "last_output_utc": last.isoformat(timespec="seconds") if last else None,
+        "epochs_before": opened.get("epochs_before"), "epochs_after": len(read_jsonl(cell_dir / "epochs.jsonl")),
+        "data_load_s": None, "data_cache": None})
+    (cell_dir / OPEN_LAUNCH).unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------ the grid

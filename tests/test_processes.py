@@ -436,6 +436,41 @@ def test_interrupt_stops_the_cell_without_marking_it_failed_and_a_rerun_resumes(
     assert [launch["exit_code"] for launch in read_jsonl(d0 / LAUNCHES)][1:] == [0]
 
 
+def test_a_runner_killed_outright_leaves_its_launch_on_record(tmp_path, fake):
+    """SIGKILL gives the runner no chance to append the launch: it is recorded by the next runner, end unknown."""
+    cmd, _ = fake
+    out = tmp_path / "out"
+    driver = (
+        "from pathlib import Path\n"
+        "from tests.fake_trainer import make_grid, quiet\n"
+        "from bench.planning import Overrides\n"
+        "from bench.processes import run_grid\n"
+        f"run_grid(make_grid(1), Path({str(out)!r}), Overrides(epochs=40), command={cmd!r}, console=quiet())\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", driver], cwd=REPO, env={**os.environ, "FAKE_EPOCH_S": "0.05"})
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len([r for f in out.glob("c0-*/epochs.jsonl") for r in read_jsonl(f)]) < 3:
+            time.sleep(0.05)
+        proc.kill()  # the runner alone; its cell dies with it (PR_SET_PDEATHSIG)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (d0,) = out.glob("c0-*")
+    assert (d0 / processes.OPEN_LAUNCH).is_file() and not (d0 / LAUNCHES).exists()
+    time.sleep(0.5)  # the cell's last rows, if any, are written by now
+    n_rows = len(read_jsonl(d0 / "epochs.jsonl"))
+    results = run_grid(make_grid(1), out, Overrides(epochs=40), command=cmd, console=quiet())
+    assert [r.status for r in results] == ["ok"] and results[0].action == "resumed"
+    killed, resumed = read_jsonl(d0 / LAUNCHES)
+    assert killed["runner_killed"] is True and killed["exit_code"] is None and killed["wall_s"] is None
+    assert killed["epochs_before"] == 0 and killed["epochs_after"] == n_rows >= 3 and killed["resume"] is False
+    assert killed["started_utc"] <= killed["last_output_utc"] <= resumed["started_utc"]
+    assert resumed["exit_code"] == 0 and "runner_killed" not in resumed
+    assert not (d0 / processes.OPEN_LAUNCH).exists()
+
+
 def test_a_second_runner_on_the_same_folder_is_refused(tmp_path, fake):
     cmd, _ = fake
     out = tmp_path / "out"
