@@ -49,6 +49,7 @@ from bench.processes import TRAIN_COMMAND, CellResult, result_from_summary
 from bench.slurm import (
     CellJob,
     SlurmOptions,
+    SubmissionFailed,
     job_states,
     latest_jobs,
     pending_cells,
@@ -58,6 +59,7 @@ from bench.slurm import (
     submit_jobs,
 )
 from bench.store import read_json, read_jsonl, read_summary, write_json
+from ddnet.errors import UserError
 
 LOG_DIR = "slurm"
 """Under the grid's out folder: submitit's per-job folders (sbatch script, stdout, stderr, pickles)."""
@@ -100,6 +102,21 @@ def _statuses(planned: list[PlannedCell], order: list[str], out: Path) -> dict[s
             status = "skipped"
         statuses[folder] = status
     return statuses
+
+
+def _asked(states: Callable[[list[str]], dict[str, str]], record: dict[str, Any],
+           statuses: dict[str, str | None], options: SlurmOptions, retry_failed: bool) -> dict[str, str]:
+    """The recorded jobs' states; refuses when Slurm gave none (`job_states` returns {} when squeue and sacct
+    are missing or fail) while an unfinished cell has a job: reading them as gone would submit it twice."""
+    jobs = latest_jobs(record)
+    answer = states(list(jobs.values()))
+    settled = ("ok", "skipped") if retry_failed else ("ok", "skipped", "failed")  # never resubmitted now
+    waiting = [f for f, s in statuses.items() if f in jobs and s not in settled]
+    if options.cluster == "slurm" and waiting and not answer:
+        raise UserError(f"Slurm did not answer here (squeue and sacct failed or are missing), so whether the jobs "
+                        f"of {len(waiting)} unfinished cell(s) still run is unknown and submitting them again could "
+                        "run a cell twice; check `squeue --me`, then run the same command again.")
+    return answer
 
 
 def _decision_table(decisions: dict[str, tuple[bool, str]], ids: dict[str, str], title: str) -> Table:
@@ -149,8 +166,8 @@ def run_on_slurm(
         order = dry_run_order(planned, seed, out)
         recorded = recorded_grid(out)
         statuses = _statuses(planned, order, out)
-        decisions = submission_decisions(statuses, recorded, states(list(latest_jobs(recorded).values())),
-                                         retry_failed)
+        answer = _asked(states, recorded, statuses, options, retry_failed)
+        decisions = submission_decisions(statuses, recorded, answer, retry_failed)
         console.print(_decision_table(decisions, {}, f"grid '{grid.name}' on Slurm: {len(order)} cells -> {out}"))
         jobs = [cell_job(by_folder[f], out, command, options) for f in pending_cells(decisions)]
         if jobs:
@@ -169,14 +186,21 @@ def run_on_slurm(
             prepare_cell(by_folder[folder], out, grid.name, version)
         record = read_json(out / "grid.json")
         statuses = _statuses(planned, order, out)
-        decisions = submission_decisions(statuses, record, states(list(latest_jobs(record).values())),
-                                         retry_failed)
+        answer = _asked(states, record, statuses, options, retry_failed)
+        decisions = submission_decisions(statuses, record, answer, retry_failed)
         to_submit = pending_cells(decisions)
         jobs = [cell_job(by_folder[f], out, command, options) for f in to_submit]
-        submitted = submit_jobs(jobs, options, log_dir, executor_factory)
-        ids = {f: str(j.job_id) for f, j in zip(to_submit, submitted, strict=True)}
+        refused: SubmissionFailed | None = None
+        try:
+            submitted = submit_jobs(jobs, options, log_dir, executor_factory)
+        except SubmissionFailed as e:  # the arrays sbatch took before it run: record them, or they run twice
+            refused, submitted = e, e.submitted
+        ids = {f: str(j.job_id) for f, j in zip(to_submit, submitted, strict=True) if j is not None}
         if ids:
             write_json(out / "grid.json", record_jobs(record, ids))
+    if refused is not None:
+        raise UserError(f"{refused}" + (f" ({len(ids)} cell(s) submitted before it are recorded in grid.json; "
+                                        "the same command submits only the rest.)" if ids else "")) from None
     console.print(_decision_table(decisions, ids, f"grid '{grid.name}' on Slurm ({options.cluster}) -> {out}"))
     arrays = sorted({i.split("_")[0] for i in ids.values()})
     console.print(f"submitted {len(ids)} cell(s)" + (f" as job(s) {', '.join(arrays)}" if arrays else "")

@@ -34,10 +34,18 @@ from bench.slurm.jobs import (
 )
 from bench.slurm.node import CellCommand, CellFailed, NodePlace, rendezvous_port, torchrun_command
 from bench.slurm.options import CELL_LOCK, CLUSTERS, CellJob, SlurmOptions
-from bench.slurm.submit import executor_parameters, sbatch_preview, sbatch_text, submit, submit_jobs
+from bench.slurm.submit import (
+    SubmissionFailed,
+    executor_parameters,
+    sbatch_preview,
+    sbatch_text,
+    submit,
+    submit_jobs,
+)
 
 __all__ = [
     "CELL_LOCK", "CLUSTERS", "JOBS_KEY", "STATES", "CellCommand", "CellFailed", "CellJob", "NodePlace", "SlurmOptions",
+    "SubmissionFailed",
     "executor_parameters", "job_states", "latest_job_records", "latest_jobs", "pending_cells", "record_jobs",
     "rendezvous_port", "sbatch_preview", "sbatch_text", "slurm_state", "submission_decisions", "submit", "submit_jobs",
     "torchrun_command",

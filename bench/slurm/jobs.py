@@ -73,14 +73,15 @@ def job_states(job_ids: Sequence[str], timeout_s: float = 30.0) -> dict[str, str
     """{job id: queued | running | finished | failed | cancelled | unknown} for the given Slurm job ids.
 
     Live jobs come from squeue (authoritative and immediate), ended ones from sacct (when accounting
-    is enabled). A job neither lists is 'unknown'. Without Slurm (no squeue or sacct on PATH) this
-    returns {} and raises nothing.
+    is enabled). A job neither lists is 'unknown'. Without Slurm (no squeue or sacct on PATH, or both
+    failing: the controller down, a timeout) this returns {} and raises nothing.
     """
     wanted = list(dict.fromkeys(str(j) for j in job_ids))
     squeue, sacct = shutil.which("squeue"), shutil.which("sacct")
     if not wanted or (squeue is None and sacct is None):
         return {}
     raw: dict[str, str] = {}
+    answered = False  # a job neither lists is 'unknown' only when one of them answered
     if squeue is not None:
 
         # this user's live jobs, arrays expanded (-j with an id Slurm forgot is an error for squeue)
@@ -88,13 +89,17 @@ def job_states(job_ids: Sequence[str], timeout_s: float = 30.0) -> dict[str, str
         with contextlib.suppress(Exception):  # no user name: list everyone's, the filter below still holds
             cmd += ["--user", getpass.getuser()]
         text = _run(cmd, timeout_s)
+        answered = text is not None
         raw.update({k: v for k, v in _parse(text or "").items() if k in wanted})
     rest = [j for j in wanted if j not in raw]
     if rest and sacct is not None:
         mains = sorted({j.split("_")[0] for j in rest})
         text = _run([sacct, "--noheader", "--parsable2", "--allocations", "--format=JobID,State",
                      "--jobs=" + ",".join(mains)], timeout_s)
+        answered = answered or text is not None
         raw.update({k: v for k, v in _parse(text or "").items() if k in rest})
+    if not answered and not raw:  # the controller down, a timeout: not asked, rather than every job gone
+        return {}
     return {j: slurm_state(raw[j]) if j in raw else "unknown" for j in wanted}
 
 

@@ -107,11 +107,36 @@ def submit_jobs(
         if not _is_auto(executor):
             params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
         executor.update_parameters(**params)
-        with executor.batch():  # one sbatch --array for the group
-            submitted = [executor.submit(CellCommand(jobs[i])) for i in idx]
+        try:
+            with executor.batch():  # one sbatch --array for the group
+                submitted = [executor.submit(CellCommand(jobs[i])) for i in idx]
+        except (RuntimeError, OSError) as e:  # submitit's FailedJobError (sbatch's stderr), no sbatch on PATH
+            raise SubmissionFailed(_refusal(e, len(idx)), out) from None
         for i, job in zip(idx, submitted, strict=True):
             out[i] = job
     return out
+
+
+class SubmissionFailed(UserError):
+    """sbatch refused a job array (or could not be run). `submitted`: the submitit Job of each cell submitted
+    before it (in the order of the jobs given), None for the others: record those, they run."""
+
+    def __init__(self, message: str, submitted: list[Any]) -> None:
+        super().__init__(message)
+        self.submitted = submitted
+
+
+def _refusal(e: BaseException, n_cells: int) -> str:
+    """One line for a failed sbatch: its own error lines, and what to change."""
+    if isinstance(e, FileNotFoundError):
+        return ("cannot submit to Slurm here (no sbatch on PATH); run on a Slurm login node, or use "
+                "--executor local.")
+    lines = (line.strip().removeprefix("sbatch: error: ") for line in str(e).splitlines())
+    said = "; ".join(dict.fromkeys(line for line in lines if line))
+    said = said if len(said) <= 400 else said[:397] + "..."
+    return (f"sbatch refused the job array of {n_cells} cell(s) ({said or type(e).__name__}); fix the option it "
+            "names (--slurm-partition, --slurm-account, --slurm-qos, --slurm-time, --slurm-extra, ...; `sinfo -s` "
+            "lists the partitions and their time limits), then run the same command again.")
 
 
 def submit(
