@@ -59,6 +59,7 @@ from bench.slurm import (
     submit_jobs,
 )
 from bench.store import read_json, read_jsonl, read_summary, write_json
+from ddnet.config import resolve_device
 from ddnet.errors import UserError
 
 LOG_DIR = "slurm"
@@ -153,6 +154,10 @@ def run_on_slurm(
     """
     console = console or Console()
     overrides = overrides or Overrides()
+    if options.cluster != "slurm" and overrides.device == "cuda" and resolve_device("auto") != "cuda":
+        # the cells run here: as the local runner, not a skip of every cell (on a cluster the nodes decide)
+        raise UserError(f"--device cuda was asked for but no CUDA device is visible here (--slurm-cluster "
+                        f"{options.cluster} runs the cells on this machine); use --device cpu, or leave --device out.")
     version = code_version()
     planned = plan_for_cluster(grid, overrides, repeats, options, version)
     by_folder = {p.folder: p for p in planned}
@@ -182,8 +187,12 @@ def run_on_slurm(
     check_grid_out(out)  # before `exclusive` makes the folder
     with exclusive(out):
         order = prepare_out(out, grid, planned, seed, resume, version)
+        skipped_now = set()  # the summary shows them 'skipped', not 'skipped (earlier)'
         for folder in order:
-            prepare_cell(by_folder[folder], out, grid.name, version)
+            before = read_summary(out / folder)
+            if prepare_cell(by_folder[folder], out, grid.name, version) is not None and (
+                    before is None or before.get("status") != "skipped"):
+                skipped_now.add(folder)
         record = read_json(out / "grid.json")
         statuses = _statuses(planned, order, out)
         answer = _asked(states, record, statuses, options, retry_failed)
@@ -208,11 +217,11 @@ def run_on_slurm(
                   "resubmit cells whose jobs died.", markup=False, highlight=False)
     if not wait:
         return None
-    return _wait(planned, order, out, dict(zip(to_submit, submitted, strict=True)), console)
+    return _wait(planned, order, out, dict(zip(to_submit, submitted, strict=True)), console, skipped_now)
 
 
 def _wait(planned: list[PlannedCell], order: list[str], out: Path, jobs: dict[str, Any],
-          console: Console) -> list[CellResult]:
+          console: Console, skipped_now: set[str]) -> list[CellResult]:
     """Wait for the submitted jobs; one result per cell (from its summary.json) in run order."""
     left = dict(jobs)
     while left:
@@ -231,7 +240,8 @@ def _wait(planned: list[PlannedCell], order: list[str], out: Path, jobs: dict[st
         if s is None:
             results.append(CellResult(folder, p.cell.label, "pending", "submitted", 0, p.config.epochs))
         else:
-            result = result_from_summary(p, s, "submitted" if folder in jobs else "reused")
+            action = "submitted" if folder in jobs else "skipped" if folder in skipped_now else "reused"
+            result = result_from_summary(p, s, action)
             if s.get("status") == "running":  # its job ended unfinished: the epochs its rows hold so far
                 result.epochs_completed = len(read_jsonl(out / folder / "epochs.jsonl"))
             results.append(result)

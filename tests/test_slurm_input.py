@@ -14,11 +14,12 @@ from typer.testing import CliRunner
 
 from bench.cmd_run import run_cmd
 from bench.grids import Cell, Grid, standard_factors
+from bench.planning import Overrides
 from bench.run_slurm import run_on_slurm
 from bench.slurm import CellJob, SlurmOptions, job_states, latest_jobs, submit_jobs
 from bench.store import read_json
 from ddnet.errors import UserError
-from tests.fake_trainer import quiet, tiny_base
+from tests.fake_trainer import make_grid, quiet, tiny_base
 
 
 def _bin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scripts: dict[str, str], keep_path: bool = True) -> Path:
@@ -228,3 +229,34 @@ def test_a_rerun_while_slurm_does_not_answer_submits_no_duplicate(tmp_path, fake
     run_on_slurm(_two_shape_grid(), out, SlurmOptions(cluster="slurm"), console=quiet(), command=command,
                  executor_factory=lambda folder: _Executor(refuse_at=0), states=lambda ids: {})
     assert {f: len(r) for f, r in read_json(out / "grid.json")["jobs"].items()} == {f: 1 for f in before}
+
+
+# ------------------------------------------------------------------ --slurm-cluster local runs here
+
+
+def test_local_cluster_with_device_cuda_and_no_cuda_is_refused_as_the_local_runner_refuses_it(tmp_path, fake):
+    import torch  # noqa: PLC0415 - only to know whether this machine has CUDA
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    command, launched = fake
+    with pytest.raises(UserError, match="--device cuda was asked for but no CUDA device is visible here"):
+        run_on_slurm(_two_shape_grid(), tmp_path / "g", SlurmOptions(cluster="local"), Overrides(device="cuda"),
+                     console=quiet(), command=command, states=lambda ids: {})
+    assert not (tmp_path / "g").exists() and launched() == []
+    # on a real cluster the nodes decide (a login node has no GPU)
+    run_on_slurm(_two_shape_grid(), tmp_path / "s", SlurmOptions(cluster="slurm"), Overrides(device="cuda"),
+                 dry_run=True, console=quiet(), command=command, states=lambda ids: {})
+
+
+def test_wait_summary_says_skipped_not_skipped_earlier_for_a_cell_skipped_by_this_run(tmp_path, fake):
+    command, _ = fake
+    grid = make_grid(1, cuda_cell=True)  # its 'graph' cell needs CUDA and the grid says --device cpu: skipped
+    options = SlurmOptions(cluster="local", time_min=5)
+    first = run_on_slurm(grid, tmp_path / "g", options, wait=True, console=quiet(), command=command,
+                         states=lambda ids: {})
+    assert {r.folder.split("-")[0]: (r.status, r.action) for r in first} == {
+        "c0": ("ok", "submitted"), "graph": ("skipped", "skipped")}
+    again = run_on_slurm(grid, tmp_path / "g", options, wait=True, console=quiet(), command=command,
+                         states=lambda ids: {})
+    assert {r.folder.split("-")[0]: r.action for r in again} == {"c0": "reused", "graph": "reused"}
