@@ -106,6 +106,13 @@ def test_cli_extra_directives_bench_owns_are_refused_with_a_fix_the_command_line
     assert "SlurmOptions" not in res.output and (fix is None or fix in res.output), res.output
 
 
+def test_cli_slurm_partition_that_swallowed_the_next_option_is_refused(tmp_path):
+    res = _cli("--grid", "table1", "--out", str(tmp_path / "r"), "--executor", "slurm", "--slurm-partition",
+               "--slurm-qos", "--dry-run")
+    assert res.exit_code == 2, res.output
+    assert "--slurm-partition='--slurm-qos' is an option, not a Slurm partition name" in res.output
+
+
 def test_memory_per_cpu_beside_slurm_mem_gb_is_refused_before_sbatch_refuses_it():
     with pytest.raises(UserError, match="sbatch takes only one; drop one of them"):
         SlurmOptions(mem_gb=8, extra_sbatch=["--mem-per-cpu=2G"])

@@ -126,6 +126,9 @@ class SlurmOptions:
             if v is not None and (not isinstance(v, str) or not v.strip() or any(c.isspace() for c in v)):
                 raise UserError(f"SlurmOptions.{name}={v!r}: give a Slurm {name} name (no spaces), "
                                 "or leave it unset.")
+            if v is not None and v.startswith("-"):  # `--slurm-partition --slurm-qos x` took the next option
+                raise UserError(f"SlurmOptions.{name}={v!r} is an option, not a Slurm {name} name: give the "
+                                "name right after it.")
         if isinstance(self.time_min, str):
             try:
                 self.time_min = slurm_minutes(self.time_min)
