@@ -158,6 +158,9 @@ def run_on_slurm(
         # the cells run here: as the local runner, not a skip of every cell (on a cluster the nodes decide)
         raise UserError(f"--device cuda was asked for but no CUDA device is visible here (--slurm-cluster "
                         f"{options.cluster} runs the cells on this machine); use --device cpu, or leave --device out.")
+    if options.cluster == "debug" and not (wait or dry_run):
+        raise UserError("--slurm-cluster debug runs each cell in this process only while --wait waits for it (submitit's "
+                        "debug executor): add --wait, or use --slurm-cluster local (cells run in the background).")
     version = code_version()
     planned = plan_for_cluster(grid, overrides, repeats, options, version)
     by_folder = {p.folder: p for p in planned}
@@ -220,12 +223,23 @@ def run_on_slurm(
     return _wait(planned, order, out, dict(zip(to_submit, submitted, strict=True)), console, skipped_now)
 
 
+def _done(job: Any) -> bool:
+    """Whether a submitted job has ended. submitit's debug executor runs the job inside `done()` and raises what the
+    cell raised (CellFailed): the job has ended, and its summary.json says how."""
+    if type(job).__name__ != "DebugJob":  # a Slurm or local job only asks how the job stands
+        return bool(job.done())
+    try:
+        return bool(job.done())
+    except Exception:  # noqa: BLE001 - any error of the cell's own: it ended
+        return True
+
+
 def _wait(planned: list[PlannedCell], order: list[str], out: Path, jobs: dict[str, Any],
           console: Console, skipped_now: set[str]) -> list[CellResult]:
     """Wait for the submitted jobs; one result per cell (from its summary.json) in run order."""
     left = dict(jobs)
     while left:
-        for folder in [f for f, j in left.items() if j.done()]:
+        for folder in [f for f, j in left.items() if _done(j)]:
             job = left.pop(folder)
             s = read_summary(out / folder) or {}
             console.print(f"[{len(jobs) - len(left)}/{len(jobs)}] {folder}: job {job.job_id} ended, "

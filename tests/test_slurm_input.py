@@ -267,3 +267,17 @@ def test_wait_summary_says_skipped_not_skipped_earlier_for_a_cell_skipped_by_thi
     again = run_on_slurm(grid, tmp_path / "g", options, wait=True, console=quiet(), command=command,
                          states=lambda ids: {})
     assert {r.folder.split("-")[0]: r.action for r in again} == {"c0": "reused", "graph": "reused"}
+
+
+def test_debug_cluster_runs_its_cells_only_under_wait_and_a_failed_cell_is_a_row_not_a_traceback(tmp_path, fake,
+                                                                                                 monkeypatch):
+    command, launched = fake
+    grid, debug = make_grid(2), SlurmOptions(cluster="debug", time_min=5)
+    # submitit's DebugExecutor runs a job in this process when its result is asked for: without --wait, never
+    with pytest.raises(UserError, match="add --wait, or use --slurm-cluster local"):
+        run_on_slurm(grid, tmp_path / "g", debug, console=quiet(), command=command, states=lambda ids: {})
+    assert launched() == []
+    monkeypatch.setenv("FAKE_FAIL", "c1-")  # c1 records a failed run, as a NaN loss would
+    results = run_on_slurm(grid, tmp_path / "g", debug, wait=True, console=quiet(), command=command,
+                           states=lambda ids: {})
+    assert sorted((r.folder.split("-")[0], r.status) for r in results) == [("c0", "ok"), ("c1", "failed")]
