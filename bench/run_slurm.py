@@ -224,14 +224,13 @@ def run_on_slurm(
 
 
 def _done(job: Any) -> bool:
-    """Whether a submitted job has ended. submitit's debug executor runs the job inside `done()` and raises what the
-    cell raised (CellFailed): the job has ended, and its summary.json says how."""
+    """Whether a submitted job has ended. submitit's debug executor runs the job when asked: its `done()` would raise
+    what the cell raised (CellFailed) after opening pdb on it; `exception()` runs it and returns that instead (the
+    cell's summary.json says how it ended)."""
     if type(job).__name__ != "DebugJob":  # a Slurm or local job only asks how the job stands
         return bool(job.done())
-    try:
-        return bool(job.done())
-    except Exception:  # noqa: BLE001 - any error of the cell's own: it ended
-        return True
+    job.exception()
+    return True
 
 
 def _wait(planned: list[PlannedCell], order: list[str], out: Path, jobs: dict[str, Any],

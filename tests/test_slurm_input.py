@@ -278,6 +278,9 @@ def test_debug_cluster_runs_its_cells_only_under_wait_and_a_failed_cell_is_a_row
         run_on_slurm(grid, tmp_path / "g", debug, console=quiet(), command=command, states=lambda ids: {})
     assert launched() == []
     monkeypatch.setenv("FAKE_FAIL", "c1-")  # c1 records a failed run, as a NaN loss would
+    import pdb  # noqa: PLC0415 - submitit's debug job opens pdb on a failed job: a prompt at the user's terminal
+
+    monkeypatch.setattr(pdb, "post_mortem", lambda *a: pytest.fail("pdb opened on a failed cell"))
     results = run_on_slurm(grid, tmp_path / "g", debug, wait=True, console=quiet(), command=command,
                            states=lambda ids: {})
     assert sorted((r.folder.split("-")[0], r.status) for r in results) == [("c0", "ok"), ("c1", "failed")]
