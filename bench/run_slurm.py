@@ -167,6 +167,11 @@ def run_on_slurm(
     seed = overrides.seed if overrides.seed is not None else grid.base().seed
     log_dir = out / LOG_DIR
     for p in planned:  # refuse a cell that cannot be split over the nodes before anything is written
+        if not p.skip_reason and p.config.nproc % options.nodes:
+            raise UserError(f"--slurm-nodes {options.nodes}: cell {p.folder} trains {p.config.nproc} replica(s) (its "
+                            f"nproc), which do not split evenly over {options.nodes} nodes; run a grid file whose cells set "
+                            f"nproc to a multiple of {options.nodes} (TrainConfig(nproc=...); `bench run` has no "
+                            "--nproc, the shipped grids train one replica), or --slurm-nodes 1.")
         if not p.skip_reason:
             cell_job(p, out, command, options)
 

@@ -284,3 +284,14 @@ def test_debug_cluster_runs_its_cells_only_under_wait_and_a_failed_cell_is_a_row
     results = run_on_slurm(grid, tmp_path / "g", debug, wait=True, console=quiet(), command=command,
                            states=lambda ids: {})
     assert sorted((r.folder.split("-")[0], r.status) for r in results) == [("c0", "ok"), ("c1", "failed")]
+
+
+def test_slurm_nodes_over_a_one_replica_grid_names_a_fix_bench_run_can_take(tmp_path, fake):
+    # no shipped grid sets nproc and `bench run` has no --nproc: "give it a multiple of 2" could not be followed
+    command, _ = fake
+    with pytest.raises(UserError) as e:
+        run_on_slurm(make_grid(2), tmp_path / "g", SlurmOptions(nodes=2, cluster="slurm"), command=command,
+                     states=lambda ids: {})
+    msg = str(e.value)
+    assert "trains 1 replica(s) (its nproc), which do not split evenly over 2 nodes" in msg and "\n" not in msg
+    assert "a grid file whose cells set nproc" in msg and "--slurm-nodes 1" in msg
