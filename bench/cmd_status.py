@@ -18,17 +18,18 @@ from ddnet.errors import UserError
 
 
 def status_cmd(
-    results_dir: Path = typer.Argument(..., help="A grid's --out folder (the one holding grid.json)."),
+    results_dir: Path = typer.Argument(..., help="A grid's --out folder (the one holding grid.json), or one "
+                                       "`bench train` run folder."),
 ) -> None:
-    """Where every cell of a grid stands: queued, running (epoch k/N), finished, failed, skipped."""
+    """Where every cell of a grid (or one run) stands: queued, running (epoch k/N), finished, failed, skipped."""
     if not results_dir.is_dir():
         raise UserError(f"{results_dir} is not a folder; pass the --out folder of a `bench run`.")
     jobs = recorded_jobs(results_dir)
     states = job_states(list(jobs.values())) if jobs else {}
     rows = cell_status_rows(results_dir, states or None)  # {}: Slurm not reachable here, folders only
     if not rows:
-        raise UserError(f"{results_dir} holds no grid cells (no grid.json or cell folders); pass the --out "
-                        "folder of a `bench run`.")
+        raise UserError(f"{results_dir} holds no grid cells (no grid.json or cell folders) and no run (no "
+                        "summary.json or epochs.jsonl); pass the --out folder of a `bench run` or `bench train`.")
     console = Console()
     console.print(status_table(rows))  # totals in its caption
     if jobs and not states:

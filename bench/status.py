@@ -7,7 +7,7 @@ Reads only: `grid.json` (cell order, recorded Slurm jobs), and per cell folder `
 
 Statuses (one per cell):
 
-    pending     listed in grid.json, nothing started and no job recorded
+    pending     listed in grid.json, no record yet (its detail says if a runner launched it) and no job recorded
     submitted   a job is recorded, no summary yet, and its Slurm state was not asked for
     queued      its job waits in the queue (a requeued cell shows the epochs it resumes from)
     running     epochs under way ('epoch k/N'); without job states, any unfinished started cell
@@ -39,6 +39,10 @@ STATUSES = ("pending", "submitted", "queued", "running", "stopped", "finished", 
 _COLOURS = {"pending": "white", "submitted": "blue", "queued": "blue", "running": "cyan", "stopped": "yellow",
             "finished": "green", "failed": "red", "skipped": "dim", "unreadable": "magenta"}
 _MISSING = object()
+RUN_FILES = ("summary.json", "epochs.jsonl", "config.json", "config.request.json", "cell.json")
+"""Files that make a folder one run's (`bench train --out`), when it holds no grid."""
+OPEN_LAUNCH = ".launch.open.json"
+"""`bench.processes.OPEN_LAUNCH` (a launch under way), named again here: importing it would be circular."""
 
 
 def _why(e: BaseException) -> str:
@@ -59,10 +63,11 @@ def _read_json(path: Path) -> tuple[Any, str | None]:
         return None, _why(e)
 
 
-def _read_rows(path: Path) -> tuple[list[dict[str, Any]], str | None]:
-    """Every readable epoch row; a torn last line is normal (a kill mid-append), a bad inner line is noted."""
+def _read_rows(path: Path, live: bool = True) -> tuple[list[dict[str, Any]], str | None]:
+    """Every readable epoch row; a torn last line is normal while the run may go on (a kill mid-append, resumed
+    from its checkpoint), a bad inner line is noted, and so is a torn last line of a run that has ended."""
     try:
-        rows, bad = read_jsonl_checked(path, live=True)
+        rows, bad = read_jsonl_checked(path, live=live)
     except OSError as e:
         return [], f"unreadable: epochs.jsonl: {_why(e)}"
     note = f"unreadable: epochs.jsonl line(s) {', '.join(map(str, bad))}" if bad else None
@@ -97,10 +102,11 @@ def _cell_row(folder: Path, record: dict[str, Any] | None, states: dict[str, str
         notes.append(f"unreadable: cell.json: {err}")
     label = str(cell.get("label") or "") if isinstance(cell, dict) else ""
     epochs = _epochs_asked(folder, notes)
-    rows, note = _read_rows(folder / "epochs.jsonl")
+    summary, s_err = _read_json(folder / "summary.json")
+    ended = isinstance(summary, dict) and summary.get("status") in ("ok", "failed", "skipped")
+    rows, note = _read_rows(folder / "epochs.jsonl", live=not ended)
     if note:
         notes.append(note)
-    summary, s_err = _read_json(folder / "summary.json")
     job = str(record["job_id"]) if record else None
     state = states.get(job, "unknown") if (job and states is not None) else None
     done = len(rows)
@@ -117,7 +123,10 @@ def _cell_row(folder: Path, record: dict[str, Any] | None, states: dict[str, str
             time_used = float(s["total_time_s"])
         if kind == "ok":
             status = "finished"
-            done = s["epochs_completed"] if isinstance(s.get("epochs_completed"), int) else done
+            if isinstance(s.get("epochs_completed"), int):
+                if s["epochs_completed"] > done:  # rows lost: the report would show fewer epochs than ran
+                    notes.append(f"epochs.jsonl holds {done} of its {s['epochs_completed']} epoch rows")
+                done = s["epochs_completed"]
             ms = s.get("final_val_ms_ssim")
             detail = f"final MS-SSIM {ms:.2f}%" if isinstance(ms, int | float) else ""
         elif kind == "failed":
@@ -146,7 +155,7 @@ def _cell_row(folder: Path, record: dict[str, Any] | None, states: dict[str, str
         elif job is not None:
             status, detail = "submitted", f"job {job}"
         else:
-            status, detail = "pending", "not started"
+            status, detail = "pending", _not_started(folder)
     if status == "stopped" and isinstance(summary, dict) and (why := interrupted_why(summary)):
         detail += f" (stopped: {why})"
     if notes:
@@ -156,6 +165,17 @@ def _cell_row(folder: Path, record: dict[str, Any] | None, states: dict[str, str
         "epochs_done": done, "epochs": epochs, "time_used_s": time_used,
         "job_id": job, "job_state": state,
     }
+
+
+def _not_started(folder: Path) -> str:
+    """'not started', or, when a runner has launched the cell (its open-launch mark) and the trainer has written
+    nothing yet, when: the process is starting, or that runner was killed before the trainer began."""
+    mark, _ = _read_json(folder / OPEN_LAUNCH)
+    if mark is _MISSING:
+        return "not started"
+    when = mark.get("started_utc") if isinstance(mark, dict) else None
+    return (f"launched{f' {when}' if isinstance(when, str) else ''}, no record yet: starting, or its `bench run` "
+            "was stopped before the trainer began (`bench run` starts it again)")
 
 
 def _last_sign(folder: Path) -> str:
@@ -183,7 +203,8 @@ def cell_status_rows(results_dir: Path, job_states: dict[str, str] | None = None
     `job_states`: {job id: queued | running | finished | failed | cancelled | unknown}, from
     `bench.slurm.job_states(list(recorded_jobs(results_dir).values()))`; None: Slurm is not asked.
     Row keys: cell, label, status, detail, epochs_done, epochs, time_used_s, job_id, job_state.
-    A damaged grid.json adds a first row with cell 'grid.json' and status 'unreadable'.
+    A damaged grid.json adds a first row with cell 'grid.json' and status 'unreadable'. A folder without a grid
+    that is one run's (`bench train --out`, or one cell's) gives that run's row.
     """
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
@@ -205,6 +226,8 @@ def cell_status_rows(results_dir: Path, job_states: dict[str, str] | None = None
         raise UserError(f"cannot list {results_dir}: {e}") from None
     folders = list(dict.fromkeys(order + found))
     rows = [_cell_row(results_dir / f, records.get(f), job_states) for f in folders]
+    if not rows and grid is _MISSING and any((results_dir / n).exists() for n in RUN_FILES):
+        rows = [_cell_row(results_dir.resolve(), None, job_states)]  # one `bench train` run (or one cell's folder)
     if grid_err:
         rows.insert(0, {"cell": "grid.json", "label": "", "status": "unreadable",
                         "detail": f"unreadable: grid.json: {grid_err}", "epochs_done": 0, "epochs": None,
@@ -239,7 +262,8 @@ def status_table(rows: list[dict[str, Any]], title: str = "bench status") -> Tab
     """The rows as a rich Table, with the totals (cells per status, time used) as its caption."""
     totals = status_totals(rows)
     counts = ", ".join(f"{n} {s}" for s, n in totals["by_status"].items()) or "no cells"
-    table = Table(title=title, caption=f"{totals['cells']} cells: {counts}; time used "
+    n = totals["cells"]
+    table = Table(title=title, caption=f"{n} cell{'' if n == 1 else 's'}: {counts}; time used "
                                        f"{format_duration(totals['time_used_s'])}")
     for col, kw in (("cell", {"overflow": "fold"}), ("status", {}), ("epochs", {"justify": "right"}),
                     ("time used", {"justify": "right"}), ("job", {}), ("detail", {"overflow": "fold"})):

@@ -199,3 +199,43 @@ def test_bench_status_command_shows_every_cell_and_the_totals(grid_dir, tmp_path
     with pytest.raises(SystemExit) as stop:  # through the real entry point: one error line, exit 2
         main(["status", str(tmp_path / "nowhere")])
     assert stop.value.code == 2
+
+
+def test_one_bench_train_run_folder_is_one_row_not_an_error(tmp_path):
+    run = tmp_path / "t1"  # what `bench train --out t1` leaves: no grid.json, no cell folders
+    write(run / "config.json", {"epochs": 2})
+    write(run / "epochs.jsonl", epoch_rows(2))
+    write(run / "summary.json", {"status": "ok", "epochs_completed": 2, "total_time_s": 20.5,
+                                 "final_val_ms_ssim": 91.0})
+    rows = cell_status_rows(run)
+    assert [(r["cell"], r["status"], r["epochs_done"], r["epochs"]) for r in rows] == [("t1", "finished", 2, 2)]
+    res = CliRunner().invoke(app, ["status", str(run)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "1 cell: 1 finished; time used 20.5 s" in res.output
+    assert cell_status_rows(tmp_path / "t1" / ".." / "t1")[0]["cell"] == "t1"  # not '..'
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as stop:
+        main(["status", str(empty)])
+    assert stop.value.code == 2
+
+
+def test_a_finished_cell_whose_epoch_rows_were_lost_says_so(grid_dir):
+    # the run ended, so a torn last line is damage, not a line being appended; and rows are missing
+    write(grid_dir / "fin-1" / "epochs.jsonl", epoch_rows(1) + '{"epoch": 2, "ti')
+    row = by_cell(cell_status_rows(grid_dir))["fin-1"]
+    assert row["status"] == "finished" and row["epochs_done"] == 3
+    assert "epochs.jsonl line(s) 2" in row["detail"] and "epochs.jsonl holds 1 of its 3 epoch rows" in row["detail"]
+    part = by_cell(cell_status_rows(grid_dir))["part-3"]  # unfinished: its torn last line is still normal
+    assert "unreadable" not in part["detail"]
+
+
+def test_a_launched_cell_without_records_is_not_called_not_started(grid_dir):
+    from bench.processes import OPEN_LAUNCH  # noqa: PLC0415 - the name status.py repeats
+
+    write(grid_dir / "wait-6" / OPEN_LAUNCH, {"started_utc": "2026-11-28T05:28:08+00:00", "resume": False})
+    write(grid_dir / "grid.json", {"grid": "smoke", "order": ORDER})  # no job recorded: a local run
+    row = by_cell(cell_status_rows(grid_dir))["wait-6"]
+    assert row["status"] == "pending"
+    assert row["detail"].startswith("launched 2026-11-28T05:28:08+00:00, no record yet")
+    assert by_cell(cell_status_rows(grid_dir))["later-7"]["detail"] == "not started"
