@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import inspect
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -28,12 +29,12 @@ from typing import Any
 import torch
 import typer
 
-from bench.cmd_train import EXIT_FAILED, config_from_options, config_parameters
+from bench.cmd_train import EXIT_FAILED, PRESETS, config_from_options, config_parameters
 from bench.store import write_json
 from ddnet.checkpoint import seed_everything
 from ddnet.config import TrainConfig, check_runnable, resolve_device
 from ddnet.data.readers import find_split, pair_files, read_image
-from ddnet.errors import UserError
+from ddnet.errors import UserError, out_of_space
 from ddnet.loss import DDNetLoss
 from ddnet.model import DDNet
 from ddnet.optim import GraphedStep, StepParts, build_step, make_optimizer, setup_precision
@@ -222,23 +223,25 @@ def max_batch_cmd(**options: Any) -> None:
     Takes `bench train`'s options (--preset, --config, every config field); the
     batch size is what is searched, so --batch-size is ignored.
     """
-    if not torch.cuda.is_available():
-        raise UserError(CPU_REFUSAL)
     if options["image_size"] is None and options["config"] is None:
         options = {**options, "image_size": PAPER_SIDE}
-    cfg = config_from_options(options)
-    if resolve_device(cfg.device) != "cuda":
-        raise UserError(CPU_REFUSAL)
-    check_runnable(cfg)
+    # every option, --out and the data are checked before the device: a bad one is named on a laptop too, not
+    # after the GPU job has waited its turn (a preset needs CUDA: without one, the refusal below says so)
+    cuda = torch.cuda.is_available()
+    known = options["preset"] in (None, *PRESETS)  # an unknown name is named on a CPU too
+    cfg = config_from_options(options if cuda or not known else {**options, "preset": None})
     if cfg.nproc > 1:
         raise UserError(f"bench max-batch measures one GPU; drop --nproc {cfg.nproc} (under DDP each replica "
                         f"holds batch / {cfg.nproc}, so the global batch can be {cfg.nproc}x the result).")
     out: Path | None = options["out"]
-    if out is not None and out.exists():
-        raise UserError(f"--out {out} exists; choose a new file (an earlier measurement is never overwritten).")
+    if out is not None:
+        check_out(out)
+    shape = train_shape(cfg)
+    if not cuda or resolve_device(cfg.device) != "cuda":
+        raise UserError(CPU_REFUSAL)
+    check_runnable(cfg)
     device = torch.device("cuda", torch.cuda.current_device())
     props = torch.cuda.get_device_properties(device)
-    shape = train_shape(cfg)
     free, total = torch.cuda.mem_get_info(device)
     typer.echo(f"{props.name}: {total / GIB:.1f} GiB, {free / GIB:.1f} GiB free; {shape[1]}x{shape[2]} px, "
                f"precision {cfg.precision}, graphs {cfg.graphs}, loader {cfg.loader}, "
@@ -257,8 +260,15 @@ def max_batch_cmd(**options: Any) -> None:
         typer.echo(f"error: a probe failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}", err=True)
         sys.exit(EXIT_FAILED)
     best = next((r for r in found.probes if r.fits and r.batch == found.largest), None)
+    if best is not None:  # printed before --out is written: a write that fails must not lose the answer
+        typer.echo(f"largest batch that fits: {found.largest} (peak allocated {best.peak_allocated_gib:.2f} GiB "
+                   f"of {total / GIB:.2f} GiB on {props.name})")
+        if found.capped:
+            typer.echo(f"note: --max {options['maximum']} was reached; raise --max to look further.")
+        if found.largest > shape[0]:
+            typer.echo(f"note: a run at that batch needs at least {found.largest} training slices (--n-train).")
     if out is not None:
-        write_json(out, {
+        _write_record(out, {
             "device_name": props.name, "total_memory_gib": total / GIB, "free_memory_at_start_gib": free / GIB,
             "image_height": shape[1], "image_width": shape[2], "config": cfg.to_dict(),
             "phase": "sparse" if probes_sparse_phase(cfg) else "dense",
@@ -271,12 +281,28 @@ def max_batch_cmd(**options: Any) -> None:
     if best is None:
         raise UserError(f"not even batch 1 fits in {total / GIB:.1f} GiB on {props.name} for this configuration; "
                         "try --precision amp-bf16, --loader host or a smaller --image-size.")
-    typer.echo(f"largest batch that fits: {found.largest} (peak allocated {best.peak_allocated_gib:.2f} GiB of "
-               f"{total / GIB:.2f} GiB on {props.name})")
-    if found.capped:
-        typer.echo(f"note: --max {options['maximum']} was reached; raise --max to look further.")
-    if found.largest > shape[0]:
-        typer.echo(f"note: a run at that batch needs at least {found.largest} training slices (--n-train).")
+
+
+def check_out(out: Path) -> None:
+    """Refuse an --out that exists or that cannot be written, before the search rather than after it."""
+    if out.exists() or out.is_symlink():
+        raise UserError(f"--out {out} exists; choose a new file (an earlier measurement is never overwritten).")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:  # write_json makes the missing folders
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        why = "is not a folder" if not parent.is_dir() else "is not writable here"
+        raise UserError(f"--out {out}: {parent} {why}; choose a file in a folder you can write.")
+
+
+def _write_record(out: Path, record: dict[str, Any]) -> None:
+    try:
+        write_json(out, record)
+    except OSError as e:
+        if out_of_space(e):  # the full-disk line and exit status every command gives
+            raise
+        raise UserError(f"could not write --out {out} ({e.strerror or e}); every probe is printed above, and "
+                        "rerunning with a writable --out measures it again.") from None
 
 
 def _signature() -> tuple[inspect.Signature, dict[str, Any]]:

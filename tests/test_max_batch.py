@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -239,3 +240,68 @@ def test_the_command_finds_and_records_the_edge_under_a_cap(tmp_path: Path, caps
     with pytest.raises(SystemExit) as exc:  # an earlier record is never overwritten
         main(["max-batch", "--image-size", "64", "--max", "2", "--out", str(out)])
     assert exc.value.code == 2
+
+
+# ----------------------------------------------------------------- options checked before the device
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA says")
+@pytest.mark.parametrize("args, says", [
+    (["--precision", "fp8"], "--precision 'fp8' is not one of"),
+    (["--image-size", "63"], "--image-size 63 must be divisible by 16"),
+    (["--preset", "nope"], "--preset 'nope' is not one of"),
+    (["--nproc", "2"], "drop --nproc 2"),
+    (["--data", "/nonexistent/ct"], "data folder /nonexistent/ct does not exist"),
+    (["--out", "{tmp}"], "exists; choose a new file"),
+    (["--out", "{tmp}/file.txt/mb.json"], "file.txt is not a folder; choose a file in a folder you can write"),
+])
+def test_a_bad_option_is_named_on_a_cpu_not_hidden_behind_the_cuda_refusal(args, says, capsys, tmp_path: Path):
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        main(["max-batch", *[a.replace("{tmp}", str(tmp_path)) for a in args]])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and says in err[0], err
+
+
+def _fake_gpu(monkeypatch, fits_up_to: int) -> None:
+    """A 10 GiB 'GPU' whose probes are decided by a threshold (the search and the command's output, not CUDA)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"name": "FakeGPU",
+                                                                                      "total_memory": 10 * 2**30}))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (9 * 2**30, 10 * 2**30))
+    monkeypatch.setattr(mb, "resolve_device", lambda d: "cuda")
+    monkeypatch.setattr(mb, "check_runnable", lambda cfg: None)
+    monkeypatch.setattr(mb, "probe", lambda cfg, b, shape, dev: ProbeResult(b, True, 0.1 * b, 0.2 * b, 1.0)
+                        if b <= fits_up_to else ProbeResult(b, False, error="CUDA out of memory (fake)"))
+
+
+def test_an_out_that_cannot_be_written_at_the_end_keeps_the_answer_and_is_one_line(monkeypatch, capsys,
+                                                                                    tmp_path: Path):
+    _fake_gpu(monkeypatch, fits_up_to=20)
+
+    for errno, code, says in [(30, 2, f"error: could not write --out {tmp_path / 'mb.json'} (Read-only"),
+                              (28, 4, "error: a write failed: the disk (or your quota) is full")]:
+        def refused(path, obj, errno=errno):
+            raise OSError(errno, os.strerror(errno))
+
+        monkeypatch.setattr(mb, "write_json", refused)
+        with pytest.raises(SystemExit) as exc:
+            main(["max-batch", "--image-size", "64", "--max", "40", "--out", str(tmp_path / "mb.json")])
+        assert exc.value.code == code
+        captured = capsys.readouterr()
+        assert "largest batch that fits: 20 (peak allocated 2.00 GiB of 10.00 GiB on FakeGPU)" in captured.out
+        err = captured.err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(says), err
+
+
+def test_the_record_holds_every_probe_and_the_answer(monkeypatch, capsys, tmp_path: Path):
+    _fake_gpu(monkeypatch, fits_up_to=20)
+    out = tmp_path / "new" / "mb.json"  # a folder that does not exist yet is made
+    main(["max-batch", "--image-size", "64", "--max", "40", "--out", str(out)])
+    rec = json.loads(out.read_text())
+    assert rec["largest_batch"] == 20 and not rec["capped_at_max"]
+    assert [p["batch"] for p in rec["probes"]] == [8, 16, 32, 24, 20, 22, 21]
+    assert "largest batch that fits: 20" in capsys.readouterr().out
