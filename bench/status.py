@@ -147,7 +147,9 @@ def _cell_row(folder: Path, record: dict[str, Any] | None, states: dict[str, str
             # a local run whose process has ended (interrupted, killed, a full disk, the machine rebooted, a
             # replica lost: then the summary says so)
             status = "stopped"
-            detail = f"at epoch {of}; its process has ended: `bench run` (or `bench train --resume`) resumes it"
+            how = ("`bench run` (the same command) resumes it" if isinstance(cell, dict)  # a grid's cell
+                   else f"`bench train --out {folder} --resume` resumes it")  # a run of its own
+            detail = f"at epoch {of}; its process has ended: {how}"
         elif kind == "running" or done or state == "running":
             status = "running"
             last = rows[-1].get("phase") if rows else None

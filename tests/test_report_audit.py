@@ -21,6 +21,7 @@ from bench.report.artifacts.fig4c import baseline_lines
 from bench.report.build import make_report
 from bench.report.cells import still_changing
 from bench.report.options import Options
+from bench.report.runs import read_run
 from ddnet.errors import UserError
 from tests.report_fakes import QUAL, _cfg, _cli, _times, by_cell, table, write_run
 
@@ -131,7 +132,7 @@ def test_a_running_summary_whose_process_ended_reads_stopped(tmp_path):
     status = pd.read_csv(rep.out / "tables" / "status.csv").set_index("path")
     assert status.loc["g/fp32-device-off-dense-r0", "status"] == "stopped"
     assert status.loc["g/fp32-device-off-dense-r0", "message"] == (
-        "stopped (partial: 2/6 epochs): its process has ended; `bench run` (or `bench train --resume`) resumes it")
+        "stopped (partial: 2/6 epochs): its process has ended; `bench run` (the same command) resumes it")
     assert status.loc["g/amp-bf16-host-off-dense-r0", "message"].startswith(
         "stopped (partial: 3/6 epochs): its process has ended (a replica was lost);")
     assert status.loc["g/fp32-host-cuda-graph-dense-r0", "status"] == "running"  # its process is this one
@@ -139,6 +140,9 @@ def test_a_running_summary_whose_process_ended_reads_stopped(tmp_path):
     assert status.loc["g/tf32-host-off-dense-r0", "status"] == "running"  # cannot be told from here: said so
     assert status.loc["g/tf32-host-off-dense-r0", "message"].startswith(
         "running (partial: 2/6 epochs) on node-elsewhere-17, as its summary says: this host cannot see that process")
+    (ended / "cell.json").unlink()  # a run `bench train` made on its own: that command resumes it
+    alone = read_run(ended, root)
+    assert alone.status_text().endswith(f"its process has ended; `bench train --out {ended} --resume` resumes it")
     md = rep.report_md.read_text()
     assert "1 ok, 2 running, 2 stopped." in md and "running (partial: 2/6 epochs) |" not in md
 

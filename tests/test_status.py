@@ -133,7 +133,10 @@ def test_a_local_cell_whose_process_has_ended_is_stopped_not_running(grid_dir):
     assert part["detail"] == "epoch 2/5 (dense)"
     write(grid_dir / "part-3" / "summary.json", {"status": "running", "error": None, "writer": ended})
     part = by_cell(cell_status_rows(grid_dir))["part-3"]
-    assert part["detail"] == "at epoch 2/5; its process has ended: `bench run` (or `bench train --resume`) resumes it"
+    assert part["detail"] == "at epoch 2/5; its process has ended: `bench run` (the same command) resumes it"
+    (grid_dir / "part-3" / "cell.json").unlink()  # a run `bench train` made on its own: that command resumes it
+    assert by_cell(cell_status_rows(grid_dir))["part-3"]["detail"] == (
+        f"at epoch 2/5; its process has ended: `bench train --out {grid_dir / 'part-3'} --resume` resumes it")
     # with Slurm job states the job's state decides, as before
     assert by_cell(cell_status_rows(grid_dir, job_states={"77_2": "running"}))["part-3"]["status"] == "running"
 

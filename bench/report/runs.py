@@ -220,8 +220,9 @@ class RunRecord:
             return f"running (partial: {done}/{total} epochs){_elsewhere(self.summary.get('writer'))}"
         if self.status == "stopped":
             why = interrupted_why(self.summary)
-            return (f"stopped (partial: {done}/{total} epochs): its process has ended{f' ({why})' if why else ''}; "
-                    "`bench run` (or `bench train --resume`) resumes it")
+            how = ("`bench run` (the same command) resumes it" if self.cell.get("cell")  # a grid's cell
+                   else f"`bench train --out {self.path} --resume` resumes it")  # a run of its own
+            return f"stopped (partial: {done}/{total} epochs): its process has ended{f' ({why})' if why else ''}; {how}"
         if self.status == "failed":
             return f"failed after {done}/{total} epochs: {_one_line(self.error) or 'no error recorded'}"
         if self.status == "skipped":
