@@ -19,6 +19,9 @@ from ddnet.errors import UserError
 
 LAUNCHES = "launches.jsonl"
 """Per cell folder: one row per `bench train` process the runner started (wall time, epochs before/after)."""
+OPEN_LAUNCH = ".launch.open.json"
+"""Per cell folder: the launch under way (its start), removed once its row is in LAUNCHES; left behind, it names a
+launch whose runner was killed (SIGKILL, a lost machine) before it could record it (`bench.processes`)."""
 
 STALL_FLOOR_S = 1800.0
 STALL_FACTOR = 10.0

@@ -38,6 +38,7 @@ from bench.cell_log import (
     EXIT_NO_DEVICE,
     EXIT_NO_SPACE,
     LAUNCHES,
+    OPEN_LAUNCH,
     PLANNED_DEVICE_ENV,
     DeviceGone,
     StallWatch,
@@ -322,11 +323,6 @@ def _record_launch(cell_dir: Path, stamp: str, started: float, rc: int | None, r
         "data_cache": s.get("data_cache")})
     (cell_dir / OPEN_LAUNCH).unlink(missing_ok=True)
     return s, rows
-
-
-OPEN_LAUNCH = ".launch.open.json"
-"""A cell's launch under way (its start), removed once `_record_launch` has appended it: left behind, it names a
-launch whose runner was killed (SIGKILL, a node lost) before it could record it."""
 
 
 def _close_orphan_launch(cell_dir: Path) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from bench.cell_log import interrupted_why
+from bench.cell_log import OPEN_LAUNCH, interrupted_why
 from bench.slurm import latest_job_records
 from bench.store import alive_mark, epoch_cost, read_jsonl_checked, writer_alive
 from ddnet.errors import UserError
@@ -41,8 +41,6 @@ _COLOURS = {"pending": "white", "submitted": "blue", "queued": "blue", "running"
 _MISSING = object()
 RUN_FILES = ("summary.json", "epochs.jsonl", "config.json", "config.request.json", "cell.json")
 """Files that make a folder one run's (`bench train --out`), when it holds no grid."""
-OPEN_LAUNCH = ".launch.open.json"
-"""`bench.processes.OPEN_LAUNCH` (a launch under way), named again here: importing it would be circular."""
 
 
 def _why(e: BaseException) -> str:

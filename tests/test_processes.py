@@ -24,6 +24,7 @@ from rich.console import Console
 from bench import cell_log, cmd_run, planning, processes
 from bench.cell_log import (
     LAUNCHES,
+    OPEN_LAUNCH,
     STALL_FACTOR,
     STALL_FLOOR_S,
     STARTUP_STALL_S,
@@ -458,7 +459,7 @@ def test_a_runner_killed_outright_leaves_its_launch_on_record(tmp_path, fake):
         if proc.poll() is None:
             proc.kill()
     (d0,) = out.glob("c0-*")
-    assert (d0 / processes.OPEN_LAUNCH).is_file() and not (d0 / LAUNCHES).exists()
+    assert (d0 / OPEN_LAUNCH).is_file() and not (d0 / LAUNCHES).exists()
     time.sleep(0.5)  # the cell's last rows, if any, are written by now
     n_rows = len(read_jsonl(d0 / "epochs.jsonl"))
     results = run_grid(make_grid(1), out, Overrides(epochs=40), command=cmd, console=quiet())
@@ -468,7 +469,7 @@ def test_a_runner_killed_outright_leaves_its_launch_on_record(tmp_path, fake):
     assert killed["epochs_before"] == 0 and killed["epochs_after"] == n_rows >= 3 and killed["resume"] is False
     assert killed["started_utc"] <= killed["last_output_utc"] <= resumed["started_utc"]
     assert resumed["exit_code"] == 0 and "runner_killed" not in resumed
-    assert not (d0 / processes.OPEN_LAUNCH).exists()
+    assert not (d0 / OPEN_LAUNCH).exists()
 
 
 def test_a_second_runner_on_the_same_folder_is_refused(tmp_path, fake):

@@ -14,6 +14,7 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
+from bench.cell_log import OPEN_LAUNCH
 from bench.cli import app, main
 from bench.slurm import record_jobs
 from bench.status import cell_status_rows, format_duration, recorded_jobs, status_table, status_totals
@@ -234,8 +235,6 @@ def test_a_finished_cell_whose_epoch_rows_were_lost_says_so(grid_dir):
 
 
 def test_a_launched_cell_without_records_is_not_called_not_started(grid_dir):
-    from bench.processes import OPEN_LAUNCH  # noqa: PLC0415 - the name status.py repeats
-
     write(grid_dir / "wait-6" / OPEN_LAUNCH, {"started_utc": "2026-11-28T05:28:08+00:00", "resume": False})
     write(grid_dir / "grid.json", {"grid": "smoke", "order": ORDER})  # no job recorded: a local run
     row = by_cell(cell_status_rows(grid_dir))["wait-6"]
