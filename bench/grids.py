@@ -27,6 +27,7 @@ import json
 import pkgutil
 import re
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,8 @@ class Grid:
     """The module's `cells(base)`."""
     defaults_fn: Callable[[], TrainConfig] | None = field(default=None, repr=False)
     """The module's optional `defaults()`; `paper_base()` when absent."""
+    file: str | None = field(default=None, repr=False)
+    """The module's file, to name the line of an error raised in it."""
 
     def base(self) -> TrainConfig:
         """The grid's base configuration before user overrides."""
@@ -78,9 +81,11 @@ class Grid:
         try:
             base = self.defaults_fn()
         except UserError as e:
-            raise UserError(f"grid {self.source}: defaults() made an invalid config: {e}") from None
-        except Exception as e:  # a user's grid file: its error in one line, not a traceback
-            raise UserError(f"grid {self.source}: defaults() raised {type(e).__name__}: {e}; fix the grid file.") from None
+            raise UserError(f"grid {self.source}: defaults() made an invalid config: {_one_line(e).rstrip('.')}"
+                            f"{_at(e, self.file)}.") from None
+        except (Exception, SystemExit) as e:  # a user's grid file: its error in one line, not a traceback
+            raise UserError(f"grid {self.source}: defaults() raised {type(e).__name__}: {_one_line(e)}"
+                            f"{_at(e, self.file)}; fix the grid file.") from None
         if not isinstance(base, TrainConfig):
             raise UserError(f"grid {self.source}: defaults() returned {type(base).__name__}, not a TrainConfig; "
                             "fix the grid file.")
@@ -92,11 +97,27 @@ class Grid:
         try:
             cells = self.cells_fn(base)
         except UserError as e:
-            raise UserError(f"grid {self.source}: cells() made an invalid config: {e}") from None
-        except Exception as e:  # a user's grid file: its error in one line, not a traceback
-            raise UserError(f"grid {self.source}: cells(base) raised {type(e).__name__}: {e}; fix the grid file.") from None
+            raise UserError(f"grid {self.source}: cells() made an invalid config: {_one_line(e).rstrip('.')}"
+                            f"{_at(e, self.file)}.") from None
+        except (Exception, SystemExit) as e:  # a user's grid file: its error in one line, not a traceback
+            raise UserError(f"grid {self.source}: cells(base) raised {type(e).__name__}: {_one_line(e)}"
+                            f"{_at(e, self.file)}; fix the grid file.") from None
         validate_cells(self.name, cells)
         return cells
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's message on one line."""
+    return " ".join(str(e).split())
+
+
+def _at(e: BaseException, file: str | None) -> str:
+    """' (line 12)' for the last line of the grid `file` in `e`'s traceback (where the grid called what failed)."""
+    if not file:
+        return ""
+    target = Path(file).resolve()
+    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve() == target]
+    return f" (line {lines[-1]})" if lines else ""
 
 
 PAPER_N_TRAIN = 5120
@@ -174,8 +195,11 @@ SPARSE_KINDS: tuple[str, ...] = ("random", "structured", "topk")
 
 
 def validate_cells(grid: str, cells: list[Cell]) -> None:
-    """Refuse a grid with no cells, duplicate or unsafe names, or a cell whose config is not a TrainConfig."""
-    if not isinstance(cells, list) or not cells:
+    """Refuse a grid with no cells, duplicate or unsafe names, or a cell whose config is not a valid TrainConfig."""
+    if not isinstance(cells, list):
+        raise UserError(f"grid '{grid}': cells(base) returned a {type(cells).__name__}, not a list; it must return "
+                        "a non-empty list of Cell (e.g. `return [Cell(...), ...]`).")
+    if not cells:
         raise UserError(f"grid '{grid}' returned no cells; its cells(base) must return a non-empty list of Cell.")
     seen: set[str] = set()
     for c in cells:
@@ -188,8 +212,16 @@ def validate_cells(grid: str, cells: list[Cell]) -> None:
         if c.name in seen:
             raise UserError(f"grid '{grid}': cell name {c.name!r} is used twice; cell names must be unique.")
         seen.add(c.name)
-        if not isinstance(c.config, TrainConfig):  # any TrainConfig is valid by construction
+        if not isinstance(c.config, TrainConfig):
             raise UserError(f"grid '{grid}', cell '{c.name}': config is {type(c.config).__name__}, not a TrainConfig.")
+        try:  # valid when made, but a grid may have set a field afterwards (cfg.lr = -1): check it again
+            TrainConfig.from_dict(c.config.to_dict())
+        except (TypeError, ValueError) as e:
+            raise UserError(f"grid '{grid}', cell '{c.name}': invalid config: {_one_line(e).rstrip('.')} (set fields with "
+                            "cfg.replace(...), which checks them).") from None
+        if not isinstance(c.label, str):
+            raise UserError(f"grid '{grid}', cell '{c.name}': label must be text, got {type(c.label).__name__}; "
+                            "give Cell a str label.")
         if not isinstance(c.factors, dict) or not all(isinstance(k, str) for k in c.factors):
             raise UserError(f"grid '{grid}', cell '{c.name}': factors must be a dict with text keys, "
                             f"got {type(c.factors).__name__}.")
@@ -209,12 +241,20 @@ def _grid_from_module(mod: ModuleType, fallback_name: str, source: str) -> Grid:
     if not callable(cells_fn):
         raise UserError(f"grid {source} defines no cells(base) function; add `def cells(base): ...`.")
     defaults_fn = getattr(mod, "defaults", None)
+    if defaults_fn is not None and not callable(defaults_fn):  # else the paper's 512 px base, silently
+        raise UserError(f"grid {source}: defaults is not a function (it is {type(defaults_fn).__name__}); define "
+                        "`def defaults(): return TrainConfig(...)`, or drop it for the paper's base.")
+    name = getattr(mod, "NAME", fallback_name if _SLUG_OK.match(fallback_name) else slug(fallback_name))
+    if not isinstance(name, str) or not _SLUG_OK.match(name):  # it names the default --out results/runs/<NAME>
+        raise UserError(f"grid {source}: NAME {name!r} is not a folder-safe name; use lowercase letters, digits, "
+                        "'.', '_' and '-' (e.g. NAME = 'my-grid').")
     return Grid(
-        name=str(getattr(mod, "NAME", fallback_name)),
+        name=name,
         description=str(getattr(mod, "DESCRIPTION", "")).strip(),
         source=source,
         cells_fn=cells_fn,
-        defaults_fn=defaults_fn if callable(defaults_fn) else None,
+        defaults_fn=defaults_fn,
+        file=getattr(mod, "__file__", None),
     )
 
 
@@ -232,9 +272,14 @@ def registry() -> dict[str, Grid]:
 
 def load_grid_file(path: Path) -> Grid:
     """Load a grid from a `.py` file with the grid interface."""
-    path = Path(path)
+    path = Path(path).expanduser()
+    if path.is_dir():
+        found = sorted(f.name for f in path.glob("*.py") if not f.name.startswith("_"))[:5]
+        raise UserError(f"grid file {path} is a folder; give the path to a .py grid file"
+                        + (f" (it holds {', '.join(found)})." if found else "."))
     if not path.is_file():
-        raise UserError(f"grid file {path} does not exist; give a grid name or a path to a .py grid file.")
+        hint = f" (did you mean {path}.py?)" if path.suffix != ".py" and Path(f"{path}.py").is_file() else ""
+        raise UserError(f"grid file {path} does not exist{hint}; give a grid name or a path to a .py grid file.")
     digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
     mod_name = f"_bench_grid_{slug(path.stem).replace('-', '_').replace('.', '_')}_{digest}"
     spec = importlib.util.spec_from_file_location(mod_name, path)
@@ -244,10 +289,18 @@ def load_grid_file(path: Path) -> Grid:
     sys.modules[mod_name] = mod  # dataclasses in the file need their module registered
     try:
         spec.loader.exec_module(mod)
-    except Exception as e:  # a user's grid file: report its error in one line, not a traceback
+    except (Exception, SystemExit) as e:  # a user's grid file: report its error in one line, not a traceback
         sys.modules.pop(mod_name, None)
-        raise UserError(f"grid file {path} failed to import: {type(e).__name__}: {e}") from None
-    return _grid_from_module(mod, path.stem, str(path))
+        raise UserError(f"grid file {path} failed to import: {type(e).__name__}: {_one_line(e)}"
+                        f"{_at(e, str(path))}; fix the grid file.") from None
+    grid = _grid_from_module(mod, path.stem, str(path))
+    shipped = registry().get(grid.name)
+    if shipped is not None and shipped.file and Path(shipped.file).resolve() != path.resolve():
+        # its default --out, its grid.json and the report would mix it up with the shipped grid's runs
+        raise UserError(f"grid file {path} is named '{grid.name}', like the shipped grid "
+                        f"ablations/{Path(shipped.file).name}; "
+                        "give it a NAME of its own.")
+    return grid
 
 
 def load_grid(name_or_path: str) -> Grid:
@@ -258,7 +311,7 @@ def load_grid(name_or_path: str) -> Grid:
     grids = registry()
     if name_or_path in grids:
         return grids[name_or_path]
-    if Path(name_or_path).is_file():
+    if Path(name_or_path).is_file() or Path(name_or_path).is_dir():
         return load_grid_file(Path(name_or_path))
     raise UserError(
         f"unknown grid '{name_or_path}'; known grids: {', '.join(grids)} (or give a path to a .py grid file)."

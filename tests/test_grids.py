@@ -269,3 +269,64 @@ def test_a_broken_grid_file_is_one_line_naming_it(tmp_path, body, needle):
         load_grid(str(path)).cells()
     assert needle in str(err.value) and "\n" not in str(err.value)
     assert "broken" in str(err.value) or str(path) in str(err.value)
+
+
+ONE_CELL_TAIL = '''
+
+def cells(base):
+    cfg = base.replace(**{"data.image_size": 32, "data.n_train": 8, "data.n_val": 2, "batch_size": 4})
+    return [Cell("only", "only", standard_factors(cfg), cfg)]
+'''
+HEAD = "from bench.grids import Cell, standard_factors\nNAME = 'mine'\n"
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    # a non-function defaults used to be ignored: the paper's 512 px base ran instead, silently
+    (HEAD + "defaults = 3\n" + ONE_CELL_TAIL, "defaults is not a function (it is int); define `def defaults()"),
+    # a NAME with a slash made the default --out results/runs/my/grid
+    (HEAD.replace("'mine'", "'my/grid'") + ONE_CELL_TAIL, "NAME 'my/grid' is not a folder-safe name"),
+    (HEAD.replace("'mine'", "3") + ONE_CELL_TAIL, "NAME 3 is not a folder-safe name"),
+    # a tuple read 'returned no cells'
+    (HEAD + ONE_CELL_TAIL.replace("return [Cell(", "return (Cell(").replace("cfg)]", "cfg),)"),
+     "cells(base) returned a tuple, not a list"),
+    # a field set after the config was made (cfg.lr = -1) failed later, inside the estimates, naming no cell
+    (HEAD + ONE_CELL_TAIL.replace("    return [", "    cfg.lr = -1\n    return ["),
+     "grid 'mine', cell 'only': invalid config: --lr -1 must be a positive finite number"),
+    (HEAD + ONE_CELL_TAIL.replace('Cell("only", "only"', 'Cell("only", 3'), "cell 'only': label must be text, got int"),
+    # sys.exit in a grid file ended bench silently
+    ("import sys\nsys.exit(3)\n", "failed to import: SystemExit: 3 (line 2); fix the grid file."),
+    (HEAD + "def cells(base):\n    x = 1\n    raise ValueError('oops')\n", "cells(base) raised ValueError: oops (line 5)"),
+    ("import no_such_module_here\n" + HEAD + ONE_CELL_TAIL,
+     "failed to import: ModuleNotFoundError: No module named 'no_such_module_here' (line 1)"),
+    (HEAD + ONE_CELL_TAIL.replace('"data.image_size": 32', '"data.image_size": 40'),
+     "cells() made an invalid config: --image-size 40 must be divisible by 16 (four 2x poolings) (line 6)."),
+])
+def test_a_grid_file_mistake_is_one_line_with_its_line_and_fix(tmp_path, text, needle):
+    path = tmp_path / "mine.py"
+    path.write_text(text)
+    result = CliRunner().invoke(app, ["run", "--grid", str(path), "--dry-run", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in result.output and not (tmp_path / "o").exists()
+
+
+def test_a_grid_path_that_is_a_folder_or_lacks_py_says_so(tmp_path):
+    (tmp_path / "mine.py").write_text(HEAD + ONE_CELL_TAIL)
+    with pytest.raises(UserError, match=r"is a folder; give the path to a \.py grid file \(it holds mine\.py\)"):
+        load_grid(str(tmp_path))  # used to read 'does not exist'
+    with pytest.raises(UserError, match=r"does not exist \(did you mean .*mine\.py\?\)"):
+        load_grid(str(tmp_path / "mine"))
+    assert load_grid(str(tmp_path / "mine.py")).name == "mine"
+
+
+def test_a_grid_file_named_like_a_shipped_grid_is_refused(tmp_path):
+    """Its default --out results/runs/smoke and its grid.json would be the shipped smoke grid's."""
+    path = tmp_path / "mysmoke.py"
+    path.write_text(HEAD.replace("'mine'", "'smoke'") + ONE_CELL_TAIL)
+    with pytest.raises(UserError, match=r"is named 'smoke', like the shipped grid ablations/smoke\.py; give it a "
+                                        r"NAME of its own"):
+        load_grid(str(path))
+    shipped = Path(__file__).resolve().parent.parent / "ablations" / "smoke.py"
+    assert load_grid(str(shipped)).name == "smoke"  # the shipped file itself, by path, is fine
