@@ -209,10 +209,20 @@ def check_recorded(out: Path, record: dict[str, Any], folders: list[str], versio
         old = record.get("code_version")
         why = (f"it was planned by code {old} and this is {version}: cell folders are keyed by the code's "
                "commit, so check out that commit to finish it, or pick another --out" if old != version else
-               "the grid or its options changed: run it with the options it was started with, or pick another "
-               "--out")
+               f"the grid or its options changed ({_set_change(known, folders)}): run it with the grid file "
+               "and options it was started with, or pick another --out")
         raise UserError(f"{out} holds a different cell set (grid '{record.get('grid')}', {len(known)} cells); {why}.")
     return list(record["order"])
+
+
+def _set_change(recorded: list[str], planned: list[str]) -> str:
+    """'planned now, not recorded: a-1234, b-5678; recorded, not planned now: c-9abc' (three of each at most)."""
+    def few(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    new, gone = [f for f in planned if f not in recorded], [str(f) for f in recorded if f not in planned]
+    parts = ([f"planned now, not recorded: {few(new)}"] if new else []) + \
+        ([f"recorded, not planned now: {few(gone)}"] if gone else [])
+    return "; ".join(parts) or "its run order lists other cells"
 
 
 # ------------------------------------------------------------------ what a cell trains, where it stands

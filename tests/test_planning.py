@@ -83,3 +83,21 @@ def test_overrides_set_the_data_sizes_for_short_runs_of_paper_grids():
     assert {(p.config.data.n_train, p.config.data.n_val, p.config.data.image_size, p.config.epochs)
             for p in planned} == {(64, 8, 64, 2)}
     assert Overrides(n_val=8).fields() == {"data.n_val": 8}
+
+
+def test_a_changed_grid_file_is_refused_naming_the_cells_that_differ(tmp_path):
+    """A cell added to the grid file and one whose config changed: the refusal used to say only that the cell
+    set differs, not which cells, so the user could not tell an edited grid file from mistyped options."""
+    record = {"grid": "mine", "code_version": "v1", "cells": ["dense-11111111", "random-22222222"],
+              "order": ["dense-11111111", "random-22222222"]}
+    planned = ["dense-11111111", "random-33333333", "topk-44444444"]
+    with pytest.raises(UserError) as err:
+        planning.check_recorded(tmp_path, record, planned, "v1")
+    msg = str(err.value)
+    assert ("the grid or its options changed (planned now, not recorded: random-33333333, topk-44444444; "
+            "recorded, not planned now: random-22222222): run it with the grid file and options") in msg
+    many = [f"c{i}-0000000{i}" for i in range(5)]
+    with pytest.raises(UserError, match=r"planned now, not recorded: c0-00000000, c1-00000001, c2-00000002 and 2 "
+                                        r"more\)"):
+        planning.check_recorded(tmp_path, {**record, "cells": [], "order": []}, many, "v1")
+    assert planning.check_recorded(tmp_path, record, record["cells"][::-1], "v1") == record["order"]

@@ -95,7 +95,7 @@ def test_a_folder_of_another_cell_set_is_refused_and_the_dry_run_says_so(tmp_pat
     (out / "grid.json").write_text(json.dumps({"grid": "g", "code_version": version, "cells": ["only-0000"],
                                                "order": ["only-0000"]}))
     needle = ("it was planned by code 0.0+gdeadbeef0000 and this is" if old_code
-              else "the grid or its options changed: run it with the options it was started with")
+              else "recorded, not planned now: only-0000): run it with the grid file and options it was started with")
     before = _files(tmp_path)
     res = CliRunner().invoke(app, ["run", "--grid", str(grid), "--out", str(out)])
     assert res.exit_code == 2 and res.output.startswith("error: ") and needle in res.output
