@@ -416,6 +416,8 @@ def estimate_cell(p: PlannedCell, out: Path, runs: list[Measured], fp: str, retr
         est.overhead_s, est.kind = m.overhead_s, "measured"
         what = "warm-up epoch(s)" if m.warmup_only else "earlier epochs"
         est.source = f"from {m.n_epochs} {what} of {'this cell' if m.path.name == p.folder else m.path.name}"
+        if missing := [ph for ph in left if ph not in m.train_s]:  # said, not passed off as measured
+            est.source += f"; its {next(iter(m.train_s))} epochs stand in for the {' and '.join(missing)} ones"
     elif left and len(sources) == len(left):
         est.epochs_s, est.epoch_s = _split_s(split, lambda ph: sources[ph].epoch_s(ph, sizes))
         cals = [src.calibration for src in sources.values() if src.calibration is not None]

@@ -389,3 +389,22 @@ def test_a_calibration_key_is_per_phase(tmp_path):
     assert scan_runs(tmp_path / "nothing") == []
     assert Calibration(train_s=0.3, step_s=0.1, val_s=0.2, n_val=2).epoch_s(cell_sizes(tiny_base())) == \
         pytest.approx(0.3 - 0.1 + 0.2)
+
+
+def test_a_phase_no_run_measured_says_which_phase_stands_in_for_it(tmp_path):
+    """A hybrid cell stopped after its dense epochs, with no sparse run anywhere: its sparse epochs left are
+    estimated at its dense epochs' time; the source used to read plainly 'from 1 earlier epochs of this cell'."""
+    cfg = tiny_base().replace(epochs=4, **{"sparsity.kind": "topk", "sparsity.dense_epochs": 2})
+
+    def cells(b):
+        return [Cell("topk", "topk", {"sparsity": "topk"}, b)]
+
+    (p,) = plan_grid(Grid(name="g", description="", source="test", cells_fn=cells, defaults_fn=lambda: cfg))
+    out = tmp_path / "out"
+    rows = [{"epoch": 1, "phase": "dense", "time_s": 9.0, "val_time_s": 1.0, "warmup": True},
+            {"epoch": 2, "phase": "dense", "time_s": 3.0, "val_time_s": 1.0, "warmup": False}]
+    make_run(out / p.folder, p.config, rows, [])
+    (out / p.folder / "ckpt.pt").write_text("{}")
+    e = estimate_plan([p], out).cells[p.folder]
+    assert e.epochs_left == 2 and e.epochs_s == 2 * 4.0
+    assert e.source == "from 1 earlier epochs of this cell; its dense epochs stand in for the sparse ones"
