@@ -55,7 +55,7 @@ from bench.grids import Grid, load_grid, registry
 from bench.planning import Overrides, PlannedCell, dry_run_order, dry_run_refusal, plan_grid
 from bench.processes import CellResult, run_grid
 from bench.run_slurm import run_on_slurm
-from bench.slurm import SlurmOptions
+from bench.slurm import SlurmOptions, refuse_live_jobs
 from bench.status import format_duration
 from bench.store import read_summary
 from ddnet.config import resolve_device
@@ -321,6 +321,8 @@ def run_cmd(
             if refusal:
                 console.print(refusal, markup=False, highlight=False)
             return
+
+        refuse_live_jobs(out_dir)  # a grid continued here after `--executor slurm`: its jobs must have ended
 
         def show_plan(planned: list[PlannedCell], order: list[str], estimate: PlanEstimate) -> None:
             print_plan(console, g, planned, order, out_dir, estimate)

@@ -295,3 +295,30 @@ def test_slurm_nodes_over_a_one_replica_grid_names_a_fix_bench_run_can_take(tmp_
     msg = str(e.value)
     assert "trains 1 replica(s) (its nproc), which do not split evenly over 2 nodes" in msg and "\n" not in msg
     assert "a grid file whose cells set nproc" in msg and "--slurm-nodes 1" in msg
+
+
+# ------------------------------------------------------------------ the local runner over a grid Slurm still runs
+
+FAKE_SBATCH = """n=$(cat "$FAKE_SLURM_DIR/count" 2>/dev/null || echo 4241); n=$((n + 1)); echo $n > "$FAKE_SLURM_DIR/count"
+echo "Submitted batch job $n"
+"""
+
+
+def test_the_local_runner_refuses_cells_whose_slurm_jobs_are_queued_or_running(tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    monkeypatch.setenv("FAKE_SLURM_DIR", str(tmp_path))
+    squeue = 'cat "$FAKE_SLURM_DIR/squeue" 2>/dev/null\n'
+    _bin(tmp_path, monkeypatch, {"srun": "exit 0\n", "sbatch": FAKE_SBATCH, "squeue": squeue, "sacct": "exit 0\n"})
+    out = tmp_path / "r"
+    args = ["--grid", "table1", "--out", str(out), "--data", "synthetic", "--image-size", "64", "--epochs", "1",
+            "--n-train", "8", "--n-val", "4", "--device", "cpu"]
+    res = _cli(*args, "--executor", "slurm")
+    assert res.exit_code == 0, res.output
+    (tmp_path / "squeue").write_text("4242_0|RUNNING\n4242_1|PENDING\n")
+    res = _cli(*args)  # the same grid with the local runner: the same cells would run twice at once
+    assert res.exit_code == 2, res.output
+    assert "Slurm job(s) 4242_0 (running), 4242_1 (queued)" in res.output and "scancel" in res.output
+    assert not any((out / f / "epochs.jsonl").exists() for f in latest_jobs(read_json(out / "grid.json")))
+    (tmp_path / "squeue").write_text("")  # the jobs ended (sacct lists nothing: unknown): the local runner may go
+    res = _cli(*args, "--dry-run")
+    assert res.exit_code == 0, res.output

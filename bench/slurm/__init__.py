@@ -29,6 +29,7 @@ from bench.slurm.jobs import (
     latest_jobs,
     pending_cells,
     record_jobs,
+    refuse_live_jobs,
     slurm_state,
     submission_decisions,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "CELL_LOCK", "CLUSTERS", "JOBS_KEY", "STATES", "CellCommand", "CellFailed", "CellJob", "NodePlace", "SlurmOptions",
     "SubmissionFailed",
     "executor_parameters", "job_states", "latest_job_records", "latest_jobs", "pending_cells", "record_jobs",
+    "refuse_live_jobs",
     "rendezvous_port", "sbatch_preview", "sbatch_text", "slurm_state", "submission_decisions", "submit", "submit_jobs",
     "torchrun_command",
 ]

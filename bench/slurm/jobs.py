@@ -9,11 +9,14 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from bench.slurm.options import JOBS_KEY, _now
+from bench.store import read_json, read_summary
+from ddnet.errors import UserError
 
 # ------------------------------------------------------------------ job states
 
@@ -194,3 +197,23 @@ def submission_decisions(
 def pending_cells(decisions: Mapping[str, tuple[bool, str]]) -> list[str]:
     """The cell folders to submit now, in the order of `submission_decisions`' answer."""
     return [folder for folder, (go, _) in decisions.items() if go]
+
+
+def refuse_live_jobs(out: Path, states: Callable[[list[str]], dict[str, str]] = job_states) -> None:
+    """For the local runner: refuse a grid folder whose unfinished cells have Slurm jobs queued or running.
+
+    Those jobs would run the same cells at the same time on their nodes; the cell lock (an flock) does not hold
+    across nodes on every shared filesystem. Without Slurm here, or without recorded jobs, nothing is refused."""
+    try:
+        record = read_json(Path(out) / "grid.json")
+    except (OSError, ValueError):  # none yet, or damaged: the runner says so itself
+        return
+    jobs = {f: j for f, j in latest_jobs(record).items() if (read_summary(Path(out) / f) or {}).get("status") != "ok"}
+    if not jobs:
+        return
+    answer = states(list(jobs.values()))
+    live = [f"{j} ({answer[j]})" for j in jobs.values() if answer.get(j) in ("queued", "running")]
+    if live:
+        raise UserError(f"{out} has {len(live)} cell(s) whose Slurm job(s) {', '.join(live[:4])}"
+                        f"{' ...' if len(live) > 4 else ''} would run them at the same time as this run; wait for them "
+                        f"(`bench status {out}`), `scancel` them, or continue with --executor slurm.")
