@@ -317,7 +317,7 @@ def run_cmd(
             order = dry_run_order(planned, seed if seed is not None else g.base().seed, out_dir)
             print_plan(console, g, planned, order, out_dir,
                        estimate_plan(planned, out_dir, retry_failed, calibrations, also))
-            refusal = dry_run_refusal(out_dir, order)
+            refusal = dry_run_refusal(out_dir, order, resume=resume)
             if refusal:
                 console.print(refusal, markup=False, highlight=False)
             return

@@ -379,17 +379,23 @@ def dry_run_order(planned: list[PlannedCell], seed: int, out: Path) -> list[str]
     return order
 
 
-def dry_run_refusal(out: Path, order: list[str], version: str | None = None) -> str | None:
+def dry_run_refusal(out: Path, order: list[str], version: str | None = None, resume: bool = True) -> str | None:
     """What the run would refuse that a dry run does not: planning other options into a grid's folder is
-    how a dry run estimates them from its epochs, but the run itself stops at the other cell set."""
+    how a dry run estimates them from its epochs, but the run itself stops at the other cell set (and, with
+    --no-resume, at any grid already there)."""
     record = recorded_grid(out)
     if not record:
         return None
+    if not resume:
+        return f"note: `bench run` with these options would stop here: {_NOT_RESUMED.format(out=out)}"
     try:
         check_recorded(out, record, order, code_version() if version is None else version)
     except UserError as e:
         return f"note: `bench run` with these options would stop here: {e}"
     return None
+
+
+_NOT_RESUMED = "{out} already holds a run of this grid; drop --no-resume to continue it, or pick another --out."
 
 
 def prepare_out(
@@ -400,9 +406,7 @@ def prepare_out(
     folders = [p.folder for p in planned]
     if path.exists():
         if not resume:
-            raise UserError(
-                f"{out} already holds a run of this grid; re-run with --resume to continue it, or pick another --out."
-            )
+            raise UserError(_NOT_RESUMED.format(out=out))
         return check_recorded(out, read_json(path), folders, version)
     order = run_order(planned, seed)
     write_json(path, {

@@ -187,7 +187,7 @@ def run_on_slurm(
             console.print(sbatch_preview(jobs, options, log_dir), markup=False, highlight=False)
         console.print(f"dry run: {len(jobs)} cell(s) would be submitted; nothing was written.",
                       markup=False, highlight=False)
-        refusal = dry_run_refusal(out, order, version)
+        refusal = dry_run_refusal(out, order, version, resume)
         if refusal:
             console.print(refusal, markup=False, highlight=False)
         return None

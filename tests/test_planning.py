@@ -73,7 +73,7 @@ def test_repeats_interleave_rounds_with_seeds_and_reuse_the_recorded_order(tmp_p
     assert len(results) == 12 and all(r.status == "ok" for r in results)
     with pytest.raises(UserError, match=str(out)):
         run_grid(grid, out, Overrides(seed=7), repeats=2, command=cmd, console=quiet())
-    with pytest.raises(UserError, match="--resume"):
+    with pytest.raises(UserError, match="drop --no-resume to continue it"):
         run_grid(grid, out, Overrides(seed=7), repeats=3, resume=False, command=cmd, console=quiet())
 
 

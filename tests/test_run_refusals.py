@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from bench import cmd_run
 from bench.cli import app
-from bench.planning import code_version
+from bench.grids import load_grid
+from bench.planning import Overrides, code_version, plan_grid
 from bench.processes import CellResult
 from tests.test_cmd_run import tiny_grid_file
 
@@ -103,6 +104,25 @@ def test_a_folder_of_another_cell_set_is_refused_and_the_dry_run_says_so(tmp_pat
     res = CliRunner().invoke(app, ["run", "--grid", str(grid), "--out", str(out), "--dry-run"])
     assert res.exit_code == 0 and "note: `bench run` with these options would stop here: " in res.output
     assert needle in " ".join(res.output.split())
+    assert _files(tmp_path) == before
+
+
+def test_no_resume_into_a_grids_folder_is_refused_and_the_dry_run_says_so(tmp_path: Path) -> None:
+    grid = tiny_grid_file(tmp_path, "cpu", ONE_CELL)
+    out = tmp_path / "o"
+    out.mkdir()
+    folders = [p.folder for p in plan_grid(load_grid(str(grid)), Overrides(), 1)]  # the same cells: no other refusal
+    (out / "grid.json").write_text(json.dumps({"grid": "g", "code_version": code_version(), "cells": folders,
+                                               "order": folders}))
+    needle = f"{out} already holds a run of this grid; drop --no-resume to continue it, or pick another --out."
+    before = _files(tmp_path)
+    res = CliRunner().invoke(app, ["run", "--grid", str(grid), "--out", str(out), "--no-resume"])
+    assert res.exit_code == 2 and needle in " ".join(res.output.split())
+    res = CliRunner().invoke(app, ["run", "--grid", str(grid), "--out", str(out), "--no-resume", "--dry-run"])
+    assert res.exit_code == 0 and "note: `bench run` with these options would stop here: " in res.output
+    assert needle in " ".join(res.output.split())
+    res = CliRunner().invoke(app, ["run", "--grid", str(grid), "--out", str(out), "--dry-run"])  # resumed: no note
+    assert res.exit_code == 0 and "would stop here" not in res.output
     assert _files(tmp_path) == before
 
 
