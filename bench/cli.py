@@ -42,7 +42,7 @@ COMMANDS: dict[str, Entry] = {
     "run": Entry("bench.cmd_run", "run_cmd",
                  "Run every cell of a grid, each in its own process, into one folder per cell; re-run to resume."),
     "status": Entry("bench.cmd_status", "status_cmd",
-                    "Where every cell of a grid stands: queued, running (epoch k/N), finished, failed, skipped."),
+                    "Where every cell of a grid (or one run) stands: queued, running (epoch k/N), finished, failed, skipped."),
     "report": Entry("bench.report", "report_cmd",
                     "Tables (Markdown, CSV) and plots of the paper's tables and figures, re-measured, "
                     "beside its numbers."),
