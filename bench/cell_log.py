@@ -19,6 +19,13 @@ from ddnet.errors import UserError
 
 LAUNCHES = "launches.jsonl"
 """Per cell folder: one row per `bench train` process the runner started (wall time, epochs before/after)."""
+def resume_hint(folder: object, grid_cell: bool) -> str:
+    """The command that resumes a stopped run: a grid's cell by its `bench run`, a run of its own by `bench train`
+    (said alike by `bench status` and `bench report`)."""
+    return ("`bench run` (the same command) resumes it" if grid_cell
+            else f"`bench train --out {folder} --resume` resumes it")
+
+
 OPEN_LAUNCH = ".launch.open.json"
 """Per cell folder: the launch under way (its start), removed once its row is in LAUNCHES; left behind, it names a
 launch whose runner was killed (SIGKILL, a lost machine) before it could record it (`bench.processes`)."""

@@ -29,7 +29,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from bench.cell_log import OPEN_LAUNCH, interrupted_why
+from bench.cell_log import OPEN_LAUNCH, interrupted_why, resume_hint
 from bench.slurm import latest_job_records
 from bench.store import alive_mark, epoch_cost, read_jsonl_checked, writer_alive
 from ddnet.errors import UserError
@@ -145,9 +145,7 @@ def _cell_row(folder: Path, record: dict[str, Any] | None, states: dict[str, str
             # a local run whose process has ended (interrupted, killed, a full disk, the machine rebooted, a
             # replica lost: then the summary says so)
             status = "stopped"
-            how = ("`bench run` (the same command) resumes it" if isinstance(cell, dict)  # a grid's cell
-                   else f"`bench train --out {folder} --resume` resumes it")  # a run of its own
-            detail = f"at epoch {of}; its process has ended: {how}"
+            detail = f"at epoch {of}; its process has ended: {resume_hint(folder, isinstance(cell, dict))}"
         elif kind == "running" or done or state == "running":
             status = "running"
             last = rows[-1].get("phase") if rows else None

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.cell_log import LAUNCHES, interrupted_why
+from bench.cell_log import LAUNCHES, interrupted_why, resume_hint
 from bench.report.format import is_num
 from bench.report.setting import Setting, setting_from
 from bench.stats import median
@@ -220,8 +220,7 @@ class RunRecord:
             return f"running (partial: {done}/{total} epochs){_elsewhere(self.summary.get('writer'))}"
         if self.status == "stopped":
             why = interrupted_why(self.summary)
-            how = ("`bench run` (the same command) resumes it" if self.cell.get("cell")  # a grid's cell
-                   else f"`bench train --out {self.path} --resume` resumes it")  # a run of its own
+            how = resume_hint(self.path, bool(self.cell.get("cell")))
             return f"stopped (partial: {done}/{total} epochs): its process has ended{f' ({why})' if why else ''}; {how}"
         if self.status == "failed":
             return f"failed after {done}/{total} epochs: {_one_line(self.error) or 'no error recorded'}"
