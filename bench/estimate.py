@@ -8,7 +8,7 @@ Time: a cell takes `overhead_s + (its epochs left) x epoch_s`. `epoch_s`: a stea
 warm-up) epoch's `time_s + val_time_s`, the median, per phase (a hybrid cell's epochs split
 as its `dense_epochs` says, 'auto' as half). `overhead_s`: a launch's wall time (the runner's
 `<cell>/launches.jsonl`) less its epochs at that time and any data it generated (counted
-once per grid: `bench.planning.data_to_make`), the median over launches that exited 0; that
+once per grid: `bench.data_plan.data_to_make`), the median over launches that exited 0; that
 is process start, warm-up excess, capture, pruning, checkpoints. Without launches
 (`bench train` alone, Slurm) it is what the records hold.
 
@@ -52,7 +52,8 @@ from typing import Any
 
 from bench.cell_log import LAUNCHES
 from bench.collectors import environment
-from bench.planning import PlannedCell, Sizes, cell_sizes, cell_state, data_to_make
+from bench.data_plan import data_to_make
+from bench.planning import PlannedCell, Sizes, cell_sizes, cell_state
 from bench.store import epoch_phase, is_warmup, read_json, read_jsonl, seconds
 from ddnet.config import ConfigError, SparsityConfig, TrainConfig, resolve_device
 
@@ -289,7 +290,7 @@ class PlanEstimate:
 
     cells: dict[str, CellEstimate]
     data_s: float = 0.0
-    """Generating the synthetic splits not cached yet, once (`bench.planning.data_to_make`); its note."""
+    """Generating the synthetic splits not cached yet, once (`bench.data_plan.data_to_make`); its note."""
     data_note: str = ""
     other_machines: int = 0
     """Earlier runs under the folder that were made on another machine or device (not used)."""

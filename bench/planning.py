@@ -10,9 +10,9 @@ plan the same cells (`prepare_out`), and one `bench run` at a time holds the
 folder (`exclusive`). Nothing here starts a process: that is `bench.processes`.
 
 What a planned cell trains (`cell_sizes`: slices, side, steps x batch per epoch),
-where it stands in its folder (`cell_state`, as `bench.processes.run_cell` will
-see it) and the synthetic data the plan still has to make (`data_to_make`) are
-found here too, for the plan's estimates (`bench.estimate`).
+and where it stands in its folder (`cell_state`, as `bench.processes.run_cell`
+will see it) are found here too, for the plan's estimates (`bench.estimate`;
+the synthetic data still to make: `bench.data_plan`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ import contextlib
 import functools
 import hashlib
 import json
-import math
 import random
-import socket
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -33,14 +32,10 @@ from typing import Any
 import ddnet
 from bench.collectors import git_state
 from bench.grids import Cell, Grid
-from bench.status import format_duration
 from bench.store import read_json, read_jsonl, read_summary, take_lock, write_json
 from ddnet.config import ConfigError, TrainConfig, absolute_source, check_runnable
-from ddnet.data import split_seed
-from ddnet.data.cache import cache_enabled, cache_root, list_entries, split_key
 from ddnet.data.errors import DataError
 from ddnet.data.readers import find_split, list_images, read_image
-from ddnet.data.synthetic import SECONDS_PER_512_SLICE, pool_workers
 from ddnet.errors import UserError, make_folder
 
 try:
@@ -167,6 +162,7 @@ def plan_grid(
             folder = f"{c.name}-r{k}-{h}" if repeats > 1 else f"{c.name}-{h}"
             reason = c.skip_reason or skip_reason_for(cfg)
             planned.append(PlannedCell(cell=c, repeat=k, folder=folder, config=cfg, skip_reason=reason))
+    _warn_same_configs(grid.name, planned)
     for p in planned:  # before anything is written, not once per cell in its own process
         sizes = cell_sizes(p.config)
         if not p.skip_reason and sizes.n_train < sizes.batch:
@@ -174,6 +170,22 @@ def plan_grid(
                             f"slices, fewer than --batch-size {sizes.batch}; lower --batch-size or add data "
                             "(--n-train).")
     return planned
+
+
+def _warn_same_configs(grid: str, planned: list[PlannedCell]) -> None:
+    """Warn (once per grid) when cells of one repeat train the same config: each runs, as its own measurement."""
+    seen: dict[tuple[int, str], str] = {}
+    twins = []
+    for p in planned:
+        key = (p.repeat, json.dumps(p.config.to_dict(), sort_keys=True))
+        if key in seen and p.repeat == 0:
+            twins.append(f"'{p.cell.name}' = '{seen[key]}'")
+        seen.setdefault(key, p.cell.name)
+    if twins:
+        warnings.warn(f"grid '{grid}': {len(twins)} cell(s) train the same config as an earlier one "
+                      f"({', '.join(twins[:3])}{' ...' if len(twins) > 3 else ''}); each still runs and is "
+                      "reported as its own cell. For repeated measurements use --repeats; otherwise make them "
+                      "differ or drop one.", stacklevel=2)
 
 
 def _run_folder_mark(d: Path) -> str | None:
@@ -285,58 +297,6 @@ def cell_state(p: PlannedCell, out: Path, retry_failed: bool = False) -> tuple[s
     return "to run", min(done, p.config.epochs)
 
 
-def data_to_make(planned: list[PlannedCell], states: dict[str, str]) -> tuple[float, str]:
-    """(seconds, note): generating the synthetic splits that the cells to run (`states[folder] == 'to run'`)
-    need and the cache lacks; once per grid, by the first cell that needs them.
-
-    Scaled by slices x pixels from the closest split generated on this host (its cache entry's
-    `generate_s`), else from the generator's nominal cost (`SECONDS_PER_512_SLICE`, spread over
-    the worker processes it would start).
-    """
-    splits: dict[str, tuple[int, int, str]] = {}
-    for p in planned:
-        d = p.config.data
-        if states.get(p.folder) != "to run" or d.source != "synthetic":
-            continue
-        for split, n in (("train", d.n_train), ("val", d.n_val)):
-            key = split_key(n, d.image_size, split_seed(d.data_seed, split), d.synth_mode, d.dose, d.phantom)
-            splits[key] = (n, d.image_size, d.synth_mode)
-    if not splits:
-        return 0.0, ""
-    if not cache_enabled():
-        return 0.0, "data: the synthetic cache is off, so every cell makes its own slices (in its start-up time)"
-    root = cache_root()
-    missing = {k: v for k, v in splits.items() if not (root / k / "meta.json").exists()}
-    if not missing:
-        return 0.0, f"data: all {len(splits)} synthetic split(s) are cached in {root}"
-    made = _generated_here()
-    total, how = 0.0, set()
-    for n, size, mode in missing.values():
-        same = [(gn, gs, t) for gn, gs, gm, t in made if gm == mode]
-        if same:
-            gn, gs, t = min(same, key=lambda e: abs(math.log((n * size * size) / (e[0] * e[1] * e[1]))))
-            total += t * (n * size * size) / (gn * gs * gs)
-            how.add("scaled from a split generated on this host")
-        else:
-            total += n * SECONDS_PER_512_SLICE.get(mode, 0.12) * (size / 512) ** 2 / pool_workers(n, size, mode)
-            how.add(f"nominal {SECONDS_PER_512_SLICE.get(mode, 0.12)} s per 512 px slice per core")
-    what = " + ".join(f"{n} x {size} px" for n, size, _ in missing.values())
-    return total, (f"data: {len(missing)} synthetic split(s) to generate once ({what} slices), "
-                   f"~{format_duration(total)} ({'; '.join(sorted(how))})")
-
-
-def _generated_here() -> list[tuple[int, int, str, float]]:
-    """(slices, side, mode, generate_s) of the cache entries generated on this host."""
-    host, found = socket.gethostname(), []
-    for e in list_entries():
-        try:
-            meta = read_json(Path(e["path"]) / "meta.json")
-        except (OSError, ValueError):
-            continue
-        st = meta.get("settings") if isinstance(meta, dict) else None
-        if isinstance(st, dict) and meta.get("host") == host and isinstance(meta.get("generate_s"), int | float) and st.get("n"):
-            found.append((int(st["n"]), int(st["size"]), str(st.get("mode")), float(meta["generate_s"])))
-    return found
 
 
 # ------------------------------------------------------------------ order and record
@@ -407,7 +367,15 @@ def prepare_out(
     if path.exists():
         if not resume:
             raise UserError(_NOT_RESUMED.format(out=out))
-        return check_recorded(out, read_json(path), folders, version)
+        record = read_json(path)
+        order = check_recorded(out, record, folders, version)
+        cells = [p.cell_record(grid.name, version) for p in planned]
+        if _shown(record.get("cells")) != _shown(cells):  # a label or factor edited in the grid file: show it
+            write_json(path, {**record, "cells": cells})
+            for p, cell in zip(planned, cells, strict=True):
+                if (out / p.folder).is_dir():  # finished cells too, which no executor prepares again
+                    _write_cell_record(out / p.folder, cell)
+        return order
     order = run_order(planned, seed)
     write_json(path, {
         "grid": grid.name,
@@ -420,6 +388,24 @@ def prepare_out(
         "order": order,
     })
     return order
+
+
+def _write_cell_record(cell_dir: Path, record: dict[str, Any]) -> None:
+    """Write `cell.json` when it is missing, unreadable, or shows another label or factors than `record`."""
+    try:
+        kept = read_json(cell_dir / "cell.json")
+    except (OSError, ValueError):
+        kept = None
+    if _shown([kept]) != _shown([record]):
+        write_json(cell_dir / "cell.json", record)
+
+
+def _shown(cells: Any) -> list[Any]:
+    """What the report and `bench status` show of cell records: each one's label and factors (the folder,
+    hence the config, is the same for a grid rerun into its --out; the grid file may have renamed a label)."""
+    if not isinstance(cells, list):
+        return [cells]
+    return [(c.get("folder"), c.get("label"), c.get("factors")) if isinstance(c, dict) else c for c in cells]
 
 
 @contextlib.contextmanager
@@ -442,8 +428,7 @@ def prepare_cell(p: PlannedCell, out: Path, grid_name: str, version: str) -> dic
     """
     cell_dir = out / p.folder
     cell_dir.mkdir(parents=True, exist_ok=True)
-    if not (cell_dir / "cell.json").exists():
-        write_json(cell_dir / "cell.json", p.cell_record(grid_name, version))
+    _write_cell_record(cell_dir, p.cell_record(grid_name, version))
     if p.skip_reason:
         if not (cell_dir / "config.json").exists():
             write_json(cell_dir / "config.json", p.config.to_dict())

@@ -9,7 +9,7 @@ import pytest
 
 import ddnet
 from bench import planning
-from bench.grids import registry
+from bench.grids import Cell, Grid, registry
 from bench.planning import Overrides, cell_hash, code_version, plan_grid, run_order
 from bench.processes import run_grid
 from bench.store import read_json
@@ -101,3 +101,47 @@ def test_a_changed_grid_file_is_refused_naming_the_cells_that_differ(tmp_path):
                                         r"more\)"):
         planning.check_recorded(tmp_path, {**record, "cells": [], "order": []}, many, "v1")
     assert planning.check_recorded(tmp_path, record, record["cells"][::-1], "v1") == record["order"]
+
+
+def _grid(cells) -> Grid:
+    return Grid(name="fake", description="fake grid", source="test", cells_fn=cells, defaults_fn=tiny_base)
+
+
+def test_a_label_edited_in_the_grid_file_reaches_cell_json_and_grid_json(tmp_path, fake):
+    """The label is not part of a cell's folder name, so an edited label used to leave the old one in cell.json
+    and grid.json, where the report and `bench status` read it."""
+    cmd, _ = fake
+
+    def labelled(label: str) -> Grid:
+        return _grid(lambda base: [Cell("c0", label, {"lr": base.lr}, base),
+                                   Cell("c1", "second", {"lr": 2e-4}, base.replace(lr=2e-4))])
+
+    out = tmp_path / "out"
+    run_grid(labelled("old words"), out, Overrides(), command=cmd, console=quiet())
+    folders = sorted(p.name for p in out.iterdir() if p.is_dir())
+    before = read_json(out / "grid.json")
+    assert [c["label"] for c in before["cells"]] == ["old words", "second"]
+    results = run_grid(labelled("new words"), out, Overrides(), command=cmd, console=quiet())
+    assert [r.status for r in results] == ["ok", "ok"]  # finished cells, not rerun
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == folders
+    after = read_json(out / "grid.json")
+    assert [c["label"] for c in after["cells"]] == ["new words", "second"]
+    assert {k: v for k, v in after.items() if k != "cells"} == {k: v for k, v in before.items() if k != "cells"}
+    c0 = next(f for f in folders if f.startswith("c0-"))
+    assert read_json(out / c0 / "cell.json")["label"] == "new words"
+    (out / c0 / "cell.json").write_text("{not json")  # an unreadable record is made again, not kept
+    planning.prepare_cell(plan_grid(labelled("new words"))[0], out, "fake", code_version())
+    assert read_json(out / c0 / "cell.json")["label"] == "new words"
+
+
+def test_cells_that_train_the_same_config_are_warned_of_once(recwarn):
+    """Two cells with one config ran twice with no word: a copy-paste slip in a grid file, or repeats by hand."""
+    twins = _grid(lambda base: [Cell("a", "a", {}, base), Cell("b", "b", {}, base.replace(lr=base.lr)),
+                                Cell("c", "c", {}, base.replace(lr=2e-4))])
+    with pytest.warns(UserWarning, match=r"grid 'fake': 1 cell\(s\) train the same config as an earlier one "
+                                         r"\('b' = 'a'\); each still runs .* use --repeats"):
+        planned = plan_grid(twins, repeats=2)
+    assert len(planned) == 6  # both still run; the repeats (other seeds) are no twins
+    recwarn.clear()
+    plan_grid(make_grid(3), repeats=2)
+    assert not [w for w in recwarn if "same config" in str(w.message)]
