@@ -162,7 +162,7 @@ def plan_grid(
             folder = f"{c.name}-r{k}-{h}" if repeats > 1 else f"{c.name}-{h}"
             reason = c.skip_reason or skip_reason_for(cfg)
             planned.append(PlannedCell(cell=c, repeat=k, folder=folder, config=cfg, skip_reason=reason))
-    _warn_same_configs(grid.name, planned)
+    _warn_same_configs(grid.name, planned, bool(overrides.fields()))
     for p in planned:  # before anything is written, not once per cell in its own process
         sizes = cell_sizes(p.config)
         if not p.skip_reason and sizes.n_train < sizes.batch:
@@ -172,8 +172,9 @@ def plan_grid(
     return planned
 
 
-def _warn_same_configs(grid: str, planned: list[PlannedCell]) -> None:
-    """Warn (once per grid) when cells of one repeat train the same config: each runs, as its own measurement."""
+def _warn_same_configs(grid: str, planned: list[PlannedCell], overridden: bool) -> None:
+    """Warn when cells train the same config (options such as --epochs 2 can make a grid's cells meet):
+    each runs, as its own measurement."""
     seen: dict[tuple[int, str], str] = {}
     twins = []
     for p in planned:
@@ -182,7 +183,8 @@ def _warn_same_configs(grid: str, planned: list[PlannedCell]) -> None:
             twins.append(f"'{p.cell.name}' = '{seen[key]}'")
         seen.setdefault(key, p.cell.name)
     if twins:
-        warnings.warn(f"grid '{grid}': {len(twins)} cell(s) train the same config as an earlier one "
+        at = " with the options given" if overridden else ""
+        warnings.warn(f"grid '{grid}': {len(twins)} cell(s) train the same config as an earlier one{at} "
                       f"({', '.join(twins[:3])}{' ...' if len(twins) > 3 else ''}); each still runs and is "
                       "reported as its own cell. For repeated measurements use --repeats; otherwise make them "
                       "differ or drop one.", stacklevel=2)

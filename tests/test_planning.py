@@ -144,4 +144,8 @@ def test_cells_that_train_the_same_config_are_warned_of_once(recwarn):
     assert len(planned) == 6  # both still run; the repeats (other seeds) are no twins
     recwarn.clear()
     plan_grid(make_grid(3), repeats=2)
+    plan_grid(registry()["demo"])
     assert not [w for w in recwarn if "same config" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"as an earlier one with the options given \('random-hybrid1' = "
+                                         r"'random-last-epoch'\)"):
+        plan_grid(registry()["demo"], Overrides(epochs=2))  # half of 2 epochs dense is all but the last
