@@ -106,6 +106,35 @@ def test_cli_extra_directives_bench_owns_are_refused_with_a_fix_the_command_line
     assert "SlurmOptions" not in res.output and (fix is None or fix in res.output), res.output
 
 
+@pytest.mark.parametrize("extra, said", [
+    ("--gres=gpu:2", "--gres=gpu:2"),
+    ("--gres=nvme:1,gpu:a100:1", "--gres=nvme:1,gpu:a100:1"),
+    ("--gpus=2", "--gpus=2"),
+    ("--gpus-per-node=2", "--gpus-per-node=2"),
+    ("--gpus-per-task=1", "--gpus-per-task=1"),
+    ("--gpus_per_task=1", "--gpus-per-task=1"),
+    ("-G 2", "-G 2"),
+    ("-G2", "-G 2"),
+])
+def test_cli_a_gpu_request_in_slurm_extra_is_refused_beside_benchs_own(tmp_path, extra, said):
+    # bench writes --gpus-per-node for every GPU cell: a second request would reach sbatch beside it
+    res = _cli("--grid", "table1", "--out", str(tmp_path / "r"), "--executor", "slurm", "--data", "synthetic",
+               "--image-size", "64", "--epochs", "2", f"--slurm-extra={extra}", "--dry-run")
+    assert res.exit_code == 2, res.output
+    line = " ".join(res.output.split())
+    assert f"--slurm-extra sets {said}, a second GPU request" in line and "use --slurm-gpus-per-node" not in line
+    assert "set --slurm-gpus-per-node instead" in line and "SlurmOptions" not in line, line
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_gres_that_is_not_a_gpu_still_reaches_sbatch():
+    assert SlurmOptions(extra_sbatch=["--gres=nvme:1"]).additional_parameters() == {"gres": "nvme:1"}
+    with pytest.raises(UserError, match="sets -G 1, a second GPU request"):
+        SlurmOptions(extra_sbatch={"G": 1})
+    with pytest.raises(UserError, match="sets -n: bench sets it"):  # a short option bench owns: why, not how
+        SlurmOptions(extra_sbatch=["-n 4"])
+
+
 def test_cli_slurm_partition_that_swallowed_the_next_option_is_refused(tmp_path):
     res = _cli("--grid", "table1", "--out", str(tmp_path / "r"), "--executor", "slurm", "--slurm-partition",
                "--slurm-qos", "--dry-run")

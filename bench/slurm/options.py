@@ -26,7 +26,7 @@ CLUSTERS = ("slurm", "local", "debug")
 # keys an extra directive may not set: each has its own SlurmOptions field (or submitit owns it)
 _OWNED = {
     "partition": "partition", "p": "partition", "account": "account", "A": "account", "qos": "qos",
-    "q": "qos", "time": "time_min", "t": "time_min", "gpus-per-node": "gpus_per_node",
+    "q": "qos", "time": "time_min", "t": "time_min",
     "cpus-per-task": "cpus_per_task", "c": "cpus_per_task", "mem": "mem_gb", "nodes": "nodes", "N": "nodes",
     "array": "array_parallelism", "a": "array_parallelism", "job-name": "job_name", "J": "job_name",
     "output": None, "o": None, "error": None, "e": None, "signal": "signal_delay_s",
@@ -38,6 +38,16 @@ _BENCH_SETS = {"job_name": "every job is named 'ddnet-bench'",
 _NO_OWNER = {"ntasks": "each cell runs as one task per node (its replicas are that task's processes)",
              "n": "each cell runs as one task per node (its replicas are that task's processes)",
              "ntasks-per-node": "each cell runs as one task per node (its replicas are that task's processes)"}
+
+# GPU requests: bench asks each node for the cell's GPUs itself (--gpus-per-node, or SlurmOptions.gpus_per_node)
+_GPU_KEYS = ("gpus-per-node", "gpus", "G", "gpus-per-task", "gpus-per-socket")
+_GPU_GRES = re.compile(r"(?:^|[,/])gpu(?:[:=,]|$)", re.IGNORECASE)  # gpu:2, gpu:a100:1,nvme:1, gres/gpu:1
+_SHORT = re.compile(r"-([A-Za-z])(?:[= ]?(.+))?")  # '-G 2', '-G2', '-n4': read only to name the fix
+
+
+def _asks_gpus(key: str, value: Any) -> bool:
+    return key in _GPU_KEYS or (key in ("gres", "tres-per-task") and bool(_GPU_GRES.search(str(value))))
+
 
 _SLURM_TIME = re.compile(r"(?:(\d+)-(\d+)(?::(\d+)(?::(\d+))?)?|(\d+)(?::(\d+)(?::(\d+))?)?)")
 
@@ -178,6 +188,9 @@ class SlurmOptions:
             items = []
             for d in extra:
                 m = re.fullmatch(r"--([A-Za-z][\w-]*)(?:=(.+))?", d.strip()) if isinstance(d, str) else None
+                short = _SHORT.fullmatch(d.strip()) if isinstance(d, str) and m is None else None
+                if short is not None and (short.group(1) in _OWNED or short.group(1) in _GPU_KEYS):
+                    m = short  # a short option bench refuses anyway: say why, not how to spell it
                 if m is None:
                     raise UserError(f"SlurmOptions.extra_sbatch entry {d!r}: write it as --key=value "
                                     "or --flag.")
@@ -190,13 +203,19 @@ class SlurmOptions:
                 raise UserError(f"SlurmOptions.extra_sbatch key {key!r}: use a sbatch option name "
                                 "such as 'constraint'.")
             norm = key.replace("_", "-")
+            flag = f"-{norm}" if len(norm) == 1 else f"--{norm}"
+            if _asks_gpus(norm, value):
+                given = flag if value is True else f"{flag} {value}" if len(norm) == 1 else f"{flag}={value}"
+                raise UserError(f"SlurmOptions.extra_sbatch sets {given}, a second GPU request: bench asks each node "
+                                "for the cell's GPUs itself (--gpus-per-node); set SlurmOptions.gpus_per_node "
+                                "instead.")
             if norm in _OWNED:
                 owner = _OWNED[norm]
                 fix = (f"bench sets it: {_BENCH_SETS[owner]}" if owner in _BENCH_SETS
                        else f"set SlurmOptions.{owner} instead" if owner
                        else f"bench sets it: {_NO_OWNER[norm]}" if norm in _NO_OWNER
                        else "submitit sets it (logs go to the log folder)")
-                raise UserError(f"SlurmOptions.extra_sbatch sets --{norm}: {fix}.")
+                raise UserError(f"SlurmOptions.extra_sbatch sets {flag}: {fix}.")
             if norm in ("mem-per-cpu", "mem-per-gpu") and self.mem_gb is not None:  # sbatch takes one of them
                 raise UserError(f"SlurmOptions.extra_sbatch sets --{norm} and SlurmOptions.mem_gb sets --mem: "
                                 "sbatch takes only one; drop one of them.")
