@@ -50,14 +50,15 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.calibrate import calibrate
-from bench.estimate import Calibration, PlanEstimate, estimate_plan
+from bench.cell_log import interrupted_why
+from bench.estimate import Calibration, CellEstimate, PlanEstimate, estimate_plan
 from bench.grids import Grid, load_grid, registry
 from bench.planning import Overrides, PlannedCell, dry_run_order, dry_run_refusal, plan_grid
 from bench.processes import CellResult, run_grid
 from bench.run_slurm import run_on_slurm
 from bench.slurm import SlurmOptions, refuse_live_jobs
 from bench.status import format_duration
-from bench.store import read_summary
+from bench.store import read_summary, writer_alive
 from ddnet.config import resolve_device
 from ddnet.errors import UserError
 
@@ -129,14 +130,8 @@ def print_plan(console: Console, grid: Grid, planned: list[PlannedCell], order: 
     for i, folder in enumerate(order, start=1):
         p = by_folder[folder]
         factors = ", ".join(f"{k}={p.cell.factors[k]}" for k in varied if k in p.cell.factors)
-        s = read_summary(out / folder)
-        if p.skip_reason:
-            state = f"skip: {p.skip_reason}"
-        elif s is not None:
-            state = f"{s.get('status')} (existing)"
-        else:
-            state = "to run"
         e = estimate.cells.get(folder) if estimate is not None else None
+        state = f"skip: {p.skip_reason}" if p.skip_reason else _existing(read_summary(out / folder), e)
         if e is None:
             size = when = "-"
         else:
@@ -161,6 +156,28 @@ def print_plan(console: Console, grid: Grid, planned: list[PlannedCell], order: 
         if estimate.other_machines:
             console.print(f"({estimate.other_machines} earlier run(s) under {out} were made on another machine "
                           "or device: not used for the estimates)", markup=False, highlight=False)
+
+
+def _existing(s: dict | None, e: CellEstimate | None) -> str:
+    """A cell's state in the plan: 'to run', or what its folder holds and what the run will do with it."""
+    if s is None:
+        return "to run"
+    status = s.get("status")
+    if status == "ok":
+        return "ok (existing)"
+    left = f", {e.epochs_left} of {e.epochs} epochs left" if e is not None and 0 < e.epochs_left < e.epochs else ""
+    if status == "failed":
+        return (f"failed (existing): retried{left}" if e is not None and e.state == "to run" else
+                "failed (existing): kept; --retry-failed runs it again")
+    if status == "running":  # its process is alive (another `bench train`), else it stopped and resumes
+        if writer_alive(s.get("writer")) and not interrupted_why(s):
+            return "running now (in another process)"
+        if e is None:
+            return "stopped: resumes from its last checkpoint"
+        if e.epochs_left == 0:
+            return "stopped after its last epoch: resumes to write its summary"
+        return f"stopped: resumes{left}" if left else "stopped before its first checkpoint: starts again"
+    return f"{status} (existing)"
 
 
 def _console() -> Console:

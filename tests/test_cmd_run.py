@@ -5,9 +5,11 @@ The slow tests use the real trainer on tiny data.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,10 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 from typer.testing import CliRunner
 
+from bench import cmd_run
 from bench.cli import app
-from bench.store import read_json, read_jsonl
+from bench.estimate import estimate_plan
+from bench.grids import load_grid
+from bench.planning import plan_grid
+from bench.store import append_jsonl, read_json, read_jsonl, write_json, writer_record
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,6 +65,42 @@ def test_dry_run_in_cli_writes_nothing_and_shows_state(tmp_path, fake, monkeypat
     assert "60 images" in res.output and "(12 x 32 px + 3 x 32 px slices)" in res.output
 
 
+
+def test_the_dry_run_says_what_the_run_will_do_with_each_cell_it_finds(tmp_path, monkeypatch):
+    """An interrupted cell read 'running (existing)' in the plan, as if it were running now."""
+    monkeypatch.setenv("DDNET_BENCH_CACHE", str(tmp_path / "cache"))
+    names = ("fresh", "done", "kept", "stopped", "early", "alive")
+    grid_file = tiny_grid_file(tmp_path, "cpu", "[Cell(n, n, standard_factors(base), base.replace(lr=1e-4 * (i + 1)))"
+                                                f" for i, n in enumerate({names!r})]")
+    out = tmp_path / "out"
+    planned = plan_grid(load_grid(str(grid_file)))
+    folders = {p.cell.name: out / p.folder for p in planned}
+    dead = {"host": socket.gethostname(), "pid": 2 ** 22 + 1, "created": 1.0}
+    for name, summary, rows in (("done", {"status": "ok"}, 2), ("kept", {"status": "failed", "error": "x"}, 0),
+                                ("stopped", {"status": "running", "writer": dead}, 1),
+                                ("early", {"status": "running", "writer": dead}, 0),
+                                ("alive", {"status": "running", "writer": writer_record()}, 1)):
+        folders[name].mkdir(parents=True)
+        write_json(folders[name] / "summary.json", summary)
+        for k in range(rows):
+            append_jsonl(folders[name] / "epochs.jsonl", {"epoch": k, "train_loss": 0.1, "epoch_time_s": 1.0})
+        if rows:
+            (folders[name] / "ckpt.pt").write_bytes(b"")
+    res = CliRunner().invoke(app, ["run", "--grid", str(grid_file), "--out", str(out), "--dry-run"])
+    assert res.exit_code == 0 and "running (existing)" not in res.output, res.output
+
+    def states(retry_failed: bool) -> dict[str, str]:
+        wide = Console(file=io.StringIO(), width=400)  # one line per row
+        cmd_run.print_plan(wide, load_grid(str(grid_file)), planned, [p.folder for p in planned], out,
+                           estimate_plan(planned, out, retry_failed))
+        lines = wide.file.getvalue().splitlines()
+        return {n: next(line for line in lines if f.name in line).split("│")[-2].strip() for n, f in folders.items()}
+
+    assert states(False) == {
+        "fresh": "to run", "done": "ok (existing)", "kept": "failed (existing): kept; --retry-failed runs it again",
+        "stopped": "stopped: resumes, 1 of 2 epochs left", "early": "stopped before its first checkpoint: starts again",
+        "alive": "running now (in another process)"}
+    assert states(True)["kept"] == "failed (existing): retried"
 
 # ------------------------------------------------------------------ slow: the real trainer
 
