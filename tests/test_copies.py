@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,21 @@ def test_profile_copies_cuda_counts_htod(tmp_path: Path) -> None:
     assert r["copies_HtoD_bytes"] == 5 * (1 << 20)
     assert r["copies_HtoD_share_bytes"] == pytest.approx(1.0)
     assert (tmp_path / "trace.json").exists()
+
+
+def test_kineto_status_lines_are_dropped_and_its_errors_kept(capfd) -> None:
+    """torch 2.13 printed 'USDT:... profiler_start' and '... profiler_stop' into every profiled run's log."""
+    with copies.kineto_chatter_dropped():
+        os.write(2, b"USDT:2026-11-28 08:47:01 4937:4937 SyncActivityProfilerHandler.cpp:52] profiler_start\n"
+                    b"STAGE:2026-11-28 08:47:09 4995:4995 SyncActivityProfilerHandler.cpp:51] Completed Stage\n"
+                    b"ERROR:2026-11-28 08:47:09 4995:4995 CuptiActivityApi.cpp:7] CUPTI refused\n"
+                    b"a line of ours\n")
+    err = capfd.readouterr().err
+    assert err == "ERROR:2026-11-28 08:47:09 4995:4995 CuptiActivityApi.cpp:7] CUPTI refused\na line of ours\n"
+    os.write(2, b"after\n")  # standard error is itself again
+    assert capfd.readouterr().err == "after\n"
+
+    x = torch.randn(64)
+    totals = profile_copies(lambda n: [x.clone() for _ in range(n)], 2, None, CPU)
+    assert totals["copies_HtoH_count"] >= 2  # the profile itself still works
+    assert "USDT:" not in capfd.readouterr().err

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,10 +88,16 @@ def profile_copies(
         torch.cuda.synchronize(device)
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities, record_shapes=True) as prof:
+    prof = profile(activities=activities, record_shapes=True)
+    with kineto_chatter_dropped():
+        prof.start()
+    try:
         run_steps(n_steps)
         if cuda:
             torch.cuda.synchronize(device)  # every queued copy must land inside the window
+    finally:
+        with kineto_chatter_dropped():
+            prof.stop()
 
     with contextlib.ExitStack() as stack:
         if out_dir is not None:
@@ -110,6 +119,42 @@ def profile_copies(
         copies_trace=str(trace) if out_dir is not None else None,
     )
     return out
+
+
+_KINETO_CHATTER = re.compile(rb"(?:USDT|STAGE|INFO|VERBOSE):\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ \S+:\d+\] ")
+"""A kineto status line ('USDT:2026-11-28 08:47:01 4937:4937 SyncActivityProfilerHandler.cpp:52] profiler_start');
+its WARNING and ERROR lines are not matched."""
+
+
+@contextlib.contextmanager
+def kineto_chatter_dropped() -> Iterator[None]:
+    """Drop kineto's status lines from standard error (file descriptor 2, where its C++ logger writes them)
+    while the block runs; anything else written there meanwhile (kineto's warnings and errors) is kept.
+
+    torch 2.13's build prints two such lines at every profiler start and stop (earlier builds print none);
+    they would land in every profiled run's train.log. Setting KINETO_LOG_LEVEL high enough to hide them
+    would hide kineto's errors (CUPTI refused, say) too.
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no descriptor 2 here: nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = b"".join(line for line in held.read().splitlines(keepends=True)
+                            if not _KINETO_CHATTER.match(line))
+            if kept:
+                os.write(2, kept)
 
 
 def _new_totals(kinds: tuple[str, ...]) -> dict[str, dict[str, float]]:
