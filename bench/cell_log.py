@@ -9,6 +9,7 @@ its summary.json.
 
 from __future__ import annotations
 
+import math
 import re
 import signal
 from pathlib import Path
@@ -168,6 +169,16 @@ def record_failure(cell_dir: Path, summary: dict[str, Any], rc: int, tail: list[
     }
     write_json(cell_dir / "summary.json", record)
     return record
+
+
+def check_stall_timeout(value: float | None, name: str = "--stall-timeout") -> None:
+    """Refuse a stall limit (`stall_limit_s`'s `setting`) that is not a finite number of seconds >= 0, in one line
+    naming `name`: nan and inf would never be reached, a watch silently off; 0 is how it is turned off."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value >= 0):
+        raise UserError(f"{name}={value!r}: give a finite number of seconds (>= 0; 0 turns the watch off), or leave "
+                        "it unset for the default limit.")
 
 
 def stall_limit_s(rows: list[dict[str, Any]], since: int, setting: float | None = None) -> float | None:

@@ -50,7 +50,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.calibrate import calibrate
-from bench.cell_log import interrupted_why
+from bench.cell_log import check_stall_timeout, interrupted_why
 from bench.estimate import Calibration, CellEstimate, PlanEstimate, estimate_plan
 from bench.grids import Grid, load_grid, registry
 from bench.planning import Overrides, PlannedCell, dry_run_order, dry_run_refusal, plan_grid
@@ -250,7 +250,7 @@ def run_cmd(
     cell_timeout: float | None = typer.Option(None, "--cell-timeout", min=1,
                                               help="Stop a cell after this many seconds and record it as failed "
                                                    "(default: no limit)."),
-    stall_timeout: float | None = typer.Option(None, "--stall-timeout", min=0,
+    stall_timeout: float | None = typer.Option(None, "--stall-timeout",
                                                help="Stop a cell that writes no new epoch for this many seconds "
                                                     "(once it has written one) and record it as failed; 0: never "
                                                     "(default: 10x its slowest epoch, at least 30 min). Before "
@@ -288,6 +288,7 @@ def run_cmd(
     """Run every cell of a grid, each in its own process, into one folder per cell; re-run to resume."""
     console = _console()
     try:
+        check_stall_timeout(stall_timeout)  # nan, inf: one line, alike for both executors and a dry run
         g = load_grid(grid)
         overrides = Overrides(epochs=epochs, batch_size=batch_size, image_size=image_size, data=data,
                               n_train=n_train, n_val=n_val, seed=seed, device=device)

@@ -42,6 +42,7 @@ from bench.cell_log import (
     PLANNED_DEVICE_ENV,
     DeviceGone,
     StallWatch,
+    check_stall_timeout,
     exit_text,
     interrupted_why,
     log_tail,
@@ -378,6 +379,7 @@ def run_grid(
     GPU this machine had at the start is no longer visible to a cell (either way the cell stays resumable)
     or no longer computes after a cell failed on it (`gpu_broken`; that cell stays failed).
     """
+    check_stall_timeout(stall_timeout_s, "stall_timeout_s")  # before anything is written
     console = console or Console()
     overrides = overrides or Overrides()
     version = code_version()

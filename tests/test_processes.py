@@ -293,6 +293,16 @@ def test_a_hung_cell_is_stopped_after_its_stall_limit_and_the_grid_goes_on(tmp_p
     assert [r["epoch"] for r in read_jsonl(out / results[0].folder / "epochs.jsonl")] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("limit", [float("inf"), float("nan"), -1.0])
+def test_a_stall_limit_never_reached_is_refused_before_anything_is_written(tmp_path, fake, limit):
+    # nan and inf would leave the watch silently off: 0 is how it is turned off, as on Slurm (SlurmOptions)
+    cmd, launched = fake
+    with pytest.raises(UserError, match=r"stall_timeout_s=.*: give a finite number of seconds .*0 turns the watch off"):
+        run_grid(make_grid(1), tmp_path / "out", Overrides(epochs=1), command=cmd, console=quiet(),
+                 stall_timeout_s=limit)
+    assert not (tmp_path / "out").exists() and launched() == []
+
+
 def test_the_stall_limit_is_armed_by_the_launchs_first_epoch_and_scales_with_the_slowest():
     rows = [{"time_s": 2.0, "val_time_s": 1.0}, {"time_s": 100.0, "capture_time_s": 50.0, "val_time_s": 30.0},
             {"time_s": 1.0}]

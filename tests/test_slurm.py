@@ -142,7 +142,9 @@ def headers(folder: Path) -> list[str]:
     ({"signal_delay_s": 600, "time_min": 10}, "time_min=10 is too short: Slurm signals the job 600 s before"),
     ({"cluster": "pbs"}, "choose one of slurm, local, debug"),
     ({"job_name": "my job"}, "job_name='my job'"),
-    ({"stall_timeout_s": -1}, "stall_timeout_s=-1: give seconds (>= 0; 0 turns the watch off)"),
+    ({"stall_timeout_s": -1}, "stall_timeout_s=-1: give a finite number of seconds (>= 0; 0 turns the watch off)"),
+    ({"stall_timeout_s": float("inf")}, "stall_timeout_s=inf: give a finite number of seconds"),
+    ({"stall_timeout_s": float("nan")}, "stall_timeout_s=nan: give a finite number of seconds"),
 ])
 def test_options_refuse_bad_values_in_one_line_that_names_the_fix(kwargs, message):
     with pytest.raises(UserError, match=None) as e:

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from bench.cell_log import check_stall_timeout
 from ddnet.errors import UserError
 
 RESUME_FLAG = "--resume"
@@ -156,10 +157,7 @@ class SlurmOptions:
         if self.nodes > 1 and self.cluster != "slurm":
             raise UserError(f"SlurmOptions.nodes={self.nodes} needs cluster='slurm' (submitit's {self.cluster} "
                             "executor runs one node); use one node to try the path here.")
-        stall = self.stall_timeout_s
-        if stall is not None and (isinstance(stall, bool) or not isinstance(stall, int | float) or not stall >= 0):
-            raise UserError(f"SlurmOptions.stall_timeout_s={stall!r}: give seconds (>= 0; 0 turns the watch off), "
-                            "or leave it unset for the default limit.")
+        check_stall_timeout(self.stall_timeout_s, "SlurmOptions.stall_timeout_s")  # as the local runner
         mem = self.mem_gb
         # submitit writes int(GB * 1024) MB: under 1 MB that is --mem=0, which Slurm reads as all of a node's memory
         if mem is not None and (isinstance(mem, bool) or not isinstance(mem, int | float) or not math.isfinite(mem)
