@@ -310,8 +310,14 @@ def run_cmd(
                 for field, flag in SLURM_FLAGS.items():
                     msg = msg.replace(f"SlurmOptions.{field}", flag)
                 raise UserError(msg) from None
-            results = run_on_slurm(g, out_dir, options, overrides, repeats, resume, retry_failed, dry_run, wait,
-                                   console)
+            try:
+                results = run_on_slurm(g, out_dir, options, overrides, repeats, resume, retry_failed, dry_run, wait,
+                                       console)
+            except KeyboardInterrupt as e:  # while waiting: the line says the jobs go on, and how to end them
+                console.print(str(e) or f"interrupted; if it was submitting, check `squeue --me` for jobs it started "
+                              f"before running the same command again (`bench status {out_dir}` shows those recorded).",
+                              markup=False, highlight=False)
+                raise typer.Exit(130) from None
             if results is not None:
                 _finish(console, results, out_dir)
             return

@@ -225,7 +225,20 @@ def run_on_slurm(
                   "resubmit cells whose jobs died.", markup=False, highlight=False)
     if not wait:
         return None
-    return _wait(planned, order, out, dict(zip(to_submit, submitted, strict=True)), console, skipped_now)
+    try:
+        return _wait(planned, order, out, dict(zip(to_submit, submitted, strict=True)), console, skipped_now)
+    except KeyboardInterrupt:  # Ctrl-C stops the waiting, not the jobs: say so, and how to watch or end them
+        raise KeyboardInterrupt(stop_waiting_line(out, ids, options.cluster)) from None
+
+
+def stop_waiting_line(out: Path, ids: dict[str, str], cluster: str) -> str:
+    """What `bench run --executor slurm --wait` says when interrupted: the jobs it submitted go on (on a cluster)."""
+    arrays = sorted({i.split("_")[0] for i in ids.values()})
+    if cluster != "slurm":  # submitit's local or debug executor: the cells ran here, under this terminal
+        return (f"interrupted; the cells started here (--slurm-cluster {cluster}) may have stopped with it: "
+                f"`bench status {out}` shows where each stands, and the same command resubmits those that did.")
+    return (f"stopped waiting; the {len(ids)} cell(s) submitted as job(s) {', '.join(arrays)} keep running on the "
+            f"cluster: watch them with `bench status {out}`, cancel them with `scancel {' '.join(arrays)}`.")
 
 
 def _done(job: Any) -> bool:

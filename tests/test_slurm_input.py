@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from bench.cmd_run import run_cmd
 from bench.grids import Cell, Grid, standard_factors
 from bench.planning import Overrides
-from bench.run_slurm import run_on_slurm
+from bench.run_slurm import run_on_slurm, stop_waiting_line
 from bench.slurm import CellJob, SlurmOptions, job_states, latest_jobs, submit_jobs
 from bench.store import read_json
 from ddnet.errors import UserError
@@ -351,3 +351,29 @@ def test_the_local_runner_refuses_cells_whose_slurm_jobs_are_queued_or_running(t
     (tmp_path / "squeue").write_text("")  # the jobs ended (sacct lists nothing: unknown): the local runner may go
     res = _cli(*args, "--dry-run")
     assert res.exit_code == 0, res.output
+
+
+# ------------------------------------------------------------------ Ctrl-C while --wait waits
+
+
+def test_ctrl_c_while_waiting_says_the_jobs_go_on_and_how_to_watch_or_cancel_them(tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    monkeypatch.setenv("FAKE_SLURM_DIR", str(tmp_path))
+    _bin(tmp_path, monkeypatch, {"srun": "exit 0\n", "sbatch": FAKE_SBATCH, "squeue": "exit 0\n", "sacct": "exit 0\n"})
+
+    def interrupted(job: object) -> bool:
+        raise KeyboardInterrupt  # the user's Ctrl-C, in the wait loop
+
+    monkeypatch.setattr("bench.run_slurm._done", interrupted)
+    out = tmp_path / "r"
+    res = _cli("--grid", "table1", "--out", str(out), "--data", "synthetic", "--image-size", "64", "--epochs", "1",
+               "--n-train", "8", "--n-val", "4", "--device", "cpu", "--executor", "slurm", "--wait")
+    assert res.exit_code == 130, res.output
+    ids = sorted(latest_jobs(read_json(out / "grid.json")).values())
+    assert ids and {i.split("_")[0] for i in ids} == {"4242"}  # recorded before the wait: a rerun leaves them be
+    line = " ".join(res.output.split())
+    assert (f"stopped waiting; the {len(ids)} cell(s) submitted as job(s) 4242 keep running on the cluster: watch "
+            f"them with `bench status {out}`, cancel them with `scancel 4242`." in line), line
+    assert "Aborted" not in res.output
+    # submitit's local executor ran the cells here, under the same terminal: no claim that they go on
+    assert "may have stopped with it" in stop_waiting_line(out, {"c0": "77"}, "local")
