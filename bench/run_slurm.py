@@ -55,6 +55,7 @@ from bench.slurm import (
     pending_cells,
     record_jobs,
     sbatch_preview,
+    state_text,
     submission_decisions,
     submit_jobs,
 )
@@ -226,7 +227,8 @@ def run_on_slurm(
     if not wait:
         return None
     try:
-        return _wait(planned, order, out, dict(zip(to_submit, submitted, strict=True)), console, skipped_now)
+        return _wait(planned, order, out, dict(zip(to_submit, submitted, strict=True)), console, skipped_now,
+                     states if options.cluster == "slurm" else None)  # submitit's local ids are no Slurm jobs
     except KeyboardInterrupt:  # Ctrl-C stops the waiting, not the jobs: say so, and how to watch or end them
         raise KeyboardInterrupt(stop_waiting_line(out, ids, options.cluster)) from None
 
@@ -251,16 +253,24 @@ def _done(job: Any) -> bool:
     return True
 
 
-def _wait(planned: list[PlannedCell], order: list[str], out: Path, jobs: dict[str, Any],
-          console: Console, skipped_now: set[str]) -> list[CellResult]:
-    """Wait for the submitted jobs; one result per cell (from its summary.json) in run order."""
+def _wait(planned: list[PlannedCell], order: list[str], out: Path, jobs: dict[str, Any], console: Console,
+          skipped_now: set[str], states: Callable[[list[str]], dict[str, str]] | None = None) -> list[CellResult]:
+    """Wait for the submitted jobs; one result per cell (from its summary.json) in run order. `states` (Slurm's
+    answer, `job_states`) says how the job of a cell that did not finish ok ended: 'failed (Slurm TIMEOUT: ...)'."""
     left = dict(jobs)
+    ended: dict[str, str] = {}  # cell folder -> how its job ended, where that is news (the cell did not finish)
     while left:
-        for folder in [f for f, j in left.items() if _done(j)]:
+        done = {f: read_summary(out / f) or {} for f, j in left.items() if _done(j)}
+        asked = [str(left[f].job_id) for f, s in done.items() if s.get("status") not in ("ok", "skipped")]
+        told = states(asked) if states and asked else {}
+        for folder, s in done.items():
             job = left.pop(folder)
-            s = read_summary(out / folder) or {}
-            console.print(f"[{len(jobs) - len(left)}/{len(jobs)}] {folder}: job {job.job_id} ended, "
-                          f"cell {s.get('status', 'without a summary')}", markup=False, highlight=False)
+            state = told.get(str(job.job_id))
+            if state in ("failed", "cancelled", "finished"):  # not 'running': accounting a moment behind
+                ended[folder] = f"job {job.job_id} {state_text(state)}"
+            console.print(f"[{len(jobs) - len(left)}/{len(jobs)}] {folder}: job {job.job_id} ended"
+                          + (f" as {state_text(state)}" if folder in ended else "")
+                          + f", cell {s.get('status', 'without a summary')}", markup=False, highlight=False)
         if left:
             time.sleep(WAIT_POLL_S)
     by_folder = {p.folder: p for p in planned}
@@ -269,11 +279,14 @@ def _wait(planned: list[PlannedCell], order: list[str], out: Path, jobs: dict[st
         p = by_folder[folder]
         s = read_summary(out / folder)
         if s is None:
-            results.append(CellResult(folder, p.cell.label, "pending", "submitted", 0, p.config.epochs))
+            results.append(CellResult(folder, p.cell.label, "pending", "submitted", 0, p.config.epochs,
+                                      error=ended.get(folder)))
         else:
             action = "submitted" if folder in jobs else "skipped" if folder in skipped_now else "reused"
             result = result_from_summary(p, s, action)
             if s.get("status") == "running":  # its job ended unfinished: the epochs its rows hold so far
                 result.epochs_completed = len(read_jsonl(out / folder / "epochs.jsonl"))
+            if folder in ended and not result.error:  # why its job ended, and the fix
+                result.error = ended[folder]
             results.append(result)
     return results

@@ -11,7 +11,8 @@ Statuses (one per cell):
     submitted   a job is recorded, no summary yet, and its Slurm state was not asked for
     queued      its job waits in the queue (a requeued cell shows the epochs it resumes from)
     running     epochs under way ('epoch k/N'); without job states, any unfinished started cell
-    stopped     unfinished, and its job ended (failed, cancelled, gone): `bench run` resubmits it; or,
+    stopped     unfinished, and its job ended (failed, cancelled, preempted, gone; Slurm's reason and its fix
+                given, e.g. 'failed (Slurm TIMEOUT: the job hit --slurm-time; ...)'): `bench run` resubmits it; or,
                 without job states, the process its summary names ran on this host and has ended
     finished    summary.json status 'ok'
     failed      summary.json status 'failed' (its error's first line)
@@ -30,7 +31,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bench.cell_log import OPEN_LAUNCH, interrupted_why, resume_hint
-from bench.slurm import latest_job_records
+from bench.slurm import latest_job_records, state_label, state_text
 from bench.store import alive_mark, epoch_cost, read_jsonl_checked, writer_alive
 from ddnet.errors import UserError
 
@@ -135,10 +136,10 @@ def _cell_row(folder: Path, record: dict[str, Any] | None, states: dict[str, str
             status, detail = "unreadable", f"unreadable: summary.json status {kind!r}"
         elif state == "queued":
             status = "queued"
-            detail = f"job {job} queued" + (f"; resumes after epoch {of}" if done else "")
+            detail = f"job {job} {state_text(state)}" + (f"; resumes after epoch {of}" if done else "")
         elif state in ("failed", "cancelled", "finished") or (state == "unknown" and (done or kind)):
             status = "stopped"
-            detail = f"job {job} {state} at epoch {of}; `bench run` resubmits it"
+            detail = f"job {job} {state_text(state)} at epoch {of}; `bench run` resubmits it"  # Slurm's why and fix
         elif state == "unknown":
             status, detail = "submitted", f"job {job}, not listed by Slurm"
         elif state is None and kind == "running" and (interrupted_why(s) or writer_alive(s.get("writer")) is False):
@@ -271,7 +272,7 @@ def status_table(rows: list[dict[str, Any]], title: str = "bench status") -> Tab
         epochs = f"{r['epochs_done']}/{r['epochs'] if r['epochs'] is not None else '?'}"
         job = r["job_id"] or "-"
         if r["job_state"]:
-            job += f" ({r['job_state']})"
+            job += f" ({state_label(r['job_state'])})"  # 'failed: TIMEOUT', 'preempted': the detail says more
         table.add_row(Text(r["cell"]), Text(r["status"], style=colour), epochs,
                       format_duration(r["time_used_s"]), Text(job), Text(r["detail"] or ""))
     return table

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import typer
+from rich.console import Console
 from typer.testing import CliRunner
 
 from bench import cell_log
@@ -23,7 +24,7 @@ from bench.grids import Cell, Grid, standard_factors
 from bench.planning import Overrides
 from bench.processes import run_grid
 from bench.run_slurm import LOG_DIR, plan_for_cluster, run_on_slurm
-from bench.slurm import SlurmOptions, latest_jobs, rendezvous_port
+from bench.slurm import SlurmOptions, latest_jobs, rendezvous_port, slurm_state
 from bench.store import read_json, read_jsonl, read_summary
 from ddnet.errors import UserError
 from tests.fake_trainer import make_grid, quiet, tiny_base
@@ -96,6 +97,29 @@ def test_the_wait_summary_counts_the_epochs_of_a_cell_whose_job_ended_unfinished
     results = run_on_slurm(make_grid(2), tmp_path / "g", LOCAL, wait=True, console=quiet(), command=command,
                            states=_no_slurm)
     assert [(r.status, r.epochs_completed, r.epochs) for r in results] == [("running", 1, 2), ("ok", 2, 2)]
+
+
+def test_the_wait_says_how_slurm_ended_a_job_whose_cell_did_not_finish_and_what_to_do(tmp_path, fake, monkeypatch,
+                                                                                       capsys):
+    import submitit  # noqa: PLC0415 - the module is skipped without it
+
+    command, _ = fake
+    monkeypatch.setenv("FAKE_FULL", "c0-")  # c0 stops in its second epoch, resumable, as at a time limit
+    asked: list[list[str]] = []
+
+    def sacct(ids: list[str]) -> dict[str, str]:  # Slurm's accounting: the job hit its time limit
+        asked.append(ids)
+        return {i: slurm_state("TIMEOUT") for i in ids}
+
+    # cluster 'slurm' (its job states are asked for), the jobs run here by submitit's LocalExecutor
+    results = run_on_slurm(make_grid(2), tmp_path / "g", SlurmOptions(time_min=5), wait=True, command=command,
+                           console=Console(width=400), executor_factory=lambda f: submitit.LocalExecutor(f),
+                           states=sacct)
+    why = "failed (Slurm TIMEOUT: the job hit --slurm-time; raise it, the cell resumes from its last epoch)"
+    assert [(r.status, r.error) for r in results] == [("running", f"job {asked[-1][0]} {why}"), ("ok", None)]
+    assert [a for a in asked if a] == [[asked[-1][0]]]  # once the jobs ran: only the job of the unfinished cell
+    out = capsys.readouterr().out
+    assert f"job {asked[-1][0]} ended as {why}, cell running" in out, out
 
 
 def test_a_lost_replica_leaves_the_cell_resumable_and_the_next_run_resubmits_it(tmp_path, fake, monkeypatch):

@@ -40,6 +40,8 @@ from bench.slurm import (
     sbatch_preview,
     sbatch_text,
     slurm_state,
+    state_label,
+    state_text,
     submission_decisions,
     submit,
     submit_jobs,
@@ -562,6 +564,19 @@ def test_pending_cells_never_resubmits_live_or_finished_cells_and_resubmits_dead
     assert "justnow" not in pending_cells(submission_decisions(statuses, grid, {}, now=now))
 
 
+def test_a_preempted_job_reads_as_preempted_and_its_cell_is_resubmitted_unless_slurm_requeued_it():
+    grid = {"jobs": {"gone": [{"job_id": "9_0"}], "requeued": [{"job_id": "9_1"}], "failed": [{"job_id": "9_2"}]}}
+    statuses = {"gone": "running", "requeued": "running", "failed": "failed"}
+    # PreemptMode=CANCEL: the job ended PREEMPTED; REQUEUE: squeue lists it again, pending under the same id
+    states = {"9_0": slurm_state("PREEMPTED"), "9_1": slurm_state("REQUEUED"), "9_2": slurm_state("NODE_FAIL")}
+    why = submission_decisions(statuses, grid, states)
+    assert why["gone"] == (True, "job 9_0 preempted (resumable) and the cell is unfinished")
+    assert why["requeued"] == (False, "job 9_1 queued (Slurm REQUEUED)")
+    go, text = why["failed"]  # recorded failed: --retry-failed, as ever, and the text says so
+    assert not go and text.startswith("failed (job 9_2 failed (Slurm NODE_FAIL: its node was lost") and (
+        "--retry-failed" in text)
+
+
 def test_record_jobs_keeps_history_and_latest_wins():
     grid = {"grid": "smoke", "order": ["a", "b"]}
     g1 = record_jobs(grid, {"a": "7_0", "b": "7_1"}, submitted_at="2026-01-01T00:00:00+00:00")
@@ -597,9 +612,33 @@ def test_job_states_maps_squeue_and_sacct_answers(tmp_path, monkeypatch):
         (bin_dir / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin")  # cat for the fakes
     ids = ["123_0", "123_1", "123_2", "123_3", "123_5", "124", "126", "127", "999"]
-    assert job_states(ids) == {"123_0": "running", "123_1": "queued", "123_2": "finished",
-                               "123_3": "cancelled", "123_5": "queued", "124": "failed", "126": "cancelled",
-                               "127": "unknown", "999": "unknown"}
+    got = job_states(ids)
+    assert got == {"123_0": "running", "123_1": "queued", "123_2": "finished",
+                   "123_3": "cancelled", "123_5": "queued", "124": "failed", "126": "cancelled",
+                   "127": "unknown", "999": "unknown"}
+    # the coarse state is for the logic; what is printed keeps Slurm's word, with the fix
+    assert {j: state_text(got[j]) for j in ("123_3", "124", "126", "127")} == {
+        "123_3": "cancelled", "124": "failed (Slurm OUT_OF_MEMORY: the job hit its memory limit; raise --slurm-mem-gb "
+                                     "(or lower --batch-size))",
+        "126": "preempted (resumable)", "127": "unknown"}
+
+
+def test_a_state_is_printed_with_slurms_reason_and_the_fix():
+    text = {w: state_text(slurm_state(w)) for w in ("TIMEOUT", "NODE_FAIL", "PREEMPTED", "FAILED", "CANCELLED by 7",
+                                                    "COMPLETED", "PENDING", "REQUEUE_HOLD", "SPECIAL_EXIT")}
+    assert text == {
+        "TIMEOUT": "failed (Slurm TIMEOUT: the job hit --slurm-time; raise it, the cell resumes from its last epoch)",
+        "NODE_FAIL": "failed (Slurm NODE_FAIL: its node was lost, not the cell's doing; resubmitted (--retry-failed "
+                     "if the cell recorded a failure), it resumes from its last epoch)",
+        "PREEMPTED": "preempted (resumable)", "FAILED": "failed", "CANCELLED by 7": "cancelled",
+        "COMPLETED": "finished", "PENDING": "queued", "REQUEUE_HOLD": "queued (Slurm REQUEUE_HOLD)",
+        "SPECIAL_EXIT": "failed (Slurm SPECIAL_EXIT)"}
+    assert [state_label(slurm_state(w)) for w in ("TIMEOUT", "PREEMPTED", "FAILED")] == [
+        "failed: TIMEOUT", "preempted", "failed"]
+    assert state_text("failed") == "failed" and state_label("queued") == "queued"  # a plain state, as given
+    timeout = slurm_state("TIMEOUT")
+    assert timeout == "failed" and {timeout: 1}["failed"] == 1 and json.dumps([timeout]) == '["failed"]'
+    assert pickle.loads(pickle.dumps(timeout)).slurm == "TIMEOUT"
 
 
 def test_slurm_state_names():

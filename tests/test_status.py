@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from bench.cell_log import OPEN_LAUNCH
 from bench.cli import app, main
-from bench.slurm import record_jobs
+from bench.slurm import record_jobs, slurm_state
 from bench.status import cell_status_rows, format_duration, recorded_jobs, status_table, status_totals
 from bench.store import writer_record
 from ddnet.errors import UserError
@@ -117,6 +117,21 @@ def test_job_states_refine_unfinished_cells_only(grid_dir, states, part, wait):
     assert (r["part-3"]["status"], r["part-3"]["detail"]) == part
     assert (r["wait-6"]["status"], r["wait-6"]["detail"]) == wait
     assert r["fin-1"]["status"] == "finished" and r["fail-2"]["status"] == "failed"  # the folder wins
+
+
+def test_a_job_slurm_ended_says_slurms_reason_and_the_fix_a_preempted_one_is_not_a_cancel(grid_dir):
+    states = {"77_2": slurm_state("TIMEOUT"), "77_5": slurm_state("PREEMPTED")}
+    r = by_cell(cell_status_rows(grid_dir, job_states=states))
+    assert (r["part-3"]["status"], r["part-3"]["detail"]) == (
+        "stopped", "job 77_2 failed (Slurm TIMEOUT: the job hit --slurm-time; raise it, the cell resumes from its "
+                   "last epoch) at epoch 2/5; `bench run` resubmits it")
+    assert (r["wait-6"]["status"], r["wait-6"]["detail"]) == (
+        "stopped", "job 77_5 preempted (resumable) at epoch 0/5; `bench run` resubmits it")
+    assert r["part-3"]["job_state"] == "failed"  # the coarse state, for whatever reads the rows
+    console = Console(width=300, record=True)
+    console.print(status_table(list(r.values())))
+    text = console.export_text()
+    assert "77_2 (failed: TIMEOUT)" in text and "77_5 (preempted)" in text and "cancelled" not in text
 
 
 def test_a_local_cell_whose_process_has_ended_is_stopped_not_running(grid_dir):

@@ -12,8 +12,8 @@ executor filled them.
     grid = record_jobs(grid, dict(zip((j.folder.name for j in jobs), ids)))   # stored in grid.json
 
 Re-running `bench run --executor slurm` resubmits only what `submission_decisions` picks: never a cell that
-is finished or whose job is queued or running; a cell whose job died (failed, cancelled, gone) is
-submitted again and continues from its checkpoint. A preempted or timed-out job is requeued by
+is finished or whose job is queued or running; a cell whose job died (failed, cancelled, preempted and not
+requeued, gone) is submitted again and continues from its checkpoint. A preempted or timed-out job is requeued by
 submitit itself (`CellCommand.checkpoint`), with `--resume`.
 
 submitit is imported lazily: this module (and `bench status`) works without it. On a cluster, the
@@ -24,6 +24,7 @@ filesystem the compute nodes share: the node unpickles `CellCommand` and runs th
 from bench.slurm.jobs import (
     JOBS_KEY,
     STATES,
+    JobState,
     job_states,
     latest_job_records,
     latest_jobs,
@@ -31,6 +32,8 @@ from bench.slurm.jobs import (
     record_jobs,
     refuse_live_jobs,
     slurm_state,
+    state_label,
+    state_text,
     submission_decisions,
 )
 from bench.slurm.node import CellCommand, CellFailed, NodePlace, rendezvous_port, torchrun_command
@@ -45,10 +48,10 @@ from bench.slurm.submit import (
 )
 
 __all__ = [
-    "CELL_LOCK", "CLUSTERS", "JOBS_KEY", "STATES", "CellCommand", "CellFailed", "CellJob", "NodePlace", "SlurmOptions",
-    "SubmissionFailed",
+    "CELL_LOCK", "CLUSTERS", "JOBS_KEY", "STATES", "CellCommand", "CellFailed", "CellJob", "JobState", "NodePlace",
+    "SlurmOptions", "SubmissionFailed",
     "executor_parameters", "job_states", "latest_job_records", "latest_jobs", "pending_cells", "record_jobs",
     "refuse_live_jobs",
-    "rendezvous_port", "sbatch_preview", "sbatch_text", "slurm_state", "submission_decisions", "submit", "submit_jobs",
-    "torchrun_command",
+    "rendezvous_port", "sbatch_preview", "sbatch_text", "slurm_state", "state_label", "state_text",
+    "submission_decisions", "submit", "submit_jobs", "torchrun_command",
 ]

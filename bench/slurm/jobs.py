@@ -33,11 +33,54 @@ _STATE_OF = {raw: mine for mine, raws in _STATES.items() for raw in raws}
 STATES = (*_STATES, "unknown")
 """What `job_states` reports: queued, running, finished, failed, cancelled, unknown."""
 
+# Slurm's word -> why the job ended so and what to do (the coarse state alone reads as the cell's own failure)
+_WHY = {
+    "TIMEOUT": "the job hit --slurm-time; raise it, the cell resumes from its last epoch",
+    "OUT_OF_MEMORY": "the job hit its memory limit; raise --slurm-mem-gb (or lower --batch-size)",
+    "NODE_FAIL": "its node was lost, not the cell's doing; resubmitted (--retry-failed if the cell recorded a "
+                 "failure), it resumes from its last epoch",
+    "BOOT_FAIL": "its node failed to boot, not the cell's doing; resubmitted, it resumes from its last epoch",
+    "DEADLINE": "the job passed its --deadline (from --slurm-extra)",
+}
+_PLAIN = ("", "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED")  # the coarse state says it all
 
-def slurm_state(raw: str) -> str:
-    """A Slurm state ('PENDING', 'CANCELLED by 1234', 'OUT_OF_MEMORY') as one of `STATES`."""
+
+class JobState(str):
+    """One of `STATES` ('failed'), which it equals, hashes and is stored as: the logic reads only that. `slurm`
+    keeps Slurm's own word ('TIMEOUT', 'PREEMPTED') for what is printed (`state_text`, `state_label`)."""
+
+    slurm: str
+
+    def __new__(cls, coarse: str, slurm: str = "") -> JobState:
+        self = super().__new__(cls, coarse)
+        self.slurm = slurm
+        return self
+
+
+def slurm_state(raw: str) -> JobState:
+    """A Slurm state ('PENDING', 'CANCELLED by 1234', 'OUT_OF_MEMORY') as one of `STATES`, Slurm's word kept."""
     word = raw.strip().split(" ")[0].rstrip("+").upper() if raw.strip() else ""
-    return _STATE_OF.get(word, "unknown")
+    return JobState(_STATE_OF.get(word, "unknown"), word)
+
+
+def state_text(state: str) -> str:
+    """A job state as printed: 'failed', 'failed (Slurm TIMEOUT: the job hit --slurm-time; raise it, ...)',
+    'preempted (resumable)' (a PREEMPTED job is 'cancelled' to the logic, but nobody cancelled it), 'queued (Slurm
+    REQUEUE_HOLD)'. A plain string (no Slurm word) is printed as it is."""
+    word = getattr(state, "slurm", "")
+    if word == "PREEMPTED":
+        return "preempted (resumable)"
+    if word in _PLAIN or str(state) == "unknown":
+        return str(state)
+    return f"{state} (Slurm {word}: {_WHY[word]})" if word in _WHY else f"{state} (Slurm {word})"
+
+
+def state_label(state: str) -> str:
+    """`state_text` in a word or two, for a table's job column: 'failed', 'failed: TIMEOUT', 'preempted'."""
+    word = getattr(state, "slurm", "")
+    if word == "PREEMPTED":
+        return "preempted"
+    return str(state) if word in _PLAIN or str(state) == "unknown" else f"{state}: {word}"
 
 
 def _expand(job_id: str) -> list[str]:
@@ -73,7 +116,8 @@ def _parse(text: str) -> dict[str, str]:
 
 
 def job_states(job_ids: Sequence[str], timeout_s: float = 30.0) -> dict[str, str]:
-    """{job id: queued | running | finished | failed | cancelled | unknown} for the given Slurm job ids.
+    """{job id: queued | running | finished | failed | cancelled | unknown} for the given Slurm job ids, each a
+    `JobState` that keeps Slurm's own word ('TIMEOUT') for `state_text`.
 
     Live jobs come from squeue (authoritative and immediate), ended ones from sacct (when accounting
     is enabled). A job neither lists is 'unknown'. Without Slurm (no squeue or sacct on PATH, or both
@@ -162,7 +206,8 @@ def submission_decisions(
     """{cell folder: (submit?, why)} for each cell in `statuses` (folder -> summary.json status or None).
 
     Never submits a finished or skipped cell, nor one whose latest job is queued or running. Submits a
-    cell never submitted, or whose job died (failed, cancelled, ended without an 'ok' summary, or
+    cell never submitted, or whose job died (failed, cancelled, preempted and not requeued by Slurm, ended without
+    an 'ok' summary, or
     unknown to Slurm for longer than `unknown_grace_s`: accounting can lag a fresh submission). A cell
     whose summary says 'failed' is submitted again only with `retry_failed` (as the local runner).
     """
@@ -178,9 +223,9 @@ def submission_decisions(
         elif status == "skipped":
             out[folder] = (False, "skipped")
         elif state in ("queued", "running"):
-            out[folder] = (False, f"job {job} {state}")
+            out[folder] = (False, f"job {job} {state_text(state)}")
         elif status == "failed":
-            out[folder] = (retry_failed, f"failed (job {job} {state})" if job else "failed")
+            out[folder] = (retry_failed, f"failed (job {job} {state_text(state)})" if state else "failed")
         elif job is None:
             out[folder] = (True, "not submitted yet")
         elif state == "unknown":
@@ -189,8 +234,8 @@ def submission_decisions(
                 out[folder] = (False, f"job {job} submitted {age:.0f} s ago, not listed by Slurm yet")
             else:
                 out[folder] = (True, f"job {job} unknown to Slurm and the cell is unfinished")
-        else:
-            out[folder] = (True, f"job {job} {state} and the cell is unfinished")
+        else:  # failed, cancelled or preempted, or finished without finishing the cell
+            out[folder] = (True, f"job {job} {state_text(state)} and the cell is unfinished")
     return out
 
 
