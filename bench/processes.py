@@ -348,7 +348,7 @@ def _close_orphan_launch(cell_dir: Path) -> None:
         "last_output_utc": last.isoformat(timespec="seconds") if last else None,
         "epochs_before": opened.get("epochs_before"), "epochs_after": len(read_jsonl(cell_dir / "epochs.jsonl")),
         "data_load_s": None, "data_cache": None})
-    (cell_dir / OPEN_LAUNCH).unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------ the grid
