@@ -202,6 +202,10 @@ def cache_clear_cmd(
                                                 "them (default: everything)."),
 ) -> None:
     """Remove cached splits (all, or the given keys); later runs make them again."""
+    if keys and not all(k.strip() for k in keys):  # '' starts every key: it would remove everything
+        raise UserError("an empty KEY names no entry (it would match every one); nothing was removed. Pass a key "
+                        "as `bench data cache list` shows it, or run `bench data cache clear` without a KEY to "
+                        "remove every entry.")
     if keys:  # every key must name an entry before any is removed: a typo removes nothing, and says so
         known = [str(e["key"]) for e in list_entries()]
         unknown = [k for k in keys if not any(key.startswith(k) for key in known)]

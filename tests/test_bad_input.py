@@ -132,6 +132,8 @@ CASES: list[Case] = [
     ("synth-dose", NONE, ["data", "synth", "--out", "{t}/d", "--dose", "2", "--n", "4"], 2, "--dose"),
     ("synth-out-taken", lambda t, f: ["--out", str(_write(t / "dd" / "keep.txt", "x").parent)],
      ["data", "synth", "--n", "4", "--size", "32"], 2, "dd"),
+    ("cache-clear-empty-key", NONE, ["data", "cache", "clear", ""], 2,
+     "run `bench data cache clear` without a KEY to remove every entry"),
     ("synth-out-under-file", lambda t, f: ["--out", str(_write(t / "afile", "x") / "sub" / "d")],
      ["data", "synth", "--n", "4", "--size", "32"], 2, "(Not a directory)"),
     # ---------------------------------------------------------------- bench run
