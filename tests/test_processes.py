@@ -419,7 +419,7 @@ def test_interrupt_stops_the_cell_without_marking_it_failed_and_a_rerun_resumes(
         "except KeyboardInterrupt:\n"
         "    sys.exit(130)\n"
     )
-    env = {**os.environ, "FAKE_EPOCH_S": "0.05"}
+    env = {**os.environ, "FAKE_EPOCH_S": "0.25"}  # 10 s of epochs: a loaded machine must not let it finish first
     proc = subprocess.Popen([sys.executable, "-c", driver], cwd=REPO, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
@@ -458,7 +458,7 @@ def test_a_runner_killed_outright_leaves_its_launch_on_record(tmp_path, fake):
         "from bench.processes import run_grid\n"
         f"run_grid(make_grid(1), Path({str(out)!r}), Overrides(epochs=40), command={cmd!r}, console=quiet())\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", driver], cwd=REPO, env={**os.environ, "FAKE_EPOCH_S": "0.05"})
+    proc = subprocess.Popen([sys.executable, "-c", driver], cwd=REPO, env={**os.environ, "FAKE_EPOCH_S": "0.25"})
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and len([r for f in out.glob("c0-*/epochs.jsonl") for r in read_jsonl(f)]) < 3:
