@@ -173,8 +173,12 @@ def build(env: EnvView) -> Table | None:
             "paper reference": f"{ref['time_to_target_min']} min to {ref['target_ms_ssim_pct']}%"
             if row["paper_reference_ttq_min"] else "—",
         })
-    tgt = (f"--target {env.opts.target_pct:g}%" if env.opts.target_pct is not None
-           else f"the dense fp32 baseline's final MS-SSIM minus {env.opts.tolerance_pp:g} pp (--tolerance)")
+    if env.opts.target_pct is not None:
+        tgt = f"--target {env.opts.target_pct:g}%"
+    elif env.opts.target_input:
+        tgt = "the low-dose input's own MS-SSIM (--target input): the first epoch that beats the input"
+    else:
+        tgt = f"the dense fp32 baseline's final MS-SSIM minus {env.opts.tolerance_pp:g} pp (--tolerance)"
     notes = [f"Target: {tgt}. Reached = the first epoch from which every later validation MS-SSIM stays at or "
              "above the target (a run that touches it and falls back reads 'not held' and counts as not "
              "reached; its first touch is in the CSV, `first_touch_epoch`). Time = staging + sum over epochs up "
