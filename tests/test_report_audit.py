@@ -173,7 +173,9 @@ def test_cells_in_grid_json_without_a_folder_count_as_not_started(tmp_path):
     ([30.0, 84.0, 88.0], False),   # a recovery that has slowed down
     ([86.0, 92.0, 90.0], False),   # scattered both ways
     ([89.0, 89.1, 89.2], False),   # drifts by less than 1 pp
-    ([84.0, 88.0], False),         # two values: no earlier spread to judge by
+    ([84.0, 88.0], True),          # two values: one step, no earlier spread to call it a swing
+    ([84.0, 84.5], False),         # two values within 1 pp: settled
+    ([84.0], False),               # one value: no band at all
 ])
 def test_still_changing(values, changing):
     assert still_changing(values) is changing

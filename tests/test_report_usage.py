@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+import pytest
+
 from bench.report.options import Options
-from tests.report_fakes import QUAL, _cfg, _times, table, write_run
+from tests.report_fakes import QUAL, _cfg, _times, by_cell, table, write_run
 
 
 def test_target_input_note_names_the_input_not_the_baseline(tmp_path):
@@ -14,3 +19,26 @@ def test_target_input_note_names_the_input_not_the_baseline(tmp_path):
     target_note = next(n for n in t.notes if n.startswith("Target:"))
     assert "--target input" in target_note and "low-dose input" in target_note
     assert "baseline's final MS-SSIM minus" not in target_note  # it once named the rule --target input replaces
+
+
+def test_a_two_epoch_final_phase_that_moved_is_still_changing_not_noise(tmp_path):
+    """The smoke grid (2 dense + 2 sparse epochs): structured read '+5.11 pp (+9.55%) ± 68.49, within noise',
+    the band made of its sparse epochs 0.00 -> 48.42, a recovery after the pruning, not a chance swing."""
+    root = tmp_path / "runs"
+    write_run(root, "smoke", "fp32-host-off-dense", _cfg(epochs=4), _times(10.0, 1, n=4), [20.37, 53.67, 55.04, 53.53])
+    write_run(root, "smoke", "fp32-host-off-structured-hybrid2", _cfg(kind="structured", dense_epochs=2, epochs=4),
+              _times(10.0, 2, n=4), [20.37, 53.67, 0.0, 48.42])
+    write_run(root, "smoke", "fp32-host-off-random-hybrid2", _cfg(kind="random", dense_epochs=2, epochs=4),
+              _times(10.0, 3, n=4), [20.37, 53.67, 53.2, 53.0])
+    t = table(root, "table2")
+    st, st_md = by_cell(t, "fp32-host-off-structured-hybrid2")
+    assert st["drop_pp"] == pytest.approx(53.53 - 48.42)
+    assert st["drop_noise_pp"] is None and st["drop_within_noise"] is None and st["drop_still_changing"] is True
+    assert st_md["drop vs dense (ours)"] == "+5.11 pp (+9.55%), still changing"
+    # two sparse epochs within 1 pp keep their band: 2 x sqrt(sd(53.2, 53.0)^2 + sd(53.67, 55.04, 53.53)^2)
+    rnd, _ = by_cell(t, "fp32-host-off-random-hybrid2")
+    sd = lambda v: float(np.std(v, ddof=1))  # noqa: E731
+    band = 2 * math.sqrt(sd([53.2, 53.0]) ** 2 + sd([53.67, 55.04, 53.53]) ** 2)
+    assert rnd["drop_noise_pp"] == pytest.approx(band) and rnd["drop_still_changing"] is False
+    (note,) = [n for n in t.notes if n.startswith("'± N'")]
+    assert "fp32-host-off-structured-hybrid2: 0.00, 48.42" in note and "two epochs" in note

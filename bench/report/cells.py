@@ -176,15 +176,17 @@ def still_changing(v: list[float]) -> bool:
     - a trend: the values move one way (ties allowed) and the last step is at least as large as the first (the
       run is not slowing down: 60, 70, 80; 0, 0, 77.3), or
     - a jump: the last step is more than 3x the earlier values' own range (87.9, 88.2, 60).
-    A recovery that slows down (30, 84, 88) or values scattered both ways (86, 92, 90) keep their band. With
-    fewer than `LAST_EPOCHS` values there is no earlier spread to judge the last move by: not judged.
+    A recovery that slows down (30, 84, 88) or values scattered both ways (86, 92, 90) keep their band. Two
+    values (a final phase of two epochs) that move by more than `SETTLED_PP` count as still changing: one step
+    cannot tell a trend from a swing, and the smoke grid's 0, 48.4 after a pruning made a 68 pp band that
+    called a 5 pp drop 'within noise'. One value is not judged (it has no band at all).
     """
-    if len(v) < LAST_EPOCHS:
+    if len(v) < 2 or max(v) - min(v) <= SETTLED_PP:
         return False
+    if len(v) < LAST_EPOCHS:
+        return True
     steps = [b - a for a, b in itertools.pairwise(v)]
     last, earlier = abs(steps[-1]), max(v[:-1]) - min(v[:-1])
-    if max(v) - min(v) <= SETTLED_PP:
-        return False
     one_way = all(d >= 0 for d in steps) or all(d <= 0 for d in steps)
     trend = one_way and last > SETTLED_PP and last >= abs(steps[0])
     jump = last > 3.0 * max(earlier, SETTLED_PP)

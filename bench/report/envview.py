@@ -101,7 +101,8 @@ def drop_note(rows: list[dict[str, Any]]) -> list[str]:
                  "(a net pruned before its last epoch, a one-epoch run), so nothing tells its noise from a change.")
     if changing:
         note += (f" 'still changing': a run's last {LAST_EPOCHS} validation MS-SSIM values (oldest first: "
-                 f"{'; '.join(changing)}) move one way without slowing down, or end in a jump, by more than "
+                 f"{'; '.join(changing)}) move one way without slowing down, or end in a jump, or (a final phase "
+                 "of two epochs) take one step that no earlier spread can call a swing, by more than "
                  f"{SETTLED_PP:g} pp: the run had not settled, their spread is a trend and no chance swing, so "
                  "the change has no band and no 'within noise' verdict; its final value is where a still-moving "
                  "run stopped, and more epochs would move it.")
