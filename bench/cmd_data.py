@@ -157,6 +157,11 @@ def synth_cmd(
         if out.is_dir():
             out.rmdir()
         tmp.rename(out)
+    except KeyboardInterrupt:  # typer would turn it into exit status 130 silently
+        shutil.rmtree(tmp, ignore_errors=True)
+        typer.echo(f"interrupted: nothing was written to {out} (the partial dataset was removed); run the same "
+                   "command again to make it.", err=True)
+        raise typer.Exit(130) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -414,6 +416,40 @@ def test_generation_in_worker_processes_gives_the_same_slices() -> None:
     for a, b in zip(serial, parallel, strict=True):
         assert np.array_equal(a, b)
     assert np.array_equal(offset[0], serial[0][3:8]) and np.array_equal(offset[1], serial[1][3:8])
+
+
+def test_generation_workers_ignore_ctrl_c_and_end_at_once_with_the_parent() -> None:
+    """A terminal's Ctrl-C reaches every worker too: none may die of it (each printed its own traceback and
+    broke the pool), and the parent's KeyboardInterrupt ends them instead of waiting for work in flight."""
+    with pytest.raises(KeyboardInterrupt), generation_pool(2) as pool:
+        pool.submit(os.getpid).result(timeout=120)  # the workers have booted
+        workers = list(pool._processes.values())
+        for proc in workers:
+            os.kill(proc.pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert pool.submit(os.getpid).result(timeout=60) in {proc.pid for proc in workers}
+        assert all(proc.is_alive() for proc in workers)
+        pool.submit(time.sleep, 120)  # a piece in flight when the user presses Ctrl-C
+        t0 = time.perf_counter()
+        raise KeyboardInterrupt
+    assert time.perf_counter() - t0 < 30  # not the 120 s of the piece in flight
+    for proc in workers:
+        proc.join(timeout=10)
+        assert not proc.is_alive()
+
+
+def test_ctrl_c_during_bench_data_synth_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys) -> None:
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("bench.cmd_data.generate", interrupted)
+    with pytest.raises(SystemExit) as e:
+        main(["data", "synth", "--n", "12", "--size", "32", "--mode", "fast", "--out", str(tmp_path / "d")])
+    assert e.value.code == 130
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "synthesising" not in ln]
+    assert lines == [f"interrupted: nothing was written to {tmp_path / 'd'} (the partial dataset was removed); "
+                     "run the same command again to make it."], lines
+    assert list(tmp_path.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------- audit: pairing, messages, offsets
