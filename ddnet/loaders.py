@@ -19,6 +19,7 @@ import torch.distributed as dist
 from ddnet.config import TrainConfig
 from ddnet.data import SliceDataset, SliceSet, load_split
 from ddnet.errors import UserError
+from ddnet.loss import choose_msssim
 from ddnet.replicas import Dist, agree
 
 
@@ -223,6 +224,23 @@ class RunData:
     """The validation set, on global rank 0 only (it alone validates)."""
 
 
+def check_val_shape(train: SliceSet, val: SliceSet, source: str) -> None:
+    """UserError when the val slices need another MS-SSIM setting than the train slices.
+
+    The run's loss picks its setting from the training size and validation scores with it: on smaller
+    val slices that setting does not fit (pytorch_msssim skips smoothing and warns), on larger ones it is
+    not the setting `bench eval` picks for them, so neither val_ms_ssim would mean what it says.
+    """
+    (th, tw), (vh, vw) = (tuple(int(n) for n in s.lq.shape[-2:]) for s in (train, val))
+    t_set, v_set = choose_msssim(min(th, tw)), choose_msssim(min(vh, vw))
+    if t_set != v_set:
+        raise UserError(
+            f"the val slices in {source} are {vh}x{vw} px but the train slices {th}x{tw} px, which get another "
+            f"MS-SSIM setting ({v_set.describe()} vs {t_set.describe()}), while validation scores with the "
+            "training size's; give val/ the train slices' shape (crop or resample)."
+        )
+
+
 def load_run_data(cfg: TrainConfig, device: torch.device, me: Dist) -> RunData:
     """Read the splits, agree over the group that every rank could, then build the loader (`me`: this rank).
 
@@ -246,6 +264,8 @@ def load_run_data(cfg: TrainConfig, device: torch.device, me: Dist) -> RunData:
                 f"the training set has {len(train)} slices, fewer than --batch-size {cfg.batch_size}; "
                 "lower --batch-size or add data (--n-train)."
             )
+        if train is not None and val is not None:
+            check_val_shape(train, val, cfg.data.source)
     except UserError as e:
         refusal = str(e)
     # Under DDP a data refusal on one rank must reach the others, which would otherwise wait in the

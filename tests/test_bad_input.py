@@ -103,6 +103,8 @@ CASES: list[Case] = [
     ("train-data-unpaired", lambda t, f: [_unpaired(t)], ["train", "--out", "{t}/o", *TINY, "--data"], 2, "s1"),
     ("train-data-overflow", lambda t, f: [_overflow(t)], ["train", "--out", "{t}/o", *TINY, "--data"], 2,
      "float32's range"),
+    ("train-data-val-size", lambda t, f: [_val_size(t)], ["train", "--out", "{t}/o", *TINY, "--data"], 2,
+     "val slices in"),
     ("train-out-finished", lambda t, f: ["--out", str(f)], ["train", *TINY], 2, "already holds a finished run"),
     ("train-out-empty", NONE, ["train", "--out", "", *TINY], 2, "--out is empty"),
     ("train-out-file", lambda t, f: ["--out", str(_write(t / "afile", "x"))], ["train", *TINY], 2, "is a file"),
@@ -189,6 +191,15 @@ CASES: list[Case] = [
 def _unpaired(t: Path) -> str:
     root = _folder_data(t / "unpaired")
     (root / "train" / "LQ" / "s1.npy").unlink()
+    return str(root)
+
+
+def _val_size(t: Path) -> str:
+    """Train slices of 64 px, val slices of 32 px: the training size's MS-SSIM setting does not fit val."""
+    root = _folder_data(t / "valsize", shape=(64, 64), n=4)
+    for kind in ("HQ", "LQ"):
+        for i in range(4):
+            np.save(root / "val" / kind / f"s{i}.npy", np.zeros((32, 32), np.float32))
     return str(root)
 
 

@@ -26,6 +26,7 @@ from ddnet.data import DataError, SliceDataset, SliceSet, load_split, normalise,
 from ddnet.data.phantoms import chest_phantom, random_ellipses, shepp_logan
 from ddnet.data.synthetic import generate, generation_pool, simulate_low_dose
 from ddnet.errors import UserError
+from ddnet.loaders import check_val_shape
 
 
 def psnr_window(lq: np.ndarray, hq: np.ndarray) -> np.ndarray:
@@ -406,6 +407,18 @@ def test_bench_data_synth_physics_tif_and_cli_errors(tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # names match: no positional-pairing warning
         load_split(DataConfig(source=str(out)), "train")
+
+
+def test_val_slices_may_differ_from_train_slices_only_where_the_msssim_setting_is_the_same() -> None:
+    def sliceset(side: int) -> SliceSet:
+        x = torch.zeros(2, 1, side, side)
+        return SliceSet(lq=x, hq=x, hu_scale=torch.ones(2), names=["a", "b"], normalisation="window", source="d")
+
+    check_val_shape(sliceset(256), sliceset(512), "d")  # crops for training, whole slices to validate
+    with pytest.raises(UserError, match=r"val slices in d are 32x32 px but the train slices 64x64 px"):
+        check_val_shape(sliceset(64), sliceset(32), "d")
+    with pytest.raises(UserError, match="standard MS-SSIM: 5 scales, 11x11 window vs reduced"):
+        check_val_shape(sliceset(128), sliceset(176), "d")
 
 
 def test_generation_in_worker_processes_gives_the_same_slices() -> None:
