@@ -42,3 +42,20 @@ def test_a_two_epoch_final_phase_that_moved_is_still_changing_not_noise(tmp_path
     assert rnd["drop_noise_pp"] == pytest.approx(band) and rnd["drop_still_changing"] is False
     (note,) = [n for n in t.notes if n.startswith("'± N'")]
     assert "fp32-host-off-structured-hybrid2: 0.00, 48.42" in note and "two epochs" in note
+
+
+def test_fig9a_puts_no_paper_share_beside_a_cpus_copy_ops(tmp_path):
+    """`bench run --grid fig9` on a CPU: the paper's GPU memset shares (9 %, 22 %) stood beside aten::fill_."""
+    root = tmp_path / "runs"
+    cpu = {"copies_device": "cpu", "copies_steps": 5, "copies_Memset_bytes": 2_370_000,
+           "copies_Memset_share_bytes": 0.291, "copies_Memset_share_time": 0.057, "copies_Memset_time_ms": 0.21,
+           "copies_HtoH_bytes": 5_760_000, "copies_HtoH_share_bytes": 0.709, "copies_HtoH_share_time": 0.943,
+           "copies_HtoH_time_ms": 3.42}
+    write_run(root, "fig9", "host-profile", _cfg(profile_steps=5), _times(10.0, 1), QUAL, copies=cpu)
+    write_run(root, "fig9", "device-profile", _cfg(loader="device", profile_steps=5), _times(9.0, 2), QUAL,
+              copies=cpu)
+    t = table(root, "fig9a")
+    assert {r["kind"] for r in t.csv_rows} == {"Memset", "HtoH"}
+    assert all(r["paper_share_pct"] is None and r["paper_htod_gb"] is None for r in t.csv_rows)
+    assert all(m["share % (paper)"] == "—" for m in t.md_rows)
+    assert any("no paper share beside them" in n for n in t.notes)
