@@ -293,6 +293,32 @@ def test_reader_errors_name_the_folder(tmp_path):
         load_split(DataConfig(source=str(tmp_path)), "dev")  # type: ignore[arg-type]
 
 
+def test_a_dangling_link_to_a_slice_is_named_not_blamed_on_its_partner(tmp_path):
+    make_split(tmp_path, n=3)
+    link = tmp_path / "train" / "HQ" / "s1.npy"
+    link.unlink()
+    link.symlink_to(tmp_path / "unmounted" / "s1.npy")  # a link farm onto scratch space that is not mounted
+    msg = error_message(tmp_path)
+    assert msg.startswith(f"{link} is a link to {tmp_path / 'unmounted' / 's1.npy'}, which does not exist"), msg
+    link.unlink()
+    link.symlink_to(tmp_path / "train" / "LQ" / "s1.npy")  # a link that resolves is read like a file
+    assert len(load_split(DataConfig(source=str(tmp_path)), "train")) == 3
+
+
+def test_no_images_says_what_the_folder_holds_instead(tmp_path):
+    make_split(tmp_path)
+    hq = tmp_path / "train" / "HQ"
+    (hq / "patient1").mkdir()
+    for f in list(hq.glob("*.npy")):
+        f.rename(hq / "patient1" / f.name)
+    (hq / ".DS_Store").write_bytes(b"")
+    msg = error_message(tmp_path)
+    assert f"no images in {hq} " in msg and "it holds 1 subfolder (patient1/), which is not searched" in msg, msg
+    (hq / "IM0001").write_bytes(b"")  # scanners often write DICOM files without a suffix
+    assert "and 1 file of other kinds (e.g. IM0001; a DICOM file needs the suffix .dcm or .IMA)" in (
+        msg := error_message(tmp_path)), msg
+
+
 def test_reader_errors_name_the_file(tmp_path):
     # Unpaired: counts differ, the HQ file without a partner is named.
     make_split(tmp_path / "unpaired", n=3)

@@ -31,6 +31,7 @@ folder and the fix.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import warnings
 from collections.abc import Iterator
@@ -54,12 +55,38 @@ def _natural_key(name: str) -> list[object]:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Slice files of a folder in natural name order (hidden files and unknown suffixes skipped)."""
-    files = [
-        p for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in SUFFIXES
-    ]
+    """Slice files of a folder in natural name order (hidden files and unknown suffixes skipped).
+
+    A link to a slice whose target is gone is an error naming it: skipped, it would leave its partner
+    unpaired and the message would blame the wrong side.
+    """
+    files = []
+    for p in folder.iterdir():
+        if p.name.startswith(".") or p.suffix.lower() not in SUFFIXES:
+            continue
+        if p.is_symlink() and not p.exists():
+            raise DataError(f"{p} is a link to {os.readlink(p)}, which does not exist; mount or restore its "
+                            "target, or remove the link.")
+        if p.is_file():
+            files.append(p)
     return sorted(files, key=lambda p: _natural_key(p.name))
+
+
+def _no_images(folder: Path) -> DataError:
+    """The error for a folder without slice files, saying what it holds instead (subfolders are not searched)."""
+    entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: _natural_key(p.name))
+    subdirs = [p.name + "/" for p in entries if p.is_dir()]
+    others = [p.name for p in entries if not p.is_dir()]
+    held = []
+    if subdirs:
+        held.append(f"{len(subdirs)} subfolder{'s' if len(subdirs) > 1 else ''} ({', '.join(subdirs[:2])}"
+                    f"{', ...' if len(subdirs) > 2 else ''}), which {'are' if len(subdirs) > 1 else 'is'} not searched")
+    if others:
+        held.append(f"{len(others)} file{'s' if len(others) > 1 else ''} of other kinds (e.g. {others[0]}; a DICOM "
+                    "file needs the suffix .dcm or .IMA)")
+    found = f"; it holds {' and '.join(held)}" if held else ""
+    return DataError(f"no images in {folder} (looked for {', '.join(SUFFIXES)}){found}; put the slices in that "
+                     "folder itself, one per file.")
 
 
 # ----------------------------------------------------------------------------- single files
@@ -306,9 +333,7 @@ def pair_files(hq_dir: Path, lq_dir: Path) -> list[tuple[Path, Path]]:
     hq, lq = list_images(hq_dir), list_images(lq_dir)
     for folder, files in ((hq_dir, hq), (lq_dir, lq)):
         if not files:
-            raise DataError(
-                f"no images in {folder} (looked for {', '.join(SUFFIXES)}); put the slices there."
-            )
+            raise _no_images(folder)
         seen: dict[str, Path] = {}
         for p in files:
             if p.stem in seen:
