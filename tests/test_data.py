@@ -305,6 +305,20 @@ def test_a_dangling_link_to_a_slice_is_named_not_blamed_on_its_partner(tmp_path)
     assert len(load_split(DataConfig(source=str(tmp_path)), "train")) == 3
 
 
+def test_lq_that_is_hq_through_a_link_is_refused_not_scored_as_a_perfect_input(tmp_path):
+    make_split(tmp_path, n=3)
+    lq = tmp_path / "train" / "LQ"
+    (lq / "s1.npy").unlink()
+    (lq / "s1.npy").symlink_to(tmp_path / "train" / "HQ" / "s1.npy")
+    assert "LQ/s1.npy and " in (msg := error_message(tmp_path)) and "are the same file" in msg, msg
+    for f in lq.iterdir():
+        f.unlink()
+    lq.rmdir()
+    lq.symlink_to(tmp_path / "train" / "HQ")
+    msg = error_message(tmp_path)
+    assert msg.startswith(f"{lq} and {tmp_path / 'train' / 'HQ'} are the same folder"), msg
+
+
 def test_no_images_says_what_the_folder_holds_instead(tmp_path):
     make_split(tmp_path)
     hq = tmp_path / "train" / "HQ"

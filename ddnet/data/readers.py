@@ -325,6 +325,9 @@ def find_split(root: Path | str, split: str) -> tuple[Path, Path]:
         if sub is None:
             raise DataError(f"{split_dir / kind} is missing; put the {what} slices of the {split} split there.")
         found[kind] = sub
+    if found["HQ"].resolve() == found["LQ"].resolve():  # a link, or HQ and hq on a case-insensitive disk
+        raise DataError(f"{found['LQ']} and {found['HQ']} are the same folder, so every input would equal its "
+                        "target; put the low-dose slices in LQ/ and the normal-dose ones in HQ/.")
     return found["HQ"], found["LQ"]
 
 
@@ -342,6 +345,10 @@ def pair_files(hq_dir: Path, lq_dir: Path) -> list[tuple[Path, Path]]:
     hq_by = {p.stem: p for p in hq}
     lq_by = {p.stem: p for p in lq}
     if hq_by.keys() == lq_by.keys():
+        same = next((p for p in hq if p.resolve() == lq_by[p.stem].resolve()), None)
+        if same is not None:
+            raise DataError(f"{lq_by[same.stem]} and {same} are the same file, so the input would equal its target; "
+                            "put the low-dose slice in LQ/ and the normal-dose one in HQ/.")
         return [(hq_by[p.stem], lq_by[p.stem]) for p in hq]
     hq_only = [p for p in hq if p.stem not in lq_by]
     lq_only = [p for p in lq if p.stem not in hq_by]
