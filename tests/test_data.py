@@ -296,12 +296,13 @@ def test_reader_errors_name_the_folder(tmp_path):
 def test_a_dangling_link_to_a_slice_is_named_not_blamed_on_its_partner(tmp_path):
     make_split(tmp_path, n=3)
     link = tmp_path / "train" / "HQ" / "s1.npy"
-    link.unlink()
+    (tmp_path / "scratch").mkdir()
+    link.rename(tmp_path / "scratch" / "s1.npy")
     link.symlink_to(tmp_path / "unmounted" / "s1.npy")  # a link farm onto scratch space that is not mounted
     msg = error_message(tmp_path)
     assert msg.startswith(f"{link} is a link to {tmp_path / 'unmounted' / 's1.npy'}, which does not exist"), msg
     link.unlink()
-    link.symlink_to(tmp_path / "train" / "LQ" / "s1.npy")  # a link that resolves is read like a file
+    link.symlink_to(tmp_path / "scratch" / "s1.npy")  # a link that resolves is read like a file
     assert len(load_split(DataConfig(source=str(tmp_path)), "train")) == 3
 
 
