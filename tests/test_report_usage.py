@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -59,3 +60,23 @@ def test_fig9a_puts_no_paper_share_beside_a_cpus_copy_ops(tmp_path):
     assert all(r["paper_share_pct"] is None and r["paper_htod_gb"] is None for r in t.csv_rows)
     assert all(m["share % (paper)"] == "—" for m in t.md_rows)
     assert any("no paper share beside them" in n for n in t.notes)
+
+
+def test_a_repeat_written_by_an_older_version_is_pooled_not_a_second_cell(tmp_path):
+    """A repeat whose config.json predates some fields (warmup_epochs, nproc, data.synth_mode, ...) split its cell
+    in two: 'random-hybrid3 [data.synth_mode None, nproc None, warmup_epochs None]' beside the other repeat."""
+    root = tmp_path / "runs"
+    write_run(root, "g", "fp32-host-off-dense", _cfg(), _times(10.0, 1), QUAL)
+    for r in range(2):
+        d = write_run(root, "g", "fp32-host-off-random-hybrid3", _cfg(kind="random", dense_epochs=3),
+                      _times(8.0, 2 + r), QUAL, repeat=r)
+        if r == 1:  # the older version's config: the fields added since are missing (they ran at the defaults)
+            cfg = json.loads((d / "config.json").read_text())
+            for k in ("warmup_epochs", "nproc", "compile_mode", "optimizer_impl"):
+                cfg.pop(k)
+            cfg["data"].pop("synth_mode")
+            cfg["sparsity"].pop("pattern")
+            (d / "config.json").write_text(json.dumps(cfg))
+    rnd, md = by_cell(table(root, "table2"), "fp32-host-off-random-hybrid3")
+    assert rnd["repeats_ok"] == 2 and md["status"] == "ok (2 repeats)"
+    assert rnd["baseline_cell"] == "fp32-host-off-dense"

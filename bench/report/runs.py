@@ -31,6 +31,7 @@ from bench.store import (
     seconds,
     writer_alive,
 )
+from ddnet.config import TrainConfig
 from ddnet.errors import UserError
 
 UNKNOWN_ENV = "unknown"
@@ -39,14 +40,23 @@ UNKNOWN_ENV = "unknown"
 # Config fields that change what is measured but are not optimizations: two
 # cells compare only when all of these agree (same data, net, epochs, batch).
 _CONTEXT_FIELDS = ("batch_size", "epochs", "nproc", "lr", "gamma", "warmup_epochs")
+_DEFAULTS = TrainConfig().to_dict()
+"""TrainConfig's defaults: what a field missing from an older config.json stands for."""
 
 
 def context_blob(config: dict[str, Any], setting: Setting) -> dict[str, Any]:
     """What must agree for two runs to be compared: data, net, epochs, batch, optimizer (`model` and `data`
-    as the config's dicts); without a config, the batch size and epochs its setting knows."""
+    as the config's dicts); without a config, the batch size and epochs its setting knows.
+
+    A field an older config lacks reads as `TrainConfig`'s default, as the run's `Setting` does: a repeat
+    written before `warmup_epochs` or `data.synth_mode` existed is a repeat of the same cell (pooled, its
+    code version flagged), not a second cell named '[nproc None, warmup_epochs None]'.
+    """
     if config:
-        return {**{k: config.get(k) for k in _CONTEXT_FIELDS}, "model": config.get("model"),
-                "data": dict(config.get("data") or {})}
+        model, data = config.get("model"), config.get("data")
+        return {**{k: config.get(k, _DEFAULTS.get(k)) for k in _CONTEXT_FIELDS},
+                "model": {**_DEFAULTS["model"], **model} if isinstance(model, dict) else model,
+                "data": {**_DEFAULTS["data"], **(data if isinstance(data, dict) else {})}}
     return {"batch_size": setting.batch_size, "epochs": setting.epochs}
 
 
