@@ -74,3 +74,29 @@ def test_a_mixed_split_names_every_format_and_its_fix(tmp_path) -> None:
     assert hint.startswith("3 of 6 files are uncalibrated integer .npy arrays, DICOMs and TIFFs without a negative")
     assert hint.endswith("save HU (the values less 1024); set RescaleIntercept (-1024); add an ImageJ calibration "
                          "(c0=-1024); or use --normalisation minmax.")
+
+
+@pytest.mark.parametrize("write", [
+    lambda p: tifffile.imwrite(p.with_suffix(".tif"), ((HU + 1024) / 2048).astype(np.float32)),  # [0, 1]
+    lambda p: np.save(p.with_suffix(".npy"), (HU + 1000) / 1000 * 0.02),  # attenuation, 1/mm
+], ids=["tif-unit-range", "npy-attenuation"])
+def test_slices_that_are_not_hu_but_normalised_warn_once_per_split(tmp_path, write) -> None:
+    root = _split(tmp_path / "d", write)
+    with pytest.warns(UserWarning) as caught:
+        split = load_split(DataConfig(source=str(root)), "train")
+    hints = [str(w.message) for w in caught if "not HU" in str(w.message)]
+    assert len(hints) == 1 and hints[0].startswith("4 of 4 files of the train split (e.g. "), hints
+    assert "values all lie within -2..2" in hints[0] and "--normalisation minmax" in hints[0]
+    assert float(split.hq.max() - split.hq.min()) < 0.002  # one grey: why it warns
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # minmax stretches each slice: nothing to warn of
+        load_split(DataConfig(source=str(root), normalisation="minmax"), "train")
+    with pytest.warns(UserWarning, match=r"s\d\.(tif|npy) is a slice whose values all lie within"):
+        readers.read_image(next((root / "train" / "HQ").iterdir()))
+
+
+def test_a_blank_slice_is_no_narrow_range_alarm(tmp_path) -> None:
+    root = _split(tmp_path / "d", lambda p: np.save(p.with_suffix(".npy"), np.zeros((32, 32), np.float32)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_split(DataConfig(source=str(root)), "train")

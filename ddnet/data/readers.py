@@ -256,6 +256,25 @@ def _offset_hint(subject: str, files: list[Path]) -> str:
             f"{it} store{s_} HU + 1024, {it} read{s_} 1024 HU too high; {fix} use --normalisation minmax.")
 
 
+NARROW_HU = 2.0
+"""A slice whose values all lie within +-NARROW_HU is no CT slice in HU (air is about -1000 HU)."""
+
+
+def _narrow(hu: np.ndarray) -> bool:
+    """Values all within +-NARROW_HU and not constant: normalised ([0, 1], [-1, 1]) or attenuation values, not HU."""
+    lo, hi = float(hu.min()), float(hu.max())
+    return hi > lo and max(-lo, hi) <= NARROW_HU
+
+
+def _narrow_hint(subject: str, many: bool) -> str:
+    """The warning for slices whose values are `_narrow`; `subject` names them."""
+    is_, s_, it = ("are", "s", "they") if many else ("is a", "", "it")
+    return (f"{subject} {is_} slice{s_} whose values all lie within -{NARROW_HU:g}..{NARROW_HU:g}, not HU (air is "
+            f"about -1000 HU): if {it} hold{'' if many else 's'} values normalised to [0, 1] or attenuation "
+            "coefficients, the HU window maps every pixel onto about the same grey; save HU, or use "
+            "--normalisation minmax.")
+
+
 def _read(path: Path, hu_window: tuple[float, float]) -> tuple[np.ndarray, bool]:
     """(slice in HU as float32, suspect of the HU + 1024 offset); see `read_image`."""
     suffix = path.suffix.lower()
@@ -290,11 +309,14 @@ def _read(path: Path, hu_window: tuple[float, float]) -> tuple[np.ndarray, bool]
 def read_image(path: Path | str, hu_window: tuple[float, float] = (-1024.0, 1024.0)) -> np.ndarray:
     """One slice in HU, (H, W) float32. `hu_window` only matters for 8-bit PNGs (see the module docstring).
 
-    Warns (UserWarning) when the file is an uncalibrated integer slice with no negative value (`_no_air`).
+    Warns (UserWarning) when the file is an uncalibrated integer slice with no negative value (`_no_air`),
+    or when its values all lie within +-NARROW_HU (`_narrow`).
     """
     out, suspect = _read(Path(path), hu_window)
     if suspect:
         warnings.warn(_offset_hint(str(path), [Path(path)]), stacklevel=2)
+    elif _narrow(out):
+        warnings.warn(_narrow_hint(str(path), many=False), stacklevel=2)
     return out
 
 
@@ -396,8 +418,9 @@ def read_split(
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """All pairs of one split: (lq_hu, hq_hu, names), the arrays (N, H, W) float32 in HU, names the HQ stems.
 
-    Warns once (UserWarning) when uncalibrated integer files without a negative value are among them,
-    unless `warn_offset` is False ('minmax' normalisation does not see the offset).
+    Warns once (UserWarning) when uncalibrated integer files without a negative value are among them, and
+    once when slices whose values all lie within +-NARROW_HU are, unless `warn_offset` is False ('minmax'
+    normalisation sees neither the offset nor the scale).
     """
     hq_dir, lq_dir = find_split(root, split)
     pairs = pair_files(hq_dir, lq_dir)
@@ -405,9 +428,12 @@ def read_split(
     hq_all: np.ndarray | None = None
     first = pairs[0][0]
     suspects: list[Path] = []
+    narrow: list[Path] = []
     for i, (hq_path, lq_path) in enumerate(pairs):
         (hq_img, hq_odd), (lq_img, lq_odd) = _read(hq_path, hu_window), _read(lq_path, hu_window)
         suspects += [p for p, odd in ((hq_path, hq_odd), (lq_path, lq_odd)) if odd]
+        narrow += [p for p, img, odd in ((hq_path, hq_img, hq_odd), (lq_path, lq_img, lq_odd))
+                   if not odd and _narrow(img)]
         if hq_img.shape != lq_img.shape:
             raise DataError(
                 f"{hq_path} is {hq_img.shape[0]}x{hq_img.shape[1]} but {lq_path} is "
@@ -427,4 +453,7 @@ def read_split(
     if suspects and warn_offset:
         warnings.warn(_offset_hint(f"{len(suspects)} of {2 * len(pairs)} files of the {split} split (e.g. "
                                    f"{suspects[0]})", suspects), stacklevel=2)
+    if narrow and warn_offset:
+        warnings.warn(_narrow_hint(f"{len(narrow)} of {2 * len(pairs)} files of the {split} split (e.g. {narrow[0]})",
+                                   many=True), stacklevel=2)
     return lq_all, hq_all, [hq.stem for hq, _ in pairs]
