@@ -80,3 +80,15 @@ def test_a_repeat_written_by_an_older_version_is_pooled_not_a_second_cell(tmp_pa
     rnd, md = by_cell(table(root, "table2"), "fp32-host-off-random-hybrid3")
     assert rnd["repeats_ok"] == 2 and md["status"] == "ok (2 repeats)"
     assert rnd["baseline_cell"] == "fp32-host-off-dense"
+
+
+def test_one_of_two_repeats_holding_the_target_reads_half_not_fewer_than_half(tmp_path):
+    """Two `bench train` seeds, one held the target: the table read '1/2 repeats held it: fewer than half'."""
+    root = tmp_path / "runs"
+    write_run(root, "g", "fp32-host-off-dense", _cfg(), _times(10.0, 1), QUAL, repeat=0)
+    write_run(root, "g", "fp32-host-off-dense", _cfg(), _times(10.0, 2), [50, 70, 80, 85, 88, 70.0], repeat=1)
+    t = table(root, "ttq", Options(target_pct=85.0))
+    row, md = by_cell(t, "fp32-host-off-dense")
+    assert row["repeats_reached"] == 1 and row["ttq_s"] is None  # a time needs more than half of the repeats
+    assert md["reached and held"].startswith("1/2 repeats held it")
+    assert md["reached and held"].endswith(": half, no time") and "fewer than half" not in md["reached and held"]

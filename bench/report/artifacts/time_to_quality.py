@@ -121,7 +121,8 @@ def reached_text(r: Reach) -> str:
     if r.n == 1:
         return f"reached at epoch {touched[0]}, not held"
     back = f", {r.n_fell_back} reached it (first at epoch {min(touched)}) and fell back" if r.n_fell_back else ""
-    return f"{r.n_held}/{r.n} repeats held it{back}: fewer than half, no time"
+    # a time needs more than half: exactly half (1 of 2 repeats) has none either, and is not 'fewer than half'
+    return f"{r.n_held}/{r.n} repeats held it{back}: {'half' if 2 * r.n_held == r.n else 'fewer than half'}, no time"
 
 
 def paper_never_reached(paper: dict[str, Any], s: Setting) -> bool:
