@@ -2,7 +2,8 @@
 
 Every plot puts the paper's number beside ours where the paper has one (black
 diamonds or dashed lines) and shows our spread (95% intervals for speedups,
-std over validation slices for MS-SSIM); a bar without one is hatched. MS-SSIM
+std over validation slices for MS-SSIM); a bar without one is hatched, and an interval over one run's
+epochs (the tables' '(within one run)') has dashed whiskers. MS-SSIM
 bars compare the paper's numbers with ours on the paper code's scale, the
 standard MS-SSIM beside them. Figures are created as
 `matplotlib.figure.Figure` with an Agg canvas, so no global pyplot state or
@@ -27,7 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from bench.report.artifact import Table
-from bench.report.format import is_num
+from bench.report.format import WITHIN_RUN, is_num
 
 NO_CI_HATCH = "//"
 """Hatching of a bar that has no interval (or no spread)."""
@@ -87,7 +88,7 @@ def bars_with_ci(ax: Any, rows: list[dict[str, Any]], x: str, hue: str, y: str, 
     sns.barplot(data=df, x=x, y=y, hue=hue, order=xs, hue_order=hs, errorbar=None, ax=ax)
     lookup = {(str(r[x]), str(r[hue])): r for r in rows}
     paper_pts: list[tuple[float, float]] = []
-    no_ci = False
+    no_ci = within = False
     # seaborn draws one container per hue level (levels without data are dropped above), bars at x index +- dodge.
     for h, container in zip(hs, ax.containers, strict=False):
         for patch in container.patches:
@@ -99,10 +100,14 @@ def bars_with_ci(ax: Any, rows: list[dict[str, Any]], x: str, hue: str, y: str, 
             if r is None:
                 continue
             v = float(r[y])
+            verdict = str(r.get(f"{y.removesuffix('_x')}_verdict") or "")
             if lo and hi and is_num(r.get(lo)) and is_num(r.get(hi)):
-                ax.errorbar(cx, v, yerr=[[v - float(r[lo])], [float(r[hi]) - v]], fmt="none", ecolor="black",
-                            capsize=3, lw=1)
-            elif lo and hi and r.get(f"{y.removesuffix('_x')}_verdict") != "baseline":
+                bars = ax.errorbar(cx, v, yerr=[[v - float(r[lo])], [float(r[hi]) - v]], fmt="none",
+                                   ecolor="black", capsize=3, lw=1)
+                if verdict.endswith(WITHIN_RUN):  # one run's epoch jitter: never drawn like an interval over runs
+                    bars.lines[2][0].set_linestyle("--")
+                    within = True
+            elif lo and hi and verdict != "baseline":
                 # a bar without an interval must not look like one whose interval is tiny
                 patch.set_hatch(NO_CI_HATCH)
                 no_ci = True
@@ -111,18 +116,21 @@ def bars_with_ci(ax: Any, rows: list[dict[str, Any]], x: str, hue: str, y: str, 
     if paper_pts:
         ax.scatter([p[0] for p in paper_pts], [p[1] for p in paper_pts], **PAPER_STYLE)
     ax.set_xticks(range(len(xs)), [short(s) for s in xs], rotation=20, ha="right")
-    _legend(ax, "hatched: no CI" if no_ci else None)
+    _legend(ax, "hatched: no CI" if no_ci else None, within)
 
 
-def _legend(ax: Any, hatched: str | None) -> None:
-    """The axes' legend, with a hatched swatch that explains hatched bars when there are some.
+def _legend(ax: Any, hatched: str | None, within: bool = False) -> None:
+    """The axes' legend, with a hatched swatch that explains hatched bars when there are some, and a dashed
+    whisker that explains intervals over one run's epochs (`WITHIN_RUN`) when there are some.
 
-    The swatch is an artist on the axes (at NaN, so it draws nothing), not a legend-only handle:
-    a caller that adds a line and calls `ax.legend()` again keeps it.
+    The swatches are artists on the axes (at NaN, so they draw nothing), not legend-only handles:
+    a caller that adds a line and calls `ax.legend()` again keeps them.
     """
     if hatched:
         ax.add_patch(Rectangle((math.nan, math.nan), 0, 0, facecolor="white", edgecolor="black",
                                hatch=NO_CI_HATCH, label=hatched))
+    if within:
+        ax.plot([math.nan], [math.nan], color="black", ls="--", lw=1, label=f"dashed: 95% CI{WITHIN_RUN}, not over runs")
     ax.legend(fontsize=7, loc="best")
 
 
