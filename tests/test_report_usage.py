@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bench.report.options import Options
-from tests.report_fakes import QUAL, _cfg, _times, by_cell, table, write_run
+from tests.report_fakes import QUAL, _cfg, _cli, _times, by_cell, table, write_run
 
 
 def test_target_input_note_names_the_input_not_the_baseline(tmp_path):
@@ -92,3 +92,13 @@ def test_one_of_two_repeats_holding_the_target_reads_half_not_fewer_than_half(tm
     assert row["repeats_reached"] == 1 and row["ttq_s"] is None  # a time needs more than half of the repeats
     assert md["reached and held"].startswith("1/2 repeats held it")
     assert md["reached and held"].endswith(": half, no time") and "fewer than half" not in md["reached and held"]
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-1"])
+def test_a_tolerance_that_is_no_number_of_points_is_one_error_line(tmp_path, capsys, bad):
+    """`bench report --tolerance nan` wrote a report whose every target was NaN: 'never reached' everywhere."""
+    root = tmp_path / "runs"
+    write_run(root, "g", "fp32-host-off-dense", _cfg(), _times(10.0, 1), QUAL)
+    code, out, err = _cli(["report", str(root), "--tolerance", bad], capsys)
+    assert code == 2 and not (root / "report").exists()
+    assert err.startswith("error: --tolerance") and len(err.strip().splitlines()) == 1 and "Traceback" not in err

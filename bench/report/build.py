@@ -15,6 +15,7 @@ run are listed with the grids that would fill them.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
@@ -202,8 +203,9 @@ def make_report(
 ) -> Report:
     """Read every run folder under `results_dir` and write the report into `out` (default results_dir/report)."""
     opts = opts or Options()
-    if opts.tolerance_pp < 0:
-        raise UserError(f"--tolerance {opts.tolerance_pp} must be >= 0 percentage points.")
+    if not 0.0 <= opts.tolerance_pp < math.inf:  # NaN fails both: it made every target NaN, 'never reached'
+        raise UserError(f"--tolerance {opts.tolerance_pp} must be a finite number >= 0 percentage points, "
+                        "e.g. --tolerance 0.5.")
     if opts.target_pct is not None:
         check_target(opts.target_pct)
     results_dir = Path(results_dir)
