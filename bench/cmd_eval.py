@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.store import read_json, write_json
-from ddnet.config import DataConfig, resolve_device
+from ddnet.config import DataConfig, resolve_device, warn_synthetic_only
 from ddnet.convert import load_model_weights
 from ddnet.data import load_split
 from ddnet.errors import UserError, make_folder
@@ -103,6 +103,10 @@ def resolve_data_config(
     if expected and expected.get("hu_window"):
         changes["hu_window"] = tuple(float(v) for v in expected["hu_window"])
     cfg = dataclasses.replace(base, **changes)
+    idle = [f"--{n.replace('_', '-')}" for n, v in (("image_size", image_size), ("n_val", n_val),
+                                                   ("synth_mode", synth_mode)) if v is not None]
+    if cfg.source != "synthetic" and idle:
+        warn_synthetic_only(idle, cfg.source)
     if cfg.source == "synthetic" and cfg.image_size % 16:
         raise UserError(f"--image-size {cfg.image_size} must be divisible by 16 (DDNet pools four times).")
     return cfg, source
@@ -192,6 +196,14 @@ def run_eval(
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1.")
     checkpoint = Path(checkpoint)
+    run = checkpoint.parent
+    if not checkpoint.exists() and checkpoint.name in ("ckpt.pt", "weights.pt") and (run / "config.json").is_file():
+        resume = f"resume it with `bench train --out {run} --resume`"
+        if (run / "ckpt.pt").is_file():  # weights.pt is written when the run finishes
+            raise UserError(f"{run} has no weights.pt yet: the run has not finished; evaluate {run / 'ckpt.pt'} (its "
+                            f"last checkpoint), or {resume} first.")
+        raise UserError(f"{run} is a run with no checkpoint yet: it has not finished its first epoch (stopped before, "
+                        f"or still in it); {resume}, then evaluate.")
     dev = _pick_device(device)
     # the network runs in true fp32 (cuDNN would use TF32 for convolutions by default), whatever
     # flags an earlier caller in this process left: evaluation is the reference arithmetic

@@ -36,8 +36,16 @@ import torch.multiprocessing as mp
 import typer
 
 from bench.cell_log import EXIT_NO_SPACE, EXIT_PEER_LOST, PLANNED_DEVICE_ENV, DeviceGone
+from bench.store import read_jsonl
 from bench.training import train
-from ddnet.config import ConfigError, TrainConfig, absolute_source, check_runnable, resolve_device
+from ddnet.config import (
+    ConfigError,
+    TrainConfig,
+    absolute_source,
+    check_runnable,
+    resolve_device,
+    warn_synthetic_only,
+)
 from ddnet.config_fields import ConfigField, config_fields
 from ddnet.errors import UserError, out_of_space
 from ddnet.replicas import PeerLost
@@ -138,6 +146,9 @@ def config_from_options(options: dict[str, Any]) -> TrainConfig:
 _PRUNING_ONLY = ("sparsity.amount", "sparsity.pattern", "sparsity.scope", "sparsity.dense_epochs",
                  "sparsity.auto_patience")
 """Fields that only shape pruning: given on the command line with --sparsity none, they would do nothing."""
+_SYNTHETIC_ONLY = ("data.image_size", "data.n_train", "data.n_val", "data.synth_mode", "data.dose", "data.phantom",
+                   "data.data_seed")
+"""Fields that only shape synthetic data: given with --data DIR, they would do nothing."""
 
 
 def _check_given(cfg: TrainConfig, given: list[ConfigField]) -> None:
@@ -147,6 +158,9 @@ def _check_given(cfg: TrainConfig, given: list[ConfigField]) -> None:
         raise UserError(f"{', '.join(idle)} shape{'s' if len(idle) == 1 else ''} pruning, which --sparsity none "
                         "does not do; add --sparsity random, structured or topk, or drop "
                         f"{'it' if len(idle) == 1 else 'them'}.")
+    synthetic = [f.flag for f in given if f.path in _SYNTHETIC_ONLY]
+    if cfg.data.source != "synthetic" and synthetic:
+        warn_synthetic_only(synthetic, cfg.data.source)
     if 1 < cfg.epochs <= cfg.warmup_epochs:
         warnings.warn(f"--warmup-epochs {cfg.warmup_epochs} marks all {cfg.epochs} epochs as warm-up, so none "
                       "is timed at steady state and the report gives this run no time per epoch; use "
@@ -253,8 +267,12 @@ def _run_training(cfg: TrainConfig, out: Path, resume: bool, progress: bool, me:
             summary = train(cfg, out, resume=resume, progress=progress, dist=Dist(), launched=True)
             _print_summary(summary, out)
     except KeyboardInterrupt:  # typer turns it into exit status 130, silently
-        typer.echo(f"interrupted: {out} stays resumable; run the same command with --resume to continue from "
-                   "its last checkpoint.", err=True)
+        if (out / "ckpt.pt").exists() or read_jsonl(out / "epochs.jsonl"):
+            typer.echo(f"interrupted: {out} stays resumable; run the same command with --resume to continue from "
+                       "its last checkpoint.", err=True)
+        else:  # before the first checkpoint: nothing to resume, and the plain command starts it again
+            typer.echo(f"interrupted before the first checkpoint of {out}: nothing trained is kept; run the same "
+                       "command again to start it.", err=True)
         raise
     except PeerLost as e:  # a node lost, the network cut: not the run's failure
         typer.echo(f"error: {e}; nothing is recorded as failed: run the same command with --resume to continue "

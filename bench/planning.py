@@ -33,7 +33,7 @@ import ddnet
 from bench.collectors import git_state
 from bench.grids import Cell, Grid
 from bench.store import read_json, read_jsonl, read_summary, take_lock, write_json
-from ddnet.config import ConfigError, TrainConfig, absolute_source, check_runnable
+from ddnet.config import ConfigError, TrainConfig, absolute_source, check_runnable, warn_synthetic_only
 from ddnet.data.errors import DataError
 from ddnet.data.readers import find_split, list_images, read_image
 from ddnet.errors import UserError, make_folder
@@ -145,6 +145,10 @@ def plan_grid(
     version = code_version() if version is None else version
     if overrides.data not in (None, "synthetic") and not Path(overrides.data).is_dir():
         raise UserError(f"--data {overrides.data} is not a folder; give 'synthetic' or a folder with train/ and val/.")
+    idle = [flag for flag, v in (("--image-size", overrides.image_size), ("--n-train", overrides.n_train),
+                                 ("--n-val", overrides.n_val)) if v is not None]
+    if overrides.data not in (None, "synthetic") and idle:
+        warn_synthetic_only(idle, overrides.data)
     base = overrides.apply(grid.base())
     cells = grid.cells(base)
     planned: list[PlannedCell] = []

@@ -23,6 +23,7 @@ import math
 import os
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -117,6 +118,13 @@ class DataConfig:
         if not lo < hi:
             raise ConfigError(f"hu_window {self.hu_window} must be (low, high) with low < high.")
         _at_least(self, "data_seed", 0)
+
+
+def warn_synthetic_only(flags: list[str], source: str) -> None:
+    """Warn that options shaping synthetic data (`flags`, e.g. ['--image-size']) do nothing for a data folder."""
+    warnings.warn(f"{', '.join(flags)} only shape{'s' if len(flags) == 1 else ''} synthetic data: the slices in "
+                  f"{source} are used as they are, at their own size and count; drop "
+                  f"{'it' if len(flags) == 1 else 'them'}.", UserWarning, stacklevel=3)
 
 
 @dataclass

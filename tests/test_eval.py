@@ -257,3 +257,22 @@ def test_eval_on_cuda_matches_cpu(trained: Path, tmp_path: Path, capsys) -> None
     assert results["cuda"]["precision_flags"] == results["cpu"]["precision_flags"]
     for key in ("output_ms_ssim_pct_mean", "output_psnr_db_mean", "input_ms_ssim_pct_mean"):
         assert results["cuda"][key] == pytest.approx(results["cpu"][key], abs=1e-2), key
+
+
+def test_eval_of_a_run_without_its_checkpoint_yet_says_why(tmp_path, capsys) -> None:
+    """A run stopped in its first epoch has no ckpt.pt, and an unfinished one no weights.pt: eval said only that
+    the file does not exist, as if the path were mistyped."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    for name in ("ckpt.pt", "weights.pt"):
+        code, _, err = run_cli(["eval", "--checkpoint", str(run / name), "--device", "cpu"], capsys)
+        assert code == 2 and err.count("\n") == 1
+        assert (f"error: {run} is a run with no checkpoint yet: it has not finished its first epoch (stopped before, "
+                f"or still in it); resume it with `bench train --out {run} --resume`, then evaluate.") in err
+    (run / "ckpt.pt").write_bytes(b"")
+    code, _, err = run_cli(["eval", "--checkpoint", str(run / "weights.pt"), "--device", "cpu"], capsys)
+    assert code == 2 and f"{run} has no weights.pt yet: the run has not finished; evaluate {run / 'ckpt.pt'}" in err
+    assert not any(p.name.startswith("eval-") for p in run.iterdir())
+    code, _, err = run_cli(["eval", "--checkpoint", str(tmp_path / "typo.pt"), "--device", "cpu"], capsys)
+    assert code == 2 and "typo.pt does not exist" in err  # not a run folder: as before

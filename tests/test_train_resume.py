@@ -77,9 +77,16 @@ def test_ctrl_c_says_the_run_stays_resumable(tmp_path: Path, capsys, monkeypatch
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cmd_train, "train", interrupted)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "ckpt.pt").write_bytes(b"")
     code, err = run_cli(["train", "--out", str(tmp_path / "r"), "--epochs", "2", *TINY_ARGS], capsys)
     assert code == 130
     assert f"interrupted: {tmp_path / 'r'} stays resumable; run the same command with --resume" in err
+    # before its first checkpoint there is nothing to resume: it said so all the same
+    code, err = run_cli(["train", "--out", str(tmp_path / "n"), "--epochs", "2", *TINY_ARGS], capsys)
+    assert code == 130 and "--resume" not in err
+    assert (f"interrupted before the first checkpoint of {tmp_path / 'n'}: nothing trained is kept; run the same "
+            "command again to start it.") in err
 
 
 def test_init_from_a_structurally_pruned_checkpoint_says_so(tmp_path: Path, capsys) -> None:
