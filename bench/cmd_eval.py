@@ -103,10 +103,8 @@ def resolve_data_config(
     if expected and expected.get("hu_window"):
         changes["hu_window"] = tuple(float(v) for v in expected["hu_window"])
     cfg = dataclasses.replace(base, **changes)
-    idle = [f"--{n.replace('_', '-')}" for n, v in (("image_size", image_size), ("n_val", n_val),
-                                                   ("synth_mode", synth_mode)) if v is not None]
-    if cfg.source != "synthetic" and idle:
-        warn_synthetic_only(idle, cfg.source)
+    warn_synthetic_only([flag for flag, v in (("--image-size", image_size), ("--n-val", n_val),
+                                              ("--synth-mode", synth_mode)) if v is not None], cfg.source)
     if cfg.source == "synthetic" and cfg.image_size % 16:
         raise UserError(f"--image-size {cfg.image_size} must be divisible by 16 (DDNet pools four times).")
     return cfg, source

@@ -158,9 +158,7 @@ def _check_given(cfg: TrainConfig, given: list[ConfigField]) -> None:
         raise UserError(f"{', '.join(idle)} shape{'s' if len(idle) == 1 else ''} pruning, which --sparsity none "
                         "does not do; add --sparsity random, structured or topk, or drop "
                         f"{'it' if len(idle) == 1 else 'them'}.")
-    synthetic = [f.flag for f in given if f.path in _SYNTHETIC_ONLY]
-    if cfg.data.source != "synthetic" and synthetic:
-        warn_synthetic_only(synthetic, cfg.data.source)
+    warn_synthetic_only([f.flag for f in given if f.path in _SYNTHETIC_ONLY], cfg.data.source)
     if 1 < cfg.epochs <= cfg.warmup_epochs:
         warnings.warn(f"--warmup-epochs {cfg.warmup_epochs} marks all {cfg.epochs} epochs as warm-up, so none "
                       "is timed at steady state and the report gives this run no time per epoch; use "

@@ -145,10 +145,9 @@ def plan_grid(
     version = code_version() if version is None else version
     if overrides.data not in (None, "synthetic") and not Path(overrides.data).is_dir():
         raise UserError(f"--data {overrides.data} is not a folder; give 'synthetic' or a folder with train/ and val/.")
-    idle = [flag for flag, v in (("--image-size", overrides.image_size), ("--n-train", overrides.n_train),
-                                 ("--n-val", overrides.n_val)) if v is not None]
-    if overrides.data not in (None, "synthetic") and idle:
-        warn_synthetic_only(idle, overrides.data)
+    if overrides.data is not None:
+        warn_synthetic_only([flag for flag, v in (("--image-size", overrides.image_size), ("--n-train",
+                             overrides.n_train), ("--n-val", overrides.n_val)) if v is not None], overrides.data)
     base = overrides.apply(grid.base())
     cells = grid.cells(base)
     planned: list[PlannedCell] = []

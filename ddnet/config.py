@@ -121,7 +121,10 @@ class DataConfig:
 
 
 def warn_synthetic_only(flags: list[str], source: str) -> None:
-    """Warn that options shaping synthetic data (`flags`, e.g. ['--image-size']) do nothing for a data folder."""
+    """Warn that options shaping synthetic data (`flags` given, e.g. ['--image-size']) do nothing for a data
+    folder; nothing when `source` is 'synthetic' or no such option was given."""
+    if source == "synthetic" or not flags:
+        return
     warnings.warn(f"{', '.join(flags)} only shape{'s' if len(flags) == 1 else ''} synthetic data: the slices in "
                   f"{source} are used as they are, at their own size and count; drop "
                   f"{'it' if len(flags) == 1 else 'them'}.", UserWarning, stacklevel=3)

@@ -67,20 +67,24 @@ def state_text(state: str) -> str:
     """A job state as printed: 'failed', 'failed (Slurm TIMEOUT: the job hit --slurm-time; raise it, ...)',
     'preempted (resumable)' (a PREEMPTED job is 'cancelled' to the logic, but nobody cancelled it), 'queued (Slurm
     REQUEUE_HOLD)'. A plain string (no Slurm word) is printed as it is."""
-    word = getattr(state, "slurm", "")
+    word = _news(state)
     if word == "PREEMPTED":
         return "preempted (resumable)"
-    if word in _PLAIN or str(state) == "unknown":
+    if not word:
         return str(state)
     return f"{state} (Slurm {word}: {_WHY[word]})" if word in _WHY else f"{state} (Slurm {word})"
 
 
 def state_label(state: str) -> str:
     """`state_text` in a word or two, for a table's job column: 'failed', 'failed: TIMEOUT', 'preempted'."""
+    word = _news(state)
+    return "preempted" if word == "PREEMPTED" else f"{state}: {word}" if word else str(state)
+
+
+def _news(state: str) -> str:
+    """Slurm's own word where it says more than the coarse state ('TIMEOUT', 'PREEMPTED'), else ''."""
     word = getattr(state, "slurm", "")
-    if word == "PREEMPTED":
-        return "preempted"
-    return str(state) if word in _PLAIN or str(state) == "unknown" else f"{state}: {word}"
+    return "" if word in _PLAIN or str(state) == "unknown" else word
 
 
 def _expand(job_id: str) -> list[str]:
