@@ -62,9 +62,12 @@ def test_two_trainings_into_one_folder_the_second_is_refused(tmp_path: Path) -> 
     time.sleep(0.3)
     second = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
     _, first_err = first.communicate(timeout=600)
-    assert first.returncode == 0, first_err
-    assert second.returncode == 2
-    assert "another `bench train` is writing" in second.stderr or "already holds a finished run" in second.stderr
+    # either may take the folder first (on a loaded machine the first can still be importing torch): one trains,
+    # the other is refused
+    (won, won_err), (lost, lost_err) = sorted([(first.returncode, first_err), (second.returncode, second.stderr)])
+    assert won == 0, won_err
+    assert lost == 2, lost_err
+    assert "another `bench train` is writing" in lost_err or "already holds a finished run" in lost_err
     rows = read_jsonl(out / "epochs.jsonl")
     assert [r["epoch"] for r in rows] == list(range(1, 7))  # exactly one run's rows
     assert read_json(out / "summary.json")["status"] == "ok"
