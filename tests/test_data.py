@@ -335,6 +335,26 @@ def test_no_images_says_what_the_folder_holds_instead(tmp_path):
         msg := error_message(tmp_path)), msg
 
 
+def test_slices_in_subfolders_beside_direct_ones_warn(tmp_path):
+    # HQ/ holds two slices itself and more in patient2/: only the two are read, and the warning says so
+    lq, hq = make_split(tmp_path, n=2)
+    hq_dir = tmp_path / "train" / "HQ"
+    (hq_dir / "patient2").mkdir()
+    np.save(hq_dir / "patient2" / "s9.npy", hq[0])
+    (hq_dir / "notes").mkdir()  # a subfolder without slices says nothing
+    (hq_dir / "notes" / "readme.txt").write_text("x")
+    with pytest.warns(UserWarning) as caught:
+        got_lq, got_hq, names = readers.read_split(tmp_path, "train")
+    msgs = [str(w.message) for w in caught]
+    assert msgs == [f"{hq_dir} also has 1 subfolder holding slices (patient2/), which is not read; only the 2 "
+                    f"slices directly in HQ/ are. Move the slices up into {hq_dir} to train on them."], msgs
+    assert names == ["s0", "s1"] and np.array_equal(got_hq, hq)
+    (hq_dir / "patient2" / "s9.npy").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        readers.read_split(tmp_path, "train")  # no slices below: no warning
+
+
 def test_reader_errors_name_the_file(tmp_path):
     # Unpaired: counts differ, the HQ file without a partner is named.
     make_split(tmp_path / "unpaired", n=3)

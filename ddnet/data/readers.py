@@ -89,6 +89,19 @@ def _no_images(folder: Path) -> DataError:
                      "folder itself, one per file.")
 
 
+def _nested_slices(folder: Path, n_read: int) -> None:
+    """Warn when subfolders of `folder` hold slice files too: only the slices directly in it are read."""
+    nested = [p.name + "/" for p in sorted(folder.iterdir(), key=lambda p: _natural_key(p.name))
+              if p.is_dir() and not p.name.startswith(".")
+              and any(q.suffix.lower() in SUFFIXES and not q.name.startswith(".") for q in p.iterdir())]
+    if nested:
+        names = ", ".join(nested[:2]) + (", ..." if len(nested) > 2 else "")
+        warnings.warn(f"{folder} also has {len(nested)} subfolder{'s' if len(nested) > 1 else ''} holding slices "
+                      f"({names}), which {'are' if len(nested) > 1 else 'is'} not read; only the {n_read} slices "
+                      f"directly in {folder.name}/ are. Move the slices up into {folder} to train on them.",
+                      stacklevel=3)
+
+
 # ----------------------------------------------------------------------------- single files
 def _as_2d(arr: np.ndarray, path: Path) -> np.ndarray:
     """Drop singleton axes; anything but one 2D slice is an error."""
@@ -359,6 +372,7 @@ def pair_files(hq_dir: Path, lq_dir: Path) -> list[tuple[Path, Path]]:
     for folder, files in ((hq_dir, hq), (lq_dir, lq)):
         if not files:
             raise _no_images(folder)
+        _nested_slices(folder, len(files))
         seen: dict[str, Path] = {}
         for p in files:
             if p.stem in seen:
