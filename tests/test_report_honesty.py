@@ -131,6 +131,24 @@ def test_fig9b_mean_epoch_includes_graph_capture(tmp_path):
     assert "epoch mean incl. capture eager / graphs" in md and "| 3.08 s / 3.15 s |" in md
 
 
+def test_fig9b_gives_a_hybrid_cells_epoch_p50_per_phase(tmp_path):
+    # 3 dense epochs at ~2 s, 3 sparse at ~1 s (structured: shrunk layers); steady = epochs 2..6. One median over
+    # both phases (2.0, 2.1, 1.0, 1.1, 0.9 -> 1.1 s) is a sparse epoch's and says nothing of the dense ones.
+    root = tmp_path / "runs"
+    hyb = {"kind": "structured", "dense_epochs": 3, "epochs": 6}
+    write_run(root, "g", "hyb-off", _cfg(**hyb), [6.0, 2.0, 2.1, 1.0, 1.1, 0.9], BASE_Q + [41.0])
+    write_run(root, "g", "hyb-graph", _cfg(graphs="cuda-graph", **hyb), [5.0, 1.6, 1.8, 0.8, 0.7, 0.9],
+              BASE_Q + [41.0], capture=[1.0, 0, 0, 0.5, 0, 0])
+    rep = make_report(root, opts=Options())
+    row = _row(pd.read_csv(rep.out / "tables" / "fig9b.csv"), "hyb-graph")
+    assert row["epoch_time_dense_s_p50"] == pytest.approx(1.7) and row["epoch_time_sparse_s_p50"] == 0.8
+    assert row["eager_epoch_time_dense_s_p50"] == pytest.approx(2.05) and row["eager_epoch_time_sparse_s_p50"] == 1.0
+    assert row["epoch_time_s_p50"] == 0.9  # the pooled median stays in the CSV
+    md = (rep.out / "tables" / "fig9b.md").read_text()
+    assert "| 2.0 s dense, 1.0 s sparse / 1.7 s dense, 800 ms sparse |" in md, md
+    assert "per phase for a cell with a dense and a sparse phase" in md
+
+
 def test_speed_and_fig9b_explain_their_within_one_run_intervals(tmp_path):
     root = tmp_path / "runs"
     write_run(root, "g", "fp32-off", _cfg(epochs=5), BASE_T, BASE_Q)
