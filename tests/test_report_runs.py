@@ -125,6 +125,23 @@ def test_a_damaged_epochs_file_is_read_whole_and_flagged(tmp_path):
     assert "recorded twice" in status["damage"] and status["epochs_done"] == 29
 
 
+def test_records_of_bytes_that_are_not_utf8_make_an_unreadable_run_not_a_traceback(tmp_path):
+    """A summary.json, config.json, env.json or cell.json (or a grid.json) filled with binary garbage is
+    named unreadable like bad JSON is: UnicodeDecodeError used to escape `bench report` as a traceback."""
+    root = tmp_path / "runs"
+    a = write_run(root, "g", "fp32-host-off-dense", _cfg(), _times(10.0, 1), QUAL)
+    b = write_run(root, "g", "amp-bf16-host-off-dense", _cfg(precision="amp-bf16"), _times(7.0, 2), QUAL)
+    garbage = bytes([0x90, 0xff, 0xfe, 0x80]) * 50
+    (a / "summary.json").write_bytes(garbage)
+    (b / "env.json").write_bytes(garbage)
+    (root / "g" / "grid.json").write_bytes(garbage)
+    runs = {r.path.name: r for r in load_runs(root)}
+    assert runs[a.name].status == "unreadable" and "summary.json unreadable" in runs[a.name].error
+    assert runs[b.name].status == "unreadable" and "env.json unreadable" in runs[b.name].error
+    rep = make_report(root, opts=Options())
+    assert "summary.json unreadable" in rep.report_md.read_text()
+
+
 def test_runs_of_one_cell_name_with_other_epochs_are_two_cells_never_pooled(tmp_path):
     """The audit's fixture e5: a grid run at 5 epochs, its baseline run again at 10 (same name, same folder tree).
 

@@ -262,7 +262,7 @@ def _read_optional(path: Path) -> tuple[Any, str | None]:
         return None, None
     try:
         return read_json(path), None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON and bytes that are not UTF-8 alike
         return None, f"{path.name} unreadable: {exc}"
 
 
@@ -394,7 +394,7 @@ def not_started(results_dir: str | Path) -> list[dict[str, Any]]:
     for grid_json in sorted(root.rglob("grid.json")):
         try:
             grid = read_json(grid_json)
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):  # bad JSON or not UTF-8
             continue
         cells = grid.get("cells") if isinstance(grid, dict) else None
         for c in cells if isinstance(cells, list) else []:
