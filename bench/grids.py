@@ -102,7 +102,7 @@ class Grid:
         except (Exception, SystemExit) as e:  # a user's grid file: its error in one line, not a traceback
             raise UserError(f"grid {self.source}: cells(base) raised {type(e).__name__}: {_one_line(e)}"
                             f"{_at(e, self.file)}; fix the grid file.") from None
-        validate_cells(self.name, cells)
+        validate_cells(self.name, cells, self.source)
         return cells
 
 
@@ -194,42 +194,44 @@ SPARSE_KINDS: tuple[str, ...] = ("random", "structured", "topk")
 """The three sparsity types of the paper (Table 2)."""
 
 
-def validate_cells(grid: str, cells: list[Cell]) -> None:
-    """Refuse a grid with no cells, duplicate or unsafe names, or a cell whose config is not a valid TrainConfig."""
+def validate_cells(grid: str, cells: list[Cell], source: str | None = None) -> None:
+    """Refuse a grid with no cells, duplicate or unsafe names, or a cell whose config is not a valid
+    TrainConfig; a refusal names `source`, the grid's file."""
+    who = f"grid '{grid}'" + (f" ({source})" if source and source != grid else "")
     if not isinstance(cells, list):
-        raise UserError(f"grid '{grid}': cells(base) returned a {type(cells).__name__}, not a list; it must return "
+        raise UserError(f"{who}: cells(base) returned a {type(cells).__name__}, not a list; it must return "
                         "a non-empty list of Cell (e.g. `return [Cell(...), ...]`).")
     if not cells:
-        raise UserError(f"grid '{grid}' returned no cells; its cells(base) must return a non-empty list of Cell.")
+        raise UserError(f"{who} returned no cells; its cells(base) must return a non-empty list of Cell.")
     seen: set[str] = set()
     for c in cells:
         if not isinstance(c, Cell):
-            raise UserError(f"grid '{grid}' returned {type(c).__name__}, not a Cell; build cells with bench.grids.Cell.")
+            raise UserError(f"{who} returned {type(c).__name__}, not a Cell; build cells with bench.grids.Cell.")
         if not _SLUG_OK.match(c.name):
             raise UserError(
-                f"grid '{grid}': cell name {c.name!r} is not a folder-safe slug; use bench.grids.slug(...)."
+                f"{who}: cell name {c.name!r} is not a folder-safe slug; use bench.grids.slug(...)."
             )
         if c.name in seen:
-            raise UserError(f"grid '{grid}': cell name {c.name!r} is used twice; cell names must be unique.")
+            raise UserError(f"{who}: cell name {c.name!r} is used twice; cell names must be unique.")
         seen.add(c.name)
         if not isinstance(c.config, TrainConfig):
-            raise UserError(f"grid '{grid}', cell '{c.name}': config is {type(c.config).__name__}, not a TrainConfig.")
+            raise UserError(f"{who}, cell '{c.name}': config is {type(c.config).__name__}, not a TrainConfig.")
         try:  # valid when made, but a grid may have set a field afterwards (cfg.lr = -1): check it again
             TrainConfig.from_dict(c.config.to_dict())
         except (TypeError, ValueError) as e:
-            raise UserError(f"grid '{grid}', cell '{c.name}': invalid config: {_one_line(e).rstrip('.')} (set fields with "
+            raise UserError(f"{who}, cell '{c.name}': invalid config: {_one_line(e).rstrip('.')} (set fields with "
                             "cfg.replace(...), which checks them).") from None
         if not isinstance(c.label, str):
-            raise UserError(f"grid '{grid}', cell '{c.name}': label must be text, got {type(c.label).__name__}; "
+            raise UserError(f"{who}, cell '{c.name}': label must be text, got {type(c.label).__name__}; "
                             "give Cell a str label.")
         if not isinstance(c.factors, dict) or not all(isinstance(k, str) for k in c.factors):
-            raise UserError(f"grid '{grid}', cell '{c.name}': factors must be a dict with text keys, "
+            raise UserError(f"{who}, cell '{c.name}': factors must be a dict with text keys, "
                             f"got {type(c.factors).__name__}.")
         for key, value in c.factors.items():  # they are written to cell.json and grid.json
             try:
                 json.dumps(value)
             except (TypeError, ValueError):
-                raise UserError(f"grid '{grid}', cell '{c.name}': factor {key!r} is a {type(value).__name__}, which "
+                raise UserError(f"{who}, cell '{c.name}': factor {key!r} is a {type(value).__name__}, which "
                                 "JSON cannot hold; use plain str, int, float, bool or None (e.g. float(x)).") from None
 
 

@@ -291,7 +291,7 @@ HEAD = "from bench.grids import Cell, standard_factors\nNAME = 'mine'\n"
      "cells(base) returned a tuple, not a list"),
     # a field set after the config was made (cfg.lr = -1) failed later, inside the estimates, naming no cell
     (HEAD + ONE_CELL_TAIL.replace("    return [", "    cfg.lr = -1\n    return ["),
-     "grid 'mine', cell 'only': invalid config: --lr -1 must be a positive finite number"),
+     "cell 'only': invalid config: --lr -1 must be a positive finite number"),
     (HEAD + ONE_CELL_TAIL.replace('Cell("only", "only"', 'Cell("only", 3'), "cell 'only': label must be text, got int"),
     # sys.exit in a grid file ended bench silently
     ("import sys\nsys.exit(3)\n", "failed to import: SystemExit: 3 (line 2); fix the grid file."),
@@ -309,6 +309,7 @@ def test_a_grid_file_mistake_is_one_line_with_its_line_and_fix(tmp_path, text, n
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert needle in lines[0], lines[0]
+    assert str(path) in lines[0], lines[0]  # the file to fix (cells() returning a tuple named only 'mine')
     assert "Traceback" not in result.output and not (tmp_path / "o").exists()
 
 
