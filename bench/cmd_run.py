@@ -52,7 +52,7 @@ from rich.table import Table
 from bench.calibrate import calibrate
 from bench.cell_log import check_stall_timeout, interrupted_why
 from bench.estimate import Calibration, CellEstimate, PlanEstimate, estimate_plan
-from bench.grids import Grid, load_grid, registry
+from bench.grids import Grid, load_grid, scan
 from bench.planning import Overrides, PlannedCell, dry_run_order, dry_run_refusal, plan_grid
 from bench.processes import CellResult, run_grid
 from bench.run_slurm import run_on_slurm
@@ -194,17 +194,22 @@ def _console() -> Console:
 def grids_cmd() -> None:
     """List the grids in ablations/ with their cell counts at default settings."""
     console = _console()
-    try:
-        table = Table(title="grids (ablations/)")
-        table.add_column("grid")
-        table.add_column("cells", justify="right")
-        table.add_column("description", overflow="fold")
-        for name, grid in registry().items():
+    table = Table(title="grids (ablations/)")
+    table.add_column("grid")
+    table.add_column("cells", justify="right")
+    table.add_column("description", overflow="fold")
+    grids, broken = scan()
+    errors = list(dict.fromkeys(broken.values()))  # a NAME two files share: one line
+    for name, grid in grids.items():
+        try:
             table.add_row(name, str(len(grid.cells())), grid.description)
-        console.print(table)
-    except UserError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        except UserError as e:  # one broken grid file: the others are still listed
+            errors.append(str(e))
+    console.print(table)
+    for line in errors:
+        typer.echo(f"error: {line}", err=True)
+    if errors:
+        raise typer.Exit(2)
 
 
 SLURM_FLAGS = {"partition": "--slurm-partition", "account": "--slurm-account", "qos": "--slurm-qos",

@@ -260,16 +260,50 @@ def _grid_from_module(mod: ModuleType, fallback_name: str, source: str) -> Grid:
     )
 
 
-def registry() -> dict[str, Grid]:
-    """Every grid shipped in `ablations/`, by name (modules whose name starts with '_' are helpers)."""
-    grids: dict[str, Grid] = {}
+def scan() -> tuple[dict[str, Grid], dict[str, str]]:
+    """The grids in `ablations/` by name, and the files there that are no grid: {module or NAME: one line
+    naming the file and the fix}. A file that does not import, lacks `cells` or shares another file's
+    `NAME` is set aside, so it stops neither `bench grids` nor a run of another grid (modules whose name
+    starts with '_' are helpers)."""
+    found: dict[str, list[tuple[str, Grid]]] = {}
+    broken: dict[str, str] = {}
     for info in sorted(pkgutil.iter_modules(ablations.__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
             continue
-        mod = importlib.import_module(f"ablations.{info.name}")
-        grid = _grid_from_module(mod, info.name, f"ablations.{info.name}")
-        grids[grid.name] = grid
-    return grids
+        where = f"ablations/{info.name}.py"
+        file = str(Path(getattr(info.module_finder, "path", "")) / f"{info.name}.py")
+        try:
+            mod = importlib.import_module(f"ablations.{info.name}")
+            grid = _grid_from_module(mod, info.name, where)
+        except UserError as e:
+            broken[info.name] = str(e)
+            continue
+        except (Exception, SystemExit) as e:  # a user's grid file: its error in one line, not a traceback
+            sys.modules.pop(f"ablations.{info.name}", None)
+            broken[info.name] = (f"grid file {where} failed to import: {type(e).__name__}: {_one_line(e)}"
+                                 f"{_at(e, file)}; fix the grid file.")
+            continue
+        found.setdefault(grid.name, []).append((info.name, grid))
+    grids: dict[str, Grid] = {}
+    for name, group in found.items():
+        owner = next((g for stem, g in group if stem == name), None) if len(group) > 1 else group[0][1]
+        if owner is not None:
+            grids[name] = owner
+        files = [f"ablations/{stem}.py" for stem, _ in group]
+        shared = f"grid '{name}' is defined by {' and '.join(files)}; give each a NAME of its own."
+        for stem, g in group:  # a copied grid file that kept its NAME would replace the grid it was copied from
+            if owner is None:
+                broken[stem] = broken[name] = shared
+            elif g is not owner:
+                own = stem if _SLUG_OK.match(stem) else slug(stem)
+                broken[stem] = (f"grid file ablations/{stem}.py is named '{name}', like ablations/{name}.py; give "
+                                f"it a NAME of its own (e.g. NAME = '{own}').")
+    return grids, broken
+
+
+def registry() -> dict[str, Grid]:
+    """Every grid shipped in `ablations/` that loads, by name (`scan` has the files that do not)."""
+    return scan()[0]
 
 
 def load_grid_file(path: Path) -> Grid:
@@ -310,9 +344,11 @@ def load_grid(name_or_path: str) -> Grid:
     looks_like_path = name_or_path.endswith(".py") or "/" in name_or_path or "\\" in name_or_path
     if looks_like_path:
         return load_grid_file(Path(name_or_path))
-    grids = registry()
+    grids, broken = scan()
     if name_or_path in grids:
         return grids[name_or_path]
+    if name_or_path in broken:
+        raise UserError(broken[name_or_path])
     if Path(name_or_path).is_file() or Path(name_or_path).is_dir():
         return load_grid_file(Path(name_or_path))
     raise UserError(

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
+import ablations
 from bench.cli import app
 from bench.grids import Cell, Grid, load_grid, paper_base, registry, slug
 from bench.planning import Overrides, plan_grid
@@ -331,3 +334,65 @@ def test_a_grid_file_named_like_a_shipped_grid_is_refused(tmp_path):
         load_grid(str(path))
     shipped = Path(__file__).resolve().parent.parent / "ablations" / "smoke.py"
     assert load_grid(str(shipped)).name == "smoke"  # the shipped file itself, by path, is fine
+
+
+@pytest.fixture
+def more_ablations(tmp_path, monkeypatch):
+    """Grid files that sit in `ablations/` as far as the registry sees (a second folder on its package path),
+    so no test writes into the repository; they are unloaded afterwards."""
+    folder = tmp_path / "more_ablations"
+    folder.mkdir()
+    written: list[str] = []
+
+    def add(files: dict[str, str]) -> None:
+        for stem, text in files.items():
+            (folder / f"{stem}.py").write_text(text)
+            written.append(stem)
+        importlib.invalidate_caches()
+
+    monkeypatch.setattr(ablations, "__path__", [*ablations.__path__, str(folder)])
+    yield add
+    for stem in written:
+        sys.modules.pop(f"ablations.{stem}", None)
+
+
+def test_a_broken_file_in_ablations_stops_neither_the_listing_nor_other_grids(more_ablations, tmp_path):
+    """A syntax error in one file of ablations/ was a traceback from `bench grids` and from `bench run` of
+    every grid; a file without cells() (or whose cells() failed) hid every grid from `bench grids`; a copy
+    of demo.py that kept NAME 'demo' silently replaced the shipped demo grid."""
+    more_ablations({
+        "zz_audit_good": TINY_GRID.replace('NAME = "tiny"', 'NAME = "zz_audit_good"'),
+        "zz_audit_syntax": "NAME = 'zz_audit_syntax'\ndef cells(base)\n    return []\n",
+        "zz_audit_nocells": "NAME = 'zz_audit_nocells'\nDESCRIPTION = 'forgot cells'\n",
+        "zz_audit_copy": TINY_GRID.replace('NAME = "tiny"', 'NAME = "demo"'),
+    })
+    listing = CliRunner().invoke(app, ["grids"])
+    assert listing.exit_code == 2, listing.output
+    assert "Traceback" not in listing.output
+    assert re.search(r"\bzz_audit_good\b\s*[│|]\s*2\b", listing.output)
+    assert re.search(r"\bdemo\b\s*[│|]\s*6\b", listing.output)  # the shipped demo, not the copy's 2 cells
+    errors = sorted(ln for ln in listing.output.splitlines() if ln.startswith("error: "))
+    assert errors == [
+        "error: grid ablations/zz_audit_nocells.py defines no cells(base) function; add `def cells(base): ...`.",
+        "error: grid file ablations/zz_audit_copy.py is named 'demo', like ablations/demo.py; give it a NAME of "
+        "its own (e.g. NAME = 'zz_audit_copy').",
+        "error: grid file ablations/zz_audit_syntax.py failed to import: SyntaxError: expected ':' "
+        "(zz_audit_syntax.py, line 2); fix the grid file.",
+    ]
+    for name, cells in (("zz_audit_good", 2), ("demo", 6)):
+        ok = CliRunner().invoke(app, ["run", "--grid", name, "--dry-run", "--out", str(tmp_path / name)])
+        assert ok.exit_code == 0, ok.output
+        assert f"{cells} cells" in ok.output
+    for name, line in (("zz_audit_syntax", errors[2]), ("zz_audit_nocells", errors[0]), ("zz_audit_copy", errors[1])):
+        bad = CliRunner().invoke(app, ["run", "--grid", name, "--dry-run", "--out", str(tmp_path / name)])
+        assert bad.exit_code == 2 and "Traceback" not in bad.output
+        assert [ln for ln in bad.output.splitlines() if ln.strip()] == [line]
+        assert not (tmp_path / name).exists()
+
+
+def test_two_files_in_ablations_with_one_name_are_refused_naming_both(more_ablations, tmp_path):
+    more_ablations({stem: TINY_GRID.replace('NAME = "tiny"', 'NAME = "zz-audit-twin"') for stem in ("zz_t1", "zz_t2")})
+    bad = CliRunner().invoke(app, ["run", "--grid", "zz-audit-twin", "--dry-run", "--out", str(tmp_path / "o")])
+    assert bad.exit_code == 2
+    assert bad.output.strip() == ("error: grid 'zz-audit-twin' is defined by ablations/zz_t1.py and "
+                                  "ablations/zz_t2.py; give each a NAME of its own.")
