@@ -102,17 +102,23 @@ PRESETS: dict[str, dict[str, Any]] = {
 """Named sets of options (`--preset NAME`), each resting on a committed measurement."""
 
 
-def build_config(config: Path | None, overrides: dict[str, Any]) -> TrainConfig:
-    """TrainConfig from an optional JSON file plus the options that were given (None = not given)."""
+def build_config(config: Path | None, overrides: dict[str, Any], run: bool = False) -> TrainConfig:
+    """TrainConfig from an optional JSON file plus the options that were given (None = not given).
+
+    `run`: the file is a run folder's own config.json, read by `--resume` alone (messages say so)."""
     cfg = TrainConfig()
     if config is not None:
         if not config.is_file():
             raise UserError(f"--config {config} does not exist; pass a JSON file written by `bench run` or "
                             "TrainConfig.to_dict().")
+        named = f"{config}, the run's config that --resume reads," if run else f"--config {config}"
+        fix = "; restore it, or start the run again in a new --out folder." if run else "."
         try:
             cfg = TrainConfig.from_dict(json.loads(config.read_text()))
         except json.JSONDecodeError as e:
-            raise UserError(f"--config {config} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+            raise UserError(f"{named} is not valid JSON ({e.msg} at line {e.lineno}){fix}") from None
+        except UnicodeDecodeError:  # binary garbage: bytes that are not UTF-8
+            raise UserError(f"{named} is not a JSON text file (its bytes are not UTF-8){fix}") from None
     given = {k: v for k, v in overrides.items() if v is not None}
     cfg = cfg.replace(**given) if given else cfg
     return absolute_data(cfg)
@@ -138,7 +144,7 @@ def config_from_options(options: dict[str, Any]) -> TrainConfig:
         if resolve_device(options.get("device") or "auto") != "cuda":
             raise UserError(f"--preset {preset} was measured on a GPU and needs CUDA (it sets "
                             f"{PRESETS[preset]}); drop --preset on a CPU.")
-    cfg = build_config(options["config"], overrides)
+    cfg = build_config(options["config"], overrides, run=bool(options.get("from_run")))
     _check_given(cfg, [f for f in FIELDS if options.get(f.param) is not None])
     return cfg
 
@@ -171,7 +177,7 @@ def train_cmd(**options: Any) -> None:
     by_name = {f.param for f in FIELDS}
     if (options["resume"] and options["config"] is None and options["preset"] is None and saved.is_file()
             and all(options.get(k) is None for k in by_name)):
-        options = {**options, "config": saved}  # `--resume` alone continues the run as it was configured
+        options = {**options, "config": saved, "from_run": True}  # `--resume` alone continues the run as configured
     cfg = config_from_options(options)
     if cfg.init is not None and not Path(cfg.init).is_file():
         raise UserError(f"--init {cfg.init} does not exist; pass a checkpoint file (ckpt.pt, weights.pt or "

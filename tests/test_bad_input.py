@@ -117,6 +117,10 @@ CASES: list[Case] = [
      "summary.json is damaged; add --resume"),
     ("train-resume-corrupt-ckpt", lambda t, f: ["--out", str(_corrupt_run(t, f))], ["train", *TINY, "--resume"], 2,
      "cannot be read as a checkpoint"),
+    ("train-resume-config-binary", lambda t, f: ["--out", str(_damaged_config(t, f, b"\x90\xff\xdf" * 40))],
+     ["train", "--resume"], 2, "config.json, the run's config that --resume reads, is not a JSON text file"),
+    ("train-resume-config-torn", lambda t, f: ["--out", str(_damaged_config(t, f, b'{"epochs": 3, "mod'))],
+     ["train", "--resume"], 2, "config.json, the run's config that --resume reads, is not valid JSON"),
     # ---------------------------------------------------------------- bench eval
     ("eval-missing", NONE, ["eval", "--checkpoint", "{t}/none.pt"], 2, "none.pt"),
     ("eval-not-a-checkpoint", lambda t, f: ["--checkpoint", str(_write(t / "x.pt", b"garbage"))], ["eval"], 2,
@@ -229,6 +233,17 @@ def _corrupt_run(t: Path, finished: Path) -> Path:
         (run / name).write_bytes((finished / name).read_bytes())
     (run / "summary.json").write_text(json.dumps({"status": "running", "error": None}))
     (run / "ckpt.pt").write_bytes(b"\x80\x04 not a checkpoint")
+    return run
+
+
+def _damaged_config(t: Path, finished: Path, config: bytes) -> Path:
+    """A run stopped after its checkpoint whose config.json (what `--resume` alone reads) holds `config`."""
+    run = t / "damaged-config"
+    run.mkdir()
+    for name in ("epochs.jsonl", "env.json", "ckpt.pt"):
+        (run / name).write_bytes((finished / name).read_bytes())
+    (run / "summary.json").write_text(json.dumps({"status": "running", "error": None}))
+    (run / "config.json").write_bytes(config)
     return run
 
 
