@@ -49,7 +49,10 @@ class GridClock:
         rows = [r for r in self.rows if isinstance(r.get("time_s"), int | float)]
         # the trainer flags every row; an unflagged one follows is_warmup's default (1 warm-up epoch)
         steady = [r for r in rows if not is_warmup(r, {})]
-        if steady:
+        # a resumed cell's earlier epochs time its epochs, not this launch's start-up, which the plan's
+        # estimate holds: it counts until this launch writes an epoch of its own
+        this_launch = len(self.rows) > (self.baseline or 0)
+        if steady and (this_launch or est is None or est.seconds is None):
             live = statistics.median(epoch_wall(r) for r in steady if epoch_phase(r) == epoch_phase(steady[-1]))
             return max(0, self.epochs - len(rows)) * live
         if est is not None and est.seconds is not None:

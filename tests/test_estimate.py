@@ -364,6 +364,23 @@ def test_grid_clock_counts_finished_cells_as_measured_and_follows_the_running_on
     assert clock.text(200.0) == "elapsed 1m40s, nothing left"
 
 
+def test_grid_clock_counts_a_resumed_cells_start_up_until_it_writes_an_epoch():
+    """A cell resumed (--retry-failed, or after a kill) with 2 of its 4 epochs done, planned at 24 s (its launch's
+    start-up and 2 epochs): the clock read ~6 s left from the earlier launch's epochs alone (2 x 3 s) from the
+    moment it started, while the launch took 28 s."""
+    plan = plan_of(a=24.0)
+    plan.data_s = 0.0
+    clock = GridClock(plan, now=100.0)
+    clock.cell_started("a", 100.0)
+    row = {"phase": "dense", "val_time_s": 0.5}
+    before = [{**row, "epoch": 1, "time_s": 20.0, "warmup": True}, {**row, "epoch": 2, "time_s": 2.5, "warmup": False}]
+    clock.cell_progress(before, 4)  # the runner's first look, at launch: the rows already there
+    assert clock.remaining(104.0) == (20.0, 0)  # the plan's 24 s less the 4 s it has run
+    assert clock.text(104.0) == "elapsed 4.0 s, ~20.0 s left"
+    clock.cell_progress([*before, {**row, "epoch": 3, "time_s": 2.5, "warmup": False}], 4)
+    assert clock.remaining(120.0) == (3.0, 0)  # an epoch of its own: its epochs now, 1 left
+
+
 def test_the_plain_display_shows_the_grids_elapsed_and_remaining_time(tmp_path, timed):
     out = tmp_path / "out"
     run_grid(make_grid(2), out, command=timed, console=quiet())
