@@ -56,7 +56,11 @@ class GridClock:
             live = statistics.median(epoch_wall(r) for r in steady if epoch_phase(r) == epoch_phase(steady[-1]))
             return max(0, self.epochs - len(rows)) * live
         if est is not None and est.seconds is not None:
-            return max(0.0, est.seconds - (now - self.cell_t0))
+            left = est.seconds - (now - self.cell_t0)
+            if est.epochs_s and est.epochs_left:  # past its estimate, its epochs to come are still ahead
+                to_come = est.epochs_left - (len(self.rows) - (self.baseline or 0))
+                left = max(left, max(0, to_come) * est.epochs_s / est.epochs_left)
+            return max(0.0, left)
         if rows:
             return max(0, self.epochs - len(rows)) * statistics.median(epoch_wall(r) for r in rows)
         return None

@@ -381,6 +381,23 @@ def test_grid_clock_counts_a_resumed_cells_start_up_until_it_writes_an_epoch():
     assert clock.remaining(120.0) == (3.0, 0)  # an epoch of its own: its epochs now, 1 left
 
 
+def test_grid_clock_past_a_cells_estimate_still_counts_its_epochs_to_come():
+    """A cell planned at 10 s (2 s start-up, 4 epochs of 2 s) on a machine that slowed down: once it had run
+    10 s the clock read 'nothing left' with all its epochs ahead (seen: '... 37.2 s | grid elapsed 1m58s,
+    nothing left' after epoch 1 of 4)."""
+    plan = plan_of(a=10.0)
+    plan.data_s = 0.0
+    plan.cells["a"].epochs_s = 8.0
+    clock = GridClock(plan, now=100.0)
+    clock.cell_started("a", 100.0)
+    clock.cell_progress([], 4)
+    assert clock.remaining(101.0) == (9.0, 0)  # within its estimate: the estimate less the time run
+    assert clock.remaining(130.0) == (8.0, 0)  # past it: 4 epochs to come at the plan's 2 s
+    assert clock.text(130.0) == "elapsed 30.0 s, ~8.0 s left"
+    clock.cell_progress([{"epoch": 1, "phase": "dense", "time_s": 37.0, "val_time_s": 0.2, "warmup": True}], 4)
+    assert clock.remaining(140.0) == (6.0, 0)  # the warm-up epoch is done: 3 to come
+
+
 def test_the_plain_display_shows_the_grids_elapsed_and_remaining_time(tmp_path, timed):
     out = tmp_path / "out"
     run_grid(make_grid(2), out, command=timed, console=quiet())
