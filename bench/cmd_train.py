@@ -175,14 +175,27 @@ def train_cmd(**options: Any) -> None:
     """Train DDNet once and write the run folder."""
     saved = Path(options["out"]) / "config.json"
     by_name = {f.param for f in FIELDS}
-    if (options["resume"] and options["config"] is None and options["preset"] is None and saved.is_file()
+    if (options["resume"] and options["config"] is None and options["preset"] is None
             and all(options.get(k) is None for k in by_name)):
+        if not saved.is_file():  # else the defaults (50 epochs of 128 px) would train in the run's place
+            raise UserError(f"--resume alone reads {saved}, which does not exist: {_no_config(saved.parent)}.")
         options = {**options, "config": saved, "from_run": True}  # `--resume` alone continues the run as configured
     cfg = config_from_options(options)
     if cfg.init is not None and not Path(cfg.init).is_file():
         raise UserError(f"--init {cfg.init} does not exist; pass a checkpoint file (ckpt.pt, weights.pt or "
                         "an original DDNet state dict).")
     run_training(cfg, options["out"], resume=options["resume"], progress=not options["quiet"])
+
+
+def _no_config(out: Path) -> str:
+    """Why a folder given to `--resume` alone has no config.json, as far as the folder tells, and the fix."""
+    if not out.is_dir():
+        return (f"{out} is a file; pass the run's folder" if out.exists() else
+                "no such folder, so nothing to resume; pass the run's folder, or drop --resume to start a run")
+    if any((out / name).exists() for name in ("ckpt.pt", "epochs.jsonl", "summary.json")):
+        return "the folder holds a run's other records; restore it, or give the run's options beside --resume"
+    return ("the run was stopped before it wrote its records, so nothing trained yet; run the command that "
+            "started it again, without --resume")
 
 
 def config_parameters() -> list[inspect.Parameter]:

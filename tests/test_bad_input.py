@@ -121,6 +121,11 @@ CASES: list[Case] = [
      ["train", "--resume"], 2, "config.json, the run's config that --resume reads, is not a JSON text file"),
     ("train-resume-config-torn", lambda t, f: ["--out", str(_damaged_config(t, f, b'{"epochs": 3, "mod'))],
      ["train", "--resume"], 2, "config.json, the run's config that --resume reads, is not valid JSON"),
+    # killed while config.json was being written: --resume alone trained the defaults (128 px, 50 epochs) there
+    ("train-resume-alone-no-config", lambda t, f: ["--out", str(_killed_at_config(t))], ["train", "--resume"], 2,
+     "config.json, which does not exist: the run was stopped before it wrote its records"),
+    ("train-resume-alone-no-folder", NONE, ["train", "--out", "{t}/nowhere", "--resume", "--quiet"], 2,
+     "no such folder, so nothing to resume"),
     # ---------------------------------------------------------------- bench eval
     ("eval-missing", NONE, ["eval", "--checkpoint", "{t}/none.pt"], 2, "none.pt"),
     ("eval-not-a-checkpoint", lambda t, f: ["--checkpoint", str(_write(t / "x.pt", b"garbage"))], ["eval"], 2,
@@ -244,6 +249,15 @@ def _damaged_config(t: Path, finished: Path, config: bytes) -> Path:
         (run / name).write_bytes((finished / name).read_bytes())
     (run / "summary.json").write_text(json.dumps({"status": "running", "error": None}))
     (run / "config.json").write_bytes(config)
+    return run
+
+
+def _killed_at_config(t: Path) -> Path:
+    """A `bench train` folder killed while writing its first record: its lock and a temporary config.json."""
+    run = t / "killed"
+    run.mkdir()
+    (run / ".bench-train.lock").write_text("")
+    (run / ".config.json.k2ti0v2.tmp").write_text('{"batch_size": 2, "chan')
     return run
 
 
