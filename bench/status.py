@@ -157,6 +157,8 @@ def _cell_row(folder: Path, record: dict[str, Any] | None, states: dict[str, str
             status, detail = "pending", _not_started(folder)
     if status == "stopped" and isinstance(summary, dict) and (why := interrupted_why(summary)):
         detail += f" (stopped: {why})"
+    if status in ("failed", "stopped") and (again := _relaunched(folder)):
+        detail += f"; {again}"
     if notes:
         detail = "; ".join([d for d in (detail,) if d] + notes)
     return {
@@ -175,6 +177,18 @@ def _not_started(folder: Path) -> str:
     when = mark.get("started_utc") if isinstance(mark, dict) else None
     return (f"launched{f' {when}' if isinstance(when, str) else ''}, no record yet: starting, or its `bench run` "
             "was stopped before the trainer began (`bench run` starts it again)")
+
+
+def _relaunched(folder: Path) -> str:
+    """For a failed or stopped cell a runner has launched again (`--retry-failed`, a resume) whose trainer has
+    not yet rewritten its summary: when, as `_not_started` says it (its launch mark is newer than the
+    summary), else ''."""
+    try:
+        if (folder / OPEN_LAUNCH).stat().st_mtime < (folder / "summary.json").stat().st_mtime:
+            return ""
+    except OSError:
+        return ""
+    return _not_started(folder).replace("launched", "launched again", 1)
 
 
 def _last_sign(folder: Path) -> str:

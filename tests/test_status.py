@@ -256,3 +256,20 @@ def test_a_launched_cell_without_records_is_not_called_not_started(grid_dir):
     assert row["status"] == "pending"
     assert row["detail"].startswith("launched 2026-11-28T05:28:08+00:00, no record yet")
     assert by_cell(cell_status_rows(grid_dir))["later-7"]["detail"] == "not started"
+
+
+def test_a_failed_cell_launched_again_says_so_until_its_trainer_writes(grid_dir):
+    """`bench run --retry-failed`: from the launch until the trainer rewrote summary.json (seconds, more on a
+    loaded machine) `bench status` showed the old failure alone, as if nothing were retrying it."""
+    write(grid_dir / "grid.json", {"grid": "smoke", "order": ORDER})  # no job recorded: a local run
+    summary = grid_dir / "fail-2" / "summary.json"
+    os.utime(summary, (time.time() - 60, time.time() - 60))  # written by the launch that failed, earlier
+    write(grid_dir / "fail-2" / OPEN_LAUNCH, {"started_utc": "2026-11-28T12:23:17+00:00", "resume": True})
+    row = by_cell(cell_status_rows(grid_dir))["fail-2"]
+    assert row["status"] == "failed"
+    assert row["detail"] == ("train loss became nan at epoch 2; launched again 2026-11-28T12:23:17+00:00, no record "
+                             "yet: starting, or its `bench run` was stopped before the trainer began (`bench run` "
+                             "starts it again)")
+    os.utime(summary, None)  # a summary written after the mark (a runner killed before it recorded the launch)
+    os.utime(grid_dir / "fail-2" / OPEN_LAUNCH, (time.time() - 30, time.time() - 30))
+    assert by_cell(cell_status_rows(grid_dir))["fail-2"]["detail"] == "train loss became nan at epoch 2"
