@@ -84,7 +84,7 @@ def test_a_factor_json_cannot_hold_is_refused(tmp_path: Path, factor: str, kind:
     grid = tiny_grid_file(tmp_path, "cpu", f"[Cell('only', 'only', {{'lr': {factor}}}, base)]")
     grid.write_text("import numpy\n" + grid.read_text())
     _refused(["--grid", str(grid), "--out", str(tmp_path / "o")], tmp_path,
-             f"grid 'g', cell 'only': factor 'lr' is a {kind}, which JSON cannot hold")
+             f"grid 'g' ({grid}), cell 'only': factor 'lr' is a {kind}, which JSON cannot hold")
 
 
 @pytest.mark.parametrize("old_code", [True, False])
