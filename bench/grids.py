@@ -233,6 +233,13 @@ def validate_cells(grid: str, cells: list[Cell], source: str | None = None) -> N
             except (TypeError, ValueError):
                 raise UserError(f"{who}, cell '{c.name}': factor {key!r} is a {type(value).__name__}, which "
                                 "JSON cannot hold; use plain str, int, float, bool or None (e.g. float(x)).") from None
+        trained = standard_factors(c.config)
+        wrong = [k for k, v in c.factors.items() if k in trained and v != trained[k]]
+        if wrong:  # cell.json, grid.json and the plan would say it trains what it does not
+            k = wrong[0]
+            raise UserError(f"{who}, cell '{c.name}': factor {k}={c.factors[k]!r} but its config trains "
+                            f"{k}={trained[k]!r}; set the config with cfg.replace(...) and the factors with "
+                            "standard_factors(cfg), or name a factor of your own otherwise (e.g. 'variant').")
 
 
 # ------------------------------------------------------------------ loading

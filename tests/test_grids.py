@@ -303,6 +303,10 @@ HEAD = "from bench.grids import Cell, standard_factors\nNAME = 'mine'\n"
      "failed to import: ModuleNotFoundError: No module named 'no_such_module_here' (line 1)"),
     (HEAD + ONE_CELL_TAIL.replace('"data.image_size": 32', '"data.image_size": 40'),
      "cells() made an invalid config: --image-size 40 must be divisible by 16 (four 2x poolings) (line 6)."),
+    # a factor that says the cell trains what its config does not: cell.json, grid.json and the plan said amp-bf16
+    (HEAD + ONE_CELL_TAIL.replace("standard_factors(cfg), cfg)", '{**standard_factors(cfg), "precision": "amp-bf16"}, cfg)'),
+     "cell 'only': factor precision='amp-bf16' but its config trains precision='fp32'; set the config with "
+     "cfg.replace(...) and the factors with standard_factors(cfg)"),
 ])
 def test_a_grid_file_mistake_is_one_line_with_its_line_and_fix(tmp_path, text, needle):
     path = tmp_path / "mine.py"
