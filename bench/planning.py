@@ -32,7 +32,7 @@ from typing import Any
 import ddnet
 from bench.collectors import git_state
 from bench.grids import Cell, Grid
-from bench.store import read_json, read_jsonl, read_summary, take_lock, write_json
+from bench.store import lock_held, read_json, read_jsonl, read_summary, take_lock, write_json
 from ddnet.config import ConfigError, TrainConfig, absolute_source, check_runnable, warn_synthetic_only
 from ddnet.data.errors import DataError
 from ddnet.data.readers import find_split, list_images, read_image
@@ -348,6 +348,8 @@ def dry_run_refusal(out: Path, order: list[str], version: str | None = None, res
     """What the run would refuse that a dry run does not: planning other options into a grid's folder is
     how a dry run estimates them from its epochs, but the run itself stops at the other cell set (and, with
     --no-resume, at any grid already there)."""
+    if fcntl is not None and lock_held(out / RUN_LOCK):
+        return f"note: `bench run` would stop here: {_BUSY.format(out=out)}"
     record = recorded_grid(out)
     if not record:
         return None
@@ -360,6 +362,9 @@ def dry_run_refusal(out: Path, order: list[str], version: str | None = None, res
     return None
 
 
+RUN_LOCK = ".bench-run.lock"
+"""The lock file in a grid's --out that its `bench run` holds (`exclusive`)."""
+_BUSY = "another `bench run` is using {out}; wait for it or pick another --out."
 _NOT_RESUMED = "{out} already holds a run of this grid; drop --no-resume to continue it, or pick another --out."
 
 
@@ -420,8 +425,7 @@ def exclusive(out: Path) -> Iterator[None]:
         yield
         return
     make_folder(out, "pass a writable --out folder for the grid.")
-    with take_lock(out / ".bench-run.lock", "pass a writable --out folder.",
-                   f"another `bench run` is using {out}; wait for it or pick another --out."):
+    with take_lock(out / RUN_LOCK, "pass a writable --out folder.", _BUSY.format(out=out)):
         yield
 
 

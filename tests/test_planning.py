@@ -10,7 +10,15 @@ import pytest
 import ddnet
 from bench import planning
 from bench.grids import Cell, Grid, registry
-from bench.planning import Overrides, cell_hash, code_version, plan_grid, run_order
+from bench.planning import (
+    Overrides,
+    cell_hash,
+    code_version,
+    dry_run_refusal,
+    exclusive,
+    plan_grid,
+    run_order,
+)
 from bench.processes import run_grid
 from bench.store import read_json
 from ddnet.config import TrainConfig
@@ -149,3 +157,13 @@ def test_cells_that_train_the_same_config_are_warned_of_once(recwarn):
     with pytest.warns(UserWarning, match=r"as an earlier one with the options given \('random-hybrid1' = "
                                          r"'random-last-epoch'\)"):
         plan_grid(registry()["demo"], Overrides(epochs=2))  # half of 2 epochs dense is all but the last
+
+
+def test_a_dry_run_into_a_folder_another_bench_run_holds_says_the_run_would_stop(tmp_path):
+    """While a grid ran, a dry run into its --out planned it with no word that `bench run` there would be
+    refused ('another `bench run` is using ...'), as it says for a folder of another cell set."""
+    out = tmp_path / "o"
+    with exclusive(out):  # what the running `bench run` holds (an flock: another open file here conflicts too)
+        assert dry_run_refusal(out, []) == (f"note: `bench run` would stop here: another `bench run` is using {out}; "
+                                            "wait for it or pick another --out.")
+    assert dry_run_refusal(out, []) is None
