@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +20,8 @@ def run_summary(run: Any, rows: list[dict]) -> dict[str, Any]:
     capture = sum(r.get("capture_time_s", 0.0) for r in rows)
     prune = sum(r.get("prune_time_s", 0.0) for r in rows)
     summary = {
-        "status": "ok", "error": None, "epochs_completed": len(rows),
+        # every epoch of the loop, also one whose row a damaged epochs.jsonl lost (`kept_rows` warned of it)
+        "status": "ok", "error": None, "epochs_completed": max(len(rows), run.cfg.epochs),
         "train_time_s": train_time, "capture_time_s": capture, "prune_time_s": prune, **run.staging,
         **run.data_load,
         "total_time_s": train_time + capture + prune + run.staging["staging_time_s"],
@@ -43,6 +46,18 @@ def run_summary(run: Any, rows: list[dict]) -> dict[str, Any]:
         summary["val_slices"] = [{"name": n, "ms_ssim": a, "psnr": b, "rmse_hu": c}
                                  for n, a, b, c in zip(run.val.names, m, p, r, strict=True)]
     return summary
+
+
+def kept_rows(rows: list[dict], upto: int, path: Path) -> list[dict]:
+    """The epoch rows a run resumed from its checkpoint of epoch `upto` keeps (those up to it), warning of any
+    epoch up to it without a readable row (a damaged line in `path`): its records are lost, not silently."""
+    kept = [r for r in rows if isinstance(r.get("epoch"), int) and r["epoch"] <= upto]
+    lost = sorted(set(range(1, upto + 1)) - {r["epoch"] for r in kept})
+    if lost:
+        warnings.warn(f"{path} holds no readable row for epoch(s) {', '.join(map(str, lost))} of the {upto} its "
+                      "checkpoint holds (a damaged line): their records are lost, the run resumes from the "
+                      "checkpoint and its summary's times leave them out.", UserWarning, stacklevel=2)
+    return kept
 
 
 def ddp_records(run: Any) -> dict[str, Any]:

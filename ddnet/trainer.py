@@ -42,7 +42,7 @@ from ddnet.loss import DDNetLoss
 from ddnet.model import DDNet
 from ddnet.optim import GraphedStep, StepParts, build_step, make_optimizer, setup_precision
 from ddnet.replicas import Dist, PeerLost, agree, from_main, gather, group_broke, tell_failure, told_failure
-from ddnet.run_summary import ddp_records, run_summary
+from ddnet.run_summary import ddp_records, kept_rows, run_summary
 from ddnet.sparsity import AutoSwitch, Masks, conform_to_state_dict_, count_flops, measure_sparsity, sparsify_
 from ddnet.validation import input_quality, validate
 
@@ -243,7 +243,7 @@ class Run:
         self.start_epoch = ck["epoch"]
         if sink is None:
             return []
-        rows = [r for r in sink.epochs() if r["epoch"] <= self.start_epoch]
+        rows = kept_rows(sink.epochs(), self.start_epoch, self.out / "epochs.jsonl")
         sink.keep_epochs(rows)
         return rows
 

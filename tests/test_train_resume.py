@@ -170,3 +170,21 @@ def test_the_closing_line_says_what_pruning_did(tmp_path: Path, capsys) -> None:
     assert after < before and read_json(tmp_path / "s" / "summary.json")["params"] == after
     assert done["s"] == f"structural: {100 * (before - after) / before:.1f} % of parameters removed ({before:,} -> {after:,})"
     assert done["m"] == "sparsity 0.500 (masked)" and done["d"] == "dense"
+
+
+def test_a_damaged_epoch_row_is_warned_of_on_resume_and_the_epochs_still_counted(tmp_path: Path, capsys) -> None:
+    """A run stopped after its checkpoint of epoch 3 whose epochs.jsonl lost epoch 2's row to a damaged line: the
+    resume said "done: 2 epochs" and recorded epochs_completed 2 of 3 trained, dropping the line without a word."""
+    out = tmp_path / "r"
+    assert run_cli(["train", "--out", str(out), "--epochs", "3", *TINY_ARGS], capsys)[0] == 0
+    lines = (out / "epochs.jsonl").read_text().splitlines(keepends=True)
+    lines[1] = '{"epoch": 2, "phase": "den\x00\x00 garbage\n'
+    (out / "epochs.jsonl").write_text("".join(lines))
+    (out / "summary.json").write_text('{"status": "running", "error": null}')  # stopped before its summary
+    with pytest.warns(UserWarning, match=r"epochs.jsonl holds no readable row for epoch\(s\) 2 of the 3 its "
+                      r"checkpoint holds \(a damaged line\): their records are lost"):
+        code, err = run_cli(["train", "--out", str(out), "--resume"], capsys)
+    assert code == 0, err
+    summary = read_json(out / "summary.json")
+    assert summary["status"] == "ok" and summary["epochs_completed"] == 3
+    assert [r["epoch"] for r in read_jsonl(out / "epochs.jsonl")] == [1, 3]
