@@ -300,6 +300,11 @@ def _run_training(cfg: TrainConfig, out: Path, resume: bool, progress: bool, me:
         sys.exit(EXIT_FAILED)
     except OSError as e:  # a full disk, a folder turned read-only: one line, never a traceback
         where = e.filename or out
+        if not out.is_dir():  # moved or deleted under the run: nothing is recorded there, nor as failed
+            typer.echo(f"error: {out} was moved or deleted while the run wrote into it ({e.strerror or e}); "
+                       "nothing is recorded as failed: if you moved it, continue with `bench train --out "
+                       "<its new place> --resume`.", err=True)
+            sys.exit(EXIT_FAILED)
         if out_of_space(e):  # nothing recorded as failed: the run resumes from its last checkpoint
             typer.echo(f"error: cannot write {where} (the disk is full: {e.strerror or e}); free some space, "
                        f"then run the same command with --resume to continue from the last checkpoint.", err=True)

@@ -432,8 +432,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, sink: RunSink, make_instrume
     except UserError:
         raise
     except Exception as e:  # NaN/inf loss, CUDA OOM, any crash: recorded, then reported as a failed run
-        if out_of_space(e):  # the disk's fault, not the run's: left resumable ('running'), as a kill leaves it
-            raise
+        if out_of_space(e) or not out.is_dir():  # the disk's fault or a folder moved away, not the run's: left
+            raise  # resumable ('running', as a kill leaves it), and no folder made again to say 'failed' in
         what = f"{type(e).__name__}: {e}"
         if dist.world > 1:
             what = _replicas_failure(e, what, dist, sink, len({p["node"] for p in run.placement}) > 1)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import bench.cmd_train as cmd_train
+import bench.training as training
 from bench.cli import main
 from bench.store import lock_held, read_json, read_jsonl, take_lock
 from bench.training import LOCK_NAME, config_differences, train
@@ -188,3 +189,28 @@ def test_a_damaged_epoch_row_is_warned_of_on_resume_and_the_epochs_still_counted
     summary = read_json(out / "summary.json")
     assert summary["status"] == "ok" and summary["epochs_completed"] == 3
     assert [r["epoch"] for r in read_jsonl(out / "epochs.jsonl")] == [1, 3]
+
+
+def test_a_run_folder_moved_away_mid_run_is_not_recorded_failed_nor_made_again(tmp_path: Path, capsys,
+                                                                                 monkeypatch) -> None:
+    """--out renamed while the run wrote into it: the run was recorded 'failed' (FileNotFoundError) in a folder
+    made again at the old path, beside the moved one. Now: one line, nothing made, the moved folder resumes."""
+    out, moved = tmp_path / "r", tmp_path / "moved"
+    first_row = training.RunFolder.epoch
+
+    def epoch_then_move(self, row):
+        first_row(self, row)
+        if row["epoch"] == 1:
+            out.rename(moved)
+
+    monkeypatch.setattr(training.RunFolder, "epoch", epoch_then_move)
+    code, err = run_cli(["train", "--out", str(out), "--epochs", "2", *TINY_ARGS], capsys)
+    line = one_error_line(err)
+    assert code == 3 and f"{out} was moved or deleted while the run wrote into it" in line, err
+    assert "nothing is recorded as failed" in line and "training failed" not in line
+    assert not out.exists()  # no folder made again to hold a 'failed' summary
+    assert read_json(moved / "summary.json")["status"] == "running"
+    monkeypatch.setattr(training.RunFolder, "epoch", first_row)
+    code, err = run_cli(["train", "--out", str(moved), "--resume"], capsys)
+    assert code == 0, err
+    assert [r["epoch"] for r in read_jsonl(moved / "epochs.jsonl")] == [1, 2]
