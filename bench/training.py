@@ -62,6 +62,8 @@ RUN_FILES = frozenset({
     "train.log", "cell.json", "config.request.json",  # the last three: written by `bench run` before it starts us
 })
 """What a run folder may hold; anything else (except hidden files and eval-* folders) is someone else's."""
+TRAINER_FILES = ("config.json", "env.json", "epochs.jsonl", "summary.json", "ckpt.pt", "weights.pt", "copies.json")
+"""The records `bench train` itself writes, each through a temporary `.<name>.*.tmp` renamed into place."""
 
 
 def prepare_out_dir(out_dir: Path, config: dict[str, Any], resume: bool) -> None:
@@ -240,6 +242,10 @@ class RunFolder:
         self._lock_made = not (self.out / LOCK_NAME).exists()
         self._lock = take_lock(self.out / LOCK_NAME, "pass a writable --out folder.", busy)  # closed in release()
         prepare_out_dir(self.out, config, resume)  # again, now that no one else can change the folder
+        for name in TRAINER_FILES:  # a write a kill cut short left its temporary file; no one else writes them
+            for tmp in self.out.glob(f".{name}.*.tmp"):
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
 
     def release(self, keep: bool = True) -> None:
         """Give the folder up; `keep=False` removes it when this run made it and wrote nothing but the lock."""

@@ -214,3 +214,20 @@ def test_a_run_folder_moved_away_mid_run_is_not_recorded_failed_nor_made_again(t
     code, err = run_cli(["train", "--out", str(moved), "--resume"], capsys)
     assert code == 0, err
     assert [r["epoch"] for r in read_jsonl(moved / "epochs.jsonl")] == [1, 2]
+
+
+def test_a_resume_removes_the_temporary_files_a_kill_left_mid_write(tmp_path: Path, capsys) -> None:
+    """A kill while ckpt.pt, weights.pt or a JSON record was being written leaves its temporary file (as large as
+    the checkpoint); resumes used to keep every one, so a run killed now and then filled its disk."""
+    out = tmp_path / "r"
+    assert run_cli(["train", "--out", str(out), "--epochs", "1", *TINY_ARGS], capsys)[0] == 0
+    (out / "summary.json").write_text('{"status": "running", "error": null}')  # killed before its summary
+    left = [out / ".ckpt.pt.4242.ab12cd34.tmp", out / ".weights.pt.4242.ef56ab78.tmp", out / ".summary.json.x1y2.tmp"]
+    for tmp in left:
+        tmp.write_bytes(b"\x80half a checkpoint")
+    foreign = out / ".notes.tmp"
+    foreign.write_text("not ours")
+    code, err = run_cli(["train", "--out", str(out), "--resume"], capsys)
+    assert code == 0, err
+    assert not any(tmp.exists() for tmp in left)
+    assert foreign.exists() and read_json(out / "summary.json")["status"] == "ok"
