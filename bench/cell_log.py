@@ -77,9 +77,10 @@ def log_tail(log: Path, n: int = LOG_TAIL_LINES) -> list[str]:
         return []
 
 
-_NOISE = re.compile(r"^(=== bench |\s)|^\S+:\d+: \w*Warning: |━|^(train|val|eval)\b.*\d+/\d+")
+_NOISE = re.compile(r"^(=== bench |\s)|^\S+:\d+: \w*Warning: |^warning: |━|^(train|val|eval)\b.*\d+/\d+")
 """Log lines that never say why a process ended: the runners' own ('=== bench run ...'), indented ones (a
-warning's source line, a traceback's frames), Python warnings, and progress-bar fragments."""
+warning's source line, a traceback's frames), Python warnings and ours ('warning: ...'), and progress-bar
+fragments."""
 
 
 def error_line(tail: list[str]) -> str:

@@ -516,6 +516,10 @@ def test_the_live_display_shows_the_grids_elapsed_and_remaining_time(tmp_path, m
     (["/x/ddnet/trainer.py:96: UserWarning: 64 px images are too small for the standard MS-SSIM",
       '  self.loss_fn = DDNetLoss(self.image_side, guard_tf32=cfg.precision == "tf32")', "train 0/8 0:00:04"], ""),
     (["train ━━━━━━━━ 1/4 0:00:15 loss 1.675", "=== bench run 2026-11-28: cell started"], ""),
+    # our own warnings are one 'warning: ...' line: a cell SIGKILLed mid-epoch was recorded as
+    # "cell process killed by signal SIGKILL: warning: 64 px images are too small ..."
+    (["=== bench run 2026-11-28: cell started",
+      "warning: 64 px images are too small for the standard MS-SSIM; using reduced MS-SSIM"], ""),
     (["Traceback (most recent call last):", '  File "x.py", line 1, in <module>', "RuntimeError: boom"],
      "RuntimeError: boom"),
     (["segfault-like crash", "/x/y.py:3: FutureWarning: soon"], "segfault-like crash"),
