@@ -377,7 +377,14 @@ def prepare_out(
     if path.exists():
         if not resume:
             raise UserError(_NOT_RESUMED.format(out=out))
-        record = read_json(path)
+        try:
+            record = read_json(path)
+        except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
+            record = f"{type(e).__name__}"
+        if not isinstance(record, dict):
+            raise UserError(f"{path} is damaged ({record if isinstance(record, str) else 'not a JSON object'}); it "
+                            "records the grid's cells, order and code version: restore it, or run the grid into a "
+                            "new --out (with --estimate-from this one).")
         order = check_recorded(out, record, folders, version)
         cells = [p.cell_record(grid.name, version) for p in planned]
         if _shown(record.get("cells")) != _shown(cells):  # a label or factor edited in the grid file: show it

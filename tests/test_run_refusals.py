@@ -142,3 +142,20 @@ def test_the_closing_line_names_retry_failed_for_failed_cells(tmp_path: Path, st
     text = console.export_text()
     assert f"1 cell(s) did not finish ok; see their train.log under {tmp_path}." in text
     assert ("add --retry-failed to resume them from their last checkpoint" in " ".join(text.split())) is hint
+
+
+@pytest.mark.parametrize(("damage", "why"), [(b"\x86\xff" * 50, "UnicodeDecodeError"),
+                                             (b'{"grid": "tiny", "ce', "JSONDecodeError")])
+def test_a_damaged_grid_json_is_one_line_not_a_traceback(tmp_path: Path, damage: bytes, why: str) -> None:
+    """grid.json torn or filled with garbage (a bad disk, another writer): `bench run` into its folder ended in a
+    traceback. It is one line naming the file and the fix, and nothing is written (the dry run still plans)."""
+    grid = tiny_grid_file(tmp_path, "cpu", ONE_CELL)
+    out = tmp_path / "runs"
+    out.mkdir()
+    (out / "grid.json").write_bytes(damage)
+    res = CliRunner().invoke(app, ["run", "--grid", str(grid), "--out", str(out)])
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 2 and not any(line.startswith("Traceback") for line in lines), res.output
+    assert lines[-1].startswith(f"error: {out / 'grid.json'} is damaged ({why}); it records the grid's cells"), lines
+    assert "restore it, or run the grid into a new --out" in lines[-1]
+    assert _files(out) == ["grid.json"] and (out / "grid.json").read_bytes() == damage
