@@ -14,6 +14,7 @@ from rich.console import Console
 
 from bench.slurm import job_states
 from bench.status import cell_status_rows, recorded_jobs, status_table
+from bench.store import TRAIN_LOCK, lock_held
 from ddnet.errors import UserError
 
 
@@ -27,6 +28,13 @@ def status_cmd(
     jobs = recorded_jobs(results_dir)
     states = job_states(list(jobs.values())) if jobs else {}
     rows = cell_status_rows(results_dir, states or None)  # {}: Slurm not reachable here, folders only
+    if not rows and (results_dir / TRAIN_LOCK).exists():
+        if lock_held(results_dir / TRAIN_LOCK):
+            raise UserError(f"{results_dir} is a `bench train` run that is starting and has written no record yet; "
+                            "run bench status again in a moment.")
+        raise UserError(f"{results_dir} is a `bench train` run stopped before it wrote its first record (only its "
+                        "lock file is there): nothing was trained; run the command that started it again, without "
+                        "--resume.")
     if not rows:
         raise UserError(f"{results_dir} holds no grid cells (no grid.json or cell folders) and no run (no "
                         "summary.json or epochs.jsonl); pass the --out folder of a `bench run` or `bench train`.")

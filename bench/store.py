@@ -97,6 +97,7 @@ def writer_alive(writer: Any) -> bool | None:
         return None
 
 
+TRAIN_LOCK = ".bench-train.lock"  # held by a `bench train` writing the folder (`take_lock`)
 ALIVE_NAME = ".alive"
 """Per run folder: touched by the writer (global rank 0) at most every ALIVE_EVERY_S while the run makes progress
 (building its step, every training step): the sign of life the runners' stall watch goes by before a launch's

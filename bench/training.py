@@ -25,6 +25,7 @@ from bench.roofline import estimate_bytes_per_image, lookup_peak, measure_cpu_pe
 from bench.store import (
     ALIVE_EVERY_S,
     ALIVE_NAME,
+    TRAIN_LOCK,
     append_jsonl,
     lock_held,
     read_json,
@@ -56,7 +57,7 @@ def standard_instruments(out_dir: str | Path) -> InstrumentsFactory:
     return make
 
 
-LOCK_NAME = ".bench-train.lock"
+LOCK_NAME = TRAIN_LOCK
 RUN_FILES = frozenset({
     "config.json", "env.json", "epochs.jsonl", "summary.json", "ckpt.pt", "weights.pt", "copies.json", "trace.json",
     "train.log", "cell.json", "config.request.json",  # the last three: written by `bench run` before it starts us

@@ -18,7 +18,7 @@ from bench.cell_log import OPEN_LAUNCH
 from bench.cli import app, main
 from bench.slurm import record_jobs, slurm_state
 from bench.status import cell_status_rows, format_duration, recorded_jobs, status_table, status_totals
-from bench.store import writer_record
+from bench.store import TRAIN_LOCK, take_lock, writer_record
 from ddnet.errors import UserError
 
 ORDER = ["fin-1", "fail-2", "part-3", "skip-4", "dmg-5", "wait-6", "later-7"]
@@ -218,6 +218,23 @@ def test_bench_status_command_shows_every_cell_and_the_totals(grid_dir, tmp_path
     with pytest.raises(SystemExit) as stop:  # through the real entry point: one error line, exit 2
         main(["status", str(tmp_path / "nowhere")])
     assert stop.value.code == 2
+
+
+def test_a_run_folder_with_only_its_lock_says_it_never_wrote_a_record(tmp_path, capsys):
+    # what a `bench train` killed before its first record leaves (its temporaries are cleared on the next open)
+    run = tmp_path / "t1"
+    run.mkdir()
+    (run / TRAIN_LOCK).write_text("")
+    with pytest.raises(SystemExit) as stop:
+        main(["status", str(run)])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {run} is a `bench train` run stopped before it wrote its first record (only its lock file is "
+        "there): nothing was trained; run the command that started it again, without --resume.")
+    with take_lock(run / TRAIN_LOCK, "fix", "busy"), pytest.raises(SystemExit) as stop:  # as a starting run holds it
+        main(["status", str(run)])
+    assert stop.value.code == 2 and "is a `bench train` run that is starting and has written no record yet" in (
+        capsys.readouterr().err)
 
 
 def test_one_bench_train_run_folder_is_one_row_not_an_error(tmp_path):
