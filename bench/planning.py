@@ -333,6 +333,19 @@ def recorded_grid(out: Path) -> dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
+def _read_grid_record(path: Path) -> dict[str, Any]:
+    """An existing grid.json, or UserError when it is damaged (the run would stop there)."""
+    try:
+        record = read_json(path)
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
+        record = f"{type(e).__name__}"
+    if not isinstance(record, dict):
+        raise UserError(f"{path} is damaged ({record if isinstance(record, str) else 'not a JSON object'}); it "
+                        "records the grid's cells, order and code version: restore it, or run the grid into a "
+                        "new --out (with --estimate-from this one).")
+    return record
+
+
 def dry_run_order(planned: list[PlannedCell], seed: int, out: Path) -> list[str]:
     """The order a run into `out` would take: the one grid.json recorded for this cell set, else the seeded one.
     Refuses (UserError) an --out the run would refuse as a place (`check_grid_out`)."""
@@ -350,6 +363,11 @@ def dry_run_refusal(out: Path, order: list[str], version: str | None = None, res
     --no-resume, at any grid already there)."""
     if fcntl is not None and lock_held(out / RUN_LOCK):
         return f"note: `bench run` would stop here: {_BUSY.format(out=out)}"
+    if (out / "grid.json").exists():
+        try:
+            _read_grid_record(out / "grid.json")
+        except UserError as e:
+            return f"note: `bench run` would stop here: {e}"
     record = recorded_grid(out)
     if not record:
         return None
@@ -377,14 +395,7 @@ def prepare_out(
     if path.exists():
         if not resume:
             raise UserError(_NOT_RESUMED.format(out=out))
-        try:
-            record = read_json(path)
-        except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
-            record = f"{type(e).__name__}"
-        if not isinstance(record, dict):
-            raise UserError(f"{path} is damaged ({record if isinstance(record, str) else 'not a JSON object'}); it "
-                            "records the grid's cells, order and code version: restore it, or run the grid into a "
-                            "new --out (with --estimate-from this one).")
+        record = _read_grid_record(path)
         order = check_recorded(out, record, folders, version)
         cells = [p.cell_record(grid.name, version) for p in planned]
         if _shown(record.get("cells")) != _shown(cells):  # a label or factor edited in the grid file: show it

@@ -148,7 +148,8 @@ def test_the_closing_line_names_retry_failed_for_failed_cells(tmp_path: Path, st
                                              (b'{"grid": "tiny", "ce', "JSONDecodeError")])
 def test_a_damaged_grid_json_is_one_line_not_a_traceback(tmp_path: Path, damage: bytes, why: str) -> None:
     """grid.json torn or filled with garbage (a bad disk, another writer): `bench run` into its folder ended in a
-    traceback. It is one line naming the file and the fix, and nothing is written (the dry run still plans)."""
+    traceback. It is one line naming the file and the fix, and nothing is written (the dry run plans and closes
+    with that line as a note)."""
     grid = tiny_grid_file(tmp_path, "cpu", ONE_CELL)
     out = tmp_path / "runs"
     out.mkdir()
@@ -158,4 +159,9 @@ def test_a_damaged_grid_json_is_one_line_not_a_traceback(tmp_path: Path, damage:
     assert res.exit_code == 2 and not any(line.startswith("Traceback") for line in lines), res.output
     assert lines[-1].startswith(f"error: {out / 'grid.json'} is damaged ({why}); it records the grid's cells"), lines
     assert "restore it, or run the grid into a new --out" in lines[-1]
+    assert _files(out) == ["grid.json"] and (out / "grid.json").read_bytes() == damage
+    dry = CliRunner().invoke(app, ["run", "--grid", str(grid), "--out", str(out), "--dry-run"])
+    assert dry.exit_code == 0, dry.output  # it plans, and closes with the run's refusal
+    assert f"note: `bench run` would stop here: {out / 'grid.json'} is damaged ({why})" in " ".join(
+        dry.output.split()), dry.output
     assert _files(out) == ["grid.json"] and (out / "grid.json").read_bytes() == damage
