@@ -101,6 +101,7 @@ class PlannedCell:
             "label": self.cell.label,
             "factors": self.cell.factors,
             "folder": self.folder,
+            "epochs": self.config.epochs,  # `bench status` shows 0/N for a cell not reached yet
             "code_version": code_version,
         }
 

@@ -94,13 +94,16 @@ def _epochs_asked(folder: Path, notes: list[str]) -> int | None:
     return None
 
 
-def _cell_row(folder: Path, record: dict[str, Any] | None, states: dict[str, str] | None) -> dict[str, Any]:
+def _cell_row(folder: Path, record: dict[str, Any] | None, states: dict[str, str] | None,
+              planned_epochs: int | None = None) -> dict[str, Any]:
     notes: list[str] = []
     cell, err = _read_json(folder / "cell.json")
     if err:
         notes.append(f"unreadable: cell.json: {err}")
     label = str(cell.get("label") or "") if isinstance(cell, dict) else ""
     epochs = _epochs_asked(folder, notes)
+    if epochs is None:  # a cell the local runner has not reached: no folder yet, grid.json has its epochs
+        epochs = planned_epochs
     summary, s_err = _read_json(folder / "summary.json")
     ended = isinstance(summary, dict) and summary.get("status") in ("ok", "failed", "skipped")
     rows, note = _read_rows(folder / "epochs.jsonl", live=not ended)
@@ -238,7 +241,10 @@ def cell_status_rows(results_dir: Path, job_states: dict[str, str] | None = None
     except OSError as e:
         raise UserError(f"cannot list {results_dir}: {e}") from None
     folders = list(dict.fromkeys(order + found))
-    rows = [_cell_row(results_dir / f, records.get(f), job_states) for f in folders]
+    cells = grid.get("cells") if isinstance(grid, dict) else None
+    planned = {c["folder"]: c["epochs"] for c in (cells if isinstance(cells, list) else [])
+               if isinstance(c, dict) and isinstance(c.get("folder"), str) and isinstance(c.get("epochs"), int)}
+    rows = [_cell_row(results_dir / f, records.get(f), job_states, planned.get(f)) for f in folders]
     if not rows and grid is _MISSING and any((results_dir / n).exists() for n in RUN_FILES):
         rows = [_cell_row(results_dir.resolve(), None, job_states)]  # one `bench train` run (or one cell's folder)
     if grid_err:

@@ -129,6 +129,9 @@ def test_a_label_edited_in_the_grid_file_reaches_cell_json_and_grid_json(tmp_pat
     folders = sorted(p.name for p in out.iterdir() if p.is_dir())
     before = read_json(out / "grid.json")
     assert [c["label"] for c in before["cells"]] == ["old words", "second"]
+    # each cell's epochs, which `bench status` shows for a cell the runner has not reached
+    assert [c["epochs"] for c in before["cells"]] == [
+        read_json(out / c["folder"] / "config.request.json")["epochs"] for c in before["cells"]]
     results = run_grid(labelled("new words"), out, Overrides(), command=cmd, console=quiet())
     assert [r.status for r in results] == ["ok", "ok"]  # finished cells, not rerun
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == folders

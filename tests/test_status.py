@@ -39,7 +39,10 @@ def epoch_rows(n: int, **extra) -> str:
 def grid_dir(tmp_path: Path) -> Path:
     """A grid's out folder: finished, failed, partial, skipped, damaged, submitted and pending cells."""
     out = tmp_path / "runs" / "smoke"
-    grid = {"grid": "smoke", "order": ORDER, "cells": [{"folder": f} for f in ORDER]}
+    # grid.json's epochs per cell: what a cell not reached yet shows; a folder's own config says it otherwise
+    planned = {"later-7": 4, "part-3": 9}
+    grid = {"grid": "smoke", "order": ORDER,
+            "cells": [{"folder": f, **({"epochs": planned[f]} if f in planned else {})} for f in ORDER]}
     write(out / "grid.json", record_jobs(grid, {"part-3": "77_2", "wait-6": "77_5"}))
     for name in ORDER[:6]:
         write(out / name / "cell.json", {"cell": name.split("-")[0], "label": f"label of {name}",
@@ -98,7 +101,9 @@ def test_rows_from_folders_alone(grid_dir):
     assert r["dmg-5"]["status"] == "unreadable"
     assert r["dmg-5"]["detail"].startswith("unreadable: summary.json:")
     assert (r["wait-6"]["status"], r["wait-6"]["detail"]) == ("submitted", "job 77_5")
-    assert (r["later-7"]["status"], r["later-7"]["epochs"]) == ("pending", None)
+    assert (r["later-7"]["status"], r["later-7"]["epochs"], r["later-7"]["epochs_done"]) == ("pending", 4, 0)
+    assert r["part-3"]["epochs"] == 5  # its config.request.json, not grid.json's 9
+    assert r["wait-6"]["epochs"] == 5 and r["dmg-5"]["epochs"] == 5
     assert recorded_jobs(grid_dir) == {"part-3": "77_2", "wait-6": "77_5"}
 
 
