@@ -1,11 +1,15 @@
 """`bench train --resume` as a user meets it: `--resume` alone continues the run as configured, a refusal
 names what differs, a data folder given relative works from anywhere, Ctrl-C says how to go on, and a
-structurally pruned checkpoint given to --init is named for what it is."""
+structurally pruned checkpoint given to --init is named for what it is; SIGTERM (a Slurm time limit, `kill`)
+says the same as Ctrl-C and still ends the process by SIGTERM."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +93,56 @@ def test_ctrl_c_says_the_run_stays_resumable(tmp_path: Path, capsys, monkeypatch
     assert (f"interrupted before the first checkpoint of {tmp_path / 'n'}: nothing trained is kept; run the same "
             "command again to start it.") in err
 
+
+
+def test_sigterm_says_the_run_stays_resumable_and_still_ends_by_sigterm(tmp_path: Path) -> None:
+    """SIGTERM's default action ended `bench train` without a word; now it unwinds like Ctrl-C (the line says
+    how to go on) and the process still dies by SIGTERM, as a grid runner or Slurm expects."""
+    out = tmp_path / "r"
+    args = [a for a in TINY_ARGS if a != "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "bench.cli", "train", "--out", str(out), "--epochs", "20",
+                             *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None and not read_jsonl(out / "epochs.jsonl"):
+            time.sleep(0.05)
+        assert proc.poll() is None, "bench train ended before its first epoch"
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGTERM, err
+    assert f"stopped by SIGTERM: {out} stays resumable; run the same command with --resume" in err
+    assert "Traceback" not in err
+    done = len(read_jsonl(out / "epochs.jsonl"))
+    assert 1 <= done < 20 and read_json(out / "summary.json")["status"] == "running"  # not failed
+    assert not lock_held(out / LOCK_NAME) and not list(out.glob(".*.tmp"))
+    res = subprocess.run([sys.executable, "-m", "bench.cli", "train", "--out", str(out), "--resume", "--quiet"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert [r["epoch"] for r in read_jsonl(out / "epochs.jsonl")] == list(range(1, 21))
+
+
+def test_sigterm_before_the_first_checkpoint_says_nothing_is_kept(tmp_path: Path, capsys, monkeypatch) -> None:
+    died: list[int] = []
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler raises here, in the main thread
+        time.sleep(5)
+        raise AssertionError("SIGTERM did not unwind the training")
+
+    def die() -> None:  # the real one ends this process by SIGTERM: the subprocess test above checks it
+        died.append(1)
+        raise SystemExit(143)
+
+    monkeypatch.setattr(cmd_train, "train", terminated)
+    monkeypatch.setattr(cmd_train, "_die_by_sigterm", die)
+    before = signal.getsignal(signal.SIGTERM)
+    code, err = run_cli(["train", "--out", str(tmp_path / "n"), "--epochs", "2", *TINY_ARGS], capsys)
+    assert code == 143 and died == [1]
+    assert (f"stopped by SIGTERM before the first checkpoint of {tmp_path / 'n'}: nothing trained is kept; run "
+            "the same command again to start it.") in err
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
 
 def test_init_from_a_structurally_pruned_checkpoint_says_so(tmp_path: Path, capsys) -> None:
     train(tiny_cfg(epochs=2, sparsity=SparsityConfig(kind="structured", dense_epochs=1)), tmp_path / "s",
