@@ -318,9 +318,9 @@ def run_cmd(
             try:
                 results = run_on_slurm(g, out_dir, options, overrides, repeats, resume, retry_failed, dry_run, wait,
                                        console)
-            except KeyboardInterrupt as e:  # while waiting: the line says the jobs go on, and how to end them
-                console.print(str(e) or f"interrupted; if it was submitting, check `squeue --me` for jobs it started "
-                              f"before running the same command again (`bench status {out_dir}` shows those recorded).",
+            except KeyboardInterrupt as e:  # submitting or waiting: the line says which jobs go on
+                console.print(str(e) or f"interrupted; every job it submitted is recorded in grid.json: `bench status "
+                              f"{out_dir}` shows them, and the same command submits only what is not queued or done.",
                               markup=False, highlight=False)
                 raise typer.Exit(130) from None
             if results is not None:

@@ -50,6 +50,7 @@ from bench.slurm import (
     CellJob,
     SlurmOptions,
     SubmissionFailed,
+    interrupts_held,
     job_states,
     latest_jobs,
     pending_cells,
@@ -209,13 +210,21 @@ def run_on_slurm(
         to_submit = pending_cells(decisions)
         jobs = [cell_job(by_folder[f], out, command, options) for f in to_submit]
         refused: SubmissionFailed | None = None
-        try:
-            submitted = submit_jobs(jobs, options, log_dir, executor_factory)
-        except SubmissionFailed as e:  # the arrays sbatch took before it run: record them, or they run twice
-            refused, submitted = e, e.submitted
-        ids = {f: str(j.job_id) for f, j in zip(to_submit, submitted, strict=True) if j is not None}
-        if ids:
-            write_json(out / "grid.json", record_jobs(record, ids))
+
+        def note(signame: str) -> None:
+            console.print(f"{signame}: stopping once the jobs sbatch queued are recorded in {out / 'grid.json'} "
+                          "(no further array is submitted) ...", markup=False, highlight=False)
+
+        with interrupts_held(note, block_in_children=options.cluster == "slurm") as held:
+            try:
+                submitted = submit_jobs(jobs, options, log_dir, executor_factory, stop=lambda: bool(held))
+            except SubmissionFailed as e:  # the arrays sbatch took before it run: record them, or they run twice
+                refused, submitted = e, e.submitted
+            ids = {f: str(j.job_id) for f, j in zip(to_submit, submitted, strict=True) if j is not None}
+            if ids:
+                write_json(out / "grid.json", record_jobs(record, ids))
+    if held:
+        raise KeyboardInterrupt(stopped_submitting_line(out, ids, len(to_submit), options.cluster))
     if refused is not None:
         raise UserError(f"{refused}" + (f" ({len(ids)} cell(s) submitted before it are recorded in grid.json; "
                                         "the same command submits only the rest.)" if ids else "")) from None
@@ -231,6 +240,19 @@ def run_on_slurm(
                      states if options.cluster == "slurm" else None)  # submitit's local ids are no Slurm jobs
     except KeyboardInterrupt:  # Ctrl-C stops the waiting, not the jobs: say so, and how to watch or end them
         raise KeyboardInterrupt(stop_waiting_line(out, ids, options.cluster)) from None
+
+
+def stopped_submitting_line(out: Path, ids: dict[str, str], asked: int, cluster: str) -> str:
+    """What `bench run --executor slurm` says when Ctrl-C or SIGTERM came while it submitted (`interrupts_held`)."""
+    left = asked - len(ids)
+    if not ids:
+        return (f"stopped submitting: no cell was submitted; the same command submits the {left} cell(s); "
+                f"`bench status {out}` shows where each cell stands.")
+    arrays = sorted({i.split("_")[0] for i in ids.values()})
+    cancel = f" and keep running (cancel them with `scancel {' '.join(arrays)}`)" if cluster == "slurm" else ""
+    rest = f"; {left} cell(s) were not submitted: the same command submits them" if left else ""
+    return (f"stopped submitting: {len(ids)} cell(s) submitted as job(s) {', '.join(arrays)} are recorded in "
+            f"grid.json{cancel}{rest}; `bench status {out}` shows where each cell stands.")
 
 
 def stop_waiting_line(out: Path, ids: dict[str, str], cluster: str) -> str:

@@ -4,12 +4,17 @@ submitted before a refusal is forgotten. No cluster: fake `srun`/`sbatch`/`squeu
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import signal
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import typer
+from rich.console import Console
 from typer.testing import CliRunner
 
 from bench.cmd_run import run_cmd
@@ -235,6 +240,55 @@ def test_a_refused_second_array_leaves_the_first_arrays_jobs_recorded(tmp_path, 
     recorded = latest_jobs(read_json(out / "grid.json"))
     assert [f.split("-")[0] for f in recorded] == ["one"]  # the job that runs is known: never submitted twice
 
+
+
+class _InterruptedExecutor(_Executor):
+    """The first array's sbatch reports the signals it has blocked, then `signum` reaches this process, as a Ctrl-C in
+    the terminal (or a SIGTERM) would while sbatch ran."""
+
+    def __init__(self, signum: int, blocked: list[set[int]]) -> None:
+        super().__init__(refuse_at=0)
+        self.signum, self.blocked = signum, blocked
+
+    @contextlib.contextmanager
+    def batch(self):
+        yield
+        res = subprocess.run([sys.executable, "-c", "import signal; print(*map(int, signal.pthread_sigmask("
+                              "signal.SIG_BLOCK, [])))"], capture_output=True, text=True, check=True)
+        self.blocked.append({int(x) for x in res.stdout.split()})
+        _Executor.arrays += 1
+        os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("cluster", ["slurm", "local"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_submitting_waits_until_the_queued_jobs_are_recorded(tmp_path, fake, signum, cluster):
+    """Ctrl-C (or SIGTERM) during the submission could leave an array queued but not in grid.json: it ran unseen,
+    and the next `bench run` queued its cells again. Now the signal is held until the ids are recorded, no later
+    array is submitted, and the line says which jobs run and what the same command does."""
+    command, _ = fake
+    _Executor.arrays = 0
+    blocked: list[set[int]] = []
+    out, said = tmp_path / "g", io.StringIO()
+    with pytest.raises(KeyboardInterrupt) as e:
+        run_on_slurm(_two_shape_grid(), out, SlurmOptions(cluster=cluster), console=Console(file=said, width=400),
+                     command=command, executor_factory=lambda folder: _InterruptedExecutor(signum, blocked),
+                     states=lambda ids: {})
+    assert _Executor.arrays == 1  # the second array was never submitted
+    recorded = latest_jobs(read_json(out / "grid.json"))
+    assert [f.split("-")[0] for f in recorded] == ["one"] and recorded[next(iter(recorded))].startswith("700_")
+    scancel = " and keep running (cancel them with `scancel 700`)" if cluster == "slurm" else ""
+    assert str(e.value) == (f"stopped submitting: 1 cell(s) submitted as job(s) 700 are recorded in grid.json{scancel}; "
+                            f"1 cell(s) were not submitted: the same command submits them; `bench status {out}` "
+                            "shows where each cell stands.")
+    assert f"{signal.Signals(signum).name}: stopping once the jobs sbatch queued are recorded" in said.getvalue()
+    # sbatch itself cannot be killed by the terminal's Ctrl-C on a real cluster; submitit's local cells, started
+    # from this process, must not keep the signals blocked for good
+    held = {int(signal.SIGINT), int(signal.SIGTERM)}
+    assert (held <= blocked[0]) if cluster == "slurm" else not (held & blocked[0])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert not (held & signal.pthread_sigmask(signal.SIG_BLOCK, []))
 
 # ------------------------------------------------------------------ Slurm that does not answer
 

@@ -41,6 +41,7 @@ from bench.slurm.options import CELL_LOCK, CLUSTERS, CellJob, SlurmOptions
 from bench.slurm.submit import (
     SubmissionFailed,
     executor_parameters,
+    interrupts_held,
     sbatch_preview,
     sbatch_text,
     submit,
@@ -50,7 +51,7 @@ from bench.slurm.submit import (
 __all__ = [
     "CELL_LOCK", "CLUSTERS", "JOBS_KEY", "STATES", "CellCommand", "CellFailed", "CellJob", "JobState", "NodePlace",
     "SlurmOptions", "SubmissionFailed",
-    "executor_parameters", "job_states", "latest_job_records", "latest_jobs", "pending_cells", "record_jobs",
+    "executor_parameters", "interrupts_held", "job_states", "latest_job_records", "latest_jobs", "pending_cells", "record_jobs",
     "refuse_live_jobs",
     "rendezvous_port", "sbatch_preview", "sbatch_text", "slurm_state", "state_label", "state_text",
     "submission_decisions", "submit", "submit_jobs", "torchrun_command",

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import shlex
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +92,10 @@ def submit_jobs(
     options: SlurmOptions,
     log_dir: Path,
     executor_factory: Callable[[Path], Any] | None = None,
+    stop: Callable[[], bool] = lambda: False,
 ) -> list[Any]:
-    """Submit `jobs` as one array per resource shape; returns submitit Job objects in the order of `jobs`.
+    """Submit `jobs` as one array per resource shape; returns submitit Job objects in the order of `jobs`
+    (None for a cell not submitted because `stop()` said so before its array: see `interrupts_held`).
 
     `executor_factory(folder)` makes the executor (default: `submitit.AutoExecutor(folder,
     cluster=options.cluster)`); tests pass submitit's LocalExecutor or DebugExecutor. An executor that
@@ -102,6 +107,8 @@ def submit_jobs(
     folder = Path(log_dir).absolute() / "%j"  # submitit replaces %j with each job's id
     out: list[Any] = [None] * len(jobs)
     for (gpus, nodes), idx in _groups(jobs, options).items():
+        if stop():
+            break
         executor = make(folder)
         params = executor_parameters(options, gpus, nodes)
         if not _is_auto(executor):
@@ -115,6 +122,69 @@ def submit_jobs(
         for i, job in zip(idx, submitted, strict=True):
             out[i] = job
     return out
+
+
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class HeldSignals:
+    """The signals `interrupts_held` held so far (true once one came; `names`)."""
+
+    def __init__(self, note: Callable[[str], None]) -> None:
+        self.names: list[str] = []
+        self.note = note
+        self.blocked = False
+
+    def hold(self, signum: int, frame: object = None) -> None:
+        name = signal.Signals(signum).name
+        if not self.names:
+            self.note(name)
+        if name not in self.names:
+            self.names.append(name)
+
+    def __bool__(self) -> bool:
+        if self.blocked:  # blocked here, a signal waits pending: take it now
+            for sig in set(HELD_SIGNALS) & signal.sigpending():
+                signal.sigtimedwait([sig], 0)
+                self.hold(sig)
+        return bool(self.names)
+
+
+@contextlib.contextmanager
+def interrupts_held(note: Callable[[str], None], block_in_children: bool = True) -> Iterator[HeldSignals]:
+    """Hold Ctrl-C and SIGTERM while jobs are submitted and recorded: a job sbatch queued whose id never
+    reached grid.json would run unseen, and the next `bench run` would queue its cell a second time.
+
+    Yields what came (`HeldSignals`, false while nothing did); `note` is told of the first at once, or when
+    the submission next asks. With `block_in_children` (a real Slurm), the signals are also blocked in
+    this thread, and sbatch, started from it, inherits that: a Ctrl-C in the terminal, which reaches the
+    whole process group, cannot kill sbatch between queueing an array and printing its id. Not with
+    submitit's local executor: its cells, started from here, would keep them blocked for good. Only the
+    main thread may handle signals; elsewhere this holds nothing.
+    """
+    held = HeldSignals(note)
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+    previous = {sig: signal.signal(sig, held.hold) for sig in HELD_SIGNALS}
+    mask = None
+    if block_in_children and hasattr(signal, "sigtimedwait"):  # Linux (not macOS)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+        held.blocked = True
+    try:
+        yield held
+    finally:
+        if mask is not None:
+            bool(held)  # take what is pending while it is still blocked
+            held.blocked = False
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        _run_pending_handlers()  # one another thread received runs here, before the old handlers are back
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def _run_pending_handlers() -> None:
+    """A Python-level call: the interpreter runs the handlers of signals already received before it."""
 
 
 class SubmissionFailed(UserError):
