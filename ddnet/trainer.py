@@ -126,16 +126,20 @@ class Run:
     def _build_model(self) -> nn.Module:
         model = DDNet(self.cfg.model)
         if self.cfg.init:
-            loaded, _info = load_model_weights(self.cfg.init, device="cpu")
+            loaded, info = load_model_weights(self.cfg.init, device="cpu")
             want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
             got = {k: tuple(v.shape) for k, v in loaded.state_dict().items()}
             if want != got:
                 first = next(k for k in want if want[k] != got.get(k))
-                stem = "stem.conv.weight"
-                fix = ("it was pruned structurally (narrower layers, the same --base-width); --init starts from a "
+                # widths the file's net was built with (before any pruning) that differ from this run's
+                ours = vars(self.cfg.model)
+                opts = {f"--{k.replace('_', '-')}": (v, ours.get(k)) for k, v in info["model_config"].items()
+                        if ours.get(k) != v}
+                fix = ("it was pruned structurally (narrower layers, the same widths); --init starts from a "
                        "dense DDNet: use the checkpoint from before the pruning, or `bench eval` to evaluate it"
-                       if want.get(stem) == got.get(stem) and set(want) == set(got)
-                       else "set --base-width to the checkpoint's width")
+                       if not opts else "its net was built with " + " ".join(f"{o} {a}" for o, (a, _) in opts.items())
+                       + " (this run: " + " ".join(f"{o} {b}" for o, (_, b) in opts.items()) + "); set "
+                       + ", ".join(opts) + (" to the checkpoint's width" if len(opts) == 1 else " to its values"))
                 raise UserError(f"--init {self.cfg.init} does not match the configured model: {first} is "
                                 f"{got.get(first)} there but {want[first]} here; {fix}.")
             model = loaded

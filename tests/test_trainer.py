@@ -20,6 +20,7 @@ from bench.store import read_json, read_jsonl
 from bench.training import build_run, train
 from ddnet import loss
 from ddnet.config import DataConfig, ModelConfig, SparsityConfig, TrainConfig
+from ddnet.errors import UserError
 from ddnet.trainer import INJECT_NAN_ENV, INJECT_ONLY_ENV, TrainingFailed
 from tests.test_lockstep import low_fp16_scale
 
@@ -411,3 +412,15 @@ def test_presets_rest_on_a_measurement_and_refuse_what_cannot_run(tmp_path: Path
     res = cli("train", "--preset", "quickest", "--out", str(tmp_path / "b"))
     assert res.returncode == 2 and "--preset 'quickest' is not one of fastest" in res.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_init_with_other_widths_names_them_not_pruning(tmp_path: Path) -> None:
+    # a dense checkpoint of another bottleneck (same base width) was called "pruned structurally"
+    train(tiny_cfg(epochs=1), tmp_path / "a", progress=False)
+    with pytest.raises(UserError) as e:
+        build_run(tiny_cfg(model=ModelConfig(base_width=4, growth=4, bottleneck=16),
+                           init=str(tmp_path / "a" / "ckpt.pt")), tmp_path / "b")
+    line = str(e.value)
+    assert "pruned structurally" not in line
+    assert ("built with --bottleneck 8 (this run: --bottleneck 16); set --bottleneck to the checkpoint's width"
+            in line)
