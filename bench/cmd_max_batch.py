@@ -247,17 +247,31 @@ def max_batch_cmd(**options: Any) -> None:
                f"precision {cfg.precision}, graphs {cfg.graphs}, loader {cfg.loader}, "
                f"{'sparse' if probes_sparse_phase(cfg) else 'dense'} phase")
 
+    done: list[ProbeResult] = []
+
     def fits(batch: int) -> ProbeResult:
         r = probe(cfg, batch, shape, device)
         typer.echo(_line(r))
+        done.append(r)
         return r
+
+    def record(**what: Any) -> dict[str, Any]:
+        return {"device_name": props.name, "total_memory_gib": total / GIB, "free_memory_at_start_gib": free / GIB,
+                "image_height": shape[1], "image_width": shape[2], "config": cfg.to_dict(),
+                "phase": "sparse" if probes_sparse_phase(cfg) else "dense",
+                "start": options["start"], "max": options["maximum"], "step": options["step"],
+                "probes": [dataclasses.asdict(r) for r in done], **what, "torch": torch.__version__}
 
     try:
         found = search_largest(fits, options["start"], options["maximum"], options["step"])
     except UserError:
         raise
     except Exception as e:  # not an OOM: the configuration itself fails here
-        typer.echo(f"error: a probe failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}", err=True)
+        said = (str(e).strip().splitlines() or [""])[0][:200]
+        failed = len(done) + 1
+        typer.echo(f"error: probe {failed} failed: {type(e).__name__}: {said}", err=True)
+        if out is not None:  # on record too: a sweep's missing file would not say why
+            _write_record(out, record(status="failed", error=f"{type(e).__name__}: {said}", largest_batch=None))
         sys.exit(EXIT_FAILED)
     best = next((r for r in found.probes if r.fits and r.batch == found.largest), None)
     if best is not None:  # printed before --out is written: a write that fails must not lose the answer
@@ -268,16 +282,10 @@ def max_batch_cmd(**options: Any) -> None:
         if found.largest > shape[0]:
             typer.echo(f"note: a run at that batch needs at least {found.largest} training slices (--n-train).")
     if out is not None:
-        _write_record(out, {
-            "device_name": props.name, "total_memory_gib": total / GIB, "free_memory_at_start_gib": free / GIB,
-            "image_height": shape[1], "image_width": shape[2], "config": cfg.to_dict(),
-            "phase": "sparse" if probes_sparse_phase(cfg) else "dense",
-            "start": options["start"], "max": options["maximum"], "step": options["step"],
-            "probes": [dataclasses.asdict(r) for r in found.probes], "largest_batch": found.largest,
-            "capped_at_max": found.capped, "peak_allocated_gib": best.peak_allocated_gib if best else None,
-            "peak_reserved_gib": best.peak_reserved_gib if best else None,
-            "torch": torch.__version__,
-        })
+        _write_record(out, record(
+            status="ok" if best is not None else "nothing fits", largest_batch=found.largest,
+            capped_at_max=found.capped, peak_allocated_gib=best.peak_allocated_gib if best else None,
+            peak_reserved_gib=best.peak_reserved_gib if best else None))
     if best is None:
         raise UserError(f"not even batch 1 fits in {total / GIB:.1f} GiB on {props.name} for this configuration; "
                         "try --precision amp-bf16, --loader host or a smaller --image-size.")

@@ -305,3 +305,32 @@ def test_the_record_holds_every_probe_and_the_answer(monkeypatch, capsys, tmp_pa
     assert rec["largest_batch"] == 20 and not rec["capped_at_max"]
     assert [p["batch"] for p in rec["probes"]] == [8, 16, 32, 24, 20, 22, 21]
     assert "largest batch that fits: 20" in capsys.readouterr().out
+
+
+def test_a_probe_that_fails_otherwise_than_oom_is_on_record_with_the_probes_before_it(monkeypatch, capsys,
+                                                                                       tmp_path: Path):
+    """A probe failing for another reason than memory (a compile error, a kernel bug) ended the search with a line
+    but wrote no --out: a sweep over configurations lost the probes that ran, and the file said nothing."""
+    _fake_gpu(monkeypatch, fits_up_to=20)
+    fits = mb.probe
+
+    def broken_at_16(cfg, b, shape, dev):
+        if b == 16:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
+        return fits(cfg, b, shape, dev)
+
+    monkeypatch.setattr(mb, "probe", broken_at_16)
+    out = tmp_path / "mb.json"
+    with pytest.raises(SystemExit) as exc:
+        main(["max-batch", "--image-size", "64", "--max", "40", "--out", str(out)])
+    assert exc.value.code == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: probe 2 failed: RuntimeError: CUDA error: an illegal memory access was encountered"]
+    rec = json.loads(out.read_text())
+    assert rec["status"] == "failed" and rec["largest_batch"] is None
+    assert rec["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert [(p["batch"], p["fits"]) for p in rec["probes"]] == [(8, True)]
+    assert rec["device_name"] == "FakeGPU" and rec["image_height"] == 64
+    monkeypatch.setattr(mb, "probe", fits)
+    main(["max-batch", "--image-size", "64", "--max", "40", "--out", str(tmp_path / "ok.json")])  # and when it ends
+    assert json.loads((tmp_path / "ok.json").read_text())["status"] == "ok"
