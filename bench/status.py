@@ -112,7 +112,7 @@ def _cell_row(folder: Path, record: dict[str, Any] | None, states: dict[str, str
     job = str(record["job_id"]) if record else None
     state = states.get(job, "unknown") if (job and states is not None) else None
     done = len(rows)
-    of = f"{done}/{epochs if epochs is not None else '?'}"
+    of = f"{done}/{epochs if epochs is not None else '?'}"  # epochs done / asked
     time_used: float | None = _time_used(rows) if rows else None
 
     if s_err or (summary is not _MISSING and not isinstance(summary, dict)):
@@ -142,18 +142,18 @@ def _cell_row(folder: Path, record: dict[str, Any] | None, states: dict[str, str
             detail = f"job {job} {state_text(state)}" + (f"; resumes after epoch {of}" if done else "")
         elif state in ("failed", "cancelled", "finished") or (state == "unknown" and (done or kind)):
             status = "stopped"
-            detail = f"job {job} {state_text(state)} at epoch {of}; `bench run` resubmits it"  # Slurm's why and fix
+            detail = f"job {job} {state_text(state)} with {of} epochs done; `bench run` resubmits it"  # Slurm's why, fix
         elif state == "unknown":
             status, detail = "submitted", f"job {job}, not listed by Slurm"
         elif state is None and kind == "running" and (interrupted_why(s) or writer_alive(s.get("writer")) is False):
             # a local run whose process has ended (interrupted, killed, a full disk, the machine rebooted, a
             # replica lost: then the summary says so)
             status = "stopped"
-            detail = f"at epoch {of}; its process has ended: {resume_hint(folder, isinstance(cell, dict))}"
+            detail = f"{of} epochs done; its process has ended: {resume_hint(folder, isinstance(cell, dict))}"
         elif kind == "running" or done or state == "running":
             status = "running"
             last = rows[-1].get("phase") if rows else None
-            detail = f"epoch {of}" + (f" ({last})" if isinstance(last, str) and last else "") + _last_sign(folder)
+            detail = _running(done, epochs, last if isinstance(last, str) else "") + _last_sign(folder)
         elif job is not None:
             status, detail = "submitted", f"job {job}"
         else:
@@ -169,6 +169,16 @@ def _cell_row(folder: Path, record: dict[str, Any] | None, states: dict[str, str
         "epochs_done": done, "epochs": epochs, "time_used_s": time_used,
         "job_id": job, "job_state": state,
     }
+
+
+
+def _running(done: int, epochs: int | None, last_phase: str) -> str:
+    """'in epoch 3/5 (2 done, dense)': the epoch under way, not the count done, which read 'epoch 0/5' in
+    epoch 1; 'all 5/5 epochs done, finishing' while the final evaluation and records are written."""
+    if epochs is not None and done >= epochs:
+        return f"all {done}/{epochs} epochs done, finishing"
+    under_way = f"in epoch {done + 1}/{epochs if epochs is not None else '?'}"
+    return under_way + (f" ({done} done, {last_phase})" if done and last_phase else f" ({done} done)" if done else "")
 
 
 def _not_started(folder: Path) -> str:

@@ -85,7 +85,7 @@ def test_rows_from_folders_alone(grid_dir):
     assert r["fail-2"]["status"] == "failed" and r["fail-2"]["detail"] == "train loss became nan at epoch 2"
     assert r["fail-2"]["time_used_s"] == 10.0
     part = r["part-3"]
-    assert (part["status"], part["detail"], part["epochs_done"]) == ("running", "epoch 2/5 (dense)", 2)
+    assert (part["status"], part["detail"], part["epochs_done"]) == ("running", "in epoch 3/5 (2 done, dense)", 2)
     assert part["time_used_s"] == pytest.approx(22.0)  # 2 x 10 s + 1.5 s capture + 0.5 s pruning
     assert part["job_id"] == "77_2" and part["job_state"] is None
     # its trainer touches .alive at its steps (every 10 s at most): the running row says how long ago
@@ -94,7 +94,7 @@ def test_rows_from_folders_alone(grid_dir):
         t = time.time() - age
         os.utime(grid_dir / "part-3" / ".alive", (t, t))
         detail = by_cell(cell_status_rows(grid_dir))["part-3"]["detail"]
-        assert re.fullmatch(r"epoch 2/5 \(dense\), last sign of life (\d+ s|\d+ min|\d+\.\d h) ago", detail), detail
+        assert re.fullmatch(r"in epoch 3/5 \(2 done, dense\), last sign of life (\d+ s|\d+ min|\d+\.\d h) ago", detail), detail
         value, said = _age(detail)
         assert said == unit and abs(value - age) <= 2, detail
     assert r["skip-4"]["status"] == "skipped" and r["skip-4"]["detail"] == "needs CUDA (--graphs cuda-graph)"
@@ -108,13 +108,13 @@ def test_rows_from_folders_alone(grid_dir):
 
 
 @pytest.mark.parametrize("states, part, wait", [
-    ({"77_2": "running", "77_5": "queued"}, ("running", "epoch 2/5 (dense)"), ("queued", "job 77_5 queued")),
+    ({"77_2": "running", "77_5": "queued"}, ("running", "in epoch 3/5 (2 done, dense)"), ("queued", "job 77_5 queued")),
     ({"77_2": "queued", "77_5": "running"}, ("queued", "job 77_2 queued; resumes after epoch 2/5"),
-     ("running", "epoch 0/5")),
+     ("running", "in epoch 1/5")),
     ({"77_2": "cancelled", "77_5": "failed"},
-     ("stopped", "job 77_2 cancelled at epoch 2/5; `bench run` resubmits it"),
-     ("stopped", "job 77_5 failed at epoch 0/5; `bench run` resubmits it")),
-    ({}, ("stopped", "job 77_2 unknown at epoch 2/5; `bench run` resubmits it"),
+     ("stopped", "job 77_2 cancelled with 2/5 epochs done; `bench run` resubmits it"),
+     ("stopped", "job 77_5 failed with 0/5 epochs done; `bench run` resubmits it")),
+    ({}, ("stopped", "job 77_2 unknown with 2/5 epochs done; `bench run` resubmits it"),
      ("submitted", "job 77_5, not listed by Slurm")),
 ])
 def test_job_states_refine_unfinished_cells_only(grid_dir, states, part, wait):
@@ -129,9 +129,9 @@ def test_a_job_slurm_ended_says_slurms_reason_and_the_fix_a_preempted_one_is_not
     r = by_cell(cell_status_rows(grid_dir, job_states=states))
     assert (r["part-3"]["status"], r["part-3"]["detail"]) == (
         "stopped", "job 77_2 failed (Slurm TIMEOUT: the job hit --slurm-time; raise it, the cell resumes from its "
-                   "last epoch) at epoch 2/5; `bench run` resubmits it")
+                   "last epoch) with 2/5 epochs done; `bench run` resubmits it")
     assert (r["wait-6"]["status"], r["wait-6"]["detail"]) == (
-        "stopped", "job 77_5 preempted (resumable) at epoch 0/5; `bench run` resubmits it")
+        "stopped", "job 77_5 preempted (resumable) with 0/5 epochs done; `bench run` resubmits it")
     assert r["part-3"]["job_state"] == "failed"  # the coarse state, for whatever reads the rows
     console = Console(width=300, record=True)
     console.print(status_table(list(r.values())))
@@ -151,13 +151,13 @@ def test_a_local_cell_whose_process_has_ended_is_stopped_not_running(grid_dir):
         write(grid_dir / "part-3" / "summary.json", {"status": "running", "error": None, "writer": writer})
         part = by_cell(cell_status_rows(grid_dir))["part-3"]
         assert part["status"] == expected, writer
-    assert part["detail"] == "epoch 2/5 (dense)"
+    assert part["detail"] == "in epoch 3/5 (2 done, dense)"
     write(grid_dir / "part-3" / "summary.json", {"status": "running", "error": None, "writer": ended})
     part = by_cell(cell_status_rows(grid_dir))["part-3"]
-    assert part["detail"] == "at epoch 2/5; its process has ended: `bench run` (the same command) resumes it"
+    assert part["detail"] == "2/5 epochs done; its process has ended: `bench run` (the same command) resumes it"
     (grid_dir / "part-3" / "cell.json").unlink()  # a run `bench train` made on its own: that command resumes it
     assert by_cell(cell_status_rows(grid_dir))["part-3"]["detail"] == (
-        f"at epoch 2/5; its process has ended: `bench train --out {grid_dir / 'part-3'} --resume` resumes it")
+        f"2/5 epochs done; its process has ended: `bench train --out {grid_dir / 'part-3'} --resume` resumes it")
     # with Slurm job states the job's state decides, as before
     assert by_cell(cell_status_rows(grid_dir, job_states={"77_2": "running"}))["part-3"]["status"] == "running"
 
@@ -295,3 +295,13 @@ def test_a_failed_cell_launched_again_says_so_until_its_trainer_writes(grid_dir)
     os.utime(summary, None)  # a summary written after the mark (a runner killed before it recorded the launch)
     os.utime(grid_dir / "fail-2" / OPEN_LAUNCH, (time.time() - 30, time.time() - 30))
     assert by_cell(cell_status_rows(grid_dir))["fail-2"]["detail"] == "train loss became nan at epoch 2"
+
+
+def test_a_running_cell_names_the_epoch_under_way_not_the_count_done():
+    """A cell training its first epoch read 'epoch 0/4', as if it were at epoch 0."""
+    from bench.status import _running
+
+    assert _running(0, 4, "") == "in epoch 1/4"
+    assert _running(2, 4, "dense") == "in epoch 3/4 (2 done, dense)"
+    assert _running(4, 4, "sparse") == "all 4/4 epochs done, finishing"  # the final evaluation and records
+    assert _running(1, None, "dense") == "in epoch 2/? (1 done, dense)"
