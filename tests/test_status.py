@@ -17,7 +17,14 @@ from typer.testing import CliRunner
 from bench.cell_log import OPEN_LAUNCH
 from bench.cli import app, main
 from bench.slurm import record_jobs, slurm_state
-from bench.status import cell_status_rows, format_duration, recorded_jobs, status_table, status_totals
+from bench.status import (
+    _running,
+    cell_status_rows,
+    format_duration,
+    recorded_jobs,
+    status_table,
+    status_totals,
+)
 from bench.store import TRAIN_LOCK, take_lock, writer_record
 from ddnet.errors import UserError
 
@@ -299,8 +306,6 @@ def test_a_failed_cell_launched_again_says_so_until_its_trainer_writes(grid_dir)
 
 def test_a_running_cell_names_the_epoch_under_way_not_the_count_done():
     """A cell training its first epoch read 'epoch 0/4', as if it were at epoch 0."""
-    from bench.status import _running
-
     assert _running(0, 4, "") == "in epoch 1/4"
     assert _running(2, 4, "dense") == "in epoch 3/4 (2 done, dense)"
     assert _running(4, 4, "sparse") == "all 4/4 epochs done, finishing"  # the final evaluation and records
