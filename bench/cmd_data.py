@@ -115,6 +115,9 @@ def synth_cmd(
         raise UserError(f"--dose {dose} must be in (0, 1] (0.25 = quarter dose).")
     if seed < 0:
         raise UserError(f"--seed {seed} must be non-negative.")
+    if size < 16 or size % 16:  # the options' own words: check_shape's speak of files (crop, pad, --image-size)
+        raise UserError(f"--size {size} must be divisible by 16 (four 2x poolings) and at least 16, e.g. --size "
+                        f"{max(16, size // 16 * 16)}.")
     check_shape(size, size, f"--size {size}")
     counts = split_counts(n, val_frac, test_frac)
     _check_out(out)

@@ -654,3 +654,16 @@ def test_bench_data_synth_refuses_an_empty_val_split_and_writes_nothing(tmp_path
                                    "--mode", "fast", "--val-frac", "0.25", "--test-frac", "0"])
     assert res.exit_code == 0, res.output
     assert [len(load_split(DataConfig(source=str(tmp_path / "d")), sp)) for sp in ("train", "val")] == [3, 1]
+
+
+@pytest.mark.parametrize(("size", "suggested"), [("40", "32"), ("0", "16"), ("-16", "16")])
+def test_synth_refuses_a_bad_size_in_its_own_option(tmp_path: Path, capsys, size: str, suggested: str) -> None:
+    # the refusal once spoke of files ('slices in --size 40 are 40x40 ... crop or pad') or of
+    # `bench train`'s --image-size, an option `bench data synth` does not have
+    with pytest.raises(SystemExit) as e:
+        main(["data", "synth", "--out", str(tmp_path / "d"), "--n", "4", "--size", size])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert err == (f"error: --size {size} must be divisible by 16 (four 2x poolings) and at least 16, "
+                   f"e.g. --size {suggested}.\n")
+    assert not (tmp_path / "d").exists()
