@@ -160,6 +160,10 @@ def _die_with_parent_hook() -> Callable[[], None] | None:
     return hook
 
 
+OUTSIDE_STOPS = (-signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP, 130)
+"""How a cell's process ends when stopped on purpose (130: `bench train` after a Ctrl-C)."""
+
+
 class _Interrupted(Exception):
     """Ctrl-C or SIGTERM reached the runner."""
 
@@ -298,6 +302,12 @@ def run_cell(
         return result_from_summary(p, s, action)
     if (why := interrupted_why(s)) is not None:  # a replica lost (EXIT_PEER_LOST): not the cell's failure
         display.failure(p.folder, log_tail(log_path), log_path, f"stopped ({why}); it stays resumable")
+        return result_from_summary(p, {**s, "status": "stopped", "error": why}, action)
+    if stop_why is None and rc in OUTSIDE_STOPS and s.get("status") == "running":
+        # stopped from outside the runner (`kill`, a Ctrl-C in another terminal): `bench train` said it stays
+        # resumable, and it does; SIGKILL is not among them (the out-of-memory killer's signal)
+        why = f"stopped from outside the runner ({exit_text(rc)})"
+        display.failure(p.folder, log_tail(log_path), log_path, f"{why}; it stays resumable")
         return result_from_summary(p, {**s, "status": "stopped", "error": why}, action)
 
     tail = log_tail(log_path)

@@ -26,6 +26,8 @@ def fake(tmp_path, monkeypatch):
     monkeypatch.delenv("FAKE_FULL", raising=False)
     monkeypatch.delenv("FAKE_NO_GPU", raising=False)
     monkeypatch.delenv("FAKE_LOST", raising=False)
+    monkeypatch.delenv("FAKE_TERM", raising=False)
+    monkeypatch.delenv("FAKE_TERM_SIGNAL", raising=False)
     monkeypatch.delenv("FAKE_STUCK_START", raising=False)
     monkeypatch.delenv("FAKE_SLOW_START", raising=False)
 

@@ -21,7 +21,8 @@ from ddnet.config import DataConfig, ModelConfig, TrainConfig
 # GPU, say) in epoch 2 when it contains $FAKE_HANG, stops as `bench train` does on a full disk (exit 4,
 # nothing recorded as failed) in epoch 2 when it contains $FAKE_FULL, stops as a GPU gone (exit 5) in epoch 2
 # when it contains $FAKE_NO_GPU, stops as a DDP run whose replica was lost (exit 6, the summary still 'running'
-# with the reason under "interrupted") in epoch 2 when it contains $FAKE_LOST, and sleeps $FAKE_EPOCH_S per epoch.
+# with the reason under "interrupted") in epoch 2 when it contains $FAKE_LOST, dies by signal $FAKE_TERM_SIGNAL
+# (default SIGTERM: sent from outside the runner) in epoch 2 when it contains $FAKE_TERM, and sleeps $FAKE_EPOCH_S per epoch.
 # Before its first epoch it hangs without a sign of life when its name contains $FAKE_STUCK_START, and spends
 # $FAKE_START_S seconds touching .alive every 0.2 s (a slow start that lives: data, a compile) when $FAKE_SLOW_START.
 FAKE_TRAIN = r'''
@@ -68,6 +69,8 @@ for e in range(start + 1, cfg["epochs"] + 1):
         put(summ, json.dumps({"status": "running", "error": None,
                               "interrupted": "lost the other replicas (RuntimeError: Connection reset by peer)"}))
         print("error: lost the other replicas (RuntimeError: Connection reset by peer)"); sys.exit(6)
+    if os.environ.get("FAKE_TERM") and os.environ["FAKE_TERM"] in out.name and e == 2:
+        import signal; os.kill(os.getpid(), int(os.environ.get("FAKE_TERM_SIGNAL", "15"))); time.sleep(30)
     if os.environ.get("FAKE_FULL") and os.environ["FAKE_FULL"] in out.name and e == 2:
         print(f"error: cannot write {ck} (the disk is full: No space left on device)"); sys.exit(4)
     if os.environ.get("FAKE_FAIL") and os.environ["FAKE_FAIL"] in out.name and e == 1:

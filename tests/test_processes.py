@@ -187,6 +187,37 @@ def test_a_cell_the_oom_killer_ended_is_failed_with_the_fix(tmp_path, fake, monk
     assert results[1].error.endswith(": segfault-like crash")  # the log's telling line, as for any crash
 
 
+
+@pytest.mark.parametrize("signum, said", [(signal.SIGTERM, "killed by signal SIGTERM"),
+                                          (signal.SIGINT, "killed by signal SIGINT")])
+def test_a_cell_stopped_from_outside_the_runner_stays_resumable(tmp_path, fake, monkeypatch, signum, said):
+    """`kill <cell pid>` ended the cell's process by SIGTERM: `bench train` says it stays resumable, but the runner
+    recorded it failed, so the same command skipped it until --retry-failed. SIGKILL stays a failure (the
+    out-of-memory killer's signal)."""
+    cmd, launched = fake
+    monkeypatch.setenv("FAKE_TERM", "c1-")
+    monkeypatch.setenv("FAKE_TERM_SIGNAL", str(int(signum)))
+    out = tmp_path / "out"
+    results = run_grid(make_grid(3), out, command=cmd, console=quiet())
+    assert [r.status for r in results] == ["ok", "stopped", "ok"]  # the grid went on
+    assert results[1].error == f"stopped from outside the runner ({said})"
+    (d1,) = out.glob("c1-*")
+    assert read_json(d1 / "summary.json")["status"] == "running"  # nothing recorded as failed
+    monkeypatch.delenv("FAKE_TERM")
+    results = run_grid(make_grid(3), out, command=cmd, console=quiet())
+    assert [(r.status, r.action) for r in results] == [("ok", "reused"), ("ok", "resumed"), ("ok", "reused")]
+    assert [r["epoch"] for r in read_jsonl(d1 / "epochs.jsonl")] == [1, 2]
+
+
+def test_a_cell_killed_outright_from_outside_is_still_failed(tmp_path, fake, monkeypatch):
+    cmd, launched = fake
+    monkeypatch.setenv("FAKE_TERM", "c1-")
+    monkeypatch.setenv("FAKE_TERM_SIGNAL", str(int(signal.SIGKILL)))
+    monkeypatch.setattr(processes, "oom_kills", lambda root=None: None)
+    results = run_grid(make_grid(2), tmp_path / "out", command=cmd, console=quiet())
+    assert [r.status for r in results] == ["ok", "failed"]
+    assert "killed by signal SIGKILL" in results[1].error
+
 def test_a_lost_replica_leaves_the_cell_resumable_and_the_grid_goes_on(tmp_path, fake, monkeypatch):
     cmd, launched = fake
     monkeypatch.setenv("FAKE_LOST", "c1-")  # c1's DDP group breaks in epoch 2, no replica says why: exit 6
