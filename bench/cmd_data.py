@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from bench import signals
 from ddnet.data import split_seed
 from ddnet.data.cache import CACHE_ENV, cache_enabled, cache_root, clear, list_entries
 from ddnet.data.readers import check_shape
@@ -130,7 +131,8 @@ def synth_cmd(
                    TimeRemainingColumn())
         workers = pool_workers(n, size, mode)
         chunk = CHUNK * workers
-        with Progress(*columns, console=Console(stderr=True)) as bar, generation_pool(workers) as pool:
+        with (signals.sigterm_unwinds(), Progress(*columns, console=Console(stderr=True)) as bar,
+              generation_pool(workers) as pool):
             task = bar.add_task(f"{mode} {phantom} {size}x{size}", total=n)
             for split, count in counts.items():
                 if count == 0:
@@ -160,10 +162,13 @@ def synth_cmd(
         if out.is_dir():
             out.rmdir()
         tmp.rename(out)
-    except KeyboardInterrupt:  # typer would turn it into exit status 130 silently
+    except KeyboardInterrupt as e:  # typer would turn it into exit status 130 silently
         shutil.rmtree(tmp, ignore_errors=True)
-        typer.echo(f"interrupted: nothing was written to {out} (the partial dataset was removed); run the same "
+        how = "stopped by SIGTERM" if isinstance(e, signals.Terminated) else "interrupted"
+        typer.echo(f"{how}: nothing was written to {out} (the partial dataset was removed); run the same "
                    "command again to make it.", err=True)
+        if isinstance(e, signals.Terminated):  # a SIGTERM's end, as its sender expects (143 in a shell)
+            signals.die_by_sigterm()
         raise typer.Exit(130) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

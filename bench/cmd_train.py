@@ -21,10 +21,8 @@ import datetime
 import inspect
 import json
 import os
-import signal
 import socket
 import sys
-import threading
 import time
 import traceback
 import typing
@@ -37,6 +35,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import typer
 
+from bench import signals
 from bench.cell_log import EXIT_NO_SPACE, EXIT_PEER_LOST, PLANNED_DEVICE_ENV, DeviceGone
 from bench.store import read_jsonl
 from bench.training import train
@@ -283,19 +282,19 @@ def _run_training(cfg: TrainConfig, out: Path, resume: bool, progress: bool, me:
         elif cfg.nproc > 1:
             _spawn(cfg, out, resume, progress)
         else:
-            with _sigterm_unwinds():
+            with signals.sigterm_unwinds():
                 summary = train(cfg, out, resume=resume, progress=progress, dist=Dist(), launched=True)
             _print_summary(summary, out)
     except KeyboardInterrupt as e:  # typer turns it into exit status 130, silently
-        how = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
+        how = "stopped by SIGTERM" if isinstance(e, signals.Terminated) else "interrupted"
         if (out / "ckpt.pt").exists() or read_jsonl(out / "epochs.jsonl"):
             typer.echo(f"{how}: {out} stays resumable; run the same command with --resume to continue from "
                        "its last checkpoint.", err=True)
         else:  # before the first checkpoint: nothing to resume, and the plain command starts it again
             typer.echo(f"{how} before the first checkpoint of {out}: nothing trained is kept; run the same "
                        "command again to start it.", err=True)
-        if isinstance(e, Terminated):
-            _die_by_sigterm()
+        if isinstance(e, signals.Terminated):
+            signals.die_by_sigterm()
         raise
     except PeerLost as e:  # a node lost, the network cut: not the run's failure
         typer.echo(f"error: {e}; nothing is recorded as failed: run the same command with --resume to continue "
@@ -318,42 +317,6 @@ def _run_training(cfg: TrainConfig, out: Path, resume: bool, progress: bool, me:
         typer.echo(f"error: cannot write {where} ({e.strerror or e}); free some space or choose a writable "
                    f"--out, then add --resume to continue.", err=True)
         sys.exit(EXIT_FAILED)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM reached `bench train` (a Slurm time limit or scancel, `kill`, a shutdown)."""
-
-
-@contextlib.contextmanager
-def _sigterm_unwinds() -> typing.Iterator[None]:
-    """While training in this process, SIGTERM unwinds like Ctrl-C: the trainer's cleanup runs (loader
-    workers, profiler, lock) and the run says whether it is resumable, where its default action ended the
-    process without a word. `_die_by_sigterm` then ends it by SIGTERM all the same."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        if signal.getsignal(signal.SIGTERM) in (handler, signal.SIG_DFL):
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _die_by_sigterm() -> None:
-    """End this process by SIGTERM, as unhandled: whoever started it (a grid runner, Slurm, a shell) sees
-    the same exit status (-15, or 143 in a shell) as before the handler existed."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(5)  # the signal is delivered at once; never carry on past it
-    os._exit(128 + signal.SIGTERM)
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:

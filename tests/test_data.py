@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -523,6 +525,28 @@ def _running(pid: int) -> bool:
     except psutil.NoSuchProcess:
         return False
 
+
+
+def test_sigterm_during_bench_data_synth_leaves_nothing_and_still_ends_by_sigterm(tmp_path) -> None:
+    """SIGTERM's default action ended `bench data synth` where it stood: its hidden partial folder stayed beside
+    --out for good, without a word. Now it is removed, as on Ctrl-C, and the process still dies by SIGTERM."""
+    out = tmp_path / "d"
+    proc = subprocess.Popen([sys.executable, "-m", "bench.cli", "data", "synth", "--n", "2000", "--size", "128",
+                             "--mode", "physics", "--out", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and not list(tmp_path.glob(".d.partial-*/*/HQ/*")):
+            time.sleep(0.05)
+        assert proc.poll() is None and list(tmp_path.glob(".d.partial-*")), "no partial dataset to stop"
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGTERM, err
+    assert (f"stopped by SIGTERM: nothing was written to {out} (the partial dataset was removed); run the same "
+            "command again to make it.") in err
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []
 
 def test_ctrl_c_during_bench_data_synth_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys) -> None:
     def interrupted(*args, **kwargs):

@@ -18,6 +18,7 @@ import torch
 
 import bench.cmd_train as cmd_train
 import bench.training as training
+from bench import signals
 from bench.cli import main
 from bench.store import lock_held, read_json, read_jsonl, take_lock
 from bench.training import LOCK_NAME, config_differences, train
@@ -136,7 +137,7 @@ def test_sigterm_before_the_first_checkpoint_says_nothing_is_kept(tmp_path: Path
         raise SystemExit(143)
 
     monkeypatch.setattr(cmd_train, "train", terminated)
-    monkeypatch.setattr(cmd_train, "_die_by_sigterm", die)
+    monkeypatch.setattr(signals, "die_by_sigterm", die)
     before = signal.getsignal(signal.SIGTERM)
     code, err = run_cli(["train", "--out", str(tmp_path / "n"), "--epochs", "2", *TINY_ARGS], capsys)
     assert code == 143 and died == [1]

@@ -1,0 +1,55 @@
+"""SIGTERM as a clean stop for the commands that write (`bench train`, `bench data`).
+
+SIGTERM's default action ends a process where it stands: no cleanup, no word. Slurm sends it at a
+job's time limit, `kill` and a shutdown send it. Inside `sigterm_unwinds()` it raises `Terminated`
+(a KeyboardInterrupt) instead, so the command's Ctrl-C path runs: temporary files go, worker
+processes stop, one line says what is kept. The command then calls `die_by_sigterm()`, and whoever
+started it (a grid runner, Slurm, a shell) sees the same end as without the handler: killed by
+SIGTERM (-15 for a parent process, status 143 in a shell).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM reached the command (a Slurm time limit or scancel, `kill`, a shutdown)."""
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Raise `Terminated` on SIGTERM inside the block (a second SIGTERM ends the process at once).
+
+    Only the main thread may set handlers; elsewhere this changes nothing. The handler before it
+    is put back on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGTERM) in (handler, signal.SIG_DFL):
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def die_by_sigterm() -> None:
+    """End this process by SIGTERM, as if unhandled (after the command said what it kept)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)  # delivered at once; never carry on past it
+    os._exit(128 + signal.SIGTERM)
