@@ -19,7 +19,7 @@ NET = ["--base-width", "4", "--growth", "4", "--bottleneck", "8", "--batch-size"
        "--num-workers", "0", "--quiet", "--epochs", "1"]
 
 
-def _folder(root: Path) -> Path:
+def npy_folder(root: Path) -> Path:
     """train/ (8 pairs) and val/ (4 pairs) of 32 px .npy slices in HU."""
     rng = np.random.default_rng(0)
     for split, n in (("train", 8), ("val", 4)):
@@ -35,7 +35,7 @@ def _ours(caught) -> list[str]:
 
 
 def test_train_warns_of_synthetic_options_beside_a_data_folder(tmp_path, capsys) -> None:
-    data = _folder(tmp_path / "data")
+    data = npy_folder(tmp_path / "data")
     with pytest.warns(UserWarning) as caught:
         code, _, err = run_cli(["train", "--out", str(tmp_path / "a"), "--data", str(data), "--image-size", "64",
                                 "--n-train", "4", "--dose", "0.1", *NET], capsys)
@@ -61,7 +61,7 @@ def test_train_warns_of_synthetic_options_beside_a_data_folder(tmp_path, capsys)
 
 
 def test_run_warns_of_synthetic_options_beside_a_data_folder(tmp_path) -> None:
-    data = _folder(tmp_path / "data")
+    data = npy_folder(tmp_path / "data")
     with pytest.warns(UserWarning) as caught:
         plan_grid(registry()["table1"], Overrides(data=str(data), n_train=4, n_val=2))
     assert _ours(caught) == [f"--n-train, --n-val only shape synthetic data: the slices in {data} are used as "

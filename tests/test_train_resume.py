@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -23,6 +22,7 @@ from bench.cli import main
 from bench.store import lock_held, read_json, read_jsonl, take_lock
 from bench.training import LOCK_NAME, config_differences, train
 from ddnet.config import ConfigError, SparsityConfig
+from tests.test_data_options import npy_folder
 from tests.test_training import TINY_ARGS, one_error_line, run_cli, tiny_cfg
 
 
@@ -58,13 +58,7 @@ def test_a_refused_resume_names_what_differs_and_the_way_on(tmp_path: Path, caps
 
 
 def test_a_relative_data_folder_is_recorded_absolute(tmp_path: Path, capsys, monkeypatch) -> None:
-    data = tmp_path / "data"
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("val", 4)):
-        for kind in ("HQ", "LQ"):
-            (data / split / kind).mkdir(parents=True)
-            for i in range(n):
-                np.save(data / split / kind / f"s{i:03d}.npy", rng.uniform(-1000, 400, (32, 32)).astype(np.float32))
+    data = npy_folder(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "r"
     args = [a for a in TINY_ARGS if a not in ("--image-size", "32")]
