@@ -194,6 +194,8 @@ def run_eval(
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1.")
     checkpoint = Path(checkpoint)
+    if checkpoint.is_dir() and (checkpoint / "config.json").is_file() and not (checkpoint / "weights.pt").is_file():
+        checkpoint = checkpoint / "weights.pt"  # a run folder without weights: say what the run has not written
     run = checkpoint.parent
     if not checkpoint.exists() and checkpoint.name in ("ckpt.pt", "weights.pt") and (run / "config.json").is_file():
         resume = f"resume it with `bench train --out {run} --resume`"

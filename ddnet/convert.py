@@ -300,8 +300,12 @@ def load_model_weights(path: str | Path, device: str | torch.device = "cpu") -> 
     """
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"checkpoint {path} is a folder; pass a file in it, e.g. {path / 'weights.pt'} (a run folder "
-                        "holds weights.pt and ckpt.pt).")
+        inside = next((path / n for n in ("weights.pt", "ckpt.pt") if (path / n).is_file()), None)
+        if inside is None:  # naming a file that is not there would send the user to a second error
+            raise UserError(f"checkpoint {path} is a folder that holds no weights.pt or ckpt.pt; pass the path of a "
+                            "checkpoint file (a run folder holds them once its first epoch, and the run, ends).")
+        raise UserError(f"checkpoint {path} is a folder; pass a file in it, e.g. {inside} (a run folder holds "
+                        "weights.pt and ckpt.pt).")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass the path of a ckpt.pt, weights.pt or .pt state dict.")
     obj = _torch_load(path)

@@ -167,8 +167,19 @@ def test_missing_checkpoint_gives_one_error_line_through_the_real_entry_point(tm
 
 
 def test_a_run_folder_given_as_the_checkpoint_names_the_file_to_pass(tmp_path: Path) -> None:
+    (tmp_path / "weights.pt").write_bytes(b"")
     with pytest.raises(UserError, match=re.escape(f"checkpoint {tmp_path} is a folder; pass a file in it, e.g. "
                                                   f"{tmp_path / 'weights.pt'}")):
+        load_model_weights(tmp_path)
+
+
+def test_a_folder_given_as_the_checkpoint_names_only_a_file_it_holds(tmp_path: Path) -> None:
+    """A folder without weights.pt was answered 'pass a file in it, e.g. DIR/weights.pt', a file not there."""
+    with pytest.raises(UserError, match=re.escape(f"checkpoint {tmp_path} is a folder that holds no weights.pt or "
+                                                  "ckpt.pt; pass the path of a checkpoint file")):
+        load_model_weights(tmp_path)
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    with pytest.raises(UserError, match=re.escape(f"pass a file in it, e.g. {tmp_path / 'ckpt.pt'} ")):
         load_model_weights(tmp_path)
 
 
@@ -276,3 +287,19 @@ def test_eval_of_a_run_without_its_checkpoint_yet_says_why(tmp_path, capsys) -> 
     assert not any(p.name.startswith("eval-") for p in run.iterdir())
     code, _, err = run_cli(["eval", "--checkpoint", str(tmp_path / "typo.pt"), "--device", "cpu"], capsys)
     assert code == 2 and "typo.pt does not exist" in err  # not a run folder: as before
+
+
+def test_eval_of_a_run_folder_without_weights_says_what_the_run_lacks(tmp_path, capsys) -> None:
+    """`--checkpoint RUN` on a run without weights.pt named RUN/weights.pt as the file to pass, which is not there."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    code, _, err = run_cli(["eval", "--checkpoint", str(run), "--device", "cpu"], capsys)
+    assert code == 2 and err == (f"error: {run} is a run with no checkpoint yet: it has not finished its first "
+                                 "epoch (stopped before, or still in it); resume it with `bench train --out "
+                                 f"{run} --resume`, then evaluate.\n")
+    (run / "ckpt.pt").write_bytes(b"")
+    code, _, err = run_cli(["eval", "--checkpoint", str(run), "--device", "cpu"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"{run} has no weights.pt yet: the run has not finished; evaluate {run / 'ckpt.pt'}" in err
+    assert sorted(p.name for p in run.iterdir()) == ["ckpt.pt", "config.json"]
