@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,10 @@ def resolve_data_config(
         source = "original layout (per-image min-max)" if info["layout"] == "original" else "checkpoint"
     else:
         source = f"default ({base.normalisation}; the checkpoint does not say)"
+        # a guess the scores rest on: a net trained under the other normalisation scores far too low
+        warnings.warn(f"{Path(info['path']).name} does not say which normalisation it was trained with; using "
+                      f"{base.normalisation}: pass --normalisation minmax or window to choose.", UserWarning,
+                      stacklevel=2)
     if expected and expected.get("hu_window"):
         changes["hu_window"] = tuple(float(v) for v in expected["hu_window"])
     cfg = dataclasses.replace(base, **changes)

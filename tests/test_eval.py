@@ -11,6 +11,7 @@ import pickle
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -303,3 +304,23 @@ def test_eval_of_a_run_folder_without_weights_says_what_the_run_lacks(tmp_path, 
     assert code == 2 and err.count("\n") == 1
     assert f"{run} has no weights.pt yet: the run has not finished; evaluate {run / 'ckpt.pt'}" in err
     assert sorted(p.name for p in run.iterdir()) == ["ckpt.pt", "config.json"]
+
+
+def test_a_plain_state_dict_says_its_normalisation_is_a_guess(trained: Path, tmp_path: Path, capsys) -> None:
+    """README: a plain state dict gets the data default (window), 'said so'; only eval.json said it."""
+    plain = tmp_path / "plain.pt"
+    torch.save(torch.load(trained / "weights.pt", weights_only=False)["model"], plain)
+    args = ["eval", "--device", "cpu", "--image-size", "32", "--n-val", "2"]
+    guess = ("plain.pt does not say which normalisation it was trained with; using window: pass "
+             "--normalisation minmax or window to choose.")
+    with pytest.warns(UserWarning, match=re.escape(guess)):
+        code, _, err = run_cli([*args, "--checkpoint", str(plain), "--out", str(tmp_path / "a")], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "a" / "eval.json").read_text())["normalisation"]["normalisation"] == "window"
+    for extra, out in ((["--checkpoint", str(plain), "--normalisation", "window"], "b"),  # chosen, not guessed
+                       (["--checkpoint", str(trained / "weights.pt")], "c")):  # ours records it
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            code, _, err = run_cli([*args, *extra, "--out", str(tmp_path / out)], capsys)
+        assert code == 0, err
+        assert not [w for w in seen if "does not say" in str(w.message)]
