@@ -280,7 +280,8 @@ def _run_training(cfg: TrainConfig, out: Path, resume: bool, progress: bool, me:
                 where = f"rank {me.rank} on {me.host}; global rank 0 records the run in {out}"
             _replica(cfg.replace(nproc=me.world), out, resume, progress, me)
         elif cfg.nproc > 1:
-            _spawn(cfg, out, resume, progress)
+            with signals.sigterm_unwinds():
+                _spawn(cfg, out, resume, progress)
         else:
             with signals.sigterm_unwinds():
                 summary = train(cfg, out, resume=resume, progress=progress, dist=Dist(), launched=True)
@@ -415,10 +416,11 @@ def _replica(cfg: TrainConfig, out: Path, resume: bool, progress: bool, me: Dist
         _print_summary(summary, out)
 
 
-def _worker(rank: int, cfg_dict: dict, out: str, resume: bool, progress: bool, port: int) -> None:
+def _worker(rank: int, cfg_dict: dict, out: str, resume: bool, progress: bool, port: int, parent: int) -> None:
     """Entry point of a replica started by `--nproc N` (torch.multiprocessing spawn)."""
     from bench.cli import one_line_warnings  # noqa: PLC0415 - a spawned process starts without the CLI's setup
 
+    signals.die_with_parent(parent)
     one_line_warnings()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cfg = TrainConfig.from_dict(cfg_dict)
@@ -429,10 +431,20 @@ def _worker(rank: int, cfg_dict: dict, out: str, resume: bool, progress: bool, p
     _hard_exit(0)
 
 
+REPLICA_STOP_S = 10.0
+"""How long replicas get to end by themselves after a Ctrl-C (the terminal's reaches them too) before SIGTERM."""
+
+
 def _spawn(cfg: TrainConfig, out: Path, resume: bool, progress: bool) -> None:
     try:
-        mp.start_processes(_worker, args=(cfg.to_dict(), str(out), resume, progress, _free_port()),
-                           nprocs=cfg.nproc, start_method="spawn")
+        ctx = mp.start_processes(_worker, args=(cfg.to_dict(), str(out), resume, progress, _free_port(),
+                                                os.getpid()), nprocs=cfg.nproc, start_method="spawn", join=False)
+        try:
+            while not ctx.join():
+                pass
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM to this process alone: the replicas stop with it
+            _stop_replicas(ctx.processes, 0.0 if isinstance(e, signals.Terminated) else REPLICA_STOP_S)
+            raise
     except mp.ProcessRaisedException as e:
         first = str(e).strip().splitlines()[-1]
         if "UserError" in first or "ConfigError" in first or "DataError" in first:
@@ -440,3 +452,17 @@ def _spawn(cfg: TrainConfig, out: Path, resume: bool, progress: bool) -> None:
         raise TrainingFailed(first) from None
     except mp.ProcessExitedException as e:  # a replica died from a signal (OOM killer, abort)
         raise TrainingFailed(str(e).strip().splitlines()[-1]) from None
+
+
+def _stop_replicas(procs: list[Any], grace_s: float) -> None:
+    """End the spawned replicas: `grace_s` to stop by themselves (a Ctrl-C in the terminal reaches them too),
+    then SIGTERM, then SIGKILL; never leave one training on its own."""
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for stop in ("terminate", "kill"):
+        alive = [p for p in procs if p.is_alive()]
+        for p in alive:
+            getattr(p, stop)()
+        for p in alive:
+            p.join(5.0)

@@ -1,16 +1,18 @@
-"""SIGTERM as a clean stop for the commands that write (`bench train`, `bench data`).
+"""SIGTERM as a clean stop for the commands that write (`bench train`, `bench data`), and no orphans.
 
 SIGTERM's default action ends a process where it stands: no cleanup, no word. Slurm sends it at a
 job's time limit, `kill` and a shutdown send it. Inside `sigterm_unwinds()` it raises `Terminated`
 (a KeyboardInterrupt) instead, so the command's Ctrl-C path runs: temporary files go, worker
 processes stop, one line says what is kept. The command then calls `die_by_sigterm()`, and whoever
 started it (a grid runner, Slurm, a shell) sees the same end as without the handler: killed by
-SIGTERM (-15 for a parent process, status 143 in a shell).
+SIGTERM (-15 for a parent process, status 143 in a shell). `die_with_parent` ends a spawned replica
+with the process that started it, however that one ends.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import sys
@@ -53,3 +55,18 @@ def die_by_sigterm() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(5)  # delivered at once; never carry on past it
     os._exit(128 + signal.SIGTERM)
+
+
+def die_with_parent(parent: int) -> None:
+    """Linux: this process gets SIGTERM when `parent`, which started it, dies (SIGKILL included), so no
+    replica of a killed `bench train --nproc N` trains on as an orphan, holding its GPU and the folder's lock.
+    Elsewhere, or without libc, nothing changes."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the call above took effect
+        os._exit(1)

@@ -118,6 +118,57 @@ def test_sigterm_says_the_run_stays_resumable_and_still_ends_by_sigterm(tmp_path
     assert [r["epoch"] for r in read_jsonl(out / "epochs.jsonl")] == list(range(1, 21))
 
 
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL, signal.SIGINT])
+def test_replicas_of_a_stopped_nproc_run_never_train_on_as_orphans(tmp_path: Path, signum: int) -> None:
+    """`kill` (or SIGKILL) of `bench train --nproc 2` started as `nohup ... &` starts it (SIGINT ignored) left
+    both replicas training on as orphans, holding the folder's lock (on a GPU node, the GPUs); a SIGINT to it
+    alone waited for them to finish every epoch. Now they end with it: stopped on SIGTERM or SIGINT, and by
+    the system (PR_SET_PDEATHSIG) when it dies outright."""
+    psutil = pytest.importorskip("psutil")
+    out, log = tmp_path / "r", tmp_path / "stderr.txt"
+    with open(log, "w") as f:  # a file, not a pipe: reading a pipe would wait for orphans that hold it too
+        proc = subprocess.Popen([sys.executable, "-m", "bench.cli", "train", "--out", str(out), "--epochs",
+                                 "5000", "--nproc", "2", *TINY_ARGS], stdout=subprocess.DEVNULL, stderr=f,
+                                preexec_fn=_ignore_sigint if signum != signal.SIGINT else None)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None and not read_jsonl(out / "epochs.jsonl"):
+            time.sleep(0.05)
+        assert proc.poll() is None, "bench train ended before its first epoch"
+        replicas = psutil.Process(proc.pid).children(recursive=True)
+        assert len(replicas) >= 2
+        t0 = time.monotonic()
+        proc.send_signal(signum)
+        proc.wait(timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        proc.kill()
+    gone_by = time.monotonic() + 30
+    while time.monotonic() < gone_by and any(_live(r) for r in replicas):
+        time.sleep(0.1)
+    assert not any(_live(r) for r in replicas), "a replica trains on"
+    assert len(read_jsonl(out / "epochs.jsonl")) < 5000
+    if signum == signal.SIGKILL:
+        return
+    assert took < 60, took  # not the 5000 epochs
+    err = log.read_text()
+    said = "stopped by SIGTERM" if signum == signal.SIGTERM else "interrupted"
+    assert proc.returncode == (-signal.SIGTERM if signum == signal.SIGTERM else 130), err
+    assert f"{said}: {out} stays resumable" in err and "Traceback" not in err
+
+
+def _live(p) -> bool:
+    psutil = pytest.importorskip("psutil")
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
 def test_sigterm_before_the_first_checkpoint_says_nothing_is_kept(tmp_path: Path, capsys, monkeypatch) -> None:
     died: list[int] = []
 
