@@ -125,6 +125,22 @@ def test_a_damaged_epochs_file_is_read_whole_and_flagged(tmp_path):
     assert "recorded twice" in status["damage"] and status["epochs_done"] == 29
 
 
+def test_epochs_a_finished_run_counts_but_its_file_lacks_are_flagged(tmp_path):
+    """An epochs.jsonl cut short (or gone) beside a summary of 10 trained epochs read as a clean run of fewer."""
+    root = tmp_path / "runs"
+    cut = write_run(root, "g", "cut", _cfg(), _times(10.0, 1, n=10), [50.0 + i for i in range(10)])
+    lines = (cut / "epochs.jsonl").read_text().splitlines()
+    (cut / "epochs.jsonl").write_text("\n".join(lines[:7]) + "\n")
+    gone = write_run(root, "g", "gone", _cfg(), _times(10.0, 2, n=10), [50.0 + i for i in range(10)])
+    (gone / "epochs.jsonl").unlink()
+    runs = {r.cell_name: r for r in load_runs(root)}
+    assert runs["cut"].damage == "epochs.jsonl damaged: epochs 8, 9, 10 missing"
+    assert runs["gone"].damage == "epochs.jsonl damaged: epochs 1, 2, 3, 4, 5 missing"
+    status = pd.read_csv(make_report(root, opts=Options()).out / "tables" / "status.csv").set_index("cell")
+    assert "epochs 8, 9, 10 missing" in status.loc["cut", "damage"] and status.loc["cut", "epochs_done"] == 7
+    assert "epochs 1, 2, 3, 4, 5 missing" in status.loc["gone", "damage"]
+
+
 def test_records_of_bytes_that_are_not_utf8_make_an_unreadable_run_not_a_traceback(tmp_path):
     """A summary.json, config.json, env.json or cell.json (or a grid.json) filled with binary garbage is
     named unreadable like bad JSON is: UnicodeDecodeError used to escape `bench report` as a traceback."""

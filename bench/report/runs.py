@@ -292,7 +292,8 @@ def read_run(path: Path, root: Path) -> RunRecord:
     except OSError as exc:
         raw, bad_lines = [], []
         problems.append(f"epochs.jsonl unreadable: {exc}")
-    epochs, damage = _clean_epochs(raw, bad_lines)
+    done = summary.get("epochs_completed")  # what the run says it trained: rows short of it are missing too
+    epochs, damage = _clean_epochs(raw, bad_lines, done if isinstance(done, int) and not isinstance(done, bool) else 0)
     copies = summary.get("copies") if isinstance(summary.get("copies"), dict) else None
     if copies is None:
         c, _ = _read_optional(path / "copies.json")
@@ -346,12 +347,15 @@ def _launches(path: Path) -> list[dict[str, Any]]:
         return []
 
 
-def _clean_epochs(raw: list[dict[str, Any]], bad_lines: list[int]) -> tuple[list[dict[str, Any]], str | None]:
+def _clean_epochs(
+    raw: list[dict[str, Any]], bad_lines: list[int], recorded: int = 0
+) -> tuple[list[dict[str, Any]], str | None]:
     """Every valid epoch row once, in epoch order, and what was wrong with the file (None when nothing).
 
     Damage is flagged, never hidden: lines that are not a row (garbage, a torn line), epochs recorded
     twice (the last record of an epoch is kept: a resume rewrites rows past its checkpoint), and epoch
-    numbers missing between the first and the last.
+    numbers missing up to the last row or the `recorded` epochs the summary counts (a file cut short, or
+    gone), whichever is more.
     """
     by_epoch: dict[int, dict[str, Any]] = {}
     dup: list[int] = []
@@ -365,7 +369,7 @@ def _clean_epochs(raw: list[dict[str, Any]], bad_lines: list[int]) -> tuple[list
             dup.append(e)
         by_epoch[e] = row
     epochs = [by_epoch[e] for e in sorted(by_epoch)] + loose
-    gaps = [e for e in range(1, max(by_epoch) + 1) if e not in by_epoch] if by_epoch else []
+    gaps = [e for e in range(1, max([recorded, *by_epoch]) + 1) if e not in by_epoch]
     parts = []
     if bad_lines:
         parts.append(f"{len(bad_lines)} unreadable line{'s' if len(bad_lines) > 1 else ''} "
