@@ -158,6 +158,23 @@ def test_records_of_bytes_that_are_not_utf8_make_an_unreadable_run_not_a_traceba
     assert "summary.json unreadable" in rep.report_md.read_text()
 
 
+def test_records_of_valid_json_but_no_object_name_what_they_hold(tmp_path):
+    """A summary.json of `[1, 2]` or `{}` (or an env.json of `[]`) read 'unreadable:' with nothing after it."""
+    root = tmp_path / "runs"
+    runs_made = {name: write_run(root, "g", name, _cfg(), _times(10.0, i), QUAL)
+                 for i, name in enumerate(("listed", "empty", "envlist"))}
+    (runs_made["listed"] / "summary.json").write_text("[1, 2]")
+    (runs_made["empty"] / "summary.json").write_text("{}")
+    (runs_made["envlist"] / "env.json").write_text("[]")
+    runs = {r.cell_name: r for r in load_runs(root)}
+    assert runs["listed"].error == "summary.json unreadable: it holds a JSON list, not an object"
+    assert runs["empty"].error == "summary.json unreadable: it records no status"
+    assert runs["envlist"].error == "env.json unreadable: it holds a JSON list, not an object"
+    assert all(r.status == "unreadable" for r in runs.values())
+    status = pd.read_csv(make_report(root, opts=Options()).out / "tables" / "status.csv").set_index("cell")
+    assert status.loc["listed", "message"] == "unreadable: summary.json unreadable: it holds a JSON list, not an object"
+
+
 def test_runs_of_one_cell_name_with_other_epochs_are_two_cells_never_pooled(tmp_path):
     """The audit's fixture e5: a grid run at 5 epochs, its baseline run again at 10 (same name, same folder tree).
 

@@ -261,17 +261,20 @@ def _read_optional(path: Path) -> tuple[Any, str | None]:
     if not path.exists():
         return None, None
     try:
-        return read_json(path), None
+        value = read_json(path)
     except (OSError, ValueError) as exc:  # ValueError: bad JSON and bytes that are not UTF-8 alike
         return None, f"{path.name} unreadable: {exc}"
+    if not isinstance(value, dict):  # valid JSON, but no record: say so, not a bare 'unreadable:'
+        return None, f"{path.name} unreadable: it holds a JSON {type(value).__name__}, not an object"
+    return value, None
 
 
 def read_run(path: Path, root: Path) -> RunRecord:
     """Read one run folder; unreadable files make an 'unreadable' run, never an exception."""
     problems: list[str] = []
     summary, err = _read_optional(path / "summary.json")
-    if err:
-        problems.append(err)
+    if err or (summary is not None and "status" not in summary):
+        problems.append(err or "summary.json unreadable: it records no status")
     config, err = _read_optional(path / "config.json")
     if err:
         problems.append(err)
