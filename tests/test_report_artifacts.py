@@ -366,3 +366,24 @@ def test_wall_table_medians_each_part_over_repeats(tmp_path):
     assert (rep.out / "figures" / "wall.png").is_file()
     md = (rep.out / "tables" / "wall.md").read_text()
     assert "| g | dense | 2.0 s | 2.5 s | 10.0 s | 1.0 s | 3.0 s | 700 ms | 19.2 s | 52.1 % |" in md
+
+
+def test_the_sparsity_table_names_the_layers_a_pattern_left_dense(tmp_path):
+    """README: under 2:4 the layers whose input channels are not a multiple of 4 (the 1-channel stem) 'are
+    listed in the report and left dense'; the sparsity table said nothing of them."""
+    root = tmp_path / "runs"
+    cfg = _cfg(kind="random")
+    cfg = dataclasses.replace(cfg, sparsity=dataclasses.replace(cfg.sparsity, pattern="2:4"))
+    d = write_run(root, "g", "random-24", cfg, _times(10.0, 1), QUAL)
+    s = json.loads((d / "summary.json").read_text())
+    s["sparsity"]["report"] = {"layers_left_dense": {"stem.conv": "2:4 needs input channels divisible by 4, "
+                                                                   "layer has 1"}}
+    (d / "summary.json").write_text(json.dumps(s))
+    write_run(root, "g", "topk", _cfg(kind="topk"), _times(10.0, 2), QUAL)  # nothing left dense
+    rep = make_report(root, opts=Options())
+    df = _csv(root, "sparsity").set_index("cell")
+    assert df.loc["random-24", "layers_left_dense"] == "stem.conv (2:4 needs input channels divisible by 4, layer has 1)"
+    assert pd.isna(df.loc["topk", "layers_left_dense"])
+    md = (rep.out / "tables" / "sparsity.md").read_text()
+    assert "left dense: stem.conv (2:4 needs input channels divisible by 4, layer has 1)" in md
+    assert md.count("left dense") == 1

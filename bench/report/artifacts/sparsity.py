@@ -44,6 +44,16 @@ def build(env: EnvView) -> Table | None:
             note = "structural: channels removed, the layers are narrower and do less work"
         else:
             note = f"sparsity kind {kind!r} not recorded"
+        rep = sp.get("report") if isinstance(sp.get("report"), dict) else {}
+        left = rep.get("layers_left_dense") if isinstance(rep.get("layers_left_dense"), dict) else {}
+        # e.g. the 1-channel stem under 2:4: a reader must know which layers the pattern skipped, and why
+        # (structural pruning's unprunable layers, the many that feed a concatenation, are in the CSV alone)
+        why: dict[str, list[str]] = {}
+        for name, reason in sorted(left.items()):
+            why.setdefault(str(reason), []).append(name)
+        row["layers_left_dense"] = "; ".join(f"{', '.join(n)} ({r})" for r, n in why.items()) or None
+        if left and kind == "masked":
+            note += f"; left dense: {row['layers_left_dense']}"
         row["note"] = note
         csv.append(row)
         md.append({
