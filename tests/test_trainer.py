@@ -424,3 +424,16 @@ def test_init_with_other_widths_names_them_not_pruning(tmp_path: Path) -> None:
     assert "pruned structurally" not in line
     assert ("built with --bottleneck 8 (this run: --bottleneck 16); set --bottleneck to the checkpoint's width"
             in line)
+
+
+def test_checkpoint_every_is_what_the_readme_says(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README's run folder said `ckpt.pt` (atomic, every epoch), silent on --checkpoint-every N."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "`ckpt.pt` (atomic, every epoch; every N with `--checkpoint-every N`, and always at the end)" in readme
+    monkeypatch.setenv(INJECT_NAN_ENV, "4")  # the run fails in epoch 4: its checkpoint is the last one written
+    with pytest.raises(TrainingFailed):
+        train(tiny_cfg(epochs=5, checkpoint_every=2), tmp_path / "a", progress=False)
+    assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["epoch"] == 2  # not 3
+    monkeypatch.delenv(INJECT_NAN_ENV)
+    train(tiny_cfg(epochs=3, checkpoint_every=2), tmp_path / "b", progress=False)
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["epoch"] == 3  # the end, off the stride
