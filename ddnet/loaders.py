@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -262,7 +263,9 @@ def load_run_data(cfg: TrainConfig, device: torch.device, me: Dist) -> RunData:
         if train is not None and len(train) < cfg.batch_size:
             raise UserError(
                 f"the training set has {len(train)} slices, fewer than --batch-size {cfg.batch_size}; "
-                "lower --batch-size or add data (--n-train)."
+                # --n-train shapes synthetic data only: a folder grows by its own files
+                + ("lower --batch-size or add data (--n-train)." if cfg.data.source == "synthetic" else
+                   f"lower --batch-size or add slice pairs to {Path(cfg.data.source) / 'train'}.")
             )
         if train is not None and val is not None:
             check_val_shape(train, val, cfg.data.source)

@@ -71,3 +71,16 @@ def test_run_warns_of_synthetic_options_beside_a_data_folder(tmp_path) -> None:
         plan_grid(registry()["table1"], Overrides(data=str(data), epochs=1))
         plan_grid(registry()["table1"], Overrides(n_train=4, n_val=2))
     assert _ours(quiet) == []
+
+
+def test_a_data_folder_too_small_for_the_batch_names_the_folder_not_n_train(tmp_path, capsys) -> None:
+    """With --data DIR the refusal said 'add data (--n-train)', an option a data folder ignores (and warns of)."""
+    data = npy_folder(tmp_path / "data")  # 8 training pairs
+    args = ["train", "--out", str(tmp_path / "a"), "--data", str(data), *NET, "--batch-size", "16"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and err == (f"error: the training set has 8 slices, fewer than --batch-size 16; lower "
+                                 f"--batch-size or add slice pairs to {data / 'train'}.\n")
+    assert not (tmp_path / "a").exists()
+    code, _, err = run_cli(["train", "--out", str(tmp_path / "b"), "--image-size", "32", "--n-train", "8",
+                            "--n-val", "4", *NET, "--batch-size", "16"], capsys)
+    assert code == 2 and err.endswith("lower --batch-size or add data (--n-train).\n")  # synthetic: it grows
