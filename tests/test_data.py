@@ -691,3 +691,13 @@ def test_synth_refuses_a_bad_size_in_its_own_option(tmp_path: Path, capsys, size
     assert err == (f"error: --size {size} must be divisible by 16 (four 2x poolings) and at least 16, "
                    f"e.g. --size {suggested}.\n")
     assert not (tmp_path / "d").exists()
+
+
+def test_a_colour_png_is_named_with_its_mode_and_the_fix(tmp_path) -> None:
+    image = pytest.importorskip("PIL.Image")
+    for mode, said in (("RGB", "is an RGB PNG"), ("P", "is a P PNG"), ("LA", "is an LA PNG")):
+        path = tmp_path / f"s_{mode}.png"
+        image.new(mode, (16, 16)).save(path)
+        with pytest.raises(DataError) as e:
+            readers.read_image(path)
+        assert str(e.value) == f"{path} {said}; save CT slices as 8- or 16-bit grayscale."

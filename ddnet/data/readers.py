@@ -244,7 +244,8 @@ def _read_png(path: Path, hu_window: tuple[float, float]) -> np.ndarray:
         return _as_2d(arr, path).astype(np.float64) - 1024.0
     if mode == "F":
         return _as_2d(arr, path).astype(np.float64)
-    raise DataError(f"{path} is a {mode} PNG; save CT slices as 8- or 16-bit grayscale.")
+    article = "an" if mode[:1] in "AEFHILMNORSX" else "a"  # said as letters: an RGB, an LA; a P, a CMYK
+    raise DataError(f"{path} is {article} {mode} PNG; save CT slices as 8- or 16-bit grayscale.")
 
 
 _OFFSET_FIX = {"TIFF": "add an ImageJ calibration (c0=-1024)", "DICOM": "set RescaleIntercept (-1024)",
