@@ -170,9 +170,10 @@ def plan_grid(
     for p in planned:  # before anything is written, not once per cell in its own process
         sizes = cell_sizes(p.config)
         if not p.skip_reason and sizes.n_train < sizes.batch:
+            source = p.config.data.source  # --n-train shapes synthetic data only: a folder grows by its files
+            more = "add data (--n-train)" if source == "synthetic" else f"add slice pairs to {Path(source) / 'train'}"
             raise UserError(f"grid '{grid.name}', cell '{p.cell.name}': the training set has {sizes.n_train} "
-                            f"slices, fewer than --batch-size {sizes.batch}; lower --batch-size or add data "
-                            "(--n-train).")
+                            f"slices, fewer than --batch-size {sizes.batch}; lower --batch-size or {more}.")
     return planned
 
 

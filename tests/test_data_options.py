@@ -13,6 +13,7 @@ import pytest
 from bench.grids import registry
 from bench.planning import Overrides, plan_grid
 from bench.store import read_json
+from ddnet.errors import UserError
 from tests.test_eval import run_cli
 
 NET = ["--base-width", "4", "--growth", "4", "--bottleneck", "8", "--batch-size", "4", "--device", "cpu",
@@ -84,3 +85,14 @@ def test_a_data_folder_too_small_for_the_batch_names_the_folder_not_n_train(tmp_
     code, _, err = run_cli(["train", "--out", str(tmp_path / "b"), "--image-size", "32", "--n-train", "8",
                             "--n-val", "4", *NET, "--batch-size", "16"], capsys)
     assert code == 2 and err.endswith("lower --batch-size or add data (--n-train).\n")  # synthetic: it grows
+
+
+def test_a_grid_over_a_data_folder_too_small_for_the_batch_names_the_folder(tmp_path) -> None:
+    """A grid's refusal said 'add data (--n-train)' for a data folder too, an option the folder ignores."""
+    data = npy_folder(tmp_path / "data")  # 8 training pairs
+    with pytest.raises(UserError) as e:
+        plan_grid(registry()["table1"], Overrides(data=str(data), batch_size=16))
+    assert str(e.value).endswith(f"the training set has 8 slices, fewer than --batch-size 16; lower --batch-size or "
+                                 f"add slice pairs to {data / 'train'}.")
+    with pytest.raises(UserError, match=r"lower --batch-size or add data \(--n-train\)\.$"):
+        plan_grid(registry()["table1"], Overrides(n_train=8, batch_size=16))  # synthetic data: it grows
