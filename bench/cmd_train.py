@@ -183,9 +183,20 @@ def train_cmd(**options: Any) -> None:
         options = {**options, "config": saved, "from_run": True}  # `--resume` alone continues the run as configured
     cfg = config_from_options(options)
     if cfg.init is not None and not Path(cfg.init).is_file():
-        raise UserError(f"--init {cfg.init} does not exist; pass a checkpoint file (ckpt.pt, weights.pt or "
-                        "an original DDNet state dict).")
+        raise UserError(_init_missing(Path(cfg.init)))
     run_training(cfg, options["out"], resume=options["resume"], progress=not options["quiet"])
+
+
+def _init_missing(init: Path) -> str:
+    """Why `--init` names no file, and which to pass: a folder's own weights.pt or ckpt.pt when it has one."""
+    if not init.is_dir():
+        return (f"--init {init} does not exist; pass a checkpoint file (ckpt.pt, weights.pt or an original DDNet "
+                "state dict).")
+    held = [init / name for name in ("weights.pt", "ckpt.pt") if (init / name).is_file()]
+    if held:
+        return f"--init {init} is a folder; pass the checkpoint file in it, e.g. --init {held[0]}."
+    return (f"--init {init} is a folder that holds no weights.pt or ckpt.pt; pass a checkpoint file (ckpt.pt, "
+            "weights.pt or an original DDNet state dict).")
 
 
 def _no_config(out: Path) -> str:

@@ -331,3 +331,22 @@ def test_a_resume_removes_the_temporary_files_a_kill_left_mid_write(tmp_path: Pa
     assert code == 0, err
     assert not any(tmp.exists() for tmp in left)
     assert foreign.exists() and read_json(out / "summary.json")["status"] == "ok"
+
+
+def test_init_given_a_folder_names_the_checkpoint_in_it(tmp_path: Path, capsys) -> None:
+    """`--init RUN_FOLDER` said '--init RUN_FOLDER does not exist', of a folder that is there."""
+    run = tmp_path / "run"
+    run.mkdir()
+    code, err = run_cli(["train", "--out", str(tmp_path / "a"), "--epochs", "1", "--init", str(run), *TINY_ARGS],
+                        capsys)
+    assert code == 2 and one_error_line(err) == (f"error: --init {run} is a folder that holds no weights.pt or "
+                                                 "ckpt.pt; pass a checkpoint file (ckpt.pt, weights.pt or an "
+                                                 "original DDNet state dict).")
+    (run / "ckpt.pt").write_bytes(b"")
+    code, err = run_cli(["train", "--out", str(tmp_path / "a"), "--epochs", "1", "--init", str(run), *TINY_ARGS],
+                        capsys)
+    assert code == 2 and one_error_line(err) == (f"error: --init {run} is a folder; pass the checkpoint file in "
+                                                 f"it, e.g. --init {run / 'ckpt.pt'}.")
+    code, err = run_cli(["train", "--out", str(tmp_path / "a"), "--epochs", "1", "--init", str(tmp_path / "no"),
+                         *TINY_ARGS], capsys)
+    assert code == 2 and "does not exist" in one_error_line(err) and not (tmp_path / "a").exists()
