@@ -211,6 +211,18 @@ def test_a_run_without_any_config_joins_the_one_cell_of_its_name(tmp_path):
     assert cells[0].status_text() == "1/2 ok; skipped: no time"
 
 
+
+def test_a_finished_run_without_config_json_is_unreadable_not_a_run_of_the_defaults(tmp_path):
+    """A finished run whose config.json was gone was read with TrainConfig's defaults (50 epochs, fp32, ...) and
+    reported `ok` beside its numbers; a skipped one keeps its reason (it has no numbers to misplace)."""
+    root = tmp_path / "runs"
+    d = write_run(root, "g", "amp-fp16-host-off-dense", _cfg(precision="amp-fp16"), _times(6.0, 2), QUAL)
+    (d / "config.json").unlink()
+    (run,) = load_runs(root)
+    assert run.status == "unreadable" and run.error == "config.json missing: the run's settings are unknown"
+    status = pd.read_csv(make_report(root, opts=Options()).out / "tables" / "status.csv").set_index("cell")
+    assert status.iloc[0]["message"] == "unreadable: config.json missing: the run's settings are unknown"
+
 def test_a_finished_run_without_env_json_is_not_put_on_another_machine(tmp_path):
     """The audit's fixture e4: an MP run whose env.json was gone was counted on the baseline's machine (1.51x).
 

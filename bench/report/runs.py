@@ -280,6 +280,9 @@ def read_run(path: Path, root: Path) -> RunRecord:
         problems.append(err)
     if config is None:
         config, _ = _read_optional(path / "config.request.json")
+        trained = isinstance(summary, dict) and summary.get("status") != "skipped"
+        if config is None and not err and trained:  # numbers with no settings: the defaults would stand in
+            problems.append("config.json missing: the run's settings are unknown")
     env, err = _read_optional(path / "env.json")
     if err:
         problems.append(err)
