@@ -29,6 +29,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from bench import signals
 from bench.store import read_json, write_json
 from ddnet.config import DataConfig, resolve_device, warn_synthetic_only
 from ddnet.convert import load_model_weights
@@ -350,6 +351,15 @@ def eval_cmd(
     normalisation: str = typer.Option("auto", help="auto (what the checkpoint was trained with) | window | minmax"),
 ) -> None:
     """Evaluate a checkpoint: input and output vs target per slice, mean +/- std, and a PNG strip."""
-    result, folder = run_eval(checkpoint, data, split, out, image_size, n_val, synth_mode, device,
-                              batch_size, normalisation)
+    try:
+        with signals.sigterm_unwinds():
+            result, folder = run_eval(checkpoint, data, split, out, image_size, n_val, synth_mode, device,
+                                      batch_size, normalisation)
+    except KeyboardInterrupt as e:  # typer would turn it into exit status 130 silently
+        how = "stopped by SIGTERM" if isinstance(e, signals.Terminated) else "interrupted"
+        typer.echo(f"{how}: no evaluation was written (what was begun is removed); run the same command again "
+                   f"to evaluate {checkpoint}.", err=True)
+        if isinstance(e, signals.Terminated):  # a SIGTERM's end, as its sender expects (143 in a shell)
+            signals.die_by_sigterm()
+        raise typer.Exit(130) from None
     print_table(result, folder)

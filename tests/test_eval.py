@@ -9,8 +9,10 @@ import json
 import os
 import pickle
 import re
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bench import signals
 from bench.cli import main
 from ddnet.convert import load_model_weights
 from ddnet.errors import UserError
@@ -143,6 +146,33 @@ def test_a_full_disk_leaves_the_folder_empty_and_the_same_command_then_works(tra
     assert run_cli(args, capsys)[0] == 0
     assert sorted(p.name for p in folder.iterdir()) == ["eval.json", "slices.csv", "strip.png"]
 
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_eval_is_one_line_and_leaves_nothing_to_refuse_a_rerun(trained: Path, tmp_path: Path, capsys,
+                                                                            monkeypatch, signame: str) -> None:
+    """Ctrl-C during `bench eval` exited 130 without a word; SIGTERM while it wrote left half its files, so the
+    same command then refused the folder as an earlier evaluation."""
+    import bench.cmd_eval as cmd_eval  # noqa: PLC0415
+
+    def stopped(path, *args):  # the signal comes while the strip (the last file) is written
+        Path(path).write_bytes(b"\x89PNG half")
+        os.kill(os.getpid(), getattr(signal, signame))
+        time.sleep(5)
+
+    died: list[int] = []
+    monkeypatch.setattr(signals, "die_by_sigterm", lambda: died.append(1))  # the real one ends this process
+    folder = tmp_path / "ev"
+    args = ["eval", "--checkpoint", str(trained / "ckpt.pt"), "--device", "cpu", "--out", str(folder)]
+    monkeypatch.setattr(cmd_eval, "write_strip", stopped)
+    code, _, err = run_cli(args, capsys)
+    how = "stopped by SIGTERM" if signame == "SIGTERM" else "interrupted"
+    assert code == 130 and died == ([1] if signame == "SIGTERM" else [])
+    assert err.strip() == (f"{how}: no evaluation was written (what was begun is removed); run the same command "
+                           f"again to evaluate {trained / 'ckpt.pt'}.")
+    assert folder.is_dir() and not list(folder.iterdir())
+    monkeypatch.undo()
+    assert run_cli(args, capsys)[0] == 0  # the same command then works
 
 def test_normalisation_override_is_recorded(trained: Path, tmp_path: Path, capsys) -> None:
     code, _, err = run_cli(["eval", "--checkpoint", str(trained / "ckpt.pt"), "--device", "cpu",
