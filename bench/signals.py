@@ -1,4 +1,4 @@
-"""SIGTERM as a clean stop for the commands that write (`bench train`, `bench data`), and no orphans.
+"""SIGTERM as a clean stop for the commands that write (`bench train`, `data`, `eval`), and no orphans.
 
 SIGTERM's default action ends a process where it stands: no cleanup, no word. Slurm sends it at a
 job's time limit, `kill` and a shutdown send it. Inside `sigterm_unwinds()` it raises `Terminated`
