@@ -176,11 +176,13 @@ def train_cmd(**options: Any) -> None:
     """Train DDNet once and write the run folder."""
     saved = Path(options["out"]) / "config.json"
     by_name = {f.param for f in FIELDS}
-    if (options["resume"] and options["config"] is None and options["preset"] is None
-            and all(options.get(k) is None for k in by_name)):
-        if not saved.is_file():  # else the defaults (50 epochs of 128 px) would train in the run's place
+    alone = all(options.get(k) is None for k in by_name)
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1  # a rank that cannot see the folder: build alike
+    if options["resume"] and options["config"] is None and options["preset"] is None and (alone or not torchrun):
+        if saved.is_file():  # the run as configured; options given beside it override, so a refusal names them
+            options = {**options, "config": saved, "from_run": True}
+        elif alone:  # else the defaults (50 epochs of 128 px) would train in the run's place
             raise UserError(f"--resume alone reads {saved}, which does not exist: {_no_config(saved.parent)}.")
-        options = {**options, "config": saved, "from_run": True}  # `--resume` alone continues the run as configured
     cfg = config_from_options(options)
     if cfg.init is not None and not Path(cfg.init).is_file():
         raise UserError(_init_missing(Path(cfg.init)))
@@ -442,8 +444,7 @@ def _worker(rank: int, cfg_dict: dict, out: str, resume: bool, progress: bool, p
     _hard_exit(0)
 
 
-REPLICA_STOP_S = 10.0
-"""How long replicas get to end by themselves after a Ctrl-C (the terminal's reaches them too) before SIGTERM."""
+REPLICA_STOP_S = 10.0  # how long replicas get to end by themselves after a Ctrl-C (the terminal's reaches them)
 
 
 def _spawn(cfg: TrainConfig, out: Path, resume: bool, progress: bool) -> None:
@@ -454,7 +455,7 @@ def _spawn(cfg: TrainConfig, out: Path, resume: bool, progress: bool) -> None:
             while not ctx.join():
                 pass
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM to this process alone: the replicas stop with it
-            _stop_replicas(ctx.processes, 0.0 if isinstance(e, signals.Terminated) else REPLICA_STOP_S)
+            signals.stop_processes(ctx.processes, 0.0 if isinstance(e, signals.Terminated) else REPLICA_STOP_S)
             raise
     except mp.ProcessRaisedException as e:
         first = str(e).strip().splitlines()[-1]
@@ -463,17 +464,3 @@ def _spawn(cfg: TrainConfig, out: Path, resume: bool, progress: bool) -> None:
         raise TrainingFailed(first) from None
     except mp.ProcessExitedException as e:  # a replica died from a signal (OOM killer, abort)
         raise TrainingFailed(str(e).strip().splitlines()[-1]) from None
-
-
-def _stop_replicas(procs: list[Any], grace_s: float) -> None:
-    """End the spawned replicas: `grace_s` to stop by themselves (a Ctrl-C in the terminal reaches them too),
-    then SIGTERM, then SIGKILL; never leave one training on its own."""
-    deadline = time.monotonic() + grace_s
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    for stop in ("terminate", "kill"):
-        alive = [p for p in procs if p.is_alive()]
-        for p in alive:
-            getattr(p, stop)()
-        for p in alive:
-            p.join(5.0)

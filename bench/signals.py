@@ -18,7 +18,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 
 class Terminated(KeyboardInterrupt):
@@ -70,3 +71,17 @@ def die_with_parent(parent: int) -> None:
     prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the parent died before the call above took effect
         os._exit(1)
+
+
+def stop_processes(procs: Sequence[Any], grace_s: float) -> None:
+    """End `multiprocessing` processes (a `bench train --nproc N`'s replicas): `grace_s` to stop by themselves
+    (a Ctrl-C in the terminal reaches them too), then SIGTERM, then SIGKILL; never leave one running alone."""
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for stop in ("terminate", "kill"):
+        alive = [p for p in procs if p.is_alive()]
+        for p in alive:
+            getattr(p, stop)()
+        for p in alive:
+            p.join(5.0)

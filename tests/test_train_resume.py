@@ -204,16 +204,21 @@ def test_init_from_a_structurally_pruned_checkpoint_says_so(tmp_path: Path, caps
     assert code == 2 and "set --base-width to the checkpoint's width" in one_error_line(err)
 
 
-@pytest.mark.parametrize("given", [["--epochs", "3"], ["--config", "CFG"]])
+@pytest.mark.parametrize("given", [["--epochs", "5"], ["--epochs", "3"], ["--config", "CFG"]])
 def test_options_given_with_resume_are_still_checked(tmp_path: Path, capsys, monkeypatch, given) -> None:
+    """Options beside --resume apply over the run's config.json: one that differs is refused by name alone (they
+    used to apply over the defaults, so `--resume --epochs 5` was refused for batch_size, image_size, n_train,
+    ... too), and one that agrees resumes."""
     out = tmp_path / "r"
     _killed_after_epoch_1(out, TINY_ARGS, capsys, monkeypatch)
     given = [str(out / "config.json") if g == "CFG" else g for g in given]
     code, err = run_cli(["train", "--out", str(out), "--resume", "--quiet", *given], capsys)
-    if given[0] == "--epochs":  # everything else at its default: a different configuration
-        assert code == 2 and "batch_size: 4 there, 32 here" in one_error_line(err)
+    if given == ["--epochs", "5"]:
+        line = one_error_line(err)
+        assert code == 2 and "(epochs: 3 there, 5 here)" in line and "batch_size" not in line, line
     else:
         assert code == 0, err
+        assert [r["epoch"] for r in read_jsonl(out / "epochs.jsonl")] == [1, 2, 3]
 
 
 def test_a_folder_another_run_is_writing_is_named_so_before_its_contents(tmp_path: Path, capsys,
