@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import signals
-from bench.store import read_json, write_json
+from bench.store import read_json, read_summary, write_json
 from ddnet.config import DataConfig, resolve_device, warn_synthetic_only
 from ddnet.convert import load_model_weights
 from ddnet.data import load_split
@@ -198,13 +198,18 @@ def run_eval(
     if split not in SPLITS:
         raise UserError(f"--split {split!r} is not one of {', '.join(SPLITS)}.")
     if batch_size < 1:
-        raise UserError("--batch-size must be at least 1.")
+        raise UserError(f"--batch-size {batch_size} must be at least 1.")
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir() and (checkpoint / "config.json").is_file() and not (checkpoint / "weights.pt").is_file():
         checkpoint = checkpoint / "weights.pt"  # a run folder without weights: say what the run has not written
     run = checkpoint.parent
     if not checkpoint.exists() and checkpoint.name in ("ckpt.pt", "weights.pt") and (run / "config.json").is_file():
         resume = f"resume it with `bench train --out {run} --resume`"
+        failed = read_summary(run) or {}
+        if failed.get("status") == "failed" and (run / "ckpt.pt").is_file():  # no weights.pt: it never finished
+            raise UserError(f"{run} failed ({str(failed.get('error') or 'see its summary.json')[:160]}), so it has no "
+                            f"weights.pt; evaluate {run / 'ckpt.pt'} (its last checkpoint), or fix the cause and "
+                            f"{resume}.")
         if (run / "ckpt.pt").is_file():  # weights.pt is written when the run finishes
             raise UserError(f"{run} has no weights.pt yet: the run has not finished; evaluate {run / 'ckpt.pt'} (its "
                             f"last checkpoint), or {resume} first.")

@@ -233,7 +233,8 @@ def test_not_a_checkpoint_gives_one_error_line(tmp_path: Path, kind: str, capsys
 
 def test_bad_options_are_refused(trained: Path, tmp_path: Path, capsys) -> None:
     for extra, words in [(["--split", "train"], "--split"), (["--normalisation", "zscore"], "--normalisation"),
-                         (["--image-size", "50"], "divisible by 16"), (["--batch-size", "0"], "--batch-size")]:
+                         (["--image-size", "50"], "divisible by 16"),
+                         (["--batch-size", "0"], "--batch-size 0 must be at least 1.")]:
         code, _, err = run_cli(["eval", "--checkpoint", str(trained / "ckpt.pt"), "--device", "cpu",
                                 "--out", str(tmp_path / "o"), *extra], capsys)
         assert code == 2 and err.startswith("error: ") and words in err, (extra, err)
@@ -354,3 +355,16 @@ def test_a_plain_state_dict_says_its_normalisation_is_a_guess(trained: Path, tmp
             code, _, err = run_cli([*args, *extra, "--out", str(tmp_path / out)], capsys)
         assert code == 0, err
         assert not [w for w in seen if "does not say" in str(w.message)]
+
+
+def test_eval_of_a_failed_runs_weights_says_it_failed_not_that_it_is_unfinished(tmp_path, capsys) -> None:
+    """A failed run has no weights.pt: eval said 'the run has not finished' and to resume it, as if it ran on."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "ckpt.pt").write_bytes(b"")
+    (run / "summary.json").write_text(json.dumps({"status": "failed", "error": "train loss became nan at epoch 3"}))
+    code, _, err = run_cli(["eval", "--checkpoint", str(run / "weights.pt"), "--device", "cpu"], capsys)
+    assert code == 2 and err == (f"error: {run} failed (train loss became nan at epoch 3), so it has no weights.pt; "
+                                 f"evaluate {run / 'ckpt.pt'} (its last checkpoint), or fix the cause and resume it "
+                                 f"with `bench train --out {run} --resume`.\n")
