@@ -10,6 +10,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -257,7 +258,9 @@ class _InterruptedExecutor(_Executor):
                               "signal.SIG_BLOCK, [])))"], capture_output=True, text=True, check=True)
         self.blocked.append({int(x) for x in res.stdout.split()})
         _Executor.arrays += 1
-        os.kill(os.getpid(), self.signum)
+        # to the main thread itself: a process-wide kill may land in another thread (torch's, pytest's) a moment
+        # later, after the check before the next array (seen in CI); a real Ctrl-C then waits for that array
+        signal.pthread_kill(threading.main_thread().ident, self.signum)
 
 
 @pytest.mark.parametrize("cluster", ["slurm", "local"])
