@@ -39,9 +39,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     """Inverse of `rng_state`."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    # torch.load(map_location=cuda) moves these byte tensors to the GPU; the setters take CPU ones only
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def atomic_save(obj: Any, path: Path) -> None:

@@ -72,7 +72,9 @@ def _linear_weights(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
     """(n_out, n_in) matrix of linear interpolation with align_corners=True, computed as
     F.interpolate computes its weights (scale and source positions in fp32, fp64 for fp64): two nonzeros a row."""
     acc = torch.float64 if like.dtype == torch.float64 else torch.float32
-    scale = torch.tensor(float(n_in - 1), device=like.device, dtype=acc) / max(n_out - 1, 1)
+    # the scale is divided on the CPU, in `acc` as interpolate divides it, and enters as a number: a tensor
+    # made on the GPU from a Python number is a host-to-device copy, which a CUDA graph capture refuses
+    scale = (torch.tensor(float(n_in - 1), dtype=acc) / max(n_out - 1, 1)).item()
     src = torch.arange(n_out, device=like.device, dtype=acc) * scale
     low = src.floor()
     frac = src - low
