@@ -87,6 +87,25 @@ def test_the_upsampling_matrices_are_built_once_per_shape_and_dtype(monkeypatch:
     assert len(built) == 5 and model_mod._WEIGHTS[(5, 10, torch.device("cpu"), torch.float32)] is kept
 
 
+def test_the_upsampling_matrices_copy_no_number_to_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a CUDA graph capture refuses a host-to-device copy, and torch.tensor(number, device=cuda) is one: the H200
+    # check's every --deterministic --graphs cuda-graph run failed on it. Here torch.tensor refuses any device
+    # but the CPU's as the capture does, and the matrices are built on the meta device
+    real = torch.tensor
+
+    def host_only(*args, **kwargs):
+        if torch.device(kwargs.get("device") or "cpu").type != "cpu":
+            raise RuntimeError("Cannot copy between CPU and CUDA tensors during CUDA graph capture")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", host_only)
+    for dtype in (torch.float16, torch.float32, torch.float64):
+        w = model_mod._linear_weights(5, 10, torch.empty(1, device="meta", dtype=dtype))
+        assert (w.device.type, w.dtype, w.shape) == ("meta", dtype, (10, 5))
+    cpu = model_mod._linear_weights(5, 10, torch.empty(1))  # the values: two nonzeros a row, rows summing to 1
+    assert ((cpu != 0).sum(1) <= 2).all() and torch.equal(cpu.sum(1), torch.ones(10))
+
+
 def test_the_deterministic_model_computes_what_the_paper_model_does() -> None:
     torch.manual_seed(0)
     model = DDNet(ModelConfig(base_width=4, growth=4, bottleneck=8)).double()

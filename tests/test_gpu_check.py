@@ -65,3 +65,11 @@ def test_a_spent_budget_skips_the_steps_and_fails(tmp_path: Path) -> None:
     assert "  grid     skipped (budget)" in res.stdout
     assert "  report   FAILED" in res.stdout or "  report   skipped (budget)" in res.stdout
     assert not (tmp_path / "gc" / "runs").exists()
+
+
+def test_the_reserve_for_eval_report_and_summary_is_kept_only_when_they_are_asked(tmp_path: Path) -> None:
+    # a pytest-only call on the H200 got 166 s of its 250 s budget: 75 s were kept for steps it did not ask
+    alone = gpu_check(tmp_path / "a", GPU_CHECK_STEPS="env", GPU_CHECK_BUDGET_S="100", timeout=120)
+    assert "=== env (timeout 60 s," in alone.stdout, alone.stdout[-2000:]
+    before_report = gpu_check(tmp_path / "b", GPU_CHECK_STEPS="env report", GPU_CHECK_BUDGET_S="100", timeout=120)
+    assert re.search(r"=== env \(timeout 2\d s,", before_report.stdout), before_report.stdout[-2000:]

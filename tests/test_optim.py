@@ -238,8 +238,11 @@ def test_the_compiled_model_inside_a_captured_step_trains_like_eager(tmp_path: P
         losses[graphs] = [float(run.step(lq, hq)) for lq, hq in itertools.islice(run.loader.epoch(0), 4)]
     assert isinstance(runs["compile-cuda-graph"].step, GraphedStep)
     assert runs["compile-cuda-graph"].step.capture_time_s > 0
-    # before any update and after the first: the same arithmetic but for Inductor's fused kernels' rounding
-    assert losses["compile-cuda-graph"][:2] == pytest.approx(losses["off"][:2], rel=1e-3)
+    # before any update: the same arithmetic but for Inductor's fused kernels' rounding. After the first,
+    # Adam's update (about lr * sign(grad)) turns that rounding into whole steps for weights whose gradient is
+    # near 0: the H200 saw 0.13 % at the second loss in one call (0.904225 vs 0.903059) and under 0.1 % in another
+    assert losses["compile-cuda-graph"][0] == pytest.approx(losses["off"][0], rel=1e-3)
+    assert losses["compile-cuda-graph"][1] == pytest.approx(losses["off"][1], rel=1e-2)
     assert losses["compile-cuda-graph"][-1] < losses["compile-cuda-graph"][0]
 
 
