@@ -164,11 +164,10 @@ def synth_cmd(
         tmp.rename(out)
     except KeyboardInterrupt as e:  # typer would turn it into exit status 130 silently
         shutil.rmtree(tmp, ignore_errors=True)
-        how = "stopped by SIGTERM" if isinstance(e, signals.Terminated) else "interrupted"
+        how = signals.stopped_how(e)
         typer.echo(f"{how}: nothing was written to {out} (the partial dataset was removed); run the same "
                    "command again to make it.", err=True)
-        if isinstance(e, signals.Terminated):  # a SIGTERM's end, as its sender expects (143 in a shell)
-            signals.die_by_sigterm()
+        signals.end_like(e)
         raise typer.Exit(130) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -361,10 +361,9 @@ def eval_cmd(
             result, folder = run_eval(checkpoint, data, split, out, image_size, n_val, synth_mode, device,
                                       batch_size, normalisation)
     except KeyboardInterrupt as e:  # typer would turn it into exit status 130 silently
-        how = "stopped by SIGTERM" if isinstance(e, signals.Terminated) else "interrupted"
+        how = signals.stopped_how(e)
         typer.echo(f"{how}: no evaluation was written (what was begun is removed); run the same command again "
                    f"to evaluate {checkpoint}.", err=True)
-        if isinstance(e, signals.Terminated):  # a SIGTERM's end, as its sender expects (143 in a shell)
-            signals.die_by_sigterm()
+        signals.end_like(e)
         raise typer.Exit(130) from None
     print_table(result, folder)

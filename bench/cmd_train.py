@@ -300,15 +300,14 @@ def _run_training(cfg: TrainConfig, out: Path, resume: bool, progress: bool, me:
                 summary = train(cfg, out, resume=resume, progress=progress, dist=Dist(), launched=True)
             _print_summary(summary, out)
     except KeyboardInterrupt as e:  # typer turns it into exit status 130, silently
-        how = "stopped by SIGTERM" if isinstance(e, signals.Terminated) else "interrupted"
+        how = signals.stopped_how(e)
         if (out / "ckpt.pt").exists() or read_jsonl(out / "epochs.jsonl"):
             typer.echo(f"{how}: {out} stays resumable; run the same command with --resume to continue from "
                        "its last checkpoint.", err=True)
         else:  # before the first checkpoint: nothing to resume, and the plain command starts it again
             typer.echo(f"{how} before the first checkpoint of {out}: nothing trained is kept; run the same "
                        "command again to start it.", err=True)
-        if isinstance(e, signals.Terminated):
-            signals.die_by_sigterm()
+        signals.end_like(e)
         raise
     except PeerLost as e:  # a node lost, the network cut: not the run's failure
         typer.echo(f"error: {e}; nothing is recorded as failed: run the same command with --resume to continue "

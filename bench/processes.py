@@ -19,7 +19,6 @@ shows the grid's elapsed and remaining time (`GridClock`), re-estimated as cells
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import signal
@@ -34,6 +33,7 @@ from typing import Any
 
 from rich.console import Console
 
+from bench import signals
 from bench.cell_log import (
     EXIT_NO_DEVICE,
     EXIT_NO_SPACE,
@@ -139,27 +139,6 @@ def result_from_summary(p: PlannedCell, s: dict[str, Any], action: str) -> CellR
     )
 
 
-def _die_with_parent_hook() -> Callable[[], None] | None:
-    """Linux: a pre-exec hook so the cell gets SIGTERM if the runner dies (no orphan keeps writing a folder).
-
-    libc is looked up here, in the parent; the hook itself only makes the system call.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def hook() -> None:  # pragma: no cover - runs in the child between fork and exec
-        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the runner died before the call above took effect
-            os._exit(1)
-
-    return hook
-
-
 OUTSIDE_STOPS = (-signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP, 130)
 """How a cell's process ends when stopped on purpose (130: `bench train` after a Ctrl-C)."""
 
@@ -254,7 +233,7 @@ def run_cell(
         oom_before = oom_kills()  # a memory cgroup's limit (a Slurm allocation, a systemd slice) may kill the cell
         proc = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            preexec_fn=_die_with_parent_hook(),
+            preexec_fn=signals.parent_death_hook(),
         )
         started = time.monotonic()
         watch = StallWatch(epochs_before, stall_timeout_s, started)

@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 
@@ -48,6 +48,18 @@ def sigterm_unwinds() -> Iterator[None]:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
+def stopped_how(e: KeyboardInterrupt) -> str:
+    """The first words of a command's line after a stop: 'stopped by SIGTERM' or 'interrupted' (Ctrl-C)."""
+    return "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
+
+
+def end_like(e: KeyboardInterrupt) -> None:
+    """After the command said what it kept: end by SIGTERM if that stopped it, as its sender expects (-15, 143
+    in a shell); after a Ctrl-C return, and the caller exits 130."""
+    if isinstance(e, Terminated):
+        die_by_sigterm()
+
+
 def die_by_sigterm() -> None:
     """End this process by SIGTERM, as if unhandled (after the command said what it kept)."""
     sys.stdout.flush()
@@ -58,19 +70,41 @@ def die_by_sigterm() -> None:
     os._exit(128 + signal.SIGTERM)
 
 
+def _libc_prctl() -> Callable[..., int] | None:
+    """libc's prctl on Linux, else None (another system, or no libc.so.6)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _end_with(prctl: Callable[..., int], parent: int) -> None:
+    prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the call above took effect
+        os._exit(1)
+
+
 def die_with_parent(parent: int) -> None:
     """Linux: this process gets SIGTERM when `parent`, which started it, dies (SIGKILL included), so no
     replica of a killed `bench train --nproc N` trains on as an orphan, holding its GPU and the folder's lock.
     Elsewhere, or without libc, nothing changes."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):
-        return
-    prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before the call above took effect
-        os._exit(1)
+    prctl = _libc_prctl()
+    if prctl is not None:
+        _end_with(prctl, parent)
+
+
+def parent_death_hook() -> Callable[[], None] | None:
+    """`die_with_parent` for a child not yet started: a hook for `subprocess.Popen(preexec_fn=...)` that gives
+    the child SIGTERM when this process dies (a grid runner's cell, a Slurm job's trainer). libc is looked
+    up here, in the parent; the hook, run in the child between fork and exec, only makes the system call.
+    None where there is no prctl."""
+    prctl = _libc_prctl()
+    if prctl is None:
+        return None
+    parent = os.getpid()
+    return lambda: _end_with(prctl, parent)
 
 
 def stop_processes(procs: Sequence[Any], grace_s: float) -> None:

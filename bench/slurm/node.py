@@ -5,13 +5,11 @@ requeued with --resume when preempted."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import os
 import shlex
 import signal
 import subprocess
-import sys
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -19,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from bench import signals
 from bench.cell_log import (
     EXIT_NO_SPACE,
     StallWatch,
@@ -50,18 +49,12 @@ def _child_setup() -> Callable[[], None]:
     - Linux: it gets SIGTERM if the job process dies (SIGKILL included), so no orphan keeps the GPU.
     """
     usr_sig = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2)
-    prctl = None
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl  # looked up here, not in the child
-    parent = os.getpid()
+    end_with_job = signals.parent_death_hook()
 
     def hook() -> None:  # pragma: no cover - runs in the child
         signal.signal(usr_sig, signal.SIG_IGN)
-        if prctl is not None:
-            prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-            if os.getppid() != parent:
-                os._exit(1)
+        if end_with_job is not None:
+            end_with_job()
 
     return hook
 

@@ -1,0 +1,72 @@
+"""bench.signals: a child started with `parent_death_hook` ends with the process that started it, however that one
+ends; `stopped_how` and `end_like` are the words and the end of a stopped command."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import signals
+
+REPO = Path(__file__).resolve().parent.parent
+
+# the middle process starts a sleeper with the hook, says its pid, then waits to be killed
+MIDDLE = (
+    "import subprocess, sys, time\n"
+    "from bench import signals\n"
+    "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'],"
+    " preexec_fn=signals.parent_death_hook())\n"
+    "print(child.pid, flush=True)\n"
+    "time.sleep(120)\n"
+)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (dead, not yet reaped by init) counts as gone
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_child_started_with_the_hook_dies_with_its_parent_even_by_sigkill() -> None:
+    middle = subprocess.Popen([sys.executable, "-c", MIDDLE], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    child = 0
+    try:
+        child = int(middle.stdout.readline())
+        assert _alive(child)
+        middle.kill()  # SIGKILL: no handler of its own can stop the child
+        middle.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child), "the child outlived its parent"
+    finally:
+        if middle.poll() is None:
+            middle.kill()
+        if child and _alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_the_hook_is_none_without_prctl(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert signals.parent_death_hook() is None
+    signals.die_with_parent(os.getppid())  # nothing to do there, and no exit
+
+
+def test_stopped_how_and_end_like() -> None:
+    assert signals.stopped_how(signals.Terminated()) == "stopped by SIGTERM"
+    assert signals.stopped_how(KeyboardInterrupt()) == "interrupted"
+    signals.end_like(KeyboardInterrupt())  # a Ctrl-C: returns, the caller exits 130
