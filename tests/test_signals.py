@@ -4,7 +4,6 @@ ends; `stopped_how` and `end_like` are the words and the end of a stopped comman
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench import signals
+from tests.test_train_resume import _live
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,37 +27,26 @@ MIDDLE = (
 )
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie (dead, not yet reaped by init) counts as gone
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_child_started_with_the_hook_dies_with_its_parent_even_by_sigkill() -> None:
+    psutil = pytest.importorskip("psutil")
     middle = subprocess.Popen([sys.executable, "-c", MIDDLE], cwd=REPO, stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
-    child = 0
+    child = None
     try:
-        child = int(middle.stdout.readline())
-        assert _alive(child)
+        child = psutil.Process(int(middle.stdout.readline()))
+        assert _live(child)
         middle.kill()  # SIGKILL: no handler of its own can stop the child
         middle.wait(timeout=30)
         deadline = time.monotonic() + 30
-        while _alive(child) and time.monotonic() < deadline:
+        while _live(child) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _alive(child), "the child outlived its parent"
+        assert not _live(child), "the child outlived its parent"
     finally:
         if middle.poll() is None:
             middle.kill()
-        if child and _alive(child):
-            os.kill(child, signal.SIGKILL)
+        if child is not None and _live(child):
+            child.kill()
 
 
 def test_the_hook_is_none_without_prctl(monkeypatch: pytest.MonkeyPatch) -> None:
