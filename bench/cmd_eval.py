@@ -157,7 +157,29 @@ def summarise(per_slice: dict[str, torch.Tensor]) -> dict[str, float]:
     for m, _ in METRICS:
         if f"output_{m}_mean" in out:
             out[f"gain_{m}_mean"] = out[f"output_{m}_mean"] - out[f"input_{m}_mean"]
+    for which in ("input", "output"):  # scores the standard MS-SSIM clamped to 0 (`zero_ms_ssim_note`)
+        if f"{which}_ms_ssim_pct" in per_slice:
+            out[f"{which}_ms_ssim_zero_slices"] = int((per_slice[f"{which}_ms_ssim_pct"] == 0).sum())
     return out
+
+
+def zero_ms_ssim_note(result: dict[str, Any]) -> str | None:
+    """A line for output slices whose standard MS-SSIM is exactly 0, else None.
+
+    note: pytorch_msssim (and `ddnet.loss`) clamp each scale's contrast-structure term at 0 (relu) before the
+    weighted product, so an output anti-correlated with the target at any one scale scores 0, however close
+    it is elsewhere; the paper's code maps every term v to (v + 1) / 2 instead and stays above 0. An
+    undertrained network (a few epochs from scratch) does this; it is not a failed measurement.
+    """
+    zero, n = result.get("output_ms_ssim_zero_slices", 0), result.get("n_slices", 0)
+    if not zero:
+        return None
+    paper = ("; the paper's code, which maps such terms to (v + 1) / 2, gives "
+             f"{result['output_ms_ssim_paper_code_pct_mean']:.2f} %"
+             if "output_ms_ssim_paper_code_pct_mean" in result else "")
+    return (f"note: {zero} of {n} output slice(s) score 0 % MS-SSIM: at some scale the output is anti-correlated "
+            f"with the target (a contrast-structure term <= 0, which the standard MS-SSIM clamps to 0){paper}. "
+            "An undertrained network does this; train longer.")
 
 
 def _pick_device(name: str) -> torch.device:
@@ -336,6 +358,8 @@ def print_table(result: dict[str, Any], folder: Path) -> None:
         table.add_row(label, *cell, f"{result[f'gain_{key}_mean']:+.3f}")
     console = Console()
     console.print(table)
+    if note := zero_ms_ssim_note(result):
+        console.print(note)
     console.print(f"wrote {folder / 'slices.csv'}, eval.json, strip.png")
 
 

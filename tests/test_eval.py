@@ -24,6 +24,7 @@ from bench import signals
 from bench.cli import main
 from ddnet.convert import load_model_weights
 from ddnet.errors import UserError
+from ddnet.loss import choose_msssim, slice_metrics
 from ddnet.precision import set_fp32_precision
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/ddnet-2d-dect/weights_50_1.pt"
@@ -100,6 +101,43 @@ def test_eval_reproduces_the_validation_recorded_by_training(trained: Path, caps
     assert 0.0 < result["input_ms_ssim_pct_mean"] <= 100.0
     assert "MS-SSIM (%)" in out and "+/-" in out
     assert (folder / "strip.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_anti_correlated_output_scores_0_standard_ms_ssim_and_not_0_on_the_paper_scale() -> None:
+    """Why an undertrained net reads 0.00 %: the standard MS-SSIM relu's each scale's contrast term."""
+    target = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    target = torch.nn.functional.avg_pool2d(target, 5, 1, 2)  # some structure at the coarse scales too
+    scores = slice_metrics(1.0 - target, target, torch.full((2,), 2048.0), choose_msssim(64))
+    assert scores["ms_ssim_pct"].tolist() == [0.0, 0.0]
+    assert (scores["ms_ssim_paper_code_pct"] > 1.0).all()
+
+
+def test_an_undertrained_net_scoring_0_is_counted_and_explained(tmp_path: Path, capsys) -> None:
+    """A width-4 net after 1 epoch at the default lr scores 0 % on every slice (anti-correlated at the coarse
+    scales); eval.json counts them and the output says why, with the paper-scale score beside."""
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", "--data", "synthetic", "--image-size", "64", "--n-train", "8", "--n-val", "4",
+                            "--epochs", "1", "--batch-size", "4", "--base-width", "4", "--device", "cpu",
+                            "--num-workers", "0", "--quiet", "--out", str(run)], capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["eval", "--checkpoint", str(run / "ckpt.pt"), "--device", "cpu"], capsys)
+    assert code == 0, err
+    result = json.loads((run / "eval-val" / "eval.json").read_text())
+    assert result["output_ms_ssim_pct_mean"] == 0.0 and result["output_ms_ssim_zero_slices"] == 4
+    assert result["input_ms_ssim_zero_slices"] == 0
+    text = " ".join(out.split())  # rich folds long lines
+    paper = f"{result['output_ms_ssim_paper_code_pct_mean']:.2f} %"
+    assert "note: 4 of 4 output slice(s) score 0 % MS-SSIM" in text and f"gives {paper}" in text
+    assert result["output_ms_ssim_paper_code_pct_mean"] > 1.0
+
+
+def test_a_net_scoring_above_0_gets_no_note(trained: Path, tmp_path: Path, capsys) -> None:
+    code, out, err = run_cli(["eval", "--checkpoint", str(trained / "ckpt.pt"), "--device", "cpu",
+                              "--out", str(tmp_path / "e")], capsys)
+    assert code == 0, err
+    result = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert result["output_ms_ssim_zero_slices"] == 0 and result["output_ms_ssim_pct_mean"] > 0.0
+    assert "score 0 % MS-SSIM" not in out
 
 
 def test_exported_weights_give_the_same_numbers(trained: Path, tmp_path: Path, capsys) -> None:
