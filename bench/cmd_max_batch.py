@@ -73,7 +73,7 @@ class SearchResult:
 
 
 def search_largest(fits: Callable[[int], bool | ProbeResult], start: int = 8, maximum: int = 4096,
-                   step: int = 1) -> SearchResult:
+                   step: int = 1, probes: list[ProbeResult] | None = None) -> SearchResult:
     """Largest batch b in [1, maximum] with fits(b), assuming fitting is monotone in b.
 
     Doubles from `start` until a batch does not fit or `maximum` is reached; if even
@@ -81,10 +81,13 @@ def search_largest(fits: Callable[[int], bool | ProbeResult], start: int = 8, ma
     first failure until they are at most `step` apart (every probe is then the last fit
     plus a multiple of `step`). No batch is probed twice: about log2(maximum / start)
     + log2(largest) probes.
+
+    `probes`: the list each probe is appended to (the result's `probes`); the caller's own keeps the probes
+    made before one that raised.
     """
     if min(start, maximum, step) < 1:
         raise UserError(f"--start {start}, --max {maximum} and --step {step} must all be at least 1.")
-    probes: list[ProbeResult] = []
+    probes = [] if probes is None else probes
 
     def ok(b: int) -> bool:
         r = fits(b)
@@ -247,12 +250,11 @@ def max_batch_cmd(**options: Any) -> None:
                f"precision {cfg.precision}, graphs {cfg.graphs}, loader {cfg.loader}, "
                f"{'sparse' if probes_sparse_phase(cfg) else 'dense'} phase")
 
-    done: list[ProbeResult] = []
+    done: list[ProbeResult] = []  # the search appends every probe here, also those before one that raises
 
     def fits(batch: int) -> ProbeResult:
         r = probe(cfg, batch, shape, device)
         typer.echo(_line(r))
-        done.append(r)
         return r
 
     def record(**what: Any) -> dict[str, Any]:
@@ -263,7 +265,7 @@ def max_batch_cmd(**options: Any) -> None:
                 "probes": [dataclasses.asdict(r) for r in done], **what, "torch": torch.__version__}
 
     try:
-        found = search_largest(fits, options["start"], options["maximum"], options["step"])
+        found = search_largest(fits, options["start"], options["maximum"], options["step"], probes=done)
     except UserError:
         raise
     except Exception as e:  # not an OOM: the configuration itself fails here

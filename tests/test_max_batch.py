@@ -109,6 +109,21 @@ def test_probe_results_are_kept_as_given():
     assert next(p for p in res.probes if p.batch == 20).peak_allocated_gib == 2.0
 
 
+def test_the_callers_list_keeps_the_probes_made_before_one_that_raised():
+    probes: list[ProbeResult] = []
+
+    def fits(b: int) -> bool:
+        if b == 32:
+            raise RuntimeError("not an out-of-memory error")
+        return True
+
+    with pytest.raises(RuntimeError):
+        search_largest(fits, start=8, probes=probes)
+    assert [(p.batch, p.fits) for p in probes] == [(8, True), (16, True)]
+    kept: list[ProbeResult] = []
+    assert search_largest(_below(20)[1], start=8, probes=kept).probes is kept  # one list, not a copy beside it
+
+
 @pytest.mark.parametrize(("start", "maximum", "step"), [(0, 10, 1), (8, 0, 1), (8, 10, 0)])
 def test_bad_search_bounds_are_refused(start: int, maximum: int, step: int):
     with pytest.raises(UserError, match="must all be at least 1"):
