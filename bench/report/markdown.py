@@ -33,7 +33,10 @@ def how_to_read(opts: Options) -> list[str]:
         "convolution, batch-wide means, L read from the image, (v+1)/2 normalisation and a misplaced bracket; "
         "`ddnet.paper_msssim`) and reads higher; 'paper's scale' is that computation, compared with the paper's "
         "numbers, and 'standard' (pytorch_msssim) stands beside it. '(input X)' is the low-dose input's own score "
-        "against the target: a denoiser that does not beat it has learned nothing useful.",
+        "against the target: a denoiser that does not beat it has learned nothing useful. A standard score of 0.00 "
+        "is a real one: pytorch_msssim clamps each scale's contrast term at 0, so an output anti-correlated with "
+        "the target at one scale (an undertrained net's) scores 0, where the paper's scale maps the term to "
+        "(v+1)/2 and stays above 0.",
         "'speedup, total time' uses total_time_s (epochs + graph capture + pruning + DoLL staging), the measure "
         "the paper quotes; it has an interval only with three or more repeats per arm.",
         "Baselines: the dense fp32/host-loader/eager cell of the same data, net, epochs, batch size and "
