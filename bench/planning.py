@@ -365,12 +365,10 @@ def dry_run_refusal(out: Path, order: list[str], version: str | None = None, res
     --no-resume, at any grid already there)."""
     if fcntl is not None and lock_held(out / RUN_LOCK):
         return f"note: `bench run` would stop here: {_BUSY.format(out=out)}"
-    if (out / "grid.json").exists():
-        try:
-            _read_grid_record(out / "grid.json")
-        except UserError as e:
-            return f"note: `bench run` would stop here: {e}"
-    record = recorded_grid(out)
+    try:  # one read: {} when there is none
+        record = _read_grid_record(out / "grid.json") if (out / "grid.json").exists() else {}
+    except UserError as e:
+        return f"note: `bench run` would stop here: {e}"
     if not record:
         return None
     if not resume:
@@ -402,9 +400,9 @@ def prepare_out(
         cells = [p.cell_record(grid.name, version) for p in planned]
         if _shown(record.get("cells")) != _shown(cells):  # a label or factor edited in the grid file: show it
             write_json(path, {**record, "cells": cells})
-            for p, cell in zip(planned, cells, strict=True):
-                if (out / p.folder).is_dir():  # finished cells too, which no executor prepares again
-                    _write_cell_record(out / p.folder, cell)
+        for p, cell in zip(planned, cells, strict=True):  # edited labels, or a cell.json damaged or lost
+            if (out / p.folder).is_dir():  # finished cells too, which no executor prepares again
+                _write_cell_record(out / p.folder, cell)
         return order
     order = run_order(planned, seed)
     write_json(path, {

@@ -145,6 +145,24 @@ def test_a_label_edited_in_the_grid_file_reaches_cell_json_and_grid_json(tmp_pat
     assert read_json(out / c0 / "cell.json")["label"] == "new words"
 
 
+def test_a_rerun_mends_a_finished_cells_damaged_or_lost_cell_json(tmp_path, fake):
+    """A finished cell is not prepared again by any executor, so its damaged cell.json stayed damaged (status
+    said 'unreadable: cell.json', the report lost its label) until a label in the grid file changed."""
+    cmd, _ = fake
+    grid = _grid(lambda base: [Cell("c0", "first", {"lr": base.lr}, base),
+                               Cell("c1", "second", {"lr": 2e-4}, base.replace(lr=2e-4))])
+    out = tmp_path / "out"
+    run_grid(grid, out, Overrides(), command=cmd, console=quiet())
+    c0, c1 = (next(p for p in out.iterdir() if p.name.startswith(f"{c}-")) for c in ("c0", "c1"))
+    good = read_json(c0 / "cell.json")
+    (c0 / "cell.json").write_text("{not json")
+    (c1 / "cell.json").unlink()
+    results = run_grid(grid, out, Overrides(), command=cmd, console=quiet())
+    assert [r.status for r in results] == ["ok", "ok"]  # finished, not rerun
+    assert read_json(c0 / "cell.json") == good
+    assert read_json(c1 / "cell.json")["label"] == "second"
+
+
 def test_cells_that_train_the_same_config_are_warned_of_once(recwarn):
     """Two cells with one config ran twice with no word: a copy-paste slip in a grid file, or repeats by hand."""
     twins = _grid(lambda base: [Cell("a", "a", {}, base), Cell("b", "b", {}, base.replace(lr=base.lr)),
