@@ -233,7 +233,7 @@ def run_cell(
         oom_before = oom_kills()  # a memory cgroup's limit (a Slurm allocation, a systemd slice) may kill the cell
         proc = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            preexec_fn=signals.parent_death_hook(),
+            preexec_fn=signals.cell_start_hook(),
         )
         started = time.monotonic()
         watch = StallWatch(epochs_before, stall_timeout_s, started)

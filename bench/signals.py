@@ -107,6 +107,24 @@ def parent_death_hook() -> Callable[[], None] | None:
     return lambda: _end_with(prctl, parent)
 
 
+def cell_start_hook() -> Callable[[], None] | None:
+    """`preexec_fn` for a cell a grid runner starts: `parent_death_hook`'s, and SIGINT's default action back when
+    the runner ignores SIGINT. A script's `nohup bench run ... &` (a background job without job control) starts
+    the runner with SIGINT ignored; its cells inherited that, Python then gave them no KeyboardInterrupt, and the
+    runner's gentle stop of a cell (a SIGINT) was sat out for its whole grace before the SIGTERM. A runner that
+    takes SIGINT passes its cells SIGINT as it is: a Ctrl-C in the terminal still reaches both."""
+    end_with_runner = parent_death_hook()
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        return end_with_runner
+
+    def hook() -> None:  # pragma: no cover - runs in the child, between fork and exec
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # exec keeps an ignored signal ignored, a default one default
+        if end_with_runner is not None:
+            end_with_runner()
+
+    return hook
+
+
 def stop_processes(procs: Sequence[Any], grace_s: float) -> None:
     """End `multiprocessing` processes (a `bench train --nproc N`'s replicas): `grace_s` to stop by themselves
     (a Ctrl-C in the terminal reaches them too), then SIGTERM, then SIGKILL; never leave one running alone."""

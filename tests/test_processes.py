@@ -478,6 +478,43 @@ def test_interrupt_stops_the_cell_without_marking_it_failed_and_a_rerun_resumes(
     assert [launch["exit_code"] for launch in read_jsonl(d0 / LAUNCHES)][1:] == [0]
 
 
+def test_a_runner_started_with_sigint_ignored_still_stops_its_cell_at_once(tmp_path, fake):
+    """A script's `nohup bench run ... &` starts the runner with SIGINT ignored. Its cells inherited that, so at a
+    SIGTERM (`kill`, a Slurm time limit on a job running the grid) the runner's gentle SIGINT to the cell was sat
+    out for its whole 20 s grace before the SIGTERM. Now the cell takes SIGINT's default back at its start."""
+    cmd, _ = fake
+    out = tmp_path / "out"
+    driver = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from tests.fake_trainer import make_grid, quiet\n"
+        "from bench.planning import Overrides\n"
+        "from bench.processes import run_grid\n"
+        "try:\n"
+        f"    run_grid(make_grid(2), Path({str(out)!r}), Overrides(epochs=400), command={cmd!r}, console=quiet())\n"
+        "except KeyboardInterrupt:\n"
+        "    sys.exit(130)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", driver], cwd=REPO, env={**os.environ, "FAKE_EPOCH_S": "0.25"},
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not [r for f in out.glob("c0-*/epochs.jsonl") for r in read_jsonl(f)]:
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)  # the runner alone
+        assert proc.wait(timeout=60) == 130
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    (d0,) = out.glob("c0-*")
+    assert read_json(d0 / "summary.json")["status"] == "running"  # stopped, resumable
+    (stopped,) = read_jsonl(d0 / LAUNCHES)
+    assert stopped["exit_code"] == -signal.SIGINT  # the SIGINT ended it, not the SIGTERM 20 s later
+    assert took < 15.0, f"the cell sat out the SIGINT grace: {took:.1f} s"
+
+
 def test_a_runner_killed_outright_leaves_its_launch_on_record(tmp_path, fake):
     """SIGKILL gives the runner no chance to append the launch: it is recorded by the next runner, end unknown."""
     cmd, _ = fake
