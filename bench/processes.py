@@ -380,6 +380,10 @@ def run_grid(
     check_grid_out(out)  # before `exclusive` makes the folder
     with exclusive(out):
         order = prepare_out(out, grid, planned, seed, resume, version)
+        # cells this machine cannot run are recorded 'skipped' now, not when the loop reaches them: `bench status`
+        # meanwhile showed them 'pending', as if they would run
+        skipped_now = {p.folder: s for p in planned if p.skip_reason and read_summary(out / p.folder) is None
+                       and (s := prepare_cell(p, out, grid.name, version)) is not None}
 
         def estimate() -> PlanEstimate | None:
             try:  # reads the folders as they are now; an unreadable one must not stop the grid
@@ -397,8 +401,10 @@ def run_grid(
                 for i, folder in enumerate(order, start=1):
                     clock.cell_started(folder, time.monotonic())
                     display.start(i, by_folder[folder])
-                    r = run_cell(by_folder[folder], out, grid.name, version, display, command, retry_failed,
-                                 cell_timeout_s, stall_timeout_s, machine_device)
+                    r = (result_from_summary(by_folder[folder], skipped_now[folder], "skipped")
+                         if folder in skipped_now else
+                         run_cell(by_folder[folder], out, grid.name, version, display, command, retry_failed,
+                                  cell_timeout_s, stall_timeout_s, machine_device))
                     clock.cell_finished(folder)
                     if r.action != "reused":  # a new measurement: better estimates for the cells to come
                         clock.plan = estimate() or clock.plan

@@ -435,6 +435,31 @@ def test_cells_this_machine_cannot_run_are_recorded_as_skipped(tmp_path, fake, m
     assert [c["folder"] for c in launched()] == [results[0].folder]
 
 
+def test_a_cell_this_machine_cannot_run_shows_skipped_while_the_grid_still_runs(tmp_path, fake, monkeypatch):
+    """It used to get its 'skipped' record only when the runner reached it: `bench status` showed it 'pending ...
+    not started' meanwhile, as if it would run."""
+    cmd, _ = fake
+    monkeypatch.setattr(planning, "skip_reason_for",
+                        lambda cfg: "needs CUDA (--graphs cuda-graph needs a CUDA device)"
+                        if cfg.graphs == "cuda-graph" else None)
+    out = tmp_path / "out"
+    seen: list[dict[str, str]] = []
+    real_run_cell = processes.run_cell
+
+    def run_cell(p, *args, **kwargs):  # what `bench status` says as the first cell starts
+        seen.extend({"cell": r["cell"], "status": r["status"], "detail": r["detail"]} for r in cell_status_rows(out))
+        return real_run_cell(p, *args, **kwargs)
+
+    monkeypatch.setattr(processes, "run_cell", run_cell)
+    results = run_grid(make_grid(1, cuda_cell=True), out, command=cmd, console=quiet())
+    assert [(r.status, r.action) for r in results] == [("ok", "ran"), ("skipped", "skipped")]
+    graph = next(r for r in seen if r["cell"] == results[1].folder)
+    assert graph["status"] == "skipped" and graph["detail"].startswith("needs CUDA")
+    assert next(r for r in seen if r["cell"] == results[0].folder)["status"] == "pending"
+    again = run_grid(make_grid(1, cuda_cell=True), out, command=cmd, console=quiet())
+    assert [(r.status, r.action) for r in again] == [("ok", "reused"), ("skipped", "reused")]
+
+
 
 def test_interrupt_stops_the_cell_without_marking_it_failed_and_a_rerun_resumes(tmp_path, fake, monkeypatch):
     cmd, launched = fake
