@@ -139,17 +139,22 @@ def _cell_row(folder: Path, record: dict[str, Any] | None, states: dict[str, str
             status, detail = "unreadable", f"unreadable: summary.json status {kind!r}"
         elif state == "queued":
             status = "queued"
-            detail = f"job {job} {state_text(state)}" + (f"; resumes after epoch {of}" if done else "")
+            after = _checkpoint_epoch(s, done)
+            detail = f"job {job} {state_text(state)}" + (
+                f"; resumes after epoch {after}/{epochs if epochs is not None else '?'}" if done else "")
+            detail += f" ({done - after} epoch(s) done past its checkpoint are retrained)" if after < done else ""
         elif state in ("failed", "cancelled", "finished") or (state == "unknown" and (done or kind)):
             status = "stopped"
             detail = f"job {job} {state_text(state)} with {of} epochs done; `bench run` resubmits it"  # Slurm's why, fix
+            detail += _behind_checkpoint(s, done)
         elif state == "unknown":
             status, detail = "submitted", f"job {job}, not listed by Slurm"
         elif state is None and kind == "running" and (interrupted_why(s) or writer_alive(s.get("writer")) is False):
             # a local run whose process has ended (interrupted, killed, a full disk, the machine rebooted, a
             # replica lost: then the summary says so)
             status = "stopped"
-            detail = f"{of} epochs done; its process has ended: {resume_hint(folder, isinstance(cell, dict))}"
+            detail = (f"{of} epochs done{_behind_checkpoint(s, done)}; its process has ended: "
+                      f"{resume_hint(folder, isinstance(cell, dict))}")
         elif kind == "running" or done or state == "running":
             status = "running"
             last = rows[-1].get("phase") if rows else None
@@ -170,6 +175,25 @@ def _cell_row(folder: Path, record: dict[str, Any] | None, states: dict[str, str
         "job_id": job, "job_state": state,
     }
 
+
+
+def _behind_checkpoint(summary: dict[str, Any], done: int) -> str:
+    """' (1 of them in its checkpoint: the resume retrains from epoch 2)' when the run's checkpoint holds fewer
+    epochs than its rows (`checkpoint_epoch` of its 'running' summary): a stop between an epoch's row and its
+    checkpoint (a full disk), or `--checkpoint-every N`. A resume drops the rows past the checkpoint. ''
+    otherwise, and for runs that do not record it."""
+    k = _checkpoint_epoch(summary, done)
+    if k == done:
+        return ""
+    kept = f"{k} of them in its checkpoint" if k else "none of them in a checkpoint"
+    return f" ({kept}: the resume retrains from epoch {k + 1})"
+
+
+def _checkpoint_epoch(summary: dict[str, Any], done: int) -> int:
+    """The epoch a resume restarts after: the 'running' summary's `checkpoint_epoch` when it is below the `done`
+    epoch rows, else `done` (a run that does not record it, or one whose checkpoint is up to date)."""
+    k = summary.get("checkpoint_epoch")
+    return k if isinstance(k, int) and not isinstance(k, bool) and 0 <= k < done else done
 
 
 def _running(done: int, epochs: int | None, last_phase: str) -> str:

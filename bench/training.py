@@ -231,6 +231,7 @@ class RunFolder:
         self._config: dict[str, Any] = {}
         self._clock = Timeline(launched)
         self._next_alive = 0.0
+        self._checkpoint_epoch: int | None = None  # in 'running' summaries, for `bench status` (None: not told yet)
 
     def open(self, config: dict[str, Any], resume: bool) -> None:
         self._clock.mark("open")
@@ -273,7 +274,7 @@ class RunFolder:
         write_json(self.out / "config.json", config)
         write_json(self.out / "env.json", {**environment(env), "device_peak": device_peak(str(env.get("device", "cpu")))})
         self._clock.mark("recorded")
-        write_json(self.out / "summary.json", {"status": "running", "error": None, "writer": writer_record()})
+        write_json(self.out / "summary.json", self._running())
         self.alive()
         if self.progress:
             self._bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -296,6 +297,16 @@ class RunFolder:
             if "val_ms_ssim" in row:
                 info += f"  MS-SSIM {row['val_ms_ssim']:.2f}%  {row['time_s']:.2f}s"
             self._bar.update(self._task, completed=row["epoch"], info=info)
+
+    def _running(self, **more: Any) -> dict[str, Any]:
+        """The 'running' summary: who writes it and, once told, the epoch its checkpoint holds."""
+        known = {"checkpoint_epoch": self._checkpoint_epoch} if self._checkpoint_epoch is not None else {}
+        return {"status": "running", "error": None, "writer": writer_record(), **known, **more}
+
+    def checkpointed(self, epoch: int) -> None:
+        self._checkpoint_epoch = epoch
+        with contextlib.suppress(OSError):  # a note for `bench status`, never a reason to stop the run
+            write_json(self.out / "summary.json", self._running())
 
     def alive(self) -> None:
         """Touch ALIVE_NAME, at most every ALIVE_EVERY_S: the runners' sign that the run makes progress."""
@@ -325,8 +336,7 @@ class RunFolder:
     def interrupt(self, why: str) -> None:
         self._close()
         with contextlib.suppress(OSError):  # still 'running': the executors and `bench status` see it resumable
-            write_json(self.out / "summary.json", {"status": "running", "error": None, "writer": writer_record(),
-                                                   "interrupted": why})
+            write_json(self.out / "summary.json", self._running(interrupted=why))
 
     def _close(self) -> None:
         if self._bar is not None:

@@ -93,6 +93,9 @@ class RunSink(Protocol):
     def epoch(self, row: dict[str, Any]) -> None:
         """One finished epoch's row."""
 
+    def checkpointed(self, epoch: int) -> None:
+        """ckpt.pt holds epoch `epoch` (0: none yet), saved or restored: what a resume restarts from."""
+
     def alive(self) -> None:
         """The run makes progress (called at every training step: it must be cheap, e.g. act every few seconds)."""
 

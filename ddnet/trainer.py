@@ -249,6 +249,7 @@ class Run:
             return []
         rows = kept_rows(sink.epochs(), self.start_epoch, self.out / "epochs.jsonl")
         sink.keep_epochs(rows)
+        sink.checkpointed(self.start_epoch)
         return rows
 
     # -------------------------------------------------------------- epochs
@@ -284,8 +285,10 @@ class Run:
         rows: list[dict] = []
         if self.resume and self.resumes_from_checkpoint():
             rows = self._restore(sink)
-        elif self.resume and sink is not None:
-            sink.keep_epochs([])  # killed before the first checkpoint: a row written has no state behind it
+        elif sink is not None:  # new, or killed before its first checkpoint: a row written has no state behind it
+            if self.resume:
+                sink.keep_epochs([])
+            sink.checkpointed(0)
         if self.start_epoch == 0 and cfg.sparsity.kind != "none" and cfg.sparsity.dense_epochs == 0:
             self.switch_epoch = 0
         # --dense-epochs 0 prunes before the first step (the paper's Table 1 setting)
@@ -335,6 +338,7 @@ class Run:
                         pending_capture = self._build_step()
                 if main and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs):
                     self._checkpoint(epoch + 1, self._phase(epoch + 1))
+                    sink.checkpointed(epoch + 1)  # after the save: a stop between the two under-reports, never over
         if cfg.profile_steps > 0:
             self.copies = self._profile_copies()
             if sink is not None:

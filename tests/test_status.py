@@ -146,11 +146,16 @@ def test_a_job_slurm_ended_says_slurms_reason_and_the_fix_a_preempted_one_is_not
     assert "77_2 (failed: TIMEOUT)" in text and "77_5 (preempted)" in text and "cancelled" not in text
 
 
-def test_a_local_cell_whose_process_has_ended_is_stopped_not_running(grid_dir):
+def _ended_writer() -> dict:
+    """What `bench train` records as its summary's writer, of a process now ended."""
     gone = subprocess.run([sys.executable, "-c", "import json, psutil, socket, os; print(json.dumps({'host': "
                            "socket.gethostname(), 'pid': os.getpid(), 'created': psutil.Process().create_time()}))"],
                           capture_output=True, text=True, check=True)
-    ended = json.loads(gone.stdout)  # what `bench train` records as its summary's writer, of a process now ended
+    return json.loads(gone.stdout)
+
+
+def test_a_local_cell_whose_process_has_ended_is_stopped_not_running(grid_dir):
+    ended = _ended_writer()
     for writer, expected in [(ended, "stopped"), (writer_record(), "running"),  # this process: alive
                              ({**writer_record(), "created": 1.0}, "stopped"),  # its pid, reused by another process
                              ({**ended, "host": "another-node"}, "running"),  # cannot be told from here
@@ -167,6 +172,26 @@ def test_a_local_cell_whose_process_has_ended_is_stopped_not_running(grid_dir):
         f"2/5 epochs done; its process has ended: `bench train --out {grid_dir / 'part-3'} --resume` resumes it")
     # with Slurm job states the job's state decides, as before
     assert by_cell(cell_status_rows(grid_dir, job_states={"77_2": "running"}))["part-3"]["status"] == "running"
+
+
+def test_a_stopped_cell_says_when_its_checkpoint_holds_fewer_epochs_than_its_rows(grid_dir):
+    """A stop between an epoch's row and its checkpoint (a full disk while writing ckpt.pt), or with
+    --checkpoint-every N, left status counting rows: '2/5 epochs done' where the resume retrains epoch 2."""
+    ended, tail = _ended_writer(), "; its process has ended: `bench run` (the same command) resumes it"
+    for k, said in [(1, " (1 of them in its checkpoint: the resume retrains from epoch 2)"),
+                     (0, " (none of them in a checkpoint: the resume retrains from epoch 1)"),
+                     (2, ""), (None, "")]:  # up to date; a run from before the field
+        write(grid_dir / "part-3" / "summary.json", {"status": "running", "error": None, "writer": ended,
+                                                     **({"checkpoint_epoch": k} if k is not None else {})})
+        part = by_cell(cell_status_rows(grid_dir))["part-3"]
+        assert (part["status"], part["detail"], part["epochs_done"]) == ("stopped", f"2/5 epochs done{said}{tail}", 2)
+    write(grid_dir / "part-3" / "summary.json", {"status": "running", "error": None, "checkpoint_epoch": 1})
+    rows = by_cell(cell_status_rows(grid_dir, job_states={"77_2": "cancelled"}))
+    assert rows["part-3"]["detail"] == ("job 77_2 cancelled with 2/5 epochs done; `bench run` resubmits it (1 of them "
+                                        "in its checkpoint: the resume retrains from epoch 2)")
+    rows = by_cell(cell_status_rows(grid_dir, job_states={"77_2": "queued"}))
+    assert rows["part-3"]["detail"] == ("job 77_2 queued; resumes after epoch 1/5 (1 epoch(s) done past its "
+                                        "checkpoint are retrained)")
 
 
 def test_damaged_files_are_reported_never_raised(grid_dir):

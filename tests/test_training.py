@@ -196,7 +196,8 @@ def test_a_full_disk_mid_run_leaves_it_resumable_with_no_temp_file(tmp_path: Pat
     # not recorded as failed (a rerun with --resume continues; `bench run` needs no --retry-failed)
     s = read_json(out / "summary.json")
     assert (s["status"], s["error"], s["writer"]["pid"]) == ("running", None, os.getpid())
-    assert torch.load(out / "ckpt.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(out / "ckpt.pt", weights_only=False)["epoch"] == 1 == s["checkpoint_epoch"]  # for status
+    assert len(read_jsonl(out / "epochs.jsonl")) == (2 if where == "checkpoint" else 1)
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # the half-written checkpoint is gone
     monkeypatch.undo()  # space freed
     resumed = train(tiny_cfg(epochs=3), out, resume=True, progress=False)
@@ -204,6 +205,30 @@ def test_a_full_disk_mid_run_leaves_it_resumable_with_no_temp_file(tmp_path: Pat
     train(tiny_cfg(epochs=3), tmp_path / "whole", progress=False)
     ours, whole = (torch.load(d / "weights.pt", weights_only=False)["model"] for d in (out, tmp_path / "whole"))
     assert all(torch.equal(ours[k], whole[k]) for k in whole)  # the resume lost nothing
+
+
+def test_the_running_summary_names_the_epoch_a_resume_restarts_from(tmp_path: Path, monkeypatch) -> None:
+    """With --checkpoint-every 2 a run stopped in epoch 4 has 3 rows and a checkpoint of epoch 2; its summary
+    says so (`bench status` reads it), also after a resume that stops again before its next checkpoint."""
+    real, calls = trainer.validate, []
+
+    def stopped_in_epoch_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "validate", stopped_in_epoch_4)
+    out, cfg = tmp_path / "r", tiny_cfg(epochs=5, checkpoint_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out, progress=False)
+    assert [r["epoch"] for r in read_jsonl(out / "epochs.jsonl")] == [1, 2, 3]
+    assert read_json(out / "summary.json")["checkpoint_epoch"] == 2
+    calls[:] = [1, 1]  # the resume validates epochs 3 and 4: stopped in epoch 4 again, by the restored checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out, resume=True, progress=False)
+    assert [r["epoch"] for r in read_jsonl(out / "epochs.jsonl")] == [1, 2, 3]
+    assert read_json(out / "summary.json")["checkpoint_epoch"] == 2
 
 
 def test_disk_full_at_the_start_is_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
