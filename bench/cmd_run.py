@@ -212,6 +212,29 @@ def grids_cmd() -> None:
         raise typer.Exit(2)
 
 
+MAX_CELLS = 500
+"""Most cells (grid cells x --repeats) `bench run` starts without `--max-cells`: the shipped grids have at most 32,
+so thousands are more likely a slip in a grid file's factor lists or in --repeats than a plan."""
+
+
+def check_grid_size(g: Grid, repeats: int, max_cells: int, dry_run: bool) -> str | None:
+    """Refuse (UserError) a grid of more than `max_cells` cells, naming the count and the fix; for a dry run,
+    which starts nothing, the same words as a note to print (None: within the limit)."""
+    if max_cells < 1:
+        raise UserError(f"--max-cells {max_cells} must be at least 1.")
+    n_cells = len(g.cells())
+    total = n_cells * max(repeats, 1)
+    if total <= max_cells:
+        return None
+    what = f"{n_cells} cells x {repeats} repeats" if repeats > 1 else f"{n_cells} cells"
+    why = (f"grid {g.name} expands to {total} runs ({what}), more than --max-cells {max_cells}; check the grid "
+           "file's factor lists and --repeats")
+    if dry_run:
+        return f"note: `bench run` would stop here: {why}, then pass --max-cells {total} to run them all."
+    raise UserError(f"{why} with --dry-run (it shows every cell and the estimated time), then pass "
+                    f"--max-cells {total} to run them all.")
+
+
 SLURM_FLAGS = {"partition": "--slurm-partition", "account": "--slurm-account", "qos": "--slurm-qos",
                "time_min": "--slurm-time", "gpus_per_node": "--slurm-gpus-per-node",
                "cpus_per_task": "--slurm-cpus-per-task", "mem_gb": "--slurm-mem-gb",
@@ -250,6 +273,8 @@ def run_cmd(
     calibrate_: bool = typer.Option(False, "--calibrate",
                                     help="Estimate the cells no earlier run measured from a quick training of "
                                          "each distinct configuration (2 epochs of 3 steps) before planning."),
+    max_cells: int = typer.Option(MAX_CELLS, "--max-cells", help="Refuse a grid of more runs than this (cells x "
+                                  "repeats): a guard against a slip in a grid file or --repeats."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue a grid already in --out (default)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run failed cells again (from their checkpoint)."),
     cell_timeout: float | None = typer.Option(None, "--cell-timeout", min=1,
@@ -295,6 +320,9 @@ def run_cmd(
     try:
         check_stall_timeout(stall_timeout)  # nan, inf: one line, alike for both executors and a dry run
         g = load_grid(grid)
+        size_note = check_grid_size(g, repeats, max_cells, dry_run)
+        if size_note:  # a dry run still shows the plan (either executor)
+            console.print(size_note, markup=False, highlight=False)
         overrides = Overrides(epochs=epochs, batch_size=batch_size, image_size=image_size, data=data,
                               n_train=n_train, n_val=n_val, seed=seed, device=device)
         out_dir = out if out is not None else Path("results") / "runs" / g.name

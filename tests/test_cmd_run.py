@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from bench import cmd_run
 from bench.cli import app
 from bench.estimate import estimate_plan
-from bench.grids import load_grid
+from bench.grids import load_grid, registry
 from bench.planning import plan_grid
 from bench.store import append_jsonl, read_json, read_jsonl, write_json, writer_record
 
@@ -64,6 +64,36 @@ def test_dry_run_in_cli_writes_nothing_and_shows_state(tmp_path, fake, monkeypat
     assert res.exit_code == 0 and "12 x 32 px" in res.output and "3 x 4 x 5" in res.output  # 12 // 4 steps
     assert "60 images" in res.output and "(12 x 32 px + 3 x 32 px slices)" in res.output
 
+
+
+def test_a_grid_of_more_runs_than_max_cells_is_refused_before_anything_is_written(tmp_path, fake, monkeypatch):
+    """A slip in a grid file's factor lists (or --repeats 500) started thousands of cells without a word."""
+    monkeypatch.setenv("DDNET_BENCH_CACHE", str(tmp_path / "cache"))
+    grid_file = tiny_grid_file(tmp_path, "cpu", "[Cell(f'c{i}', f'c{i}', standard_factors(base), base.replace("
+                                                "lr=1e-4 * (i + 1))) for i in range(3)]")
+    out = tmp_path / "out"
+    for executor in ("local", "slurm"):
+        res = CliRunner().invoke(app, ["run", "--grid", str(grid_file), "--out", str(out), "--repeats", "2",
+                                       "--max-cells", "5", "--executor", executor])
+        assert res.exit_code == 2 and not out.exists(), res.output
+        assert ("error: grid g expands to 6 runs (3 cells x 2 repeats), more than --max-cells 5; check the grid "
+                "file's factor lists and --repeats with --dry-run") in " ".join(res.output.split())
+        assert "pass --max-cells 6 to run them all" in res.output
+    res = CliRunner().invoke(app, ["run", "--grid", str(grid_file), "--out", str(out), "--repeats", "2",
+                                   "--max-cells", "5", "--dry-run"])  # the plan still shows, with the note
+    assert res.exit_code == 0 and not out.exists() and "6 cell(s) to run" in res.output, res.output
+    assert "note: `bench run` would stop here: grid g expands to 6 runs" in " ".join(res.output.split())
+    res = CliRunner().invoke(app, ["run", "--grid", str(grid_file), "--out", str(out), "--max-cells", "3",
+                                   "--dry-run"])  # at the limit: no note
+    assert res.exit_code == 0 and "would stop here" not in res.output
+    res = CliRunner().invoke(app, ["run", "--grid", str(grid_file), "--out", str(out), "--max-cells", "0"])
+    assert res.exit_code == 2 and "--max-cells 0 must be at least 1" in res.output
+
+
+def test_every_shipped_grid_is_within_the_cell_guard_even_with_three_repeats():
+    """`bench run --grid full --repeats 3` must never need --max-cells."""
+    sizes = {name: len(g.cells()) for name, g in registry().items()}
+    assert sizes and max(sizes.values()) * 3 <= cmd_run.MAX_CELLS, sizes
 
 
 def test_the_dry_run_says_what_the_run_will_do_with_each_cell_it_finds(tmp_path, monkeypatch):
