@@ -243,5 +243,13 @@ def test_a_finished_run_without_env_json_is_not_put_on_another_machine(tmp_path)
     assert row["cell"] == "amp-fp16-host-off-dense" and row["speedup_vs_model_x"] is None
     assert row["speedup_vs_model_ci_method"] == "no baseline cell"
     assert row["status"] == "ok (1 repeat) [no env.json: machine unknown, compared only with other runs without one]"
-    md = make_report(root, opts=Options()).report_md.read_text()
+    report = make_report(root, opts=Options())
+    md = report.report_md.read_text()
     assert "`unknown`: runs without env.json" in md and "fingerprint `unknown`" in md
+    # its status.csv row says so too (it showed only an env label like the others'); a skipped run that never
+    # ran an epoch is placed on its grid's machine and is not flagged
+    status = pd.read_csv(report.out / "tables" / "status.csv", keep_default_na=False).set_index("cell")
+    assert status.loc["amp-fp16-host-off-dense", "message"] == (
+        "no env.json: machine unknown, compared only with other runs without one")
+    assert "env.json" not in status.loc["fp32-host-cuda-graph-dense", "message"]
+    assert status.loc["fp32-host-off-dense", "message"] == ""

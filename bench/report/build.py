@@ -38,7 +38,7 @@ from bench.report.format import is_num
 from bench.report.markdown import render, table_file
 from bench.report.options import DEFAULT_RESULTS, Options, check_target
 from bench.report.plotting import draw
-from bench.report.runs import RunRecord, load_runs, not_started
+from bench.report.runs import NO_ENV_NOTE, UNKNOWN_ENV, RunRecord, load_runs, not_started
 from bench.report.setting import setting_from
 from ddnet.errors import UserError, make_folder, out_of_space
 
@@ -126,7 +126,9 @@ def _status_rows(envs: list[Environment], unstarted: Sequence[dict[str, Any]] = 
             rows.append({
                 "env": e.label, "grid": r.grid or "-", "cell": r.cell_name, "repeat": r.repeat, "status": r.status,
                 "epochs_done": len(r.epochs), "epochs": r.setting.epochs,
-                "message": r.status_text() if r.status != "ok" or r.damage else "", "damage": r.damage or "",
+                "message": "; ".join(m for m in (r.status_text() if r.status != "ok" or r.damage else "",
+                                                 NO_ENV_NOTE if r.fingerprint == UNKNOWN_ENV else "") if m),
+                "damage": r.damage or "",
                 "path": r.rel,
             })
     for c in unstarted:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.report.format import is_num
-from bench.report.runs import UNKNOWN_ENV, RunRecord, context_blob
+from bench.report.runs import NO_ENV_NOTE, UNKNOWN_ENV, RunRecord, context_blob
 from bench.report.setting import Setting
 from bench.stats import median, summarize
 from bench.store import epoch_phase
@@ -80,7 +80,7 @@ class CellRuns:
         """What a reader must know beside the numbers: a name shared with other settings, mixed code versions."""
         flags = [self.clash] if self.clash else []
         if self.fingerprint == UNKNOWN_ENV and any(r.epochs for r in self.runs):
-            flags.append("no env.json: machine unknown, compared only with other runs without one")
+            flags.append(NO_ENV_NOTE)
         versions = sorted({_code_version(r) for r in self.ok_runs} - {""})
         if len(versions) > 1:
             flags.append(f"repeats from {len(versions)} code versions: {', '.join(versions)}")

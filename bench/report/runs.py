@@ -36,6 +36,8 @@ from ddnet.errors import UserError
 
 UNKNOWN_ENV = "unknown"
 """Fingerprint given to runs whose env.json is missing and cannot be attributed."""
+NO_ENV_NOTE = "no env.json: machine unknown, compared only with other runs without one"
+"""Said of such a run (status.csv) and of its cell (the tables' flags)."""
 
 # Config fields that change what is measured but are not optimizations: two
 # cells compare only when all of these agree (same data, net, epochs, batch).
