@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -147,21 +147,9 @@ class _Interrupted(Exception):
     """Ctrl-C or SIGTERM reached the runner."""
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
+def _sigterm_as_interrupt() -> contextlib.AbstractContextManager[None]:
     """Treat SIGTERM like Ctrl-C while the grid runs, so the child is stopped and nothing is recorded as failed."""
-    def handler(signum: int, frame: Any) -> None:
-        raise _Interrupted(signal.Signals(signum).name)
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return signals.sigterm_raises(lambda signum: _Interrupted(signal.Signals(signum).name), again=True)
 
 
 def _stop_child(proc: subprocess.Popen) -> None:

@@ -26,9 +26,16 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM reached the command (a Slurm time limit or scancel, `kill`, a shutdown)."""
 
 
+def sigterm_unwinds() -> contextlib.AbstractContextManager[None]:
+    """Raise `Terminated` on SIGTERM inside the block (a second SIGTERM ends the process at once)."""
+    return sigterm_raises(lambda signum: Terminated())
+
+
 @contextlib.contextmanager
-def sigterm_unwinds() -> Iterator[None]:
-    """Raise `Terminated` on SIGTERM inside the block (a second SIGTERM ends the process at once).
+def sigterm_raises(make: Callable[[int], BaseException], again: bool = False) -> Iterator[None]:
+    """Raise `make(signum)` on SIGTERM inside the block. `again=False`: a second SIGTERM ends the process at
+    once (a command unwinding its first must still be stoppable); `again=True`: it raises again (a grid runner
+    stopping its cell, which must not die before the cell is recorded as stopped).
 
     Only the main thread may set handlers; elsewhere this changes nothing. The handler before it
     is put back on the way out."""
@@ -37,8 +44,9 @@ def sigterm_unwinds() -> Iterator[None]:
         return
 
     def handler(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        raise Terminated()
+        if not again:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise make(signum)
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:

@@ -4,6 +4,7 @@ ends; `stopped_how` and `end_like` are the words and the end of a stopped comman
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -59,3 +60,32 @@ def test_stopped_how_and_end_like() -> None:
     assert signals.stopped_how(signals.Terminated()) == "stopped by SIGTERM"
     assert signals.stopped_how(KeyboardInterrupt()) == "interrupted"
     signals.end_like(KeyboardInterrupt())  # a Ctrl-C: returns, the caller exits 130
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("again", [False, True])
+def test_sigterm_raises_once_or_again_and_puts_the_handler_back(again: bool) -> None:
+    """A command (`sigterm_unwinds`) ends at a second SIGTERM; a grid runner raises again, to record its cell."""
+    before = signal.getsignal(signal.SIGTERM)
+    raised = []
+    with signals.sigterm_raises(lambda signum: _Stop(signal.Signals(signum).name), again=again):
+        for _ in range(2 if again else 1):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler runs at once
+            except _Stop as e:
+                raised.append(str(e))
+        after_first = signal.getsignal(signal.SIGTERM)
+    assert raised == ["SIGTERM"] * (2 if again else 1)
+    assert (after_first is signal.SIG_DFL) is not again  # once: the default action, which ends the process
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_sigterm_unwinds_raises_terminated_a_keyboard_interrupt() -> None:
+    with pytest.raises(signals.Terminated), signals.sigterm_unwinds():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    assert issubclass(signals.Terminated, KeyboardInterrupt)
