@@ -461,20 +461,25 @@ def test_a_cell_this_machine_cannot_run_shows_skipped_while_the_grid_still_runs(
 
 
 
-def test_interrupt_stops_the_cell_without_marking_it_failed_and_a_rerun_resumes(tmp_path, fake, monkeypatch):
-    cmd, launched = fake
-    out = tmp_path / "out"
-    driver = (
+def _grid_driver(out: Path, cmd: list[str], epochs: int) -> str:
+    """A `python -c` program running a 2-cell grid into `out`, exiting 130 when interrupted (as `bench run`)."""
+    return (
         "import sys\n"
         "from pathlib import Path\n"
         "from tests.fake_trainer import make_grid, quiet\n"
         "from bench.planning import Overrides\n"
         "from bench.processes import run_grid\n"
         "try:\n"
-        f"    run_grid(make_grid(2), Path({str(out)!r}), Overrides(epochs=40), command={cmd!r}, console=quiet())\n"
+        f"    run_grid(make_grid(2), Path({str(out)!r}), Overrides(epochs={epochs}), command={cmd!r}, console=quiet())\n"
         "except KeyboardInterrupt:\n"
         "    sys.exit(130)\n"
     )
+
+
+def test_interrupt_stops_the_cell_without_marking_it_failed_and_a_rerun_resumes(tmp_path, fake, monkeypatch):
+    cmd, launched = fake
+    out = tmp_path / "out"
+    driver = _grid_driver(out, cmd, epochs=40)
     env = {**os.environ, "FAKE_EPOCH_S": "0.25"}  # 10 s of epochs: a loaded machine must not let it finish first
     proc = subprocess.Popen([sys.executable, "-c", driver], cwd=REPO, env=env, start_new_session=True)
     try:
@@ -509,17 +514,7 @@ def test_a_runner_started_with_sigint_ignored_still_stops_its_cell_at_once(tmp_p
     out for its whole 20 s grace before the SIGTERM. Now the cell takes SIGINT's default back at its start."""
     cmd, _ = fake
     out = tmp_path / "out"
-    driver = (
-        "import sys\n"
-        "from pathlib import Path\n"
-        "from tests.fake_trainer import make_grid, quiet\n"
-        "from bench.planning import Overrides\n"
-        "from bench.processes import run_grid\n"
-        "try:\n"
-        f"    run_grid(make_grid(2), Path({str(out)!r}), Overrides(epochs=400), command={cmd!r}, console=quiet())\n"
-        "except KeyboardInterrupt:\n"
-        "    sys.exit(130)\n"
-    )
+    driver = _grid_driver(out, cmd, epochs=400)
     proc = subprocess.Popen([sys.executable, "-c", driver], cwd=REPO, env={**os.environ, "FAKE_EPOCH_S": "0.25"},
                             start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
