@@ -119,14 +119,17 @@ def cell_start_hook() -> Callable[[], None] | None:
     """`preexec_fn` for a cell a grid runner starts: `parent_death_hook`'s, and SIGINT's default action back when
     the runner ignores SIGINT. A script's `nohup bench run ... &` (a background job without job control) starts
     the runner with SIGINT ignored; its cells inherited that, Python then gave them no KeyboardInterrupt, and the
-    runner's gentle stop of a cell (a SIGINT) was sat out for its whole grace before the SIGTERM. A runner that
-    takes SIGINT passes its cells SIGINT as it is: a Ctrl-C in the terminal still reaches both."""
+    runner's gentle stop of a cell (a SIGINT) was sat out for its whole grace before the SIGTERM. Such a cell also
+    gets a process group of its own: the runner still shares the script's, and a Ctrl-C in the terminal while the
+    script runs must pass the cell by as it passes the runner (the runner signals the cell by its pid). A runner
+    that takes SIGINT passes its cells SIGINT and its group as they are: a Ctrl-C in the terminal reaches both."""
     end_with_runner = parent_death_hook()
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         return end_with_runner
 
     def hook() -> None:  # pragma: no cover - runs in the child, between fork and exec
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # exec keeps an ignored signal ignored, a default one default
+        os.setpgid(0, 0)  # out of the terminal's foreground group, whose Ctrl-C the runner ignores
         if end_with_runner is not None:
             end_with_runner()
 

@@ -511,16 +511,28 @@ def test_interrupt_stops_the_cell_without_marking_it_failed_and_a_rerun_resumes(
 def test_a_runner_started_with_sigint_ignored_still_stops_its_cell_at_once(tmp_path, fake):
     """A script's `nohup bench run ... &` starts the runner with SIGINT ignored. Its cells inherited that, so at a
     SIGTERM (`kill`, a Slurm time limit on a job running the grid) the runner's gentle SIGINT to the cell was sat
-    out for its whole 20 s grace before the SIGTERM. Now the cell takes SIGINT's default back at its start."""
-    cmd, _ = fake
+    out for its whole 20 s grace before the SIGTERM. Now the cell takes SIGINT's default back at its start, in a
+    process group of its own: a Ctrl-C in the terminal, meant for the script the runner runs behind, still passes
+    the cell by, as it passes the runner."""
+    cmd, launched = fake
     out = tmp_path / "out"
     driver = _grid_driver(out, cmd, epochs=400)
     proc = subprocess.Popen([sys.executable, "-c", driver], cwd=REPO, env={**os.environ, "FAKE_EPOCH_S": "0.25"},
                             start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+
+    def rows() -> int:
+        return len([r for f in out.glob("c0-*/epochs.jsonl") for r in read_jsonl(f)])
+
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not [r for f in out.glob("c0-*/epochs.jsonl") for r in read_jsonl(f)]:
+        while time.monotonic() < deadline and not rows():
             time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)  # a Ctrl-C reaching the script's process group: the runner's
+        before = rows()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and rows() < before + 4:
+            time.sleep(0.05)
+        assert rows() >= before + 4 and len(launched()) == 1, "the terminal's Ctrl-C stopped the cell"
         t0 = time.monotonic()
         os.kill(proc.pid, signal.SIGTERM)  # the runner alone
         assert proc.wait(timeout=60) == 130

@@ -89,3 +89,26 @@ def test_sigterm_unwinds_raises_terminated_a_keyboard_interrupt() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)
     assert issubclass(signals.Terminated, KeyboardInterrupt)
+
+
+# a cell started with `cell_start_hook`: its SIGINT disposition, and whether it leads a process group of its own
+CELL = ("import os, signal; print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN, "
+        "os.getpgid(0) == os.getpid(), flush=True)")
+
+
+@pytest.mark.parametrize("runner_ignores", [True, False])
+def test_a_cell_takes_sigint_back_in_its_own_group_only_from_a_runner_that_ignores_sigint(runner_ignores: bool) -> None:
+    """A script's `nohup bench run ... &` ignores SIGINT: the cell gets the default back, for the runner's gentle stop,
+    and a group of its own, so the terminal's Ctrl-C the runner ignores passes it by too. A runner that takes SIGINT
+    (a Ctrl-C reaches runner and cell alike) passes both on unchanged."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN if runner_ignores else signal.default_int_handler)
+    try:
+        hook = signals.cell_start_hook()
+        # the child, as the cell, inherits SIGINT from this process at fork, as a cell does from its runner
+        res = subprocess.run([sys.executable, "-c", CELL], preexec_fn=hook, capture_output=True, text=True,
+                             timeout=60)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    ignored, own_group = res.stdout.split()
+    assert ignored == "False"  # with the runner's default, Python's KeyboardInterrupt handler in both cases
+    assert own_group == str(runner_ignores)
