@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import bench.status as status
 import bench.training as training
 import ddnet.checkpoint as checkpoint
 import ddnet.trainer as trainer
@@ -224,6 +225,11 @@ def test_the_running_summary_names_the_epoch_a_resume_restarts_from(tmp_path: Pa
         train(cfg, out, progress=False)
     assert [r["epoch"] for r in read_jsonl(out / "epochs.jsonl")] == [1, 2, 3]
     assert read_json(out / "summary.json")["checkpoint_epoch"] == 2
+    # what `bench status` says of this run once its process has ended (here the writer is pytest, still alive)
+    monkeypatch.setattr(status, "writer_alive", lambda writer: False)
+    [row] = status.cell_status_rows(out)
+    assert row["status"] == "stopped"
+    assert row["detail"].startswith("3/5 epochs done (2 of them in its checkpoint: the resume retrains from epoch 3)")
     calls[:] = [1, 1]  # the resume validates epochs 3 and 4: stopped in epoch 4 again, by the restored checkpoint
     with pytest.raises(KeyboardInterrupt):
         train(cfg, out, resume=True, progress=False)
