@@ -92,9 +92,9 @@ FP32_BOUND = 0.01
 """The largest fp32 update mismatch that rounding alone may give, here and in the GPU test; below what a
 10 % lr error (0.1) or an Adam step count off by one (> 0.02) gives (tests below). Rounding is not a
 property of the kernels alone: it grows as the tiny net's gradient becomes ill-conditioned. With
-channels_last kernels on a CPU, step 6 of the test below measured 3e-4 on one CPU and 4.4e-3 on a 2.5 GHz
-AVX-512 Xeon (the CI machine), where the MSE part's gradient alone differed by 1.9 % between the two
-memory orders at equal weights."""
+channels_last kernels on a CPU, the test below measured at most 3e-4 over its 6 steps on one CPU, and
+4.4e-3 at step 6 on a 2.5 GHz AVX-512 Xeon (the CI machine), where the MSE part's gradient alone differed
+by 1.9 % between the two memory orders at equal weights."""
 
 FP16_INIT_SCALE = 2.0 ** 10
 """The GradScaler's first scale in the fp16 GPU tests. From its default, 2**16, this tiny net's scaled
@@ -147,7 +147,7 @@ def test_capturable_adam_with_a_tensor_lr_matches_eager_adam(tmp_path: Path) -> 
 def test_another_memory_order_differs_by_rounding_alone(tmp_path: Path, precision: str, loss_rel: float,
                                                         bound: float) -> None:
     # channels_last runs other conv kernels with other summation orders: what rounding alone does to a step.
-    # Measured (this tiny net, batch 4): fp32 losses within 4e-6, mismatch up to 4.4e-3 (FP32_BOUND);
+    # Measured (this tiny net, batch 4): fp32 losses within 4e-6, mismatch up to 4.4e-3 (see FP32_BOUND);
     # amp-bf16 losses within 3 % and mismatch up to 0.37: bf16 rounding in other kernels moves near-zero
     # gradients a lot, so in bf16 this measure tells a broken step from rounding only when the kernels
     # are the same
