@@ -374,3 +374,37 @@ def test_bench_data_cache_with_off_says_it_acts_on_the_default_folder(tmp_path, 
     print(res.output)
     assert res.exit_code == 0 and str(tmp_path / "xdg" / "ddnet-bench" / "synth") in res.output
     assert "the default folder: DDNET_BENCH_CACHE=off only stops runs from using it" in res.output
+
+
+PROBE_TEST = '''
+import os
+from pathlib import Path
+
+
+def test_probe():
+    folder = Path(os.environ["DDNET_BENCH_CACHE"])
+    assert folder.is_dir()
+    (folder / "entry").write_text("slices")
+    Path(os.environ["PROBE_SAYS"]).write_text(str(folder))
+'''
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_a_test_session_removes_the_cache_folder_it_made_and_keeps_one_given(tmp_path, given):
+    # the repository's conftest.py gives each pytest session its own data cache; it used to stay in /tmp after
+    # the session, 5 MB each run
+    (tmp_path / "test_probe.py").write_text(PROBE_TEST)
+    env = {k: v for k, v in os.environ.items() if k != "DDNET_BENCH_CACHE"}
+    env["PROBE_SAYS"] = str(tmp_path / "said")
+    if given:
+        (tmp_path / "mine").mkdir()
+        env["DDNET_BENCH_CACHE"] = str(tmp_path / "mine")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider",
+                          "-o", "addopts=", "--rootdir", str(tmp_path), str(tmp_path / "test_probe.py")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    used = Path((tmp_path / "said").read_text())
+    if given:
+        assert used == tmp_path / "mine" and (used / "entry").read_text() == "slices"  # the caller's: kept
+    else:
+        assert used.name.startswith("ddnet-bench-cache-") and not used.exists()
