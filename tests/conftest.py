@@ -39,11 +39,12 @@ def fake(tmp_path, monkeypatch):
 
 @pytest.fixture
 def capturable_adam_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Let `Adam(capturable=True)` run on a CPU: its capturable code path is what a CUDA graph holds."""
+    """Let `Adam(capturable=True)` run on a CPU (and on the meta device, which `tests/test_optim.py` has stand in
+    for a GPU): its capturable code path is what a CUDA graph holds."""
     original = optimizer_mod._get_capturable_supported_devices
 
     def with_cpu(supports_xla: bool = True) -> list[str]:
-        return [*original(supports_xla), "cpu"]
+        return [*original(supports_xla), "cpu", "meta"]
 
     monkeypatch.setattr(optimizer_mod, "_get_capturable_supported_devices", with_cpu)
     if hasattr(adam_mod, "_get_capturable_supported_devices"):

@@ -3,6 +3,7 @@ DoLL's gather into bound buffers, the compile warm-up flag, and their GPU behavi
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 from pathlib import Path
@@ -10,7 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
+import ddnet.loss as loss_mod
+import ddnet.model as model_mod
 from bench.collectors import profile_copies
 from bench.store import read_json, read_jsonl
 from bench.training import build_run, train
@@ -82,6 +87,100 @@ def test_captured_step_body_never_syncs_with_the_host(capturable_adam_on_cpu, pr
     parts.optimizer.zero_grad(set_to_none=True)
     syncs = _host_syncs(lambda: graph_body(parts, lq, hq, with_tail=True))
     assert syncs == [], f"host syncs inside the captured step: {syncs}"
+
+
+class _HostCrossings(TorchDispatchMode):
+    """Records every op that brings a host (CPU) tensor into a step run on the meta device, which stands in for
+    the GPU: a host-to-device copy (`.to(device)`, `copy_`) or a CPU operand of a device op, 0-dim ones
+    included (capture would bake in the value it read). Also `torch.tensor`/`torch.as_tensor` given a device
+    (a copy of host data, which the meta device makes without any op). A read on the host (`.item()`) raises
+    on meta tensors by itself."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+        for name in ("tensor", "as_tensor"):
+            monkeypatch.setattr(torch, name, self._watching(name, getattr(torch, name)))
+
+    def _watching(self, name: str, make):
+        def made(*args, **kwargs):
+            if torch.device(kwargs.get("device") or "cpu").type != "cpu":
+                self.seen.append(f"torch.{name}(host data, device={kwargs['device']})")
+            return make(*args, **kwargs)
+        return made
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        given = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        out = func(*args, **kwargs)
+        made = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if any(t.device.type == "cpu" for t in given) and any(t.device.type == "meta" for t in given + made):
+            self.seen.append(f"{func} <- CPU {[tuple(t.shape) for t in given if t.device.type == 'cpu']}")
+        return out
+
+
+META = torch.device("meta")
+
+
+@pytest.fixture()
+def meta_parts(capturable_adam_on_cpu, monkeypatch: pytest.MonkeyPatch):
+    """`make(deterministic, masked)`: the graphed step's parts (fp32) on the meta device, and batches there.
+
+    autocast has no meta backend, so it is off there (`graph_body` and the loss ask for it by device type); Adam
+    checks on the host that its lr is >= 0, so it is built with a CPU lr, then given a device one as
+    `make_optimizer` does for a GPU."""
+    real_autocast = torch.autocast
+
+    def autocast(device_type: str, *args, **kwargs):
+        return contextlib.nullcontext() if device_type == "meta" else real_autocast(device_type, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", autocast)
+
+    def make(deterministic: bool, masked: bool) -> tuple[StepParts, torch.Tensor, torch.Tensor]:
+        cfg = _cfg(graphs="cuda-graph")
+        torch.manual_seed(0)
+        model = DDNet(cfg.model).set_deterministic(deterministic)
+        masks = topk_prune_(model, 0.5).to(META) if masked else None
+        model.to(META)
+        post = masks.bind(model) if masks is not None else (lambda: None)
+        opt = make_optimizer(model, cfg, CPU)
+        for group in opt.param_groups:
+            group["lr"] = torch.full((), cfg.lr, device=META)
+        parts = StepParts(model, DDNetLoss(64), opt, setup_precision(cfg, META), META, post)
+        return parts, torch.empty(2, 1, 64, 64, device=META), torch.empty(2, 1, 64, 64, device=META)
+
+    return make
+
+
+@pytest.mark.parametrize(("deterministic", "masked"), [(False, False), (True, False), (False, True)])
+def test_captured_step_body_copies_nothing_from_the_host(meta_parts, monkeypatch: pytest.MonkeyPatch,
+                                                         deterministic: bool, masked: bool) -> None:
+    # CUDA graph capture refuses a host-to-device copy: the H200 check's every --deterministic --graphs cuda-graph
+    # run failed on one (a number made into a GPU tensor in the upsampling), which no CPU test could see
+    parts, lq, hq = meta_parts(deterministic, masked)
+    parts.optimizer.zero_grad(set_to_none=True)
+    graph_body(parts, lq, hq, with_tail=True)  # the eager warm-up: the loss's window cache, Adam's state
+    parts.optimizer.zero_grad(set_to_none=True)
+    # as under a capture (`ddnet.model._cached_weights`): --deterministic's upsampling matrices are built in the step
+    monkeypatch.setattr(model_mod, "_cached_weights", model_mod._linear_weights)
+    with _HostCrossings(monkeypatch) as crossings:
+        loss = graph_body(parts, lq, hq, with_tail=True)
+    assert loss.device == META and parts.model.stem.conv.weight.grad.device == META  # the step ran on meta
+    assert crossings.seen == []
+
+
+def test_the_host_crossing_detector_sees_a_cold_window_cache(meta_parts, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the check above is only worth something if it can fail: the loss's first call builds its Gaussian window on
+    # the host and copies it over (and its scale weights with torch.tensor), which the warm-up is there for
+    parts, lq, hq = meta_parts(False, False)
+    monkeypatch.setattr(loss_mod, "_WIN_CACHE", {})
+    with _HostCrossings(monkeypatch) as crossings:
+        graph_body(parts, lq, hq, with_tail=True)
+    assert any(s.startswith("aten._to_copy") for s in crossings.seen), crossings.seen
+    assert any(s.startswith("torch.tensor(host data, device=meta)") for s in crossings.seen), crossings.seen
+    with _HostCrossings(monkeypatch) as crossings:
+        lq.sum() + torch.ones(3).sum()  # a CPU operand of a device op, even one number
+    assert len(crossings.seen) == 1 and crossings.seen[0].startswith("aten.add.Tensor"), crossings.seen
 
 
 def test_captured_step_body_trains(capturable_adam_on_cpu) -> None:
