@@ -325,6 +325,29 @@ def test_graph_captures_beside_host_loader_workers(tmp_path: Path) -> None:
 
 @pytest.mark.gpu
 @needs_cuda
+def test_every_fast_path_part_composes_with_a_captured_step(tmp_path: Path) -> None:
+    # the speed grid's all-cuda-graph cell, never run on a GPU before this test: channels_last, cuDNN autotuning,
+    # fused capturable Adam with a device lr, bf16 and DoLL, captured as one graph; eager with the same parts beside
+    fast = {"precision": "amp-bf16", "loader": "device", "channels_last": True, "cudnn_benchmark": True,
+            "optimizer_impl": "fused"}
+    losses, runs = {}, {}
+    for graphs in ("off", "cuda-graph"):
+        runs[graphs] = run = _gpu_run(tmp_path / graphs, graphs=graphs, **fast)
+        losses[graphs] = [float(run.step(lq, hq)) for lq, hq in itertools.islice(run.loader.epoch(0), 4)]
+    graphed = runs["cuda-graph"]
+    assert isinstance(graphed.step, GraphedStep)
+    assert graphed.optimizer.defaults["fused"] and graphed.optimizer.defaults["capturable"]
+    assert graphed.model.stem.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert graphed.step.static_inputs[0].is_contiguous(memory_format=torch.channels_last)
+    # before any update: the same bf16 arithmetic, up to the kernels autotuning picked (test_trainer's bf16 bound)
+    assert losses["cuda-graph"][0] == pytest.approx(losses["off"][0], rel=2e-2)
+    assert losses["cuda-graph"][-1] < losses["cuda-graph"][0]
+    summary = train(_gpu_cfg(graphs="cuda-graph", **fast), tmp_path / "train", progress=False)  # validation too
+    assert summary["status"] == "ok" and summary["epochs_completed"] == 2
+
+
+@pytest.mark.gpu
+@needs_cuda
 # Inductor compiles DDNet's forward and backward from a cold cache in the capture's warm-up: the H200's compile
 # cell spent 81 s in its first epoch, too close to .ci/gpu-check's per-test --timeout 120
 @pytest.mark.timeout(300)
