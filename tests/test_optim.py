@@ -330,9 +330,10 @@ def test_graph_captures_beside_host_loader_workers(tmp_path: Path) -> None:
 
 @pytest.mark.gpu
 @needs_cuda
-def test_every_fast_path_part_composes_with_a_captured_step(tmp_path: Path) -> None:
+def test_every_fast_path_part_composes_with_a_captured_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # the speed grid's all-cuda-graph cell, never run on a GPU before this test: channels_last, cuDNN autotuning,
     # fused capturable Adam with a device lr, bf16 and DoLL, captured as one graph; eager with the same parts beside
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # put back afterwards
     fast = {"precision": "amp-bf16", "loader": "device", "channels_last": True, "cudnn_benchmark": True,
             "optimizer_impl": "fused"}
     losses, runs = {}, {}
