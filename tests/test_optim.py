@@ -30,6 +30,7 @@ from ddnet.trainer import TrainingFailed
 TINY = ModelConfig(base_width=4, growth=4, bottleneck=8)
 SYNC_OPS = ("aten::item", "aten::_local_scalar_dense")
 CPU = torch.device("cpu")
+META = torch.device("meta")
 
 
 def _cfg(**changes) -> TrainConfig:
@@ -44,18 +45,21 @@ def _host_syncs(fn) -> list[str]:
     return [e.name for e in prof.events() if e.name in SYNC_OPS]
 
 
-def _graph_parts(precision: str, masked: bool) -> tuple[StepParts, torch.Tensor, torch.Tensor]:
-    cfg = _cfg(precision=precision, graphs="cuda-graph")  # the optimizer a graph gets: capturable Adam
+def _graph_parts(precision: str, masked: bool, device: torch.device = CPU, deterministic: bool = False,
+                 **changes) -> tuple[StepParts, torch.Tensor, torch.Tensor]:
+    """The graphed step's parts (capturable Adam) and a batch, on `device`: built on the CPU, then moved."""
+    cfg = _cfg(precision=precision, graphs="cuda-graph", **changes)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     torch.manual_seed(0)
-    model = DDNet(cfg.model)
-    masks = topk_prune_(model, 0.5) if masked else None
-
-    def post() -> None:
-        if masks is not None:
-            masks.apply_(model)
-
-    parts = StepParts(model, DDNetLoss(64), make_optimizer(model, cfg, CPU), setup_precision(cfg, CPU), CPU, post)
-    lq, hq = torch.rand(2, 1, 64, 64), torch.rand(2, 1, 64, 64)
+    model = DDNet(cfg.model).set_deterministic(deterministic)
+    masks = topk_prune_(model, 0.5).to(device) if masked else None
+    model.to(device, memory_format=fmt)
+    post = masks.bind(model) if masks is not None else (lambda: None)
+    opt = make_optimizer(model, cfg, CPU)  # Adam reads its lr on the host when built (lr >= 0): moved after
+    for group in opt.param_groups:
+        group["lr"] = group["lr"].to(device)
+    parts = StepParts(model, DDNetLoss(64), opt, setup_precision(cfg, device), device, post)
+    lq, hq = (torch.rand(2, 1, 64, 64).to(device, memory_format=fmt) for _ in range(2))
     return parts, lq, hq
 
 
@@ -119,16 +123,12 @@ class _HostCrossings(TorchDispatchMode):
         return out
 
 
-META = torch.device("meta")
-
 
 @pytest.fixture()
 def meta_parts(capturable_adam_on_cpu, monkeypatch: pytest.MonkeyPatch):
-    """`make(deterministic, masked)`: the graphed step's parts (fp32) on the meta device, and batches there.
+    """`_graph_parts` (fp32) on the meta device: `make(deterministic, masked, **changes)`.
 
-    autocast has no meta backend, so it is off there (`graph_body` and the loss ask for it by device type); Adam
-    checks on the host that its lr is >= 0, so it is built with a CPU lr, then given a device one as
-    `make_optimizer` does for a GPU."""
+    autocast has no meta backend, so it is off there (`graph_body` and the loss ask for it by device type)."""
     real_autocast = torch.autocast
 
     def autocast(device_type: str, *args, **kwargs):
@@ -137,19 +137,7 @@ def meta_parts(capturable_adam_on_cpu, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(torch, "autocast", autocast)
 
     def make(deterministic: bool, masked: bool, **changes) -> tuple[StepParts, torch.Tensor, torch.Tensor]:
-        cfg = _cfg(graphs="cuda-graph", **changes)
-        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        torch.manual_seed(0)
-        model = DDNet(cfg.model).set_deterministic(deterministic)
-        masks = topk_prune_(model, 0.5).to(META) if masked else None
-        model.to(META, memory_format=fmt)
-        post = masks.bind(model) if masks is not None else (lambda: None)
-        opt = make_optimizer(model, cfg, CPU)
-        for group in opt.param_groups:
-            group["lr"] = torch.full((), cfg.lr, device=META)
-        parts = StepParts(model, DDNetLoss(64), opt, setup_precision(cfg, META), META, post)
-        lq, hq = (torch.empty(2, 1, 64, 64, device=META).contiguous(memory_format=fmt) for _ in range(2))
-        return parts, lq, hq
+        return _graph_parts("fp32", masked, META, deterministic, **changes)
 
     return make
 
