@@ -34,23 +34,30 @@ def readme_commands(text: str) -> list[tuple[str, str, list[str]]]:
         if name not in COMMANDS:
             continue  # prose: "bench run's ...", "the bench harness"
         words = rest.split()
-        if words and not words[0].startswith("-") and name == "data":
-            name = f"data {words[0]}"
+        if words and not words[0].startswith("-") and hasattr(load_command(name), "commands"):
+            name = f"{name} {words[0]}"  # a group's subcommand
         found.append((name, m.group(0).strip(), OPTION.findall(rest)))
     return found
 
 
-def _command(name: str):
-    top, _, sub = name.partition(" ")
-    command = load_command(top)
-    return command.commands[sub] if sub else command
+def _wrong(found: list[tuple[str, str, list[str]]]) -> list[str]:
+    """What in `found` names no command or no option of its command."""
+    out = []
+    for name, written, opts in found:
+        top, _, sub = name.partition(" ")
+        command = load_command(top)
+        if sub:
+            if sub not in command.commands:
+                out.append(f"{written!r}: bench {top} has no subcommand {sub}")
+                continue
+            command = command.commands[sub]
+        out += [f"{written!r}: bench {name} has no {opt}" for opt in opts if opt not in _options(command)]
+    return out
 
 
 def test_every_option_the_readme_gives_a_bench_command_exists() -> None:
     found = readme_commands(README)
-    wrong = [f"{written!r}: {name} has no {opt}" for name, written, opts in found
-             for opt in opts if opt not in _options(_command(name))]
-    assert wrong == []
+    assert _wrong(found) == []
     # the scan sees the README's commands (about 60 options when this was written), not an empty match
     assert sum(len(opts) for _, _, opts in found) >= 40
     assert {name for name, _, _ in found} >= {"train", "run", "report", "eval", "status", "data synth"}
@@ -62,8 +69,10 @@ def test_the_option_check_catches_a_renamed_option() -> None:
     found = readme_commands(text)
     assert [(n, o) for n, _, o in found] == [("run", ["--grid", "--repeat"]), ("report", ["--outt"]),
                                              ("data synth", ["--out", "--sise"])]
-    missing = [(n, o) for n, _, opts in found for o in opts if o not in _options(_command(n))]
-    assert missing == [("run", "--repeat"), ("report", "--outt"), ("data synth", "--sise")]
+    assert [w.split(": ", 1)[1] for w in _wrong(found)] == [
+        "bench run has no --repeat", "bench report has no --outt", "bench data synth has no --sise"]
+    assert _wrong(readme_commands("`bench data synthh --n 4`")) == ["'bench data synthh --n 4': bench data has no "
+                                                                    "subcommand synthh"]
 
 
 def test_every_grid_the_readme_runs_exists() -> None:
