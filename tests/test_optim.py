@@ -123,7 +123,6 @@ class _HostCrossings(TorchDispatchMode):
         return out
 
 
-
 @pytest.fixture()
 def meta_parts(capturable_adam_on_cpu, monkeypatch: pytest.MonkeyPatch):
     """`_graph_parts` (fp32) on the meta device: `make(deterministic, masked, **changes)`.

@@ -6,12 +6,14 @@ that fails, or a count that is wrong, with nothing in the suite to notice.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
 import pytest
 
-from bench.cli import COMMANDS, load_command
+from bench.cli import COMMANDS
+from bench.cli import load_command as _load
 from bench.grids import scan
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -19,6 +21,8 @@ README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 OPTION = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)")
 COMMAND = re.compile(r"\bbench ([a-z][a-z-]*)((?:(?!&&|;|#)[^`\n|])*)")
 """`bench CMD ...` up to the end of its code span, table cell, line, shell command (`&&`, `;`, a pipe) or comment."""
+load_command = functools.cache(_load)
+"""Each command's click object built once, not once per mention (the README has about 140)."""
 
 
 def _options(command) -> set[str]:
