@@ -23,7 +23,10 @@ Where they come from, best first (`CellEstimate.source`):
    (`phase_key`): a sparse phase from a run of the same configuration, a dense phase from
    any run of the same configuration but its sparsity (a hybrid cell's dense epochs are a
    dense model's), or from a calibration of that phase ("by phase: dense from <folder>,
-   sparse calibrated"); only where every phase is measured is it 'measured';
+   sparse calibrated"); failing both, a masked (random, topk) sparse phase is timed at the
+   dense phase's epochs, since masked weights run the same dense kernels ("sparse at the
+   dense epochs of <folder>"; the masks' own cost is not in it); only where every phase
+   is measured is it 'measured';
 2. calibrated (`bench run --calibrate`, `bench.calibrate.calibrate`): two epochs of
    `CAL_STEPS` steps of each distinct configuration and phase; a full epoch is the timed
    one plus a median step per further step, validation per slice ("calibrated: 3 steps").
@@ -271,7 +274,7 @@ class CellEstimate:
     """Steady epoch time (training + validation) of the phase the cell spends most epochs in."""
     source: str = "unknown"
     kind: str = "unknown"
-    """'measured', 'calibrated', 'scaled', 'unknown', or 'none' (nothing left to run)."""
+    """'measured', 'masked as dense', 'calibrated', 'scaled', 'unknown', or 'none' (nothing left to run)."""
 
     @property
     def images(self) -> int:
@@ -344,14 +347,19 @@ class PhaseSource:
 
     run: Measured | None = None
     calibration: Calibration | None = None
+    as_dense: bool = False
+    """A masked sparse phase timed at `run`'s dense epochs (the module docstring, 1)."""
 
     def epoch_s(self, phase: str, sizes: Sizes) -> float:
-        return self.run.epoch_s(phase) if self.run is not None else self.calibration.epoch_s(sizes)
+        if self.run is None:
+            return self.calibration.epoch_s(sizes)
+        return self.run.epoch_s("dense" if self.as_dense else phase)
 
     def text(self, p: PlannedCell) -> str:
         if self.run is None:
             return f"calibrated ({self.calibration.steps} steps)"
-        return f"from {'this cell' if self.run.path.name == p.folder else self.run.path.name}"
+        name = "this cell" if self.run.path.name == p.folder else self.run.path.name
+        return f"at the dense epochs of {name} (masked weights run dense kernels)" if self.as_dense else f"from {name}"
 
 
 def _phase_sources(runs: list[Measured], p: PlannedCell, fp: str, phases: list[str], key: str,
@@ -363,6 +371,9 @@ def _phase_sources(runs: list[Measured], p: PlannedCell, fp: str, phases: list[s
             out[ph] = PhaseSource(run=m)
         elif calibrations and (c := calibrations.get((key, ph))) is not None and c.error is None:
             out[ph] = PhaseSource(calibration=c)
+    masked = p.config.sparsity.kind in ("random", "topk")
+    if masked and "sparse" in phases and "sparse" not in out and (m := phase_match(runs, p, fp, "dense")):
+        out["sparse"] = PhaseSource(run=m, as_dense=True)
     return out
 
 
@@ -412,7 +423,8 @@ def estimate_cell(p: PlannedCell, out: Path, runs: list[Measured], fp: str, retr
     sources = _phase_sources(runs, p, fp, left, key, calibrations)
     # the exact run when it measured every phase left, or when nothing better covers them (its measured phase
     # then stands in for the other); else each phase from its own run or calibration
-    if m is not None and (all(ph in m.train_s for ph in left) or len(sources) < len(left)):
+    if m is not None and (all(ph in m.train_s for ph in left)
+                          or any(ph not in sources or sources[ph].as_dense for ph in left)):
         est.epochs_s, est.epoch_s = _split_s(split, m.epoch_s)
         est.overhead_s, est.kind = m.overhead_s, "measured"
         what = "warm-up epoch(s)" if m.warmup_only else "earlier epochs"
@@ -425,7 +437,8 @@ def estimate_cell(p: PlannedCell, out: Path, runs: list[Measured], fp: str, retr
         first = sources[left[0]]  # the launch starts in this phase: its start-up and warm-up
         est.overhead_s = (first.run.overhead_s if first.run is not None
                           else statistics.median(c.overhead_s for c in cals))
-        est.kind = "calibrated" if cals else "measured"
+        est.kind = ("calibrated" if cals else "masked as dense" if any(src.as_dense for src in sources.values())
+                    else "measured")
         est.source = (f"calibrated: {cals[0].steps} steps" if len(cals) == len(sources)
                       else "by phase: " + ", ".join(f"{ph} {src.text(p)}" for ph, src in sources.items()))
     elif (m := _closest(runs, p.config, device, sizes, fp)) is not None:

@@ -257,6 +257,54 @@ def test_each_phase_comes_from_a_run_that_measured_it_or_from_its_calibration(tm
     assert e.epochs_s == pytest.approx(2 * 4.0 + 8 * (0.9 - 0.3 + 0.5)) and e.overhead_s == 12.0  # it starts dense
 
 
+def test_a_masked_sparse_phase_no_run_measured_is_timed_at_the_dense_epochs(tmp_path):
+    """Random and topk masks leave the dense kernels running, so once a dense model of the same configuration
+    has run (a grid's dense cell), their sparse phases are estimated at its epochs, and the source and the
+    total say so; structured pruning shrinks the layers, so it stays unknown; a measured sparse run or a
+    calibration of the phase comes first."""
+    base = tiny_base().replace(epochs=10)
+    dense_rows = [{"epoch": 1, "phase": "dense", "time_s": 9.0, "val_time_s": 1.0, "warmup": True},
+                  {"epoch": 2, "phase": "dense", "time_s": 3.0, "val_time_s": 1.0, "warmup": False}]
+    out = tmp_path / "out"
+    make_run(out / "dense", base, dense_rows, [{"wall_s": 20.0, "exit_code": 0, "epochs_before": 0,
+                                                "epochs_after": 2}])  # 4.0 s a steady epoch, start-up 12 s
+
+    def cell(kind: str, dense_epochs: int) -> Cell:
+        cfg = base.replace(**{"sparsity.kind": kind, "sparsity.dense_epochs": dense_epochs})
+        return Cell(f"{kind}-{dense_epochs}", f"{kind}-{dense_epochs}", {"sparsity": kind}, cfg)
+
+    grid = Grid(name="g", description="", source="test", defaults_fn=lambda: base,
+                cells_fn=lambda b: [cell("random", 2), cell("topk", 0), cell("structured", 2)])
+    rnd, topk, struct = plan_grid(grid)
+    est = estimate_plan([rnd, topk, struct], out)
+    e = est.cells[rnd.folder]
+    assert (e.kind, e.source) == ("masked as dense", "by phase: dense from dense, sparse at the dense epochs of "
+                                  "dense (masked weights run dense kernels)")
+    assert (e.epochs_s, e.epoch_s, e.overhead_s, e.seconds) == (10 * 4.0, 4.0, 12.0, 52.0)
+    e = est.cells[topk.folder]  # pruned before training: every epoch is sparse, the launch's start-up the dense one's
+    assert (e.kind, e.source) == ("masked as dense", "by phase: sparse at the dense epochs of dense (masked "
+                                  "weights run dense kernels)")
+    assert (e.epochs_s, e.overhead_s) == (10 * 4.0, 12.0)
+    assert est.cells[struct.folder].source == "unknown"
+    line = total_line(est)  # 52 s each (and the data generation, if any is to make)
+    assert line.startswith("total: 3 cell(s) to run, 240 images to train, estimated at least 1m4") and \
+        "(2 masked as dense, 1 unknown); for the unknown ones use --calibrate" in line
+    # --calibrate still times every sparse phase no run measured, masked or not, and its calibration is used
+    jobs = calibration_jobs([rnd, topk, struct], out)
+    assert sorted(cal.sparsity.kind for cal, _ in jobs.values()) == ["random", "structured", "topk"]
+    (key, phase), = next(users for cal, users in jobs.values() if cal.sparsity.kind == "random")
+    cal = Calibration(train_s=0.9, step_s=0.3, val_s=0.5, n_val=2, overhead_s=7.0)
+    e = estimate_plan([rnd], out, calibrations={(key, phase): cal}).cells[rnd.folder]
+    assert (e.kind, e.source) == ("calibrated", f"by phase: dense from dense, sparse calibrated ({CAL_STEPS} steps)")
+    # a run that measured the random sparse phase replaces the stand-in
+    sparse_rows = [{"epoch": 1, "phase": "sparse", "time_s": 5.0, "val_time_s": 1.0, "warmup": True},
+                   {"epoch": 2, "phase": "sparse", "time_s": 4.5, "val_time_s": 0.5, "warmup": False}]
+    make_run(out / "random-from-start", base.replace(**{"sparsity.kind": "random"}), sparse_rows, [])
+    e = estimate_plan([rnd], out).cells[rnd.folder]
+    assert (e.kind, e.source) == ("measured", "by phase: dense from dense, sparse from random-from-start")
+    assert e.epochs_s == 2 * 4.0 + 8 * 5.0
+
+
 def test_other_sizes_are_scaled_from_the_closest_run_and_other_machines_are_ignored(tmp_path):
     base = tiny_base()  # 8 slices of 32 px, batch 4: 8 images per epoch; 2 validation slices
     rows = [{"epoch": 1, "time_s": 2.0, "val_time_s": 0.5, "warmup": True},
