@@ -422,7 +422,8 @@ def estimate_cell(p: PlannedCell, out: Path, runs: list[Measured], fp: str, retr
     left = [ph for ph, n in split.items() if n]
     sources = _phase_sources(runs, p, fp, left, key, calibrations)
     # the exact run when it measured every phase left, or when nothing better covers them (its measured phase
-    # then stands in for the other); else each phase from its own run or calibration
+    # then stands in for the other; another run's dense epochs standing in are no better); else each phase from
+    # its own run or calibration
     if m is not None and (all(ph in m.train_s for ph in left)
                           or any(ph not in sources or sources[ph].as_dense for ph in left)):
         est.epochs_s, est.epoch_s = _split_s(split, m.epoch_s)
