@@ -56,8 +56,9 @@ def test_data_grid_report_and_summary_on_a_cpu(tmp_path: Path) -> None:
     for c in ran:
         wall, start, other = (float(x) for x in c[-3:])
         assert 0 < start < wall and other > -0.5
-        steps_s, gap, wait1 = c[-6:-3]  # the epoch's steps, the gap outside them (a GPU's only), its first wait
-        assert 0 < float(steps_s) <= float(c[3]) and gap == "-" and float(wait1) >= 0  # DoLL waits ~0 on a CPU
+        steps_s, gap, gap1, wait1 = c[-7:-3]  # the epoch's steps, the gap outside them and its first part (a
+        # GPU's only), the first batch's wait
+        assert 0 < float(steps_s) <= float(c[3]) and gap == gap1 == "-" and float(wait1) >= 0  # DoLL waits ~0
     assert (out / "report" / "report.md").is_file()
     for step in ("pytest", "data", "grid", "report", "summary"):
         assert f"  {step:8} ok (" in res.stdout

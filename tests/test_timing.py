@@ -43,7 +43,7 @@ def test_time_collector_cpu_scripted_epoch() -> None:
     assert r1["step_time_ms_std"] >= 0.0
     assert r1["data_wait_first_ms"] == tc.last_data_wait_ms[0] >= 19.0
     assert r1["data_wait_rest_ms_max"] == max(tc.last_data_wait_ms[1:]) >= 19.0
-    assert r1["device_gap_s"] is None  # device events only
+    assert r1["device_gap_s"] is None and r1["device_gap_first_ms"] is None  # device events only
 
     r2 = _scripted_epoch(tc, 2, steps=2, wait_s=0.0, compute_s=0.01)
     assert r2["warmup"] is False and r2["steps"] == 2
@@ -90,7 +90,7 @@ def test_device_gap_is_the_device_time_between_the_steps(monkeypatch: pytest.Mon
     tc.step_end()      # now 10, end event 11
     r = tc.epoch_end()  # now 12
     assert tc.last_step_times_ms == [2000.0, 2000.0, 2000.0]
-    assert r["device_gap_s"] == 2.0 + 0.0 + 2.0
+    assert r["device_gap_s"] == 2.0 + 0.0 + 2.0 and r["device_gap_first_ms"] == 2000.0
     assert r["time_s"] == 12.0 and r["data_wait_s"] == 2.0 + 0.0 + 2.0  # host: 0 -> 2, none, 6 -> 8
     assert (r["data_wait_first_ms"], r["data_wait_rest_ms_max"]) == (2000.0, 2000.0)
 
@@ -119,6 +119,6 @@ def test_time_collector_cuda_events() -> None:
     assert r["time_s"] >= r["compute_s"] - 1e-3
     # the device idles through each 10 ms sleep (5 matmuls take well under 1 ms), and steps and gaps tile
     # the epoch on the device's clock
-    assert r["device_gap_s"] >= 0.02
+    assert r["device_gap_s"] >= 0.02 and 0 < r["device_gap_first_ms"] <= 1e3 * r["device_gap_s"]
     assert r["compute_s"] + r["device_gap_s"] <= r["time_s"] + 1e-3
 

@@ -31,9 +31,10 @@ class TimeCollector:
     `data_wait_s + compute_s` need not add up to `time_s`. What does add up
     there is `device_gap_s`: device time from the epoch's start to its last
     step's end spent outside the steps (the loader's copies, and the device
-    idle while the host waits for a batch or launches), from the same events;
-    `data_wait_first_ms` and `data_wait_rest_ms_max` tell the loader's epoch
-    start (its workers' first batch) from a wait inside the epoch.
+    idle while the host waits for a batch or launches), from the same events,
+    and `device_gap_first_ms`, its part before the first step: with
+    `data_wait_first_ms` and `data_wait_rest_ms_max` they tell the loader's
+    epoch start (its workers' first batch) from a wait inside the epoch.
 
     Warm-up: the first `warmup_epochs` epochs that *this collector* sees are
     marked `warmup=True`, whatever their number: a resumed run starts a fresh
@@ -117,11 +118,11 @@ class TimeCollector:
         self._sync()  # note: the one host-device sync of the epoch
         time_s = time.perf_counter() - self._t0
         self._in_epoch = False
-        gap_s: float | None = None
+        gaps_ms: list[float] | None = None
         if self._cuda:
             steps_ms = [float(a.elapsed_time(b)) for a, b in self._event_pairs]
             ends = [self._epoch_start_event] + [b for _, b in self._event_pairs[:-1]]
-            gap_s = sum(float(e.elapsed_time(a)) for e, (a, _) in zip(ends, self._event_pairs, strict=True)) / 1e3
+            gaps_ms = [float(e.elapsed_time(a)) for e, (a, _) in zip(ends, self._event_pairs, strict=True)]
         else:
             steps_ms = [s * 1e3 for s in self._host_steps_s]
         self.last_step_times_ms = steps_ms
@@ -133,7 +134,8 @@ class TimeCollector:
             "data_wait_first_ms": waits[0] if waits else None,
             "data_wait_rest_ms_max": max(waits[1:]) if len(waits) > 1 else None,
             "compute_s": float(sum(steps_ms)) / 1e3,
-            "device_gap_s": gap_s,
+            "device_gap_s": sum(gaps_ms) / 1e3 if gaps_ms is not None else None,
+            "device_gap_first_ms": gaps_ms[0] if gaps_ms else None,
             **_spread_ms("step_time_ms", steps_ms),
             "warmup": self._this_warmup,
             "timer": "cuda-events" if self._cuda else "perf_counter",
