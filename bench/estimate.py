@@ -371,8 +371,7 @@ def _phase_sources(runs: list[Measured], p: PlannedCell, fp: str, phases: list[s
             out[ph] = PhaseSource(run=m)
         elif calibrations and (c := calibrations.get((key, ph))) is not None and c.error is None:
             out[ph] = PhaseSource(calibration=c)
-    masked = p.config.sparsity.kind in ("random", "topk")
-    if masked and "sparse" in phases and "sparse" not in out and (m := phase_match(runs, p, fp, "dense")):
+    if p.config.sparsity.masked and "sparse" in phases and "sparse" not in out and (m := phase_match(runs, p, fp, "dense")):
         out["sparse"] = PhaseSource(run=m, as_dense=True)
     return out
 
@@ -424,8 +423,8 @@ def estimate_cell(p: PlannedCell, out: Path, runs: list[Measured], fp: str, retr
     # the exact run when it measured every phase left, or when nothing better covers them (its measured phase
     # then stands in for the other; another run's dense epochs standing in are no better); else each phase from
     # its own run or calibration
-    if m is not None and (all(ph in m.train_s for ph in left)
-                          or any(ph not in sources or sources[ph].as_dense for ph in left)):
+    as_dense = any(src.as_dense for src in sources.values())
+    if m is not None and (all(ph in m.train_s for ph in left) or len(sources) < len(left) or as_dense):
         est.epochs_s, est.epoch_s = _split_s(split, m.epoch_s)
         est.overhead_s, est.kind = m.overhead_s, "measured"
         what = "warm-up epoch(s)" if m.warmup_only else "earlier epochs"
@@ -438,8 +437,7 @@ def estimate_cell(p: PlannedCell, out: Path, runs: list[Measured], fp: str, retr
         first = sources[left[0]]  # the launch starts in this phase: its start-up and warm-up
         est.overhead_s = (first.run.overhead_s if first.run is not None
                           else statistics.median(c.overhead_s for c in cals))
-        est.kind = ("calibrated" if cals else "masked as dense" if any(src.as_dense for src in sources.values())
-                    else "measured")
+        est.kind = "calibrated" if cals else "masked as dense" if as_dense else "measured"
         est.source = (f"calibrated: {cals[0].steps} steps" if len(cals) == len(sources)
                       else "by phase: " + ", ".join(f"{ph} {src.text(p)}" for ph, src in sources.items()))
     elif (m := _closest(runs, p.config, device, sizes, fp)) is not None:

@@ -147,6 +147,11 @@ class SparsityConfig:
     auto_patience: int = field(default=3, metadata=flag(unit="epochs"))
     """'auto': epochs the loss change must stay within one order of magnitude before switching."""
 
+    @property
+    def masked(self) -> bool:
+        """random and topk: the layers stay dense and a mask zeroes weights (the dense kernels still run)."""
+        return self.kind in ("random", "topk")
+
     def __post_init__(self) -> None:
         _check_types(self, "sparsity.")
         if not 0.0 <= self.amount < 1.0:

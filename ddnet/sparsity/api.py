@@ -70,7 +70,7 @@ def sparsify_(
     flops_before = count_flops(inner, image_size)
     masks: Masks | None = None
     left_dense: dict[str, str] = {}
-    if cfg.kind in ("random", "topk"):
+    if cfg.masked:
         if cfg.pattern == "2:4":
             left_dense = _left_dense_2to4(prunable_layers(inner))
         if cfg.kind == "random":
