@@ -29,9 +29,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu)")
+    skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu or gpu_compile)")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords or "gpu_compile" in item.keywords:
             item.add_marker(skip)
 
 

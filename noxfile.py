@@ -36,5 +36,5 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def gpu(session: nox.Session) -> None:
-    """The GPU-marked tests, in the current environment (which must have a CUDA build of torch)."""
-    session.run("pytest", "-q", "-m", "gpu", *session.posargs)
+    """The GPU-marked tests and the compile ones, in the current environment (which must have a CUDA build of torch)."""
+    session.run("pytest", "-q", "-m", "gpu or gpu_compile", *session.posargs)

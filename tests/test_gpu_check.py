@@ -95,3 +95,16 @@ def test_the_reserve_for_eval_report_and_summary_is_kept_only_when_they_are_aske
     assert "=== env (timeout 60 s," in alone.stdout, alone.stdout[-2000:]
     before_report = gpu_check(tmp_path / "b", GPU_CHECK_STEPS="env report", GPU_CHECK_BUDGET_S="100", timeout=120)
     assert re.search(r"=== env \(timeout 2\d s,", before_report.stdout), before_report.stdout[-2000:]
+
+
+def test_the_compile_tests_step_runs_pytest_m_gpu_compile_when_asked(tmp_path: Path) -> None:
+    res = gpu_check(tmp_path / "gc", GPU_CHECK_STEPS="compiletests", GPU_CHECK_BUDGET_S="200", timeout=300)
+    assert res.returncode == 0 and "  compiletests ok (" in res.stdout, res.stdout[-2000:]
+    assert re.search(r"=== compiletests \(timeout 1\d\d s,", res.stdout)  # what the budget left, under its 420 s cap
+    # on a CPU both compile tests are collected and skip; none of `-m gpu`'s tests is selected
+    junit = (tmp_path / "gc" / "pytest-gpu-compile.xml").read_text()
+    assert re.search(r'tests="2"', junit) and 'skipped="2"' in junit and 'failures="0"' in junit, junit[:500]
+    assert re.search(r"\n2 skipped, \d+ deselected in ", (tmp_path / "gc" / "pytest-gpu-compile.log").read_text())
+    # not asked, it does not run: the default steps leave it out
+    plain = gpu_check(tmp_path / "plain", GPU_CHECK_STEPS="env", GPU_CHECK_BUDGET_S="100", timeout=120)
+    assert "compiletests" not in plain.stdout and not (tmp_path / "plain" / "pytest-gpu-compile.xml").exists()
