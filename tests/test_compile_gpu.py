@@ -10,7 +10,6 @@ names `compiletests`; `pytest -m gpu_compile` runs them on any CUDA machine. Ski
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import pytest
@@ -20,14 +19,7 @@ from torch._dynamo.utils import counters
 from ablations.speed import ALL_EAGER, DENSE_VARIANTS
 from bench.store import read_jsonl
 from bench.training import train
-from tests.test_optim import _gpu_cfg, _gpu_run
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def _losses(tmp_path: Path, steps: int = 4, **changes) -> list[float]:
-    run = _gpu_run(tmp_path, **changes)
-    return [float(run.step(lq, hq)) for lq, hq in itertools.islice(run.loader.epoch(0), steps)]
+from tests.test_optim import _gpu_cfg, _trajectory, needs_cuda
 
 
 def _trains(tmp_path: Path, **changes) -> None:
@@ -45,8 +37,8 @@ def test_the_whole_compiled_step_trains_like_eager_on_a_gpu(tmp_path: Path) -> N
     cell = DENSE_VARIANTS["compile-step"]  # the speed grid's cell: forward, loss, backward and Adam compiled
     torch._dynamo.reset()
     counters.clear()
-    eager = _losses(tmp_path / "eager")
-    compiled = _losses(tmp_path / "step", **cell)
+    eager = _trajectory(_gpu_cfg(), tmp_path / "eager")
+    compiled = _trajectory(_gpu_cfg(**cell), tmp_path / "step")
     # the step up to its backward, and Adam's update after that graph break, at least (3 on a CPU)
     assert counters["stats"]["unique_graphs"] >= 2
     # before any update: the same arithmetic up to Inductor's fused kernels' rounding; after it, compiled Adam's
@@ -66,8 +58,8 @@ def test_compiles_own_cuda_graphs_with_every_fast_path_part_train_like_eager(tmp
     assert {k: cell[k] for k in ALL_EAGER} == ALL_EAGER and cell["compile_mode"] == "reduce-overhead"
     torch._dynamo.reset()
     counters.clear()
-    eager = _losses(tmp_path / "eager", **ALL_EAGER)
-    graphed = _losses(tmp_path / "ro", **cell)
+    eager = _trajectory(_gpu_cfg(**ALL_EAGER), tmp_path / "eager")
+    graphed = _trajectory(_gpu_cfg(**cell), tmp_path / "ro")
     # CUDA graph trees: the first call runs as warm-up, the second records (copying the batch, not a static
     # input, into the graph's own buffer), later calls replay. A skip (BatchNorm's buffer updates, a CPU tensor,
     # an op graphs refuse) would run the cell without graphs under a name that says it has them
